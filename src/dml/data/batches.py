@@ -1,0 +1,45 @@
+"""Training and test batches straight from uint8 image tensors: no DataLoader, no per-image work."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from .augment import Normalise, augment_batch
+
+
+class TrainBatches:
+    """Shuffled, augmented training batches; the last partial batch is dropped.
+
+    Shuffling and augmentation draw from one generator, so the batch sequence depends only on its
+    seed (and its state, which a checkpoint stores to resume mid-run).
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                 generator: torch.Generator, normalise: Normalise):
+        self.images, self.labels = images, labels
+        self.batch_size = batch_size
+        self.generator = generator
+        self.normalise = normalise
+
+    def __len__(self) -> int:
+        return self.images.shape[0] // self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(self.images.shape[0], generator=self.generator, device=self.generator.device)
+        order = order.to(self.images.device)
+        for step in range(len(self)):
+            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+            images = augment_batch(self.images[idx], self.generator)
+            yield self.normalise(images), self.labels[idx]
+
+
+def test_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                 normalise: Normalise) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Test images in order, normalised only."""
+    for start in range(0, images.shape[0], batch_size):
+        yield normalise(images[start:start + batch_size]), labels[start:start + batch_size]
+
+
+test_batches.__test__ = False  # not a pytest test despite its name

@@ -1,0 +1,331 @@
+"""The mutual-learning step, evaluation and the epoch loop with its run directory."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .cohort import Peer, build_peer, derive_seed
+from .config import TrainConfig
+from .data.augment import NORMALISATION, Normalise
+from .data.batches import TrainBatches, test_batches
+from .data.cifar import CifarData, balanced_subset, load_cifar
+from .distributed import LocalExchange
+from .errors import UserError
+from .loss import mutual_loss
+from .runlog import CONFIG_FILE, LAST_NEXT, RunDir, environment_info, load_checkpoint
+
+EVAL_BATCH_SIZE = 1000
+
+
+# --- where and how to compute -----------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was requested but no CUDA device is available; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps was requested but MPS is not available; use --device cpu")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """auto: bf16 autocast on CPU (as the seed effectively ran) and on CUDA where supported."""
+    if name == "auto":
+        if device.type == "cpu":
+            return "bf16"
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if name == "fp16" and device.type != "cuda":
+        raise UserError("--precision fp16 needs a CUDA device; use bf16 or fp32 on this device")
+    return name
+
+
+@dataclass
+class Precision:
+    """Autocast and loss scaling for one precision setting."""
+
+    name: str
+    device: torch.device
+
+    def __post_init__(self):
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.name)
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.name == "fp16")
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+
+# --- one training step ------------------------------------------------------------------------
+def _others(all_logits: list[torch.Tensor], index: int) -> list[torch.Tensor]:
+    return [z for j, z in enumerate(all_logits) if j != index]
+
+
+@contextlib.contextmanager
+def _frozen_batchnorm_stats(model: torch.nn.Module):
+    """Forward in training mode without moving BatchNorm running statistics."""
+    saved = [(b, b.clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, copy in saved:
+                buffer.copy_(copy)
+
+
+def simultaneous_step(peers: list[Peer], x, y, cfg: TrainConfig, exchange, precision: Precision):
+    """Every peer forwards the batch once; each then steps on the same set of peer predictions."""
+    with precision.autocast():
+        logits = [p.model(x) for p in peers]
+    all_logits = exchange.gather_logits(logits)
+    losses = [
+        mutual_loss(z, _others(all_logits, p.index), y, cfg.temperature, cfg.kl_weight)
+        for p, z in zip(peers, logits)
+    ]
+    for p in peers:
+        p.optimizer.zero_grad(set_to_none=True)
+    # The peers' graphs are disjoint, so one backward of the sum gives each peer its own gradient.
+    precision.scaler.scale(torch.stack(losses).sum()).backward()
+    for p in peers:
+        precision.scaler.step(p.optimizer)
+    precision.scaler.update()
+    return losses, logits
+
+
+def sequential_step(peers: list[Peer], x, y, cfg: TrainConfig, exchange, precision: Precision):
+    """The paper's Algorithm 1: peers step in turn, each against the predictions of the peers
+    before it as they are after their update (recomputed on the same batch)."""
+    with precision.autocast():
+        logits = [p.model(x) for p in peers]
+    current = exchange.gather_logits(logits)
+    local = {p.index: (p, z) for p, z in zip(peers, logits)}
+    losses = []
+    for i in range(cfg.num_nodes):
+        fresh = None
+        if i in local:
+            peer, z = local[i]
+            loss = mutual_loss(z, _others(current, i), y, cfg.temperature, cfg.kl_weight)
+            peer.optimizer.zero_grad(set_to_none=True)
+            precision.scaler.scale(loss).backward()
+            precision.scaler.step(peer.optimizer)
+            losses.append(loss)
+            if i < cfg.num_nodes - 1:  # later peers learn from this peer's updated predictions
+                with torch.no_grad(), precision.autocast(), _frozen_batchnorm_stats(peer.model):
+                    fresh = peer.model(x).detach()
+        if i < cfg.num_nodes - 1:
+            current[i] = exchange.share_logits(i, fresh)
+    precision.scaler.update()
+    return losses, logits
+
+
+STEPS = {"simultaneous": simultaneous_step, "sequential": sequential_step}
+
+
+# --- evaluation -------------------------------------------------------------------------------
+@torch.inference_mode()
+def evaluate(peers: list[Peer], images, labels, normalise: Normalise, exchange, precision: Precision):
+    """Top-1 accuracy (%) of every local peer and of the cohort's ensemble (mean softmax)."""
+    for p in peers:
+        p.model.eval()
+    correct = torch.zeros(len(peers), device=images.device)
+    ensemble_correct = torch.zeros((), device=images.device)
+    for x, y in test_batches(images, labels, EVAL_BATCH_SIZE, normalise):
+        with precision.autocast():
+            logits = [p.model(x) for p in peers]
+        correct += torch.stack([(z.argmax(1) == y).sum() for z in logits])
+        all_logits = exchange.gather_logits(logits)
+        mean_probs = torch.stack([z.float().softmax(1) for z in all_logits]).mean(0)
+        ensemble_correct += (mean_probs.argmax(1) == y).sum()
+    for p in peers:
+        p.model.train()
+    n = images.shape[0]
+    return (100.0 * correct / n).tolist(), 100.0 * ensemble_correct.item() / n
+
+
+# --- the run ------------------------------------------------------------------------------------
+def load_data(cfg: TrainConfig, device: torch.device) -> CifarData:
+    data = load_cifar(
+        cfg.data_dir, cfg.dataset, download=cfg.download, url=cfg.download_url,
+        skip_checksum=cfg.skip_checksum, progress=cfg.progress,
+    )
+    if cfg.train_samples is not None:
+        data.train = balanced_subset(data.train, cfg.train_samples, derive_seed(cfg.seed, "train-subset"), data.num_classes)
+    if cfg.test_samples is not None:
+        data.test = balanced_subset(data.test, cfg.test_samples, derive_seed(cfg.seed, "test-subset"), data.num_classes)
+    for split in (data.train, data.test):
+        split.images, split.labels = split.images.to(device), split.labels.to(device)
+    return data
+
+
+def check_run_dir(cfg: TrainConfig, resume: bool, run: RunDir) -> None:
+    """Refuse to overwrite a run, to resume nothing, or to resume with another configuration."""
+    if resume:
+        if not run.has_checkpoints():
+            raise UserError(f"nothing to resume in {run.path}: it holds no checkpoint; run without --resume")
+        differences = cfg.differences(run.read_config())
+        if differences:
+            raise UserError(
+                f"--resume with a configuration that differs from the run in {run.path} "
+                f"({'; '.join(differences)}); repeat the original command with --resume"
+            )
+    elif (run.path / CONFIG_FILE).exists() or run.has_checkpoints():
+        raise UserError(
+            f"{run.path} already holds a run; pass --resume to continue it, or --name for a new run"
+        )
+
+
+def restore(run: RunDir, peers: list[Peer], exchange, device: torch.device) -> dict:
+    """Load every local peer at the newest epoch the whole cohort reached; return the run state."""
+    local_epochs = {p.index: run.checkpoint_epochs(p.index) for p in peers}
+    shared = {}
+    for part in exchange.gather_objects({i: set(e) for i, e in local_epochs.items()}):
+        shared.update(part)
+    epoch = run.resume_point(shared)
+    run_state = {}
+    for p in peers:
+        path = local_epochs[p.index][epoch]
+        state = load_checkpoint(path, map_location=device)
+        p.load_state_dict(state)
+        run_state = state["run"]
+        staged = run.peer_path(p.index) / LAST_NEXT
+        if path == staged:
+            run.publish_last(p.index)  # finish the commit a crash interrupted
+        else:
+            staged.unlink(missing_ok=True)  # staged past what every peer reached: discard
+    return run_state
+
+
+def _rng_state(generator: torch.Generator) -> dict:
+    state = {"data_generator": generator.get_state(), "torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(generator: torch.Generator, state: dict) -> None:
+    generator.set_state(state["data_generator"].cpu())
+    torch.set_rng_state(state["torch_rng"].cpu())
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+
+
+def train(cfg: TrainConfig, resume: bool = False, exchange=None) -> Path:
+    """Train the cohort ``cfg`` describes; returns the run directory."""
+    exchange = exchange or LocalExchange(cfg.num_nodes)
+    device = resolve_device(cfg.device)
+    precision = Precision(resolve_precision(cfg.precision, device), device)
+    run = RunDir(Path(cfg.out_dir) / cfg.name, dict(enumerate(cfg.models)), writer=exchange.is_writer)
+    check_run_dir(cfg, resume, run)
+    data = load_data(cfg, device)
+
+    channels_last = device.type != "mps"
+    peers = [build_peer(cfg, i, data.num_classes, device, channels_last) for i in exchange.local_indices]
+    generator = torch.Generator(device=device)
+    generator.manual_seed(derive_seed(cfg.seed, "data"))
+    start_epoch = 1
+    if resume:
+        state = restore(run, peers, exchange, device)
+        _set_rng_state(generator, state)
+        start_epoch = state["epoch"] + 1
+        run.truncate_metrics(state["epoch"])
+    else:
+        run.create(cfg, environment_info(device))
+    exchange.barrier()
+
+    mean, std = NORMALISATION[cfg.dataset]
+    normalise = Normalise(mean, std, device, channels_last)
+    batches = TrainBatches(data.train.images, data.train.labels, cfg.batch_size, generator, normalise)
+    step = STEPS[cfg.update]
+    log = (lambda msg: tqdm.write(msg, file=sys.stdout)) if exchange.is_writer else (lambda msg: None)
+    if start_epoch > cfg.epochs:
+        log(f"{run.path}: all {cfg.epochs} epochs are done; nothing to resume")
+    else:
+        log(f"{run.path}: {cfg.num_nodes} peer(s) {', '.join(cfg.models)} on {device} ({precision.name}), "
+            f"{data.train.images.shape[0]} train / {data.test.images.shape[0]} test images, epochs {start_epoch}..{cfg.epochs}")
+    try:
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            records = run_epoch(epoch, peers, batches, data, normalise, cfg, exchange, precision, step)
+            run.log_epoch(records)
+            for record in records:
+                log(_summary_line(record, cfg.epochs))
+            save_epoch(run, epoch, peers, records, generator, cfg, data.num_classes, exchange)
+    finally:
+        run.close()
+    return run.path
+
+
+def run_epoch(epoch, peers, batches, data, normalise, cfg, exchange, precision, step) -> list[dict]:
+    """Train one epoch and evaluate; return the epoch's records for every peer in the cohort."""
+    started = time.perf_counter()
+    lrs = [p.lr for p in peers]
+    device = data.train.images.device
+    loss_sum = torch.zeros(len(peers), device=device)
+    correct = torch.zeros(len(peers), device=device)
+    bar = tqdm(total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}", unit="step", leave=False,
+               disable=not (cfg.progress and exchange.is_writer), dynamic_ncols=True)
+    for n, (x, y) in enumerate(batches, start=1):
+        losses, logits = step(peers, x, y, cfg, exchange, precision)
+        loss_sum += torch.stack(losses).detach()
+        correct += torch.stack([(z.argmax(1) == y).sum() for z in logits])
+        bar.update()
+        if n % 50 == 0 and not bar.disable:  # reading the loss syncs with the device: not every step
+            elapsed = time.perf_counter() - started
+            bar.set_postfix(loss=f"{loss_sum.mean().item() / n:.3f}",
+                            img_s=f"{n * cfg.batch_size * len(peers) / elapsed:.0f}")
+    bar.close()
+    for p in peers:
+        p.scheduler.step()
+    steps = len(batches)
+    train_loss = (loss_sum / steps).tolist()
+    train_acc = (100.0 * correct / (steps * cfg.batch_size)).tolist()
+    test_acc, ensemble_acc = evaluate(peers, data.test.images, data.test.labels, normalise, exchange, precision)
+    seconds = time.perf_counter() - started
+    local = [
+        {"epoch": epoch, "node": p.index, "model": p.model_name, "lr": lrs[k], "train_loss": train_loss[k],
+         "train_acc": train_acc[k], "test_acc": test_acc[k], "seconds": seconds}
+        for k, p in enumerate(peers)
+    ]
+    records = sorted((r for part in exchange.gather_objects(local) for r in part), key=lambda r: r["node"])
+    records.append({"epoch": epoch, "node": "ensemble", "test_acc": ensemble_acc, "seconds": seconds})
+    return records
+
+
+def save_epoch(run: RunDir, epoch: int, peers: list[Peer], records: list[dict], generator, cfg: TrainConfig,
+               num_classes: int, exchange) -> None:
+    """best.pt where a peer improved, then every peer's last.pt committed in two phases."""
+    run_state = {"epoch": epoch, **_rng_state(generator)}
+    by_node = {r["node"]: r for r in records}
+    meta = {"config": cfg.to_dict(), "num_classes": num_classes, "dataset": cfg.dataset}
+    for p in peers:
+        acc = by_node[p.index]["test_acc"]
+        if acc > p.best_acc:
+            p.best_acc, p.best_epoch = acc, epoch
+            run.save_best(p.index, {"model": p.model.state_dict(), "model_name": p.model_name,
+                                    "index": p.index, "epoch": epoch, "test_acc": acc, **meta})
+    for p in peers:
+        run.stage_last(p.index, {**p.state_dict(), "run": run_state, **meta})
+    exchange.barrier()
+    for p in peers:
+        run.publish_last(p.index)
+
+
+def _summary_line(record: dict, epochs: int) -> str:
+    if record["node"] == "ensemble":
+        return f"epoch {record['epoch']}/{epochs} ensemble     test_acc {record['test_acc']:6.2f}%"
+    return (f"epoch {record['epoch']}/{epochs} {record['node']}_{record['model']:<10} lr {record['lr']:.5f} "
+            f"train_loss {record['train_loss']:.4f} train_acc {record['train_acc']:6.2f}% "
+            f"test_acc {record['test_acc']:6.2f}% ({record['seconds']:.1f}s)")

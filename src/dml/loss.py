@@ -1,0 +1,41 @@
+"""The mutual-learning objective, as pure functions of logits."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def kl_from_peer(peer_logits: torch.Tensor, logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(softmax(peer/T) || softmax(logits/T)), summed over classes and averaged over the batch.
+
+    The peer's distribution is the target: gradients flow only into ``logits``
+    (the caller passes detached peer logits).
+    """
+    log_p_peer = F.log_softmax(peer_logits.float() / temperature, dim=1)
+    log_p_self = F.log_softmax(logits.float() / temperature, dim=1)
+    return F.kl_div(log_p_self, log_p_peer, reduction="batchmean", log_target=True)
+
+
+def mutual_loss(
+    logits: torch.Tensor,
+    peer_logits: Sequence[torch.Tensor],
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    kl_weight: float = 1.0,
+) -> torch.Tensor:
+    """Objective of one peer i in a cohort:
+
+        L_i = CE(z_i, y) + w * mean_{j != i} T^2 * KL( softmax(z_j / T) || softmax(z_i / T) )
+
+    ``logits`` is z_i; ``peer_logits`` holds the other peers' z_j (detached; empty for independent
+    training, which leaves plain cross-entropy). The T^2 factor keeps the KL gradients on the
+    scale of the cross-entropy gradients when T != 1 (Hinton et al., 2015).
+    """
+    loss = F.cross_entropy(logits.float(), labels)
+    if peer_logits:
+        kl = sum(kl_from_peer(z_j, logits, temperature) for z_j in peer_logits)
+        loss = loss + kl_weight * temperature**2 * kl / len(peer_logits)
+    return loss

@@ -1,0 +1,68 @@
+"""CIFAR ResNets of He et al. (2016), section 4.2: depth 6n+2, three stages of 16/32/64 channels.
+
+Shortcuts are "option A": the identity, and where the shape changes a stride-2 subsampling whose
+missing channels are zeros. This parameter-free shortcut is what gives resnet32 its 470,004
+parameters for 100 classes (a 1x1-convolution shortcut trains measurably differently).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ZeroPadShortcut(nn.Module):
+    """Option-A shortcut: subsample by 2 in space, zero-pad channels from ``in_ch`` to ``out_ch``."""
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.pad_front = (out_ch - in_ch) // 2
+        self.pad_back = out_ch - in_ch - self.pad_front
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad_front, self.pad_back))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.shortcut = (
+            ZeroPadShortcut(in_ch, out_ch) if stride != 1 or in_ch != out_ch else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    def __init__(self, depth: int, num_classes: int = 100):
+        super().__init__()
+        if (depth - 2) % 6 != 0:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        blocks_per_stage = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        stages, in_ch = [], 16
+        for i, width in enumerate((16, 32, 64)):
+            for b in range(blocks_per_stage):
+                stride = 2 if i > 0 and b == 0 else 1
+                stages.append(BasicBlock(in_ch, width, stride))
+                in_ch = width
+        self.blocks = nn.Sequential(*stages)
+        self.fc = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)  # He-normal, as in the paper and the seed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.blocks(out)
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.fc(out)

@@ -1,0 +1,197 @@
+"""The run directory: config.json, metrics.jsonl, TensorBoard event files and checkpoints.
+
+Layout of ``<out-dir>/<name>/``::
+
+    config.json          every setting, versions, device
+    metrics.jsonl        one object per epoch and peer, plus one per epoch for the ensemble
+    <i>_<model>/         TensorBoard events of peer i; last.pt (every epoch), best.pt (best test_acc)
+    ensemble/            TensorBoard events of the cohort's ensemble
+
+Checkpoints are written to a temporary file and renamed, so a crash leaves either the old or the
+new file, never a torn one. The peers' ``last.pt`` files of one epoch are committed in two phases
+(all ``last.next.pt`` first, then the renames), so resuming finds an epoch that every peer reached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .config import TrainConfig
+from .errors import UserError
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+LAST = "last.pt"
+LAST_NEXT = "last.next.pt"
+BEST = "best.pt"
+
+
+def peer_dir_name(index: int, model_name: str) -> str:
+    return f"{index}_{model_name}"
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, fsync, then rename over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    atomic_write_bytes(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    """Load a checkpoint written by this library (tensors and plain containers only)."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist") from None
+    except Exception as exc:  # torch raises several types for truncated or foreign files
+        raise UserError(
+            f"checkpoint {path} is truncated or not a dml checkpoint ({type(exc).__name__}); "
+            "delete it to fall back to an earlier one, or start a new run"
+        ) from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise UserError(f"checkpoint {path} is not a dml checkpoint (no model state in it)")
+    return state
+
+
+def environment_info(device: torch.device) -> dict:
+    info = {
+        "dml_version": __version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "device_type": device.type,
+        "device_name": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    return info
+
+
+class RunDir:
+    """Reads and writes one run directory. Only the writer process writes shared files."""
+
+    def __init__(self, path: Path, peer_names: dict[int, str], writer: bool = True):
+        self.path = Path(path)
+        self.peer_names = peer_names  # index -> model name, for every peer of the cohort
+        self.writer = writer
+        self._tensorboard: dict[str, object] = {}
+
+    def peer_path(self, index: int) -> Path:
+        return self.path / peer_dir_name(index, self.peer_names[index])
+
+    # --- configuration -------------------------------------------------------------------
+    def has_checkpoints(self) -> bool:
+        return any((self.peer_path(i) / name).exists() for i in self.peer_names for name in (LAST, LAST_NEXT))
+
+    def read_config(self) -> TrainConfig:
+        path = self.path / CONFIG_FILE
+        try:
+            data = json.loads(path.read_text())
+            return TrainConfig.from_dict(data["config"])
+        except FileNotFoundError:
+            raise UserError(f"{path} is missing: {self.path} is not a dml run directory") from None
+        except (ValueError, KeyError, TypeError, UserError) as exc:
+            raise UserError(f"{path} is unreadable ({exc}); it was not written by dml train") from None
+
+    def create(self, cfg: TrainConfig, environment: dict) -> None:
+        for index in self.peer_names:
+            self.peer_path(index).mkdir(parents=True, exist_ok=True)
+        if not self.writer:
+            return
+        (self.path / "ensemble").mkdir(exist_ok=True)
+        text = json.dumps({"config": cfg.to_dict(), **environment}, indent=2) + "\n"
+        atomic_write_bytes(self.path / CONFIG_FILE, lambda f: f.write(text.encode()))
+
+    # --- metrics -------------------------------------------------------------------------
+    def truncate_metrics(self, last_epoch: int) -> None:
+        """Drop records of epochs after ``last_epoch`` (written before a crash, not checkpointed)."""
+        path = self.path / METRICS_FILE
+        if not self.writer or not path.exists():
+            return
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= last_epoch]
+        text = "".join(line + "\n" for line in kept)
+        atomic_write_bytes(path, lambda f: f.write(text.encode()))
+
+    def log_epoch(self, records: list[dict]) -> None:
+        """Append one epoch's records to metrics.jsonl and TensorBoard."""
+        if not self.writer:
+            return
+        with open(self.path / METRICS_FILE, "a") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        for record in records:
+            if record["node"] == "ensemble":
+                self._scalar("ensemble", "test_acc", record["test_acc"], record["epoch"])
+                continue
+            folder = peer_dir_name(record["node"], record["model"])
+            for key in ("lr", "train_loss", "train_acc", "test_acc"):
+                self._scalar(folder, key, record[key], record["epoch"])
+        for writer in self._tensorboard.values():
+            writer.flush()
+
+    def _scalar(self, folder: str, tag: str, value: float, step: int) -> None:
+        if folder not in self._tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
+
+            self._tensorboard[folder] = SummaryWriter(str(self.path / folder))
+        self._tensorboard[folder].add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        for writer in self._tensorboard.values():
+            writer.close()
+        self._tensorboard.clear()
+
+    # --- checkpoints ---------------------------------------------------------------------
+    def save_best(self, index: int, state: dict) -> None:
+        save_checkpoint(state, self.peer_path(index) / BEST)
+
+    def stage_last(self, index: int, state: dict) -> None:
+        """Phase 1 of an epoch's commit: write the peer's new state beside its current one."""
+        save_checkpoint(state, self.peer_path(index) / LAST_NEXT)
+
+    def publish_last(self, index: int) -> None:
+        """Phase 2: make the staged state the peer's ``last.pt``."""
+        os.replace(self.peer_path(index) / LAST_NEXT, self.peer_path(index) / LAST)
+
+    def checkpoint_epochs(self, index: int) -> dict[int, Path]:
+        """Epochs this peer has a complete checkpoint for (last.pt and a staged last.next.pt)."""
+        found = {}
+        for name in (LAST, LAST_NEXT):
+            path = self.peer_path(index) / name
+            if path.exists():
+                found[int(load_checkpoint(path)["run"]["epoch"])] = path
+        return found
+
+    def resume_point(self, epochs_by_peer: dict[int, set[int]]) -> int:
+        """The newest epoch every peer of the cohort has a checkpoint for.
+
+        ``epochs_by_peer`` holds, for every peer of the cohort, the epochs it can restore.
+        """
+        common = set.intersection(*epochs_by_peer.values()) if epochs_by_peer else set()
+        if not common:
+            raise UserError(
+                f"{self.path} holds no epoch that every peer has a checkpoint for; "
+                "start a new run with another --name"
+            )
+        return max(common)
