@@ -65,6 +65,8 @@ def _train_parser(sub) -> None:
     g.add_argument("--name", default=None, help="run directory name (default says what ran, e.g. dml_n2_resnet32_s42)")
     g.add_argument("--resume", action="store_true",
                    help="continue <out-dir>/<name> from its last complete epoch (repeat the original flags)")
+    g.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop after N epochs of this invocation (for time-limited jobs); continue with --resume")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(func=_run_train)
 
@@ -85,7 +87,9 @@ def _run_train(args: argparse.Namespace) -> int:
     from .engine import train  # imported here so that --help and argument errors stay fast
 
     cfg = config_from_args(args)
-    train(cfg, resume=args.resume)
+    if args.stop_after is not None and args.stop_after <= 0:
+        raise UserError(f"--stop-after must be a positive integer, got {args.stop_after}")
+    train(cfg, resume=args.resume, stop_after=args.stop_after)
     return 0
 
 

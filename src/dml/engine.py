@@ -223,8 +223,12 @@ def _set_rng_state(generator: torch.Generator, state: dict) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
 
 
-def train(cfg: TrainConfig, resume: bool = False, exchange=None) -> Path:
-    """Train the cohort ``cfg`` describes; returns the run directory."""
+def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None, exchange=None) -> Path:
+    """Train the cohort ``cfg`` describes; returns the run directory.
+
+    ``stop_after`` ends this invocation after that many epochs (for time-limited jobs); the run
+    continues with ``resume=True`` exactly as if it had not stopped.
+    """
     exchange = exchange or LocalExchange(cfg.num_nodes)
     device = resolve_device(cfg.device)
     precision = Precision(resolve_precision(cfg.precision, device), device)
@@ -255,9 +259,11 @@ def train(cfg: TrainConfig, resume: bool = False, exchange=None) -> Path:
         log(f"{run.path}: all {cfg.epochs} epochs are done; nothing to resume")
     else:
         log(f"{run.path}: {cfg.num_nodes} peer(s) {', '.join(cfg.models)} on {device} ({precision.name}), "
-            f"{data.train.images.shape[0]} train / {data.test.images.shape[0]} test images, epochs {start_epoch}..{cfg.epochs}")
+            f"{data.train.images.shape[0]} train / {data.test.images.shape[0]} test images, "
+            f"epoch {start_epoch} of {cfg.epochs}")
     try:
-        for epoch in range(start_epoch, cfg.epochs + 1):
+        last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch - 1 + stop_after)
+        for epoch in range(start_epoch, last_epoch + 1):
             records = run_epoch(epoch, peers, batches, data, normalise, cfg, exchange, precision, step)
             run.log_epoch(records)
             for record in records:
