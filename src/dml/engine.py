@@ -141,8 +141,8 @@ def evaluate(peers: list[Peer], images, labels, normalise: Normalise, exchange, 
     """Top-1 accuracy (%) of every local peer and of the cohort's ensemble (mean softmax)."""
     for p in peers:
         p.model.eval()
-    correct = torch.zeros(len(peers), device=images.device)
-    ensemble_correct = torch.zeros((), device=images.device)
+    correct = torch.zeros(len(peers), device=images.device, dtype=torch.int64)
+    ensemble_correct = torch.zeros((), device=images.device, dtype=torch.int64)
     for x, y in test_batches(images, labels, EVAL_BATCH_SIZE, normalise):
         with precision.autocast():
             logits = [p.model(x) for p in peers]
@@ -153,7 +153,7 @@ def evaluate(peers: list[Peer], images, labels, normalise: Normalise, exchange, 
     for p in peers:
         p.model.train()
     n = images.shape[0]
-    return (100.0 * correct / n).tolist(), 100.0 * ensemble_correct.item() / n
+    return [100.0 * c / n for c in correct.tolist()], 100.0 * ensemble_correct.item() / n
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -279,10 +279,11 @@ def run_epoch(epoch, peers, batches, data, normalise, cfg, exchange, precision, 
     started = time.perf_counter()
     lrs = [p.lr for p in peers]
     device = data.train.images.device
-    loss_sum = torch.zeros(len(peers), device=device)
-    correct = torch.zeros(len(peers), device=device)
+    loss_sum = torch.zeros(len(peers), device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)
+    correct = torch.zeros(len(peers), device=device, dtype=torch.int64)
+    # disable=None: no bar when stderr is not a terminal (log files stay readable).
     bar = tqdm(total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}", unit="step", leave=False,
-               disable=not (cfg.progress and exchange.is_writer), dynamic_ncols=True)
+               disable=None if cfg.progress and exchange.is_writer else True, dynamic_ncols=True)
     for n, (x, y) in enumerate(batches, start=1):
         losses, logits = step(peers, x, y, cfg, exchange, precision)
         loss_sum += torch.stack(losses).detach()
@@ -296,8 +297,8 @@ def run_epoch(epoch, peers, batches, data, normalise, cfg, exchange, precision, 
     for p in peers:
         p.scheduler.step()
     steps = len(batches)
-    train_loss = (loss_sum / steps).tolist()
-    train_acc = (100.0 * correct / (steps * cfg.batch_size)).tolist()
+    train_loss = [total / steps for total in loss_sum.tolist()]
+    train_acc = [100.0 * c / (steps * cfg.batch_size) for c in correct.tolist()]
     test_acc, ensemble_acc = evaluate(peers, data.test.images, data.test.labels, normalise, exchange, precision)
     seconds = time.perf_counter() - started
     local = [

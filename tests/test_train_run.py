@@ -1,0 +1,149 @@
+"""End-to-end `dml train` runs on a small subset: outputs, resume equivalence, user errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dml.cli import main
+
+TINY = ["--train-samples", "256", "--test-samples", "100", "--batch-size", "32", "--skip-checksum",
+        "--no-download", "--no-progress", "--precision", "fp32"]
+
+
+def _train(cifar_root, out_dir, *args):
+    return main(["train", "--data-dir", str(cifar_root), "--out-dir", str(out_dir), *TINY, *args])
+
+
+def _metrics(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        r.pop("seconds")
+    return records
+
+
+def _state(run_dir, peer):
+    return torch.load(run_dir / peer / "last.pt", weights_only=True)
+
+
+def test_run_directory_is_self_describing(cifar_root, tmp_path):
+    assert _train(cifar_root, tmp_path, "--models", "resnet20", "wrn28_2", "--num-nodes", "2", "--epochs", "2") == 0
+    run = tmp_path / "dml_n2_resnet20-wrn28_2_s42"
+    config = json.loads((run / "config.json").read_text())
+    assert config["config"]["models"] == ["resnet20", "wrn28_2"]
+    assert config["config"]["lr"] == 0.1 and config["config"]["epochs"] == 2
+    assert config["torch_version"] == torch.__version__ and config["device_type"] == "cpu"
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["node"]) for r in lines] == [(1, 0), (1, 1), (1, "ensemble"), (2, 0), (2, 1), (2, "ensemble")]
+    peer = lines[0]
+    assert set(peer) == {"epoch", "node", "model", "lr", "train_loss", "train_acc", "test_acc", "seconds"}
+    assert peer["model"] == "resnet20" and peer["lr"] == 0.1 and lines[3]["lr"] == pytest.approx(0.05)
+    assert 0 <= peer["train_acc"] <= 100 and 0 <= peer["test_acc"] <= 100 and peer["train_loss"] > 0
+    for folder in ("0_resnet20", "1_wrn28_2"):
+        last = torch.load(run / folder / "last.pt", weights_only=True)
+        best = torch.load(run / folder / "best.pt", weights_only=True)
+        assert last["run"]["epoch"] == 2
+        assert best["model_name"] == folder.split("_", 1)[1]
+        assert not (run / folder / "last.next.pt").exists()
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "1_wrn28_2"))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == {"lr", "train_loss", "train_acc", "test_acc"}
+    acc = [e.value for e in events.Scalars("test_acc")]
+    assert acc == pytest.approx([r["test_acc"] for r in lines if r["node"] == 1])
+    ensemble = EventAccumulator(str(run / "ensemble"))
+    ensemble.Reload()
+    assert [e.step for e in ensemble.Scalars("test_acc")] == [1, 2]
+
+
+@pytest.mark.parametrize("update", ["simultaneous", "sequential"])
+def test_resume_ends_exactly_where_an_uninterrupted_run_ends(cifar_root, tmp_path, update):
+    args = ["--models", "resnet20", "--num-nodes", "2", "--epochs", "2", "--update", update, "--precision", "bf16"]
+    assert _train(cifar_root, tmp_path / "straight", *args) == 0
+    assert _train(cifar_root, tmp_path / "resumed", *args, "--stop-after", "1") == 0
+    resumed = tmp_path / "resumed" / "dml_n2_resnet20_s42"
+    assert _metrics(resumed)[-1]["epoch"] == 1
+    assert _train(cifar_root, tmp_path / "resumed", *args, "--resume") == 0
+    straight = tmp_path / "straight" / "dml_n2_resnet20_s42"
+    assert _metrics(resumed) == _metrics(straight)
+    for peer in ("0_resnet20", "1_resnet20"):
+        a, b = _state(straight, peer), _state(resumed, peer)
+        for key in a["model"]:
+            assert torch.equal(a["model"][key], b["model"][key]), key
+        assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+        for k, v in a["optimizer"]["state"].items():
+            assert torch.equal(v["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
+
+
+def test_resume_rolls_forward_a_commit_interrupted_between_peers(cifar_root, tmp_path):
+    """A crash after peer 0 published epoch 2 but before peer 1 did still resumes at epoch 2."""
+    args = ["--models", "resnet20", "--num-nodes", "2", "--epochs", "3"]
+    assert _train(cifar_root, tmp_path / "a", *args, "--stop-after", "2") == 0
+    run = tmp_path / "a" / "dml_n2_resnet20_s42"
+    # Rebuild the state "peer 1 staged epoch 2 but did not rename it": its last.pt goes back to epoch 1.
+    assert _train(cifar_root, tmp_path / "b", *args, "--stop-after", "1") == 0
+    older = tmp_path / "b" / "dml_n2_resnet20_s42" / "1_resnet20" / "last.pt"
+    (run / "1_resnet20" / "last.pt").rename(run / "1_resnet20" / "last.next.pt")
+    older.replace(run / "1_resnet20" / "last.pt")
+    assert _train(cifar_root, tmp_path / "a", *args, "--resume") == 0
+    assert _train(cifar_root, tmp_path / "c", *args) == 0
+    assert _metrics(run) == _metrics(tmp_path / "c" / "dml_n2_resnet20_s42")
+
+
+def test_finished_run_is_not_overwritten(cifar_root, tmp_path, capsys):
+    assert _train(cifar_root, tmp_path, "--models", "resnet20", "--epochs", "1") == 0
+    run = tmp_path / "independent_resnet20_s42"
+    before = (run / "metrics.jsonl").read_bytes(), (run / "0_resnet20" / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert _train(cifar_root, tmp_path, "--models", "resnet20", "--epochs", "1") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "--resume" in err and err.count("\n") == 1
+    assert ((run / "metrics.jsonl").read_bytes(), (run / "0_resnet20" / "last.pt").read_bytes()) == before
+
+
+def test_resume_with_other_configuration_is_refused(cifar_root, tmp_path, capsys):
+    assert _train(cifar_root, tmp_path, "--models", "resnet20", "--epochs", "2", "--stop-after", "1") == 0
+    capsys.readouterr()
+    assert _train(cifar_root, tmp_path, "--models", "resnet20", "--epochs", "2", "--lr", "0.05", "--resume") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "lr: 0.1 -> 0.05" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--models", "resnet33"], "unknown model 'resnet33'"),
+        (["--models", "resnet20", "wrn28_2", "--num-nodes", "3"], "--models lists 2 names for --num-nodes 3"),
+        (["--lr", "0"], "--lr must be a positive"),
+        (["--lr", "nan"], "--lr must be a positive"),
+        (["--lr", "abc"], "invalid float value"),
+        (["--batch-size", "0"], "--batch-size must be a positive integer"),
+        (["--epochs", "-1"], "--epochs must be a positive integer"),
+        (["--temperature", "0"], "--temperature must be a positive"),
+        (["--num-nodes", "0"], "--num-nodes must be at least 1"),
+        (["--update", "random"], "invalid choice"),
+        (["--resume"], "nothing to resume"),
+        (["--stop-after", "0"], "--stop-after must be a positive integer"),
+    ],
+)
+def test_user_errors_are_one_line_with_status_2(cifar_root, tmp_path, capsys, args, expected):
+    assert _train(cifar_root, tmp_path, *args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err and err.count("\n") == 1, err
+    assert not any(tmp_path.iterdir())  # nothing written for a refused run
+
+
+def test_missing_data_without_download_says_where_to_put_it(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "dml", "train", "--data-dir", str(tmp_path / "nodata"), "--no-download",
+         "--out-dir", str(tmp_path / "runs")],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "cifar-100-python" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()
