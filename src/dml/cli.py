@@ -1,4 +1,4 @@
-"""Command line: ``dml train`` (and ``python -m dml train``)."""
+"""Command line: ``dml train``, ``dml report`` and ``dml evaluate`` (also as ``python -m dml ...``)."""
 
 from __future__ import annotations
 
@@ -68,6 +68,12 @@ def _train_parser(sub) -> None:
     g.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop after N epochs of this invocation (for time-limited jobs); continue with --resume")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    g = p.add_argument_group("distributed (peers spread over processes; see README)")
+    g.add_argument("--procs", type=int, default=None, metavar="P",
+                   help="start P local processes (P <= --num-nodes) that share the peers, through "
+                        "torch.distributed's launcher; on several machines use torchrun instead")
+    g.add_argument("--check-batches", action="store_true",
+                   help="compare a fingerprint of every batch across processes and stop on a mismatch")
     p.set_defaults(func=_run_train)
 
 
@@ -79,17 +85,102 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         device=args.device, precision=args.precision, train_samples=args.train_samples,
         test_samples=args.test_samples, data_dir=args.data_dir, out_dir=args.out_dir, name=args.name,
         skip_checksum=args.skip_checksum, download=args.download, download_url=args.download_url,
-        progress=args.progress,
+        progress=args.progress, check_batches=args.check_batches,
     )
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .engine import train  # imported here so that --help and argument errors stay fast
-
     cfg = config_from_args(args)
     if args.stop_after is not None and args.stop_after <= 0:
         raise UserError(f"--stop-after must be a positive integer, got {args.stop_after}")
-    train(cfg, resume=args.resume, stop_after=args.stop_after)
+    if args.procs is not None:
+        if not 1 <= args.procs <= cfg.num_nodes:
+            raise UserError(f"--procs must be between 1 and --num-nodes ({cfg.num_nodes}), got {args.procs}")
+        if args.procs > 1:
+            from .launch import launch_processes
+
+            return launch_processes(args.procs, _without_procs(args.argv))
+
+    import torch.distributed as dist
+
+    from .engine import train  # imported here so that --help and argument errors stay fast
+
+    try:
+        train(cfg, resume=args.resume, stop_after=args.stop_after)
+    except dist.DistError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"error: lost contact with another process ({first_line}); the last complete epoch is saved: "
+              "continue with the same command and --resume", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _without_procs(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == "--procs":
+            skip = True
+        elif not token.startswith("--procs="):
+            out.append(token)
+    return out
+
+
+def _report_parser(sub) -> None:
+    p = sub.add_parser(
+        "report", help="Markdown tables and learning-curve plots of finished or interrupted runs",
+        description="Read config.json and metrics.jsonl of run directories and write Markdown tables in the "
+                    "seed README's format (per peer, Average and Ensemble rows; final and best test accuracy; "
+                    "epochs done/planned; runs differing only in seed as mean ± std), optionally with PNG plots.",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="a run directory, or a folder searched for the run directories below it")
+    p.add_argument("--baseline", metavar="RUN_DIR", default=None,
+                   help="run (or folder of seeds of one run) to compare with: improvement = final test accuracy "
+                        "minus the baseline's peer-average final test accuracy, in percentage points")
+    p.add_argument("--out", metavar="FILE", default=None, help="write the Markdown here instead of to stdout")
+    p.add_argument("--plots", metavar="DIR", default=None,
+                   help="write per-run learning curves and a node-count comparison as PNG files into DIR")
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from .report import report  # imported here so that --help and argument errors stay fast
+
+    markdown = report(args.runs, baseline=args.baseline, out=args.out, plots=args.plots)
+    if args.out is None:
+        print(markdown, end="")
+    else:
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def _evaluate_parser(sub) -> None:
+    p = sub.add_parser(
+        "evaluate", help="top-1/top-5 test accuracy of checkpoints and of their ensemble",
+        description="Evaluate best.pt or last.pt checkpoints on the test split: top-1 and top-5 accuracy of "
+                    "each and of their ensemble (mean softmax). All checkpoints must be for the same dataset.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="best.pt or last.pt files of dml runs")
+    p.add_argument("--data-dir", default="./data", help="folder holding the CIFAR data (downloaded there if absent)")
+    p.add_argument("--dataset", choices=DATASETS, default=None, help="test set (default: the checkpoints' dataset)")
+    p.add_argument("--skip-checksum", action="store_true",
+                   help="accept data files whose MD5 differs from the official release")
+    p.add_argument("--no-download", dest="download", action="store_false",
+                   help="fail at once if the data is missing instead of downloading it")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--test-samples", type=int, default=None, metavar="N",
+                   help="evaluate on the seeded, class-balanced subset of N test images that training used")
+    p.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON to PATH")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_command  # imported here so that --help and argument errors stay fast
+
+    evaluate_command(args)
     return 0
 
 
@@ -98,12 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dml {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _train_parser(sub)
+    _report_parser(sub)
+    _evaluate_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser().parse_args(argv)
+        args.argv = argv
         return args.func(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -16,7 +16,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # Settings that may change between a run and its resumption without changing what is computed.
 RESUMABLE_CHANGES = frozenset(
-    {"device", "data_dir", "out_dir", "name", "download", "download_url", "skip_checksum", "progress"}
+    {"device", "data_dir", "out_dir", "name", "download", "download_url", "skip_checksum", "progress",
+     "check_batches"}
 )
 
 
@@ -46,6 +47,7 @@ class TrainConfig:
     download: bool = True
     download_url: str | None = None
     progress: bool = True
+    check_batches: bool = False
 
     def __post_init__(self) -> None:
         self.models = list(self.models)

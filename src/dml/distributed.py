@@ -1,11 +1,34 @@
 """Where the peers live. The engine asks an exchange for every peer's logits and never needs to
-know whether they came from this process or from other ranks."""
+know whether they came from this process or from other ranks.
+
+A peer is the unit of distribution: K peers over P processes (P <= K, contiguous groups), each
+process forwarding and stepping only its own peers. Per step only the detached logits cross
+between processes (batch x classes numbers per peer), in one all_gather.
+"""
 
 from __future__ import annotations
 
+import datetime
+import os
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
+
+from .errors import UserError
+
+# torch renamed all_gather_into_tensor; keep working on releases that only have the old name.
+_all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+TIMEOUT_ENV = "DML_DIST_TIMEOUT"  # seconds a collective may wait for a lost or stuck process
+DEFAULT_TIMEOUT_S = 60
+
+
+def peers_of_rank(num_nodes: int, world_size: int, rank: int) -> list[int]:
+    """Contiguous peer indices of ``rank``; the first ``num_nodes % world_size`` ranks hold one more."""
+    base, extra = divmod(num_nodes, world_size)
+    start = rank * base + min(rank, extra)
+    return list(range(start, start + base + (rank < extra)))
 
 
 class LocalExchange:
@@ -19,11 +42,14 @@ class LocalExchange:
         self.num_nodes = num_nodes
         self.local_indices = list(range(num_nodes))
 
+    def select_device(self, device: torch.device) -> torch.device:
+        return device
+
     def gather_logits(self, local_logits: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Detached logits of all peers, in cohort order, from this process's peers' logits."""
         return [z.detach() for z in local_logits]
 
-    def share_logits(self, owner: int, logits: torch.Tensor | None) -> torch.Tensor:
+    def share_logits(self, owner: int, logits: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
         """Logits of peer ``owner`` as its process computed them (sequential updates)."""
         return logits
 
@@ -31,5 +57,91 @@ class LocalExchange:
         """``obj`` of every process, in rank order."""
         return [obj]
 
+    def check_same(self, fingerprint: torch.Tensor, what: str) -> None:
+        """Fail when processes disagree on ``fingerprint`` (nothing to compare in one process)."""
+
     def barrier(self) -> None:
         pass
+
+    def close(self) -> None:
+        pass
+
+
+class TorchExchange(LocalExchange):
+    """Peers spread over the processes of a torch.distributed job (torchrun sets the environment).
+
+    gloo on CPU, nccl with one GPU per process (LOCAL_RANK) on CUDA.
+    """
+
+    def __init__(self, num_nodes: int, device_type: str):
+        self.rank = int(os.environ["RANK"])
+        self.world_size = int(os.environ["WORLD_SIZE"])
+        self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
+        self.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+        if self.world_size > num_nodes:
+            raise UserError(
+                f"{self.world_size} processes for {num_nodes} peers: each process needs at least one peer; "
+                "use at most --num-nodes processes"
+            )
+        self.num_nodes = num_nodes
+        self.is_writer = self.rank == 0
+        self.local_indices = peers_of_rank(num_nodes, self.world_size, self.rank)
+        self.counts = [len(peers_of_rank(num_nodes, self.world_size, r)) for r in range(self.world_size)]
+        self.backend = "nccl" if device_type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
+        if device_type == "cpu":
+            # Share the machine's cores between this machine's processes instead of oversubscribing.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.local_world_size))
+        if not dist.is_initialized():
+            dist.init_process_group(self.backend, timeout=timeout)
+
+    def select_device(self, device: torch.device) -> torch.device:
+        if device.type == "cuda":
+            device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(device)
+        return device
+
+    def gather_logits(self, local_logits: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        # One all_gather per call: every rank contributes max(counts) slots (padding where it holds
+        # fewer peers). fp32 on the wire, so every rank sees exactly what a single process would.
+        most = max(self.counts)
+        mine = torch.stack([z.detach().float() for z in local_logits])
+        if mine.shape[0] < most:
+            mine = torch.cat([mine, mine.new_zeros((most - mine.shape[0], *mine.shape[1:]))])
+        everyone = mine.new_empty((self.world_size * most, *mine.shape[1:]))
+        _all_gather_tensor(everyone, mine.contiguous())
+        return [everyone[r * most + k] for r, count in enumerate(self.counts) for k in range(count)]
+
+    def share_logits(self, owner: int, logits: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+        owner_rank = next(r for r in range(self.world_size) if owner in peers_of_rank(self.num_nodes, self.world_size, r))
+        buffer = logits.detach().float().contiguous() if logits is not None else torch.empty_like(like, dtype=torch.float32)
+        dist.broadcast(buffer, src=owner_rank)
+        return buffer
+
+    def gather_objects(self, obj: object) -> list[object]:
+        out: list[object] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def check_same(self, fingerprint: torch.Tensor, what: str) -> None:
+        values = torch.empty(self.world_size, dtype=torch.float64, device=fingerprint.device)
+        _all_gather_tensor(values, fingerprint.double().reshape(1))
+        if not torch.all(values == values[0]):
+            raise RuntimeError(
+                f"processes disagree on {what}: fingerprints {values.tolist()}; every process must draw the "
+                "same batches (same seed, data and torch version on every machine)"
+            )
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def make_exchange(num_nodes: int, device_type: str) -> LocalExchange:
+    """A TorchExchange under torchrun (WORLD_SIZE > 1), otherwise the whole cohort locally."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return TorchExchange(num_nodes, device_type)
+    return LocalExchange(num_nodes)

@@ -16,7 +16,7 @@ from .config import TrainConfig
 from .data.augment import NORMALISATION, Normalise
 from .data.batches import TrainBatches, test_batches
 from .data.cifar import CifarData, balanced_subset, load_cifar
-from .distributed import LocalExchange
+from .distributed import make_exchange
 from .errors import UserError
 from .loss import mutual_loss
 from .runlog import CONFIG_FILE, LAST_NEXT, RunDir, environment_info, load_checkpoint
@@ -127,7 +127,7 @@ def sequential_step(peers: list[Peer], x, y, cfg: TrainConfig, exchange, precisi
                 with torch.no_grad(), precision.autocast(), _frozen_batchnorm_stats(peer.model):
                     fresh = peer.model(x).detach()
         if i < cfg.num_nodes - 1:
-            current[i] = exchange.share_logits(i, fresh)
+            current[i] = exchange.share_logits(i, fresh, current[i])
     precision.scaler.update()
     return losses, logits
 
@@ -229,12 +229,14 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     ``stop_after`` ends this invocation after that many epochs (for time-limited jobs); the run
     continues with ``resume=True`` exactly as if it had not stopped.
     """
-    exchange = exchange or LocalExchange(cfg.num_nodes)
     device = resolve_device(cfg.device)
+    exchange = exchange or make_exchange(cfg.num_nodes, device.type)
+    device = exchange.select_device(device)
     precision = Precision(resolve_precision(cfg.precision, device), device)
     run = RunDir(Path(cfg.out_dir) / cfg.name, dict(enumerate(cfg.models)), writer=exchange.is_writer)
     check_run_dir(cfg, resume, run)
     data = load_data(cfg, device)
+    exchange.barrier()  # every process has checked the run directory before rank 0 writes to it
 
     channels_last = device.type != "mps"
     peers = [build_peer(cfg, i, data.num_classes, device, channels_last) for i in exchange.local_indices]
@@ -271,6 +273,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
             save_epoch(run, epoch, peers, records, generator, cfg, data.num_classes, exchange)
     finally:
         run.close()
+        exchange.close()
     return run.path
 
 
@@ -285,6 +288,8 @@ def run_epoch(epoch, peers, batches, data, normalise, cfg, exchange, precision, 
     bar = tqdm(total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}", unit="step", leave=False,
                disable=None if cfg.progress and exchange.is_writer else True, dynamic_ncols=True)
     for n, (x, y) in enumerate(batches, start=1):
+        if cfg.check_batches:
+            exchange.check_same(batch_fingerprint(x, y), f"the batch of epoch {epoch}, step {n}")
         losses, logits = step(peers, x, y, cfg, exchange, precision)
         loss_sum += torch.stack(losses).detach()
         correct += torch.stack([(z.argmax(1) == y).sum() for z in logits])
@@ -309,6 +314,12 @@ def run_epoch(epoch, peers, batches, data, normalise, cfg, exchange, precision, 
     records = sorted((r for part in exchange.gather_objects(local) for r in part), key=lambda r: r["node"])
     records.append({"epoch": epoch, "node": "ensemble", "test_acc": ensemble_acc, "seconds": seconds})
     return records
+
+
+def batch_fingerprint(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A number that changes when any image, label or their order changes."""
+    position = torch.arange(1, x.shape[0] + 1, device=x.device, dtype=torch.float64)
+    return (x.flatten(1).double().sum(1) * position).sum() + (y.double() * position).sum()
 
 
 def save_epoch(run: RunDir, epoch: int, peers: list[Peer], records: list[dict], generator, cfg: TrainConfig,

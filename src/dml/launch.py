@@ -1,0 +1,29 @@
+"""`dml train --procs P`: P local processes through torch.distributed's own launcher (torchrun)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def launch_processes(procs: int, train_argv: list[str]) -> int:
+    """Run ``python -m dml <train_argv>`` in ``procs`` processes on this machine; 0 on success."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    # Each process takes its share of the cores (the engine sets it too; this silences torchrun's
+    # warning and covers libraries that read the variable at import).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // procs)))
+    args = get_args_parser().parse_args(
+        ["--standalone", "--nproc-per-node", str(procs), "--module", "dml", *train_argv]
+    )
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        rank, failure = next(iter(sorted(exc.failures.items())))
+        if failure.exitcode == 2:  # a user error: the process has said what it is
+            return 2
+        print(f"error: process {rank} of {procs} failed (exit code {failure.exitcode}); the last complete epoch "
+              "is saved: continue with the same command and --resume", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,157 @@
+"""Peers spread over processes with torch.distributed (gloo on CPU), against single-process runs."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dml.distributed import TorchExchange, peers_of_rank
+
+TINY = ["--train-samples", "256", "--test-samples", "100", "--batch-size", "32", "--skip-checksum",
+        "--no-download", "--no-progress", "--precision", "fp32"]
+
+
+def _dml(cifar_root, out_dir, *args, launcher=(), threads=None, **kwargs):
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    cmd = [sys.executable, *launcher, "-m", "dml", "train", "--data-dir", str(cifar_root), "--out-dir", str(out_dir),
+           *TINY, *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def _metrics(run):
+    out = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in out:
+        r.pop("seconds")
+    return out
+
+
+def _assert_same_parameters(run_a, run_b, peers):
+    for peer in peers:
+        a = torch.load(run_a / peer / "last.pt", weights_only=True)["model"]
+        b = torch.load(run_b / peer / "last.pt", weights_only=True)["model"]
+        for key in a:
+            assert torch.equal(a[key], b[key]), (peer, key)
+
+
+def test_peers_are_split_in_contiguous_groups():
+    assert [peers_of_rank(4, 2, r) for r in range(2)] == [[0, 1], [2, 3]]
+    assert [peers_of_rank(3, 2, r) for r in range(2)] == [[0, 1], [2]]
+    assert [peers_of_rank(5, 3, r) for r in range(3)] == [[0, 1], [2, 3], [4]]
+    assert [peers_of_rank(2, 2, r) for r in range(2)] == [[0], [1]]
+
+
+@pytest.mark.parametrize("update", ["simultaneous", "sequential"])
+def test_two_processes_match_one_process(cifar_root, tmp_path, update):
+    # With the same thread count per peer, the CPU kernels and hence every number are identical.
+    args = ["--models", "resnet20", "--num-nodes", "2", "--epochs", "2", "--update", update]
+    spread = _dml(cifar_root, tmp_path / "spread", *args, "--procs", "2", "--check-batches")
+    assert spread.returncode == 0, spread.stderr
+    single = _dml(cifar_root, tmp_path / "single", *args, threads=1)
+    assert single.returncode == 0, single.stderr
+    a, b = tmp_path / "spread" / "dml_n2_resnet20_s42", tmp_path / "single" / "dml_n2_resnet20_s42"
+    assert _metrics(a) == _metrics(b)
+    _assert_same_parameters(a, b, ["0_resnet20", "1_resnet20"])
+    assert json.loads((a / "config.json").read_text())["config"]["num_nodes"] == 2
+
+
+def test_uneven_peers_under_torchrun_and_resume_with_another_process_count(cifar_root, tmp_path):
+    args = ["--models", "resnet20", "--num-nodes", "3", "--epochs", "2"]
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    first = _dml(cifar_root, tmp_path / "resumed", *args, "--stop-after", "1", launcher=torchrun)
+    assert first.returncode == 0, first.stderr
+    run = tmp_path / "resumed" / "dml_n3_resnet20_s42"
+    assert {r["epoch"] for r in _metrics(run)} == {1}
+    second = _dml(cifar_root, tmp_path / "resumed", *args, "--resume", threads=1)  # one process now
+    assert second.returncode == 0, second.stderr
+    straight = _dml(cifar_root, tmp_path / "straight", *args, threads=1)
+    assert straight.returncode == 0, straight.stderr
+    reference = tmp_path / "straight" / "dml_n3_resnet20_s42"
+    assert _metrics(run) == _metrics(reference)
+    _assert_same_parameters(run, reference, ["0_resnet20", "1_resnet20", "2_resnet20"])
+
+
+def _children(pid):
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def test_killed_process_stops_the_others_and_the_run_resumes(cifar_root, tmp_path):
+    args = ["--models", "resnet20", "--num-nodes", "2", "--epochs", "4", "--train-samples", "1024"]
+    cmd = [sys.executable, "-m", "dml", "train", "--data-dir", str(cifar_root), "--out-dir", str(tmp_path), *TINY,
+           *args, "--procs", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "dml_n2_resnet20_s42" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run never finished epoch 1"
+        time.sleep(0.2)
+    workers = _children(proc.pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[-1], signal.SIGKILL)
+    killed_at = time.monotonic()
+    _, stderr = proc.communicate(timeout=90)
+    assert time.monotonic() - killed_at < 60
+    assert proc.returncode != 0
+    assert "error: process" in stderr and "--resume" in stderr
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    records = _metrics(tmp_path / "dml_n2_resnet20_s42")
+    assert [(r["epoch"], r["node"]) for r in records] == [(e, n) for e in range(1, 5) for n in (0, 1, "ensemble")]
+
+
+def _fingerprint_worker(rank, port, results):
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    exchange = TorchExchange(2, "cpu")
+    try:
+        exchange.check_same(torch.tensor(1.0), "the same batch")
+        try:
+            exchange.check_same(torch.tensor(float(rank)), "a different batch")
+            results.put((rank, "no error"))
+        except RuntimeError as exc:
+            results.put((rank, str(exc)))
+    finally:
+        exchange.close()
+
+
+def test_batch_fingerprint_mismatch_fails_loudly():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_fingerprint_worker, args=(r, port, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    outcome = dict(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    assert set(outcome) == {0, 1}
+    for message in outcome.values():
+        assert "processes disagree on a different batch" in message
+
+
+def test_more_processes_than_peers_is_a_user_error(cifar_root, tmp_path):
+    proc = _dml(cifar_root, tmp_path, "--num-nodes", "2", "--procs", "3")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: --procs must be between 1 and --num-nodes (2)")
+    assert not dist.is_initialized()
