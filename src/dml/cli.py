@@ -161,16 +161,17 @@ def _evaluate_parser(sub) -> None:
         "evaluate", help="top-1/top-5 test accuracy of checkpoints and of their ensemble",
         description="Evaluate best.pt or last.pt checkpoints on the test split: top-1 and top-5 accuracy of "
                     "each and of their ensemble (mean softmax). All checkpoints must be for the same dataset.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="best.pt or last.pt files of dml runs")
-    p.add_argument("--data-dir", default="./data", help="folder holding the CIFAR data (downloaded there if absent)")
+    p.add_argument("--data-dir", default="./data",
+                   help="folder holding the CIFAR data, downloaded there if absent (default: ./data)")
     p.add_argument("--dataset", choices=DATASETS, default=None, help="test set (default: the checkpoints' dataset)")
     p.add_argument("--skip-checksum", action="store_true",
                    help="accept data files whose MD5 differs from the official release")
     p.add_argument("--no-download", dest="download", action="store_false",
                    help="fail at once if the data is missing instead of downloading it")
-    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="auto (default): CUDA if available, else MPS, else CPU")
     p.add_argument("--test-samples", type=int, default=None, metavar="N",
                    help="evaluate on the seeded, class-balanced subset of N test images that training used")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON to PATH")

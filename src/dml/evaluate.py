@@ -1,0 +1,160 @@
+"""``dml evaluate``: top-1 and top-5 test accuracy of checkpoints and of their ensemble.
+
+Any ``best.pt`` or ``last.pt`` of a run directory works: both hold the model name, the number of
+classes, the dataset and the weights. The ensemble averages the checkpoints' softmax outputs, as
+the ensemble row that training logs does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .cohort import derive_seed
+from .data.augment import NORMALISATION, Normalise
+from .data.batches import test_batches
+from .data.cifar import balanced_subset, load_cifar
+from .engine import EVAL_BATCH_SIZE, resolve_device
+from .errors import UserError
+from .models import MODEL_NAMES, create_model
+from .runlog import load_checkpoint
+
+NUM_CLASSES = {"cifar100": 100, "cifar10": 10}
+TOP_K = (1, 5)
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: its network in eval mode and what it says about itself."""
+
+    path: Path
+    model_name: str
+    num_classes: int
+    dataset: str | None
+    epoch: int | None
+    seed: int | None
+    model: torch.nn.Module
+
+
+@dataclass
+class Accuracy:
+    name: str  # the checkpoint's path, or "ensemble"
+    model: str
+    epoch: int | None
+    top1: float
+    top5: float
+
+
+def load_model(path: Path, device: torch.device) -> Checkpoint:
+    """Build the checkpoint's network from its model name and class count and load its weights."""
+    state = load_checkpoint(path, map_location="cpu")
+    name, num_classes = state.get("model_name"), state.get("num_classes")
+    if name not in MODEL_NAMES or not isinstance(num_classes, int):
+        raise UserError(f"checkpoint {path} does not name a known model and class count; it was not written by "
+                        "dml train")
+    model = create_model(name, num_classes)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UserError(f"checkpoint {path}: the weights do not fit a {name} with {num_classes} classes ({first})") \
+            from None
+    # best.pt stores the epoch at the top level; last.pt in its run state.
+    epoch = state.get("epoch", (state.get("run") or {}).get("epoch"))
+    config = state.get("config") or {}
+    return Checkpoint(Path(path), name, num_classes, state.get("dataset"), epoch, config.get("seed"),
+                      model.to(device).eval())
+
+
+def common_dataset(checkpoints: list[Checkpoint], dataset: str | None) -> str:
+    """The dataset every checkpoint was trained for (or ``dataset``, if their classes fit it)."""
+    classes = {c.num_classes for c in checkpoints}
+    datasets = {c.dataset for c in checkpoints if c.dataset is not None}
+    if len(classes) > 1 or len(datasets) > 1:
+        found = ", ".join(f"{c.path} ({c.dataset}, {c.num_classes} classes)" for c in checkpoints)
+        raise UserError(f"the checkpoints were trained for different datasets: {found}; evaluate them separately")
+    num_classes = classes.pop()
+    if dataset is None:
+        if not datasets:
+            raise UserError(f"{checkpoints[0].path} does not record its dataset; pass --dataset")
+        dataset = datasets.pop()
+    if NUM_CLASSES.get(dataset) != num_classes:
+        raise UserError(f"the checkpoints have {num_classes} classes but {dataset} has {NUM_CLASSES.get(dataset)}; "
+                        "pass the dataset they were trained on")
+    return dataset
+
+
+def _correct_top_k(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per k in TOP_K, how many labels are among the k highest scores."""
+    top = probs.topk(max(TOP_K), dim=1).indices
+    hits = top == labels[:, None]
+    return torch.stack([hits[:, :k].any(1).sum() for k in TOP_K])
+
+
+@torch.inference_mode()
+def accuracies(checkpoints: list[Checkpoint], images: torch.Tensor, labels: torch.Tensor,
+               normalise: Normalise) -> list[Accuracy]:
+    """Top-1/top-5 accuracy (%) of every checkpoint, then of their mean-softmax ensemble."""
+    correct = torch.zeros(len(checkpoints) + 1, len(TOP_K), dtype=torch.int64)
+    for x, y in test_batches(images, labels, EVAL_BATCH_SIZE, normalise):
+        probs = [c.model(x).float().softmax(1) for c in checkpoints]
+        for i, p in enumerate(probs):
+            correct[i] += _correct_top_k(p, y).cpu()
+        correct[-1] += _correct_top_k(torch.stack(probs).mean(0), y).cpu()
+    percent = (100.0 * correct / labels.shape[0]).tolist()
+    results = [Accuracy(str(c.path), c.model_name, c.epoch, *percent[i]) for i, c in enumerate(checkpoints)]
+    results.append(Accuracy("ensemble", f"mean softmax of {len(checkpoints)}", None, *percent[-1]))
+    return results
+
+
+def evaluate_checkpoints(paths, data_dir: str = "./data", dataset: str | None = None, device: str = "auto",
+                         skip_checksum: bool = False, download: bool = True,
+                         test_samples: int | None = None) -> dict:
+    """Evaluate checkpoint files on their test split; returns a JSON-ready summary.
+
+    ``test_samples`` takes the seeded, class-balanced subset that training's ``--test-samples``
+    took (same seed as the first checkpoint's run), so the numbers match its log.
+    """
+    dev = resolve_device(device)
+    checkpoints = [load_model(Path(p), dev) for p in paths]
+    dataset = common_dataset(checkpoints, dataset)
+    data = load_cifar(data_dir, dataset, download=download, skip_checksum=skip_checksum)
+    test = data.test
+    if test_samples is not None:
+        if test_samples <= 0:
+            raise UserError(f"--test-samples must be a positive integer, got {test_samples}")
+        seed = checkpoints[0].seed if checkpoints[0].seed is not None else 0
+        test = balanced_subset(test, test_samples, derive_seed(seed, "test-subset"), data.num_classes)
+    mean, std = NORMALISATION[dataset]
+    results = accuracies(checkpoints, test.images.to(dev), test.labels.to(dev), Normalise(mean, std, dev))
+    return {"dataset": dataset, "num_classes": data.num_classes, "test_images": len(test), "device": dev.type,
+            "checkpoints": [asdict(r) for r in results[:-1]], "ensemble": asdict(results[-1])}
+
+
+def format_table(summary: dict) -> str:
+    """An aligned text table: one line per checkpoint, then the ensemble."""
+    rows = [("checkpoint", "model", "epoch", "top-1 (%)", "top-5 (%)")]
+    for r in summary["checkpoints"] + [summary["ensemble"]]:
+        rows.append((r["name"], r["model"], "" if r["epoch"] is None else str(r["epoch"]),
+                     f"{r['top1']:.2f}", f"{r['top5']:.2f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.append(f"{summary['test_images']} test images of {summary['dataset']} on {summary['device']}")
+    return "\n".join(lines)
+
+
+def evaluate_command(args) -> dict:
+    """``dml evaluate``: print the table and, with ``--json``, write the summary."""
+    summary = evaluate_checkpoints(args.checkpoints, args.data_dir, args.dataset, args.device, args.skip_checksum,
+                                   args.download, args.test_samples)
+    print(format_table(summary))
+    if args.json is not None:
+        try:
+            Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+        except OSError as exc:
+            raise UserError(f"cannot write {args.json} ({exc})") from None
+    return summary

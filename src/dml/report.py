@@ -1,0 +1,543 @@
+"""``dml report``: Markdown tables and learning-curve plots from run directories.
+
+A run directory is read through its ``config.json`` and ``metrics.jsonl`` only, so finished,
+interrupted and still-running runs can all be reported. The tables follow the hand-written ones
+of the seed's CIFAR-100 README (Model ID, Train Accuracy, Test Accuracy, Train Loss, Improvement
+vs Baseline, an Average row) and add the best-epoch test accuracy and the cohort's ensemble.
+
+Runs whose configurations differ only in the seed form one group, reported as mean ± sample
+standard deviation over the n seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import RESUMABLE_CHANGES
+from .errors import UserError
+from .runlog import CONFIG_FILE, METRICS_FILE, peer_dir_name
+
+DASH = "–"  # an empty cell: the value does not exist for this row
+
+
+# --- reading runs ---------------------------------------------------------------------------------
+@dataclass
+class PeerHistory:
+    """One peer's per-epoch metrics, in epoch order."""
+
+    index: int
+    model: str
+    epochs: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    train_acc: list[float] = field(default_factory=list)
+    test_acc: list[float] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return peer_dir_name(self.index, self.model)
+
+    def best(self) -> tuple[float, int]:
+        """Highest test accuracy and the first epoch that reached it."""
+        acc = max(self.test_acc)
+        return acc, self.epochs[self.test_acc.index(acc)]
+
+
+@dataclass
+class Run:
+    """What ``dml report`` needs of one run directory."""
+
+    path: Path
+    config: dict
+    peers: list[PeerHistory]
+    ensemble: dict[int, float]  # epoch -> ensemble test accuracy
+
+    @property
+    def name(self) -> str:
+        return str(self.config.get("name") or self.path.name)
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.peers)
+
+    @property
+    def seed(self):
+        return self.config.get("seed")
+
+    @property
+    def epochs_planned(self) -> int:
+        return int(self.config["epochs"])
+
+    @property
+    def epochs_done(self) -> int:
+        return self.peers[0].epochs[-1]
+
+    @property
+    def interrupted(self) -> bool:
+        return self.epochs_done < self.epochs_planned
+
+    def average_curve(self, key: str) -> tuple[list[int], list[float]]:
+        """Per epoch, the mean over peers of ``key`` (test_acc or train_loss)."""
+        values = [getattr(p, key) for p in self.peers]
+        return list(self.peers[0].epochs), [statistics.fmean(v) for v in zip(*values)]
+
+
+def find_runs(paths) -> list[Path]:
+    """Run directories named by ``paths``: a folder holding config.json is a run, any other folder
+    is searched for runs below it (sorted). Each run is listed once, in the order found."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if (path / CONFIG_FILE).is_file():
+            below = [path]
+        elif path.is_dir():
+            below = sorted(p.parent for p in path.rglob(CONFIG_FILE) if p.is_file())
+            if not below:
+                raise UserError(f"no runs found under {path}: no folder below it holds a {CONFIG_FILE}")
+        else:
+            raise UserError(f"{path} does not exist or is not a folder; pass a run directory or a folder of runs")
+        for run in below:
+            if run.resolve() not in {f.resolve() for f in found}:
+                found.append(run)
+    return found
+
+
+def read_run(path: Path) -> Run:
+    """Read one run directory; every missing or malformed file is a UserError naming it."""
+    path = Path(path)
+    config = _read_config(path / CONFIG_FILE)
+    records = _read_metrics(path / METRICS_FILE)
+    models = config["models"]
+    peers = [PeerHistory(i, name) for i, name in enumerate(models)]
+    by_epoch: dict[int, dict] = {}
+    for line_no, record in records:
+        try:
+            epoch, node = int(record["epoch"]), record["node"]
+            if node == "ensemble":
+                by_epoch.setdefault(epoch, {})["ensemble"] = float(record["test_acc"])
+            elif isinstance(node, int) and 0 <= node < len(models):
+                # A later record of the same epoch and peer (a re-run epoch) replaces the earlier one.
+                by_epoch.setdefault(epoch, {})[node] = (float(record["train_loss"]), float(record["train_acc"]),
+                                                        float(record["test_acc"]))
+            else:
+                raise ValueError(f"node {node!r} is not one of the {len(models)} peers in {CONFIG_FILE}")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"{path / METRICS_FILE} line {line_no} is not a dml metrics record ({exc})") from None
+    ensemble = {}
+    for epoch in sorted(by_epoch):
+        entry = by_epoch[epoch]
+        if not all(i in entry for i in range(len(models))):
+            continue  # an epoch whose records were cut off by a crash: not complete for every peer
+        for peer in peers:
+            loss, train_acc, test_acc = entry[peer.index]
+            peer.epochs.append(epoch)
+            peer.train_loss.append(loss)
+            peer.train_acc.append(train_acc)
+            peer.test_acc.append(test_acc)
+        if "ensemble" in entry:
+            ensemble[epoch] = entry["ensemble"]
+    if not peers[0].epochs:
+        raise UserError(f"{path / METRICS_FILE} holds no epoch completed by every peer; report the run after its "
+                        "first epoch")
+    return Run(path, config, peers, ensemble)
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text())["config"]
+        if not isinstance(config["models"], list) or not config["models"] or int(config["epochs"]) < 1:
+            raise ValueError("no models or no planned epochs")
+        return config
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: {path.parent} is not a dml run directory") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path} is unreadable ({type(exc).__name__}: {exc}); it was not written by dml train") \
+            from None
+
+
+def _read_metrics(path: Path) -> list[tuple[int, dict]]:
+    """(line number, record) for every complete line. A last line without its newline is a write
+    that a crash (or the running trainer) has not finished: it is skipped, not an error."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: the run has not completed an epoch yet") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is unreadable ({exc})") from None
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if number == len(lines):  # the unterminated last line
+                continue
+            raise UserError(f"{path} line {number} is not valid JSON; the file is damaged") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path} line {number} is not a dml metrics record (not a JSON object)")
+        records.append((number, record))
+    return records
+
+
+# --- grouping and statistics ---------------------------------------------------------------------
+def seed_groups(runs: list[Run]) -> list[list[Run]]:
+    """Runs that differ only in seed (and settings that do not change results), in first-seen order.
+
+    Runs that stopped at different epochs are kept apart: their final numbers are not comparable.
+    """
+    ignored = set(RESUMABLE_CHANGES) | {"seed"}
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        key = {k: v for k, v in run.config.items() if k not in ignored}
+        key["__epochs_done"] = run.epochs_done
+        groups.setdefault(json.dumps(key, sort_keys=True), []).append(run)
+    return list(groups.values())
+
+
+def group_name(group: list[Run]) -> str:
+    """The common name of a group's runs: their name without the ``_s<seed>`` suffix."""
+    if len(group) == 1:
+        return group[0].name
+    stripped = {re.sub(r"_s-?\d+$", "", run.name) for run in group}
+    return stripped.pop() if len(stripped) == 1 else ", ".join(run.name for run in group)
+
+
+def baseline_accuracy(group: list[Run]) -> float:
+    """The baseline's final test accuracy: mean over its peers (and over its seeds, if several)."""
+    return statistics.fmean(statistics.fmean(p.test_acc[-1] for p in run.peers) for run in group)
+
+
+@dataclass
+class Stat:
+    """A value over a group's seeds: shown plain for one seed, as mean ± std for several."""
+
+    values: list[float]
+    epoch: int | None = None  # for the best test accuracy of a single run
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
+
+    def format(self, digits: int = 2, signed: bool = False) -> str:
+        text = f"{self.mean:+.{digits}f}" if signed else f"{self.mean:.{digits}f}"
+        if len(self.values) > 1:
+            text += f" ± {self.std:.{digits}f}"
+        elif self.epoch is not None:
+            text += f" (ep {self.epoch})"
+        return text
+
+
+def _stat(values: list[float], epochs: list[int] | None = None) -> Stat:
+    return Stat(values, epochs[0] if epochs and len(values) == 1 else None)
+
+
+# --- Markdown -------------------------------------------------------------------------------------
+HEADER = ["Model ID", "Train Accuracy (%)", "Test Accuracy (%)", "Best Test Accuracy (%)", "Train Loss"]
+IMPROVEMENT = "Improvement vs Baseline (pp)"
+
+
+def results_table(group: list[Run], baseline: float | None = None) -> str:
+    """The seed-style table of one run (or seed group): a row per peer, then Average and Ensemble.
+
+    Train/Test Accuracy and Train Loss are those of the last epoch; Best Test Accuracy is the
+    highest test accuracy over the epochs run. With one peer the Average and Ensemble rows would
+    repeat its row, so they are left out (as in the seed's baseline table).
+    """
+    peers = range(group[0].num_nodes)
+    header = HEADER + ([IMPROVEMENT] if baseline is not None else [])
+    rows = []
+
+    def row(label, train_acc, test_acc, best, loss, bold=False):
+        cells = [label, train_acc.format(), test_acc.format(), best.format(), loss.format(3)]
+        if baseline is not None:
+            cells.append(Stat([v - baseline for v in test_acc.values]).format(signed=True))
+        if bold:
+            cells = [f"**{c}**" if c != DASH else c for c in cells]
+        rows.append(cells)
+
+    for i in peers:
+        history = [run.peers[i] for run in group]
+        best = [h.best() for h in history]
+        row(_escape(history[0].label), _stat([h.train_acc[-1] for h in history]),
+            _stat([h.test_acc[-1] for h in history]), _stat([b[0] for b in best], [b[1] for b in best]),
+            _stat([h.train_loss[-1] for h in history]))
+    if len(peers) > 1:
+        def mean_over_peers(value):
+            return _stat([statistics.fmean(value(p) for p in run.peers) for run in group])
+
+        row("Average", mean_over_peers(lambda p: p.train_acc[-1]), mean_over_peers(lambda p: p.test_acc[-1]),
+            mean_over_peers(lambda p: p.best()[0]), mean_over_peers(lambda p: p.train_loss[-1]), bold=True)
+        rows.append(_ensemble_row(group, baseline is not None))
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("-" * (len(h) + 2) for h in header) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines)
+
+
+def _ensemble_row(group: list[Run], with_improvement: bool) -> list[str]:
+    """Ensemble (mean softmax of the peers): only test accuracies exist for it."""
+    final = [run.ensemble.get(run.epochs_done) for run in group]
+    if any(v is None for v in final):
+        test = best = DASH
+    else:
+        # (accuracy, -epoch): the highest accuracy, and of equal ones the earliest epoch.
+        best_pairs = [max((acc, -epoch) for epoch, acc in run.ensemble.items()) for run in group]
+        test = _stat(final).format()
+        best = _stat([b[0] for b in best_pairs], [-b[1] for b in best_pairs]).format()
+    cells = ["Ensemble", DASH, test, best, DASH] + ([DASH] if with_improvement else [])
+    return [f"*{c}*" if c != DASH else c for c in cells]
+
+
+def _escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _models_text(models: list[str]) -> str:
+    unique = list(dict.fromkeys(models))
+    if len(models) == 1:
+        return models[0]
+    return f"{len(models)}×{unique[0]}" if len(unique) == 1 else " + ".join(models)
+
+
+def _epochs_text(run: Run) -> str:
+    text = f"{run.epochs_done}/{run.epochs_planned}"
+    return text + " (interrupted)" if run.interrupted else text
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _title(group: list[Run], is_baseline: bool = False) -> str:
+    nodes = group[0].num_nodes
+    kind = "Baseline" if is_baseline else "Independent training" if nodes == 1 else f"DML with {nodes} nodes"
+    seeds = f" ({len(group)} seeds)" if len(group) > 1 else ""
+    return f"{kind}: {_escape(group_name(group))}{seeds}"
+
+
+def group_section(group: list[Run], baseline: tuple[str, float] | None, images: dict[str, str] | None = None,
+                  is_baseline: bool = False) -> str:
+    """One run's (or seed group's) section: configuration bullets, the table, its legend, plots.
+
+    ``baseline`` is (name, final test accuracy) of the baseline; ``images`` maps run paths to plots.
+    """
+    first = group[0]
+    cfg = first.config
+    seeds = ", ".join(str(run.seed) for run in group)
+    lines = [f"## {_title(group, is_baseline)}", ""]
+    if len(group) == 1:
+        lines.append(f"- Run: `{first.path}`")
+    else:
+        lines.append("- Runs: " + ", ".join(f"`{run.path}`" for run in group))
+    lines += [
+        f"- Models: {_models_text(cfg['models'])} on {cfg.get('dataset', 'cifar100')}"
+        + (f", {cfg.get('update', 'simultaneous')} updates" if first.num_nodes > 1 else ""),
+        f"- Epochs: {_epochs_text(first)}",
+        f"- Seed{'s' if len(group) > 1 else ''}: {seeds}" + (f" (n = {len(group)})" if len(group) > 1 else ""),
+        "", "**Results**:", "", results_table(group, baseline[1] if baseline else None), "",
+    ]
+    note = (f"Train Accuracy, Test Accuracy and Train Loss at the last epoch ({first.epochs_done}); "
+            f"Best Test Accuracy is the highest over the {_plural(first.epochs_done, 'epoch')} run")
+    note += " (its epoch in parentheses)." if len(group) == 1 else "."
+    if len(group) > 1:
+        note += f" Values are mean ± sample standard deviation over n = {len(group)} seeds."
+    if first.num_nodes > 1:
+        note += " Ensemble: the peers' mean softmax."
+    if baseline:
+        note += (f" Improvement: final test accuracy minus the baseline's ({_escape(baseline[0])}: "
+                 f"{baseline[1]:.2f}% at its last epoch), in percentage points")
+        # An interrupted run is compared with a baseline that may have trained far longer: say so.
+        note += f", although this run stopped at epoch {first.epochs_done}." if first.interrupted else "."
+    lines += [note, ""]
+    links = [(run.name, images[str(run.path)]) for run in group if images and str(run.path) in images]
+    lines += [f"![Learning curves of {_escape(name)}]({link})" for name, link in links]
+    if links:
+        lines.append("")
+    return "\n".join(lines)
+
+
+def summary_table(groups: list[list[Run]], baseline_group: list[Run] | None, baseline: float | None) -> str:
+    """One line per run or seed group: the averages that compare node counts at a glance."""
+    header = ["Run", "Nodes", "Epochs", "Seeds", "Avg Test Accuracy (%)", "Avg Best Test Accuracy (%)",
+              "Ensemble Test Accuracy (%)"] + ([IMPROVEMENT] if baseline is not None else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("-" * (len(h) + 2) for h in header) + "|"]
+    for group in ([baseline_group] if baseline_group else []) + groups:
+        avg_test = _stat([statistics.fmean(p.test_acc[-1] for p in run.peers) for run in group])
+        avg_best = _stat([statistics.fmean(p.best()[0] for p in run.peers) for run in group])
+        final = [run.ensemble.get(run.epochs_done) for run in group]
+        name = _escape(group_name(group)) + (" (baseline)" if group is baseline_group else "")
+        cells = [name, str(group[0].num_nodes), _epochs_text(group[0]), ", ".join(str(r.seed) for r in group),
+                 avg_test.format(), avg_best.format(), DASH if None in final else _stat(final).format()]
+        if baseline is not None:
+            cells.append(DASH if group is baseline_group else
+                         Stat([v - baseline for v in avg_test.values]).format(signed=True))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def build_markdown(runs: list[Run], baseline_runs: list[Run] | None = None,
+                   images: dict[str, str] | None = None, comparison_image: str | None = None) -> str:
+    """The whole report. ``images`` maps a run's path (str) to the link of its plot."""
+    images = images or {}
+    baseline_group = None
+    baseline = None
+    if baseline_runs:
+        baseline_group = baseline_runs
+        baseline = (group_name(baseline_group), baseline_accuracy(baseline_group))
+        runs = _without(runs, baseline_runs)  # the baseline is shown once, in its own section
+    groups = seed_groups(runs)
+    parts = ["# Training report", "",
+             "Accuracies in %. Test accuracy is given at the last epoch run and, as Best, at the epoch "
+             "where it was highest: publications report either, so both are shown.", "",
+             "## Summary", "", summary_table(groups, baseline_group, baseline[1] if baseline else None), ""]
+    if comparison_image:
+        parts += [f"![Average test accuracy by number of nodes]({comparison_image})", ""]
+    if baseline_group:
+        parts.append(group_section(baseline_group, None, images, is_baseline=True))
+    for group in groups:
+        parts.append(group_section(group, baseline, images))
+    return "\n".join(parts).rstrip("\n") + "\n"
+
+
+# --- plots ----------------------------------------------------------------------------------------
+def _figure(width: float, height: float, columns: int = 1):
+    """A matplotlib figure on the Agg canvas, without pyplot's global state."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # imported late: slow, and only plots need it
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(1, columns, squeeze=False)[0]
+
+
+def plot_run(run: Run, path: Path, baseline: list[Run] | None = None) -> Path:
+    """Test accuracy and train loss per epoch for every peer; the ensemble dotted, the baseline
+    (its peer average, and mean over its seeds if several) dashed."""
+    fig, (acc_ax, loss_ax) = _figure(12, 4.5, 2)
+    style = _line_style(run.epochs_done)
+    for peer in run.peers:
+        acc_ax.plot(peer.epochs, peer.test_acc, label=peer.label, **style)
+        loss_ax.plot(peer.epochs, peer.train_loss, label=peer.label, **style)
+    if run.num_nodes > 1 and run.ensemble:
+        epochs = sorted(run.ensemble)
+        acc_ax.plot(epochs, [run.ensemble[e] for e in epochs], ":", color="black", label="ensemble", **style)
+    if baseline:
+        label = f"baseline: {group_name(baseline)}" + (" (peer average)" if baseline[0].num_nodes > 1 else "")
+        acc_ax.plot(*_group_curve(baseline, "test_acc"), "--", color="gray", label=label)
+        loss_ax.plot(*_group_curve(baseline, "train_loss"), "--", color="gray", label=label)
+    _decorate(acc_ax, "Test accuracy", "test accuracy (%)")
+    _decorate(loss_ax, "Train loss", "train loss")
+    fig.suptitle(f"{run.name}: {_models_text(run.config['models'])} on {run.config.get('dataset', 'cifar100')}, "
+                 f"epochs {_epochs_text(run)}")
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+def plot_comparison(groups: list[list[Run]], path: Path, baseline: list[Run] | None = None) -> Path:
+    """Average test accuracy of the peers against epoch, one line per run (seed groups averaged
+    over their seeds), ordered by node count; the baseline dashed."""
+    fig, (ax,) = _figure(8, 5)
+    for group in sorted(groups, key=lambda g: (g[0].num_nodes, group_name(g))):
+        epochs, mean = _group_curve(group, "test_acc")
+        nodes = group[0].num_nodes
+        label = f"{nodes} node{'s' if nodes > 1 else ''}: {group_name(group)}"
+        ax.plot(epochs, mean, label=label + (f" (mean of {len(group)} seeds)" if len(group) > 1 else ""),
+                **_line_style(len(epochs)))
+    if baseline:
+        epochs, mean = _group_curve(baseline, "test_acc")
+        ax.plot(epochs, mean, "--", color="gray", label=f"baseline: {group_name(baseline)}")
+    _decorate(ax, "Average test accuracy of the peers by number of nodes", "average test accuracy (%)")
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+def _line_style(points: int) -> dict:
+    """Markers on short curves, so that a run of one or a few epochs still shows its points."""
+    return {"marker": "o", "markersize": 3} if points <= 30 else {}
+
+
+def _decorate(ax, title: str, ylabel: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_title(title)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+
+
+def _group_curve(group: list[Run], key: str) -> tuple[list[int], list[float]]:
+    """Per epoch, the peer average of ``key``, averaged over the group's runs (common epochs)."""
+    curves = [dict(zip(*run.average_curve(key))) for run in group]
+    epochs = sorted(set.intersection(*(set(c) for c in curves)))
+    return epochs, [statistics.fmean(c[e] for c in curves) for e in epochs]
+
+
+def _without(runs: list[Run], excluded: list[Run]) -> list[Run]:
+    known = {run.path.resolve() for run in excluded}
+    return [run for run in runs if run.path.resolve() not in known]
+
+
+def _file_stem(name: str, taken: set[str]) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "run"
+    unique, n = stem, 2
+    while unique in taken:
+        unique, n = f"{stem}-{n}", n + 1
+    taken.add(unique)
+    return unique
+
+
+# --- the command ----------------------------------------------------------------------------------
+def report(run_paths, baseline: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
+           plots: str | os.PathLike | None = None) -> str:
+    """Read the runs, draw the plots (when ``plots`` names a folder) and return the Markdown;
+    with ``out`` it is also written there, with image links relative to it."""
+    runs = [read_run(p) for p in find_runs(run_paths)]
+    baseline_runs = None
+    if baseline is not None:
+        baseline_runs = [read_run(p) for p in find_runs([baseline])]
+        if len(seed_groups(baseline_runs)) > 1:
+            raise UserError(f"--baseline {baseline} holds runs with different settings; name one run, "
+                            "or a folder whose runs differ only in seed")
+    images: dict[str, str] = {}
+    comparison = None
+    if plots is not None:
+        folder = Path(plots)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create the plot folder {folder} ({exc})") from None
+        link_base = Path(out).parent if out is not None else Path.cwd()
+
+        def link(path: Path) -> str:
+            return Path(os.path.relpath(path, link_base)).as_posix()
+
+        taken: set[str] = set()
+        shown = _without(runs, baseline_runs or [])
+        for run in baseline_runs or []:
+            target = folder / f"{_file_stem(run.name, taken)}.png"
+            images[str(run.path)] = link(plot_run(run, target))
+        for run in shown:
+            target = folder / f"{_file_stem(run.name, taken)}.png"
+            images[str(run.path)] = link(plot_run(run, target, baseline_runs))
+        comparison_path = folder / f"{_file_stem('comparison', taken)}.png"
+        plot_comparison(seed_groups(shown), comparison_path, baseline_runs)
+        comparison = link(comparison_path)
+    markdown = build_markdown(runs, baseline_runs, images, comparison)
+    if out is not None:
+        try:
+            Path(out).write_text(markdown)
+        except OSError as exc:
+            raise UserError(f"cannot write the report to {out} ({exc})") from None
+    return markdown
+

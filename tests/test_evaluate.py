@@ -1,0 +1,146 @@
+"""`dml evaluate` on tiny checkpoints and a synthetic CIFAR-10, against accuracies computed here."""
+
+import json
+
+import pytest
+import torch
+from cifar_fixtures import write_cifar_folder
+
+from dml.cli import main
+from dml.cohort import derive_seed
+from dml.data.cifar import balanced_subset, load_cifar
+from dml.evaluate import evaluate_checkpoints, format_table
+from dml.models import create_model
+from dml.runlog import save_checkpoint
+
+CIFAR10_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+CIFAR10_STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
+SAMPLES = 200  # test images evaluated: 20 per class
+SEED = 7  # the seed of the runs the checkpoints claim to come from
+
+
+@pytest.fixture(scope="module")
+def cifar10_root(tmp_path_factory):
+    """A CIFAR-10 folder of official size (random pixels, cycling labels; use --skip-checksum)."""
+    root = tmp_path_factory.mktemp("cifar10")
+    write_cifar_folder(root, "cifar10", n_train=50_000, n_test=10_000)
+    return root
+
+
+@pytest.fixture(scope="module")
+def test_split(cifar10_root):
+    """The images and labels `--test-samples 200` evaluates: the subset training's --test-samples took."""
+    data = load_cifar(cifar10_root, "cifar10", download=False, skip_checksum=True)
+    return balanced_subset(data.test, SAMPLES, derive_seed(SEED, "test-subset"), 10)
+
+
+def random_model(seed, num_classes=10):
+    """A resnet20 with random weights whose logits are centred per class, so it predicts varied
+    classes (uncentred, a random network gives every image the same class)."""
+    torch.manual_seed(seed)
+    model = create_model("resnet20", num_classes).eval()
+    with torch.no_grad():
+        model.fc.bias -= model(torch.randn(64, 3, 32, 32)).mean(0)
+    return model
+
+
+def constant_model(bias):
+    """A resnet20 whose scores ignore the image: the classifier's weights are zero, its bias fixed."""
+    model = create_model("resnet20", len(bias)).eval()
+    with torch.no_grad():
+        model.fc.weight.zero_()
+        model.fc.bias.copy_(torch.tensor(bias, dtype=torch.float32))
+    return model
+
+
+def save_best(path, model, num_classes=10, dataset="cifar10", epoch=3):
+    """A checkpoint in the best.pt format of `dml train`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint({"model": model.state_dict(), "model_name": "resnet20", "index": 0, "epoch": epoch,
+                     "test_acc": 10.0, "config": {"seed": SEED, "dataset": dataset}, "num_classes": num_classes,
+                     "dataset": dataset}, path)
+    return path
+
+
+def save_last(path, model, epoch=5):
+    """A checkpoint in the last.pt format: the epoch lives in the run state."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint({"model": model.state_dict(), "optimizer": {}, "scheduler": {}, "model_name": "resnet20",
+                     "index": 1, "best_acc": 10.0, "best_epoch": 1, "run": {"epoch": epoch},
+                     "config": {"seed": SEED}, "num_classes": 10, "dataset": "cifar10"}, path)
+    return path
+
+
+def evaluate(root, *paths, **options):
+    return evaluate_checkpoints(paths, root, device="cpu", skip_checksum=True, download=False,
+                                test_samples=SAMPLES, **options)
+
+
+def test_accuracy_of_image_independent_scores_is_known_exactly(cifar10_root, tmp_path):
+    # Ranking 3 > 4 > 5 > 6 > 7 > the rest for every image: top-1 hits class 3 only, top-5 classes 3..7,
+    # and the balanced subset holds 20 images of each class.
+    path = save_best(tmp_path / "best.pt", constant_model([0, 0, 0, 9, 8, 7, 6, 5, 0, 0]))
+    summary = evaluate(cifar10_root, path)
+    (result,) = summary["checkpoints"]
+    assert (result["top1"], result["top5"]) == (10.0, 50.0)
+    assert summary["test_images"] == SAMPLES and summary["dataset"] == "cifar10"
+
+
+def test_accuracies_match_the_models_run_by_hand(cifar10_root, test_split, tmp_path):
+    models = [random_model(1), random_model(2)]
+    paths = [save_best(tmp_path / "0_resnet20" / "best.pt", models[0], epoch=3),
+             save_last(tmp_path / "1_resnet20" / "last.pt", models[1], epoch=5)]
+    summary = evaluate(cifar10_root, *paths)
+
+    x = (test_split.images.float() / 255 - CIFAR10_MEAN) / CIFAR10_STD
+    y = test_split.labels
+    with torch.no_grad():
+        probs = [m(x).softmax(1) for m in models]
+
+    def top_k(p, k):
+        return 100.0 * sum(int(y[i]) in p[i].argsort(descending=True)[:k].tolist() for i in range(len(y))) / len(y)
+
+    for result, p, epoch in zip(summary["checkpoints"], probs, (3, 5)):
+        assert result["epoch"] == epoch
+        assert result["top1"] == pytest.approx(top_k(p, 1))
+        assert result["top5"] == pytest.approx(top_k(p, 5))
+    mean = (probs[0] + probs[1]) / 2
+    assert summary["ensemble"]["top1"] == pytest.approx(top_k(mean, 1))
+    assert summary["ensemble"]["top5"] == pytest.approx(top_k(mean, 5))
+    # The two models disagree, so the ensemble is not just one of them.
+    assert (probs[0].argmax(1) != probs[1].argmax(1)).any()
+    assert top_k(probs[0], 1) != top_k(probs[1], 1) or top_k(probs[0], 5) != top_k(probs[1], 5)
+
+    table = format_table(summary)
+    assert f"{summary['ensemble']['top1']:.2f}" in table.splitlines()[-2]
+    assert table.splitlines()[-1] == f"{SAMPLES} test images of cifar10 on cpu"
+
+
+def test_command_prints_table_and_writes_json(cifar10_root, tmp_path, capsys):
+    path = save_best(tmp_path / "best.pt", constant_model([0, 0, 0, 9, 8, 7, 6, 5, 0, 0]))
+    code = main(["evaluate", str(path), "--data-dir", str(cifar10_root), "--skip-checksum", "--no-download",
+                 "--device", "cpu", "--test-samples", str(SAMPLES), "--json", str(tmp_path / "out.json")])
+    assert code == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["checkpoint", "model", "epoch", "top-1", "(%)", "top-5", "(%)"]
+    assert out[1].split() == [str(path), "resnet20", "3", "10.00", "50.00"]
+    assert out[2].split()[0] == "ensemble" and out[2].split()[-2:] == ["10.00", "50.00"]
+    saved = json.loads((tmp_path / "out.json").read_text())
+    assert saved["ensemble"]["top1"] == 10.0 and saved["checkpoints"][0]["name"] == str(path)
+
+
+def test_errors_are_one_line_with_status_2(cifar10_root, tmp_path, capsys):
+    ten = save_best(tmp_path / "ten.pt", constant_model([0.0] * 10))
+    hundred = save_best(tmp_path / "hundred.pt", constant_model([0.0] * 100), num_classes=100, dataset="cifar100")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(ten.read_bytes()[:1000])
+    common = ["--data-dir", str(cifar10_root), "--skip-checksum", "--no-download", "--device", "cpu"]
+    for args, expected in (
+        ([str(ten), str(hundred)], "different datasets"),
+        ([str(ten), "--dataset", "cifar100"], "10 classes but cifar100 has 100"),
+        ([str(truncated)], "truncated"),
+        ([str(tmp_path / "absent.pt")], "does not exist"),
+    ):
+        assert main(["evaluate", *args, *common]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and expected in err and err.count("\n") == 1, err

@@ -1,0 +1,213 @@
+"""`dml report` on synthetic run directories whose table values are known in advance."""
+
+import json
+import math
+
+import pytest
+
+from dml.cli import main
+from dml.errors import UserError
+from dml.report import find_runs, read_run, report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def write_run(root, name, peers, ensemble=None, epochs=None, seed=1, lr=0.1, dataset="cifar100", model="resnet32"):
+    """A run directory as `dml train` writes it. ``peers`` holds, per peer, a list of per-epoch
+    (train_acc, test_acc, train_loss); ``epochs`` is the planned count (default: the epochs given)."""
+    run = root / name
+    run.mkdir(parents=True)
+    done = len(peers[0])
+    config = {"models": [model] * len(peers), "num_nodes": len(peers), "dataset": dataset,
+              "epochs": epochs or done, "batch_size": 64, "lr": lr, "wd": 5e-4, "seed": seed,
+              "device": "auto", "data_dir": f"/data/{name}", "out_dir": str(root), "name": name}
+    (run / "config.json").write_text(json.dumps({"config": config, "dml_version": "0.1.0"}, indent=2))
+    lines = []
+    for e in range(done):
+        for i, history in enumerate(peers):
+            train_acc, test_acc, loss = history[e]
+            lines.append({"epoch": e + 1, "node": i, "model": model, "lr": lr, "train_loss": loss,
+                          "train_acc": train_acc, "test_acc": test_acc, "seconds": 1.5})
+        acc = ensemble[e] if ensemble else max(h[e][1] for h in peers)
+        lines.append({"epoch": e + 1, "node": "ensemble", "test_acc": acc, "seconds": 1.5})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return run
+
+
+# Two peers, three epochs: finals 35/45, bests 40 (epoch 2) and 45 (epoch 3).
+PEER0 = [(10.0, 15.0, 3.0), (20.0, 40.0, 2.0), (30.0, 35.0, 1.5)]
+PEER1 = [(12.0, 14.0, 3.1), (22.0, 30.0, 2.1), (32.0, 45.0, 1.25)]
+
+
+def rows(markdown, section=None):
+    """Table rows (lists of cells, bold/italic markers removed) of the section titled ``section``."""
+    if section is not None:
+        start = markdown.index(section)
+        end = markdown.find("\n## ", start)
+        markdown = markdown[start:end if end >= 0 else None]
+    found = []
+    for line in markdown.splitlines():
+        if line.startswith("| ") and not line.startswith("|--"):
+            found.append([c.strip().strip("*") for c in line.strip().strip("|").split(" | ")])
+    return {r[0]: r[1:] for r in found}
+
+
+def test_table_has_peer_average_and_ensemble_rows(tmp_path):
+    write_run(tmp_path, "dml_n2_resnet32_s1", [PEER0, PEER1], ensemble=[16.0, 41.0, 47.0])
+    table = rows(report([tmp_path]), "## DML with 2 nodes")
+    assert table["Model ID"] == ["Train Accuracy (%)", "Test Accuracy (%)", "Best Test Accuracy (%)", "Train Loss"]
+    assert table["0_resnet32"] == ["30.00", "35.00", "40.00 (ep 2)", "1.500"]
+    assert table["1_resnet32"] == ["32.00", "45.00", "45.00 (ep 3)", "1.250"]
+    assert table["Average"] == ["31.00", "40.00", "42.50", "1.375"]
+    assert table["Ensemble"] == ["–", "47.00", "47.00 (ep 3)", "–"]
+
+
+def test_improvement_against_baseline_per_peer_and_on_average(tmp_path):
+    write_run(tmp_path / "runs", "dml_n2_resnet32_s1", [PEER0, PEER1])
+    baseline = write_run(tmp_path, "independent_resnet32_s1", [[(50.0, 20.0, 2.5), (60.0, 38.15, 2.0)]])
+    markdown = report([tmp_path / "runs", baseline], baseline=baseline)
+    assert markdown.count("\n## ") == 3  # summary, baseline (once, though also listed as a run), DML run
+    table = rows(markdown, "## DML with 2 nodes")
+    assert table["Model ID"][-1] == "Improvement vs Baseline (pp)"
+    assert table["0_resnet32"][-1] == "-3.15"  # 35 - 38.15
+    assert table["1_resnet32"][-1] == "+6.85"  # 45 - 38.15
+    assert table["Average"][-1] == "+1.85"  # 40 - 38.15
+    assert table["Ensemble"][-1] == "–"
+    # The baseline has its own section (one peer: no Average row) and a line in the summary.
+    base = rows(markdown, "## Baseline: independent_resnet32_s1")
+    assert base["0_resnet32"] == ["60.00", "38.15", "38.15 (ep 2)", "2.000"] and "Average" not in base
+    summary = rows(markdown, "## Summary")
+    assert summary["independent_resnet32_s1 (baseline)"][-1] == "–"
+    assert summary["dml_n2_resnet32_s1"][-1] == "+1.85"
+    assert "independent_resnet32_s1: 38.15%" in markdown
+
+
+def test_baseline_with_several_peers_is_compared_by_its_peer_average(tmp_path):
+    write_run(tmp_path / "runs", "dml_n2_resnet32_s1", [PEER0, PEER1])
+    baseline = write_run(tmp_path, "base", [[(1.0, 30.0, 1.0)], [(1.0, 34.0, 1.0)]])  # average 32
+    table = rows(report([tmp_path / "runs"], baseline=baseline), "## DML with 2 nodes")
+    assert [table[k][-1] for k in ("0_resnet32", "1_resnet32", "Average")] == ["+3.00", "+13.00", "+8.00"]
+
+
+def test_interrupted_run_is_labelled_with_epochs_done_of_planned(tmp_path):
+    write_run(tmp_path, "dml_n3_resnet32_s1", [PEER0, PEER1, PEER0], epochs=200)
+    write_run(tmp_path, "dml_n2_resnet32_s1", [PEER0, PEER1])
+    markdown = report([tmp_path])
+    assert "- Epochs: 3/200 (interrupted)" in markdown
+    assert "- Epochs: 3/3\n" in markdown
+    summary = rows(markdown, "## Summary")
+    assert summary["dml_n3_resnet32_s1"][1] == "3/200 (interrupted)"
+    assert summary["dml_n2_resnet32_s1"][1] == "3/3"
+
+
+def test_runs_that_differ_only_in_seed_are_aggregated(tmp_path):
+    finals0, finals1 = [70.0, 72.0, 74.0], [71.0, 71.0, 74.0]
+    for seed, a, b in zip((1, 2, 3), finals0, finals1):
+        write_run(tmp_path, f"dml_n2_resnet32_s{seed}", [[(80.0 + seed, a, 1.0 * seed)], [(80.0, b, 1.0)]], seed=seed)
+    write_run(tmp_path, "dml_n2_resnet32_lr05_s1", [[(1.0, 10.0, 1.0)], [(1.0, 10.0, 1.0)]], lr=0.05)
+    markdown = report([tmp_path])
+    assert "## DML with 2 nodes: dml_n2_resnet32 (3 seeds)" in markdown
+    assert "- Seeds: 1, 2, 3 (n = 3)" in markdown
+    table = rows(markdown, "## DML with 2 nodes: dml_n2_resnet32 (3 seeds)")
+    assert table["0_resnet32"] == ["82.00 ± 1.00", "72.00 ± 2.00", "72.00 ± 2.00", "2.000 ± 1.000"]
+    assert table["1_resnet32"][1] == f"72.00 ± {math.sqrt(3):.2f}"  # deviations -1, -1, +2
+    assert table["Average"][1] == f"72.00 ± {math.sqrt(3.25):.2f}"  # seed averages 70.5, 71.5, 74
+    # Another learning rate is another experiment, reported on its own.
+    other = rows(markdown, "## DML with 2 nodes: dml_n2_resnet32_lr05_s1")
+    assert other["0_resnet32"][1] == "10.00"
+    assert markdown.count("\n## ") == 3  # summary and two experiments
+
+
+def test_seeds_stopped_at_different_epochs_are_not_aggregated(tmp_path):
+    write_run(tmp_path, "n2_s1", [PEER0, PEER1], epochs=10, seed=1)
+    write_run(tmp_path, "n2_s2", [PEER0[:2], PEER1[:2]], epochs=10, seed=2)
+    markdown = report([tmp_path])
+    assert "(2 seeds)" not in markdown
+    assert "## DML with 2 nodes: n2_s1\n" in markdown and "## DML with 2 nodes: n2_s2\n" in markdown
+
+
+def test_seed_aggregated_improvement(tmp_path):
+    for seed, acc in ((1, 70.0), (2, 74.0)):
+        write_run(tmp_path / "runs", f"n2_s{seed}", [[(1.0, acc, 1.0)], [(1.0, acc, 1.0)]], seed=seed)
+    for seed, acc in ((1, 69.0), (2, 71.0)):  # a baseline folder of two seeds: baseline = 70
+        write_run(tmp_path / "base", f"b_s{seed}", [[(1.0, acc, 1.0)]], seed=seed)
+    table = rows(report([tmp_path / "runs"], baseline=tmp_path / "base"), "## DML with 2 nodes")
+    assert table["Average"][-1] == f"+2.00 ± {math.sqrt(8):.2f}"
+
+
+def test_unfinished_last_line_and_incomplete_epoch_are_ignored(tmp_path):
+    run = write_run(tmp_path, "r", [PEER0, PEER1], epochs=10)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 4, "node": 0, "model": "resnet32", "lr": 0.1, "train_loss": 1.0,
+                            "train_acc": 99.0, "test_acc": 99.0, "seconds": 1.0}) + "\n")
+        f.write('{"epoch": 4, "node": 1, "model": "resn')  # a write cut off mid-line
+    parsed = read_run(run)
+    assert parsed.epochs_done == 3 and parsed.peers[0].test_acc == [15.0, 40.0, 35.0]
+    assert "- Epochs: 3/10 (interrupted)" in report([run])
+
+
+def test_parent_folders_are_searched_and_sorted(tmp_path):
+    write_run(tmp_path / "b" / "deep", "run2", [PEER0])
+    write_run(tmp_path / "a", "run1", [PEER0])
+    write_run(tmp_path, "run0", [PEER0])
+    found = find_runs([tmp_path / "b", tmp_path])
+    assert [p.name for p in found] == ["run2", "run1", "run0"]  # each once, in the order found
+
+
+def test_plots_are_png_files_linked_from_the_report(tmp_path):
+    import matplotlib.image
+
+    write_run(tmp_path / "runs", "dml_n2_resnet32_s1", [PEER0, PEER1])
+    write_run(tmp_path / "runs", "dml_n3_resnet32_s1", [PEER0, PEER1, PEER0], epochs=200)
+    baseline = write_run(tmp_path, "independent_resnet32_s1", [[(50.0, 20.0, 2.5), (60.0, 38.15, 2.0)]])
+    out = tmp_path / "report" / "report.md"
+    out.parent.mkdir()
+    code = main(["report", str(tmp_path / "runs"), "--baseline", str(baseline), "--out", str(out),
+                 "--plots", str(tmp_path / "report" / "plots")])
+    assert code == 0
+    names = sorted(p.name for p in (tmp_path / "report" / "plots").iterdir())
+    assert names == ["comparison.png", "dml_n2_resnet32_s1.png", "dml_n3_resnet32_s1.png",
+                     "independent_resnet32_s1.png"]
+    for name in names:
+        path = tmp_path / "report" / "plots" / name
+        assert path.read_bytes()[:8] == PNG_SIGNATURE
+        image = matplotlib.image.imread(path)
+        assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 500
+        assert image.std() > 0.05  # not a blank canvas
+        assert f"](plots/{name})" in out.read_text()  # linked relative to the report
+
+
+def test_report_goes_to_stdout_without_out(tmp_path, capsys):
+    write_run(tmp_path, "dml_n2_resnet32_s1", [PEER0, PEER1])
+    assert main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# Training report") and "| **Average** | **31.00** |" in out
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda run: (run / "metrics.jsonl").unlink(), "metrics.jsonl is missing"),
+    (lambda run: (run / "metrics.jsonl").write_text('{"epoch": 1\n{"epoch": 2}\n'), "metrics.jsonl line 1"),
+    (lambda run: (run / "metrics.jsonl").write_text('{"epoch": 1, "node": 0}\n'), "metrics.jsonl line 1"),
+    (lambda run: (run / "config.json").write_text("{not json"), "config.json is unreadable"),
+])
+def test_unreadable_run_is_one_error_line(tmp_path, capsys, damage, expected):
+    damage(write_run(tmp_path, "r", [PEER0, PEER1]))
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err and err.count("\n") == 1, err
+
+
+def test_no_runs_found_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for target in (tmp_path / "empty", tmp_path / "absent"):
+        assert main(["report", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and str(target) in err and err.count("\n") == 1, err
+
+
+def test_baseline_folder_with_different_settings_is_refused(tmp_path):
+    write_run(tmp_path / "runs", "r", [PEER0])
+    write_run(tmp_path / "base", "b1", [PEER0], lr=0.1)
+    write_run(tmp_path / "base", "b2", [PEER0], lr=0.2)
+    with pytest.raises(UserError, match="different settings"):
+        report([tmp_path / "runs"], baseline=tmp_path / "base")
