@@ -277,33 +277,67 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     return run.path
 
 
+class StepMetrics:
+    """Per-peer sums of the objective and of correct predictions, kept on the device so that the
+    training loop never waits for it; read once per epoch."""
+
+    def __init__(self, num_peers: int, device: torch.device):
+        self.loss_sum = torch.zeros(num_peers, device=device,
+                                    dtype=torch.float32 if device.type == "mps" else torch.float64)
+        self.correct = torch.zeros(num_peers, device=device, dtype=torch.int64)
+        self.steps = 0
+        self.samples = 0
+
+    def add(self, losses: list[torch.Tensor], logits: list[torch.Tensor], labels: torch.Tensor) -> None:
+        self.loss_sum += torch.stack(losses).detach()
+        self.correct += torch.stack([(z.argmax(1) == labels).sum() for z in logits])
+        self.steps += 1
+        self.samples += labels.shape[0]
+
+    def mean_loss(self) -> float:
+        return self.loss_sum.mean().item() / max(self.steps, 1)
+
+    def read(self) -> tuple[list[float], list[float]]:
+        """Per peer: the objective averaged over steps, and train accuracy in percent."""
+        return ([total / self.steps for total in self.loss_sum.tolist()],
+                [100.0 * c / self.samples for c in self.correct.tolist()])
+
+
+def train_steps(peers, batches, cfg: TrainConfig, exchange, precision: Precision, step, metrics: StepMetrics,
+                on_step=None, where: str = "") -> None:
+    """The training loop proper: one ``step`` per batch, metrics accumulated on the device.
+
+    ``dml train`` and ``dml bench`` both run exactly this.
+    """
+    for n, (x, y) in enumerate(batches, start=1):
+        if cfg.check_batches:
+            exchange.check_same(batch_fingerprint(x, y), f"the batch of {where}step {n}")
+        losses, logits = step(peers, x, y, cfg, exchange, precision)
+        metrics.add(losses, logits, y)
+        if on_step is not None:
+            on_step(n)
+
+
 def run_epoch(epoch, peers, batches, data, normalise, cfg, exchange, precision, step) -> list[dict]:
     """Train one epoch and evaluate; return the epoch's records for every peer in the cohort."""
     started = time.perf_counter()
     lrs = [p.lr for p in peers]
-    device = data.train.images.device
-    loss_sum = torch.zeros(len(peers), device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)
-    correct = torch.zeros(len(peers), device=device, dtype=torch.int64)
+    metrics = StepMetrics(len(peers), data.train.images.device)
     # disable=None: no bar when stderr is not a terminal (log files stay readable).
     bar = tqdm(total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}", unit="step", leave=False,
                disable=None if cfg.progress and exchange.is_writer else True, dynamic_ncols=True)
-    for n, (x, y) in enumerate(batches, start=1):
-        if cfg.check_batches:
-            exchange.check_same(batch_fingerprint(x, y), f"the batch of epoch {epoch}, step {n}")
-        losses, logits = step(peers, x, y, cfg, exchange, precision)
-        loss_sum += torch.stack(losses).detach()
-        correct += torch.stack([(z.argmax(1) == y).sum() for z in logits])
+
+    def show_progress(n: int) -> None:
         bar.update()
         if n % 50 == 0 and not bar.disable:  # reading the loss syncs with the device: not every step
-            elapsed = time.perf_counter() - started
-            bar.set_postfix(loss=f"{loss_sum.mean().item() / n:.3f}",
-                            img_s=f"{n * cfg.batch_size * len(peers) / elapsed:.0f}")
+            rate = n * cfg.batch_size * len(peers) / (time.perf_counter() - started)
+            bar.set_postfix(loss=f"{metrics.mean_loss():.3f}", img_s=f"{rate:.0f}")
+
+    train_steps(peers, batches, cfg, exchange, precision, step, metrics, show_progress, f"epoch {epoch}, ")
     bar.close()
     for p in peers:
         p.scheduler.step()
-    steps = len(batches)
-    train_loss = [total / steps for total in loss_sum.tolist()]
-    train_acc = [100.0 * c / (steps * cfg.batch_size) for c in correct.tolist()]
+    train_loss, train_acc = metrics.read()
     test_acc, ensemble_acc = evaluate(peers, data.test.images, data.test.labels, normalise, exchange, precision)
     seconds = time.perf_counter() - started
     local = [
