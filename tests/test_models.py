@@ -46,7 +46,10 @@ def test_unknown_model_lists_valid_names():
         assert name in str(info.value)
 
 
-def test_resnet_uses_he_normal_init():
+def test_resnet_uses_he_normal_convolutions_and_a_default_classifier():
     model = create_model("resnet110", 100)
     conv = model.blocks[-1].conv2.weight  # 64*64*9 weights: fan_in 576, He std sqrt(2/576)
     assert conv.std().item() == pytest.approx((2 / 576) ** 0.5, rel=0.05)
+    # nn.Linear's default: uniform in +-1/sqrt(fan_in), std 1/sqrt(3 * 64); He-normal would be sqrt(2/64).
+    assert model.fc.weight.abs().max().item() <= 1 / 8
+    assert model.fc.weight.std().item() == pytest.approx((1 / (3 * 64)) ** 0.5, rel=0.05)

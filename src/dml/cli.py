@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -185,11 +186,74 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench", help="measure training throughput against a seed-style PyTorch loop",
+        description="Throughput (images x peers per second) of dml train's training loop and of a seed-style "
+                    "loop (DataLoader with per-image augmentation in worker processes, per-peer backward and "
+                    ".item()), on synthetic CIFAR-shaped data, plus MFU against a measured matmul peak.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--models", nargs="+", default=["resnet32"], metavar="NAME",
+                   help="one name for every peer, or one per peer (then --nodes must be that count)")
+    p.add_argument("--nodes", default="1,2,4", help="comma-separated cohort sizes to measure")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps before each measurement")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--update", choices=UPDATES, default="simultaneous")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes of the reference loop")
+    p.add_argument("--no-reference", dest="reference", action="store_false", help="measure only the engine")
+    p.add_argument("--procs", type=int, default=None, metavar="P",
+                   help="spread each cohort's peers over P local processes (the reference loop is skipped)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the records as JSON")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    try:
+        nodes = [int(n) for n in args.nodes.split(",") if n.strip()]
+    except ValueError:
+        raise UserError(f"--nodes must be comma-separated integers such as 1,2,4, got {args.nodes!r}") from None
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size)):
+        if value <= 0:
+            raise UserError(f"{flag} must be a positive integer, got {value}")
+    if args.warmup < 0 or args.workers < 0:
+        raise UserError("--warmup and --workers must not be negative")
+    if not nodes or min(nodes) < 1:
+        raise UserError(f"--nodes must list cohort sizes of at least 1, got {args.nodes!r}")
+    for name in args.models:
+        if name not in MODEL_NAMES:
+            raise UserError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
+    if len(args.models) > 1 and any(n != len(args.models) for n in nodes):
+        raise UserError(f"{len(args.models)} models given: --nodes must be {len(args.models)}")
+    if args.procs is not None and args.procs > 1:
+        if args.procs > min(nodes):
+            raise UserError(f"--procs {args.procs} exceeds the smallest cohort in --nodes ({min(nodes)})")
+        from .launch import launch_processes
+
+        return launch_processes(args.procs, _without_procs(args.argv))
+
+    from .bench import HEADER, BenchSettings, run_benchmark, write_json
+
+    settings = BenchSettings(models=args.models, nodes=nodes, steps=args.steps, warmup=args.warmup,
+                             batch_size=args.batch_size, device=args.device, precision=args.precision,
+                             update=args.update, workers=args.workers, reference=args.reference)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only process 0 prints
+        print(" | ".join(HEADER))
+    records = run_benchmark(settings)
+    if args.json and records:
+        write_json(records, args.json)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dml", description="Deep Mutual Learning on CIFAR: train cohorts of peers.")
     parser.add_argument("--version", action="version", version=f"dml {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _train_parser(sub)
+    _bench_parser(sub)
     _report_parser(sub)
     _evaluate_parser(sub)
     return parser

@@ -1,0 +1,241 @@
+"""`dml bench`: our training step against a seed-style PyTorch loop, in the same process.
+
+For each cohort size it measures, on synthetic data of CIFAR shape:
+
+- engine: the training loop of ``dml train`` itself (``engine.train_steps``): batched augmentation,
+  forward, mutual loss, backward, optimizer steps, metrics accumulated on the device;
+- reference: a loop in the style of the seed system: a DataLoader whose worker processes augment one
+  image at a time, every peer forwarded, then per peer its loss, backward, step and ``.item()``,
+  under device-type autocast with its default dtype;
+- MFU: the engine's model FLOP rate (FLOPs of one step counted with torch.utils.flop_counter)
+  divided by a matmul peak measured here in the same precision.
+
+Throughput counts images x peers per second.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from .cohort import build_peer
+from .config import TrainConfig
+from .data.augment import CIFAR100_MEAN, CIFAR100_STD, Normalise
+from .data.batches import TrainBatches
+from .distributed import make_exchange
+from .engine import STEPS, Precision, StepMetrics, resolve_device, resolve_precision, train_steps
+from .models import create_model
+
+NUM_CLASSES = 100
+
+
+@dataclass
+class BenchSettings:
+    models: list[str]
+    nodes: list[int]
+    steps: int = 30
+    warmup: int = 5
+    batch_size: int = 64
+    device: str = "auto"
+    precision: str = "auto"
+    update: str = "simultaneous"
+    workers: int = 2
+    reference: bool = True
+    seed: int = 0
+
+
+def synthetic_cifar(n: int, device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+    return images.to(device), labels.to(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --- (a) the engine ------------------------------------------------------------------------------
+def measure_engine(settings: BenchSettings, num_nodes: int, exchange) -> tuple[float, float]:
+    """Images x peers per second of ``dml train``'s loop, and the model FLOPs of one step."""
+    models = settings.models if len(settings.models) == num_nodes else settings.models[:1] * num_nodes
+    cfg = TrainConfig(models=models, num_nodes=num_nodes, batch_size=settings.batch_size, device=settings.device,
+                      precision=settings.precision, update=settings.update, seed=settings.seed, progress=False)
+    device = exchange.select_device(resolve_device(cfg.device))
+    precision = Precision(resolve_precision(cfg.precision, device), device)
+    channels_last = device.type != "mps"
+    peers = [build_peer(cfg, i, NUM_CLASSES, device, channels_last) for i in exchange.local_indices]
+    images, labels = synthetic_cifar(settings.batch_size * (settings.steps + settings.warmup), device, settings.seed)
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    normalise = Normalise(CIFAR100_MEAN, CIFAR100_STD, device, channels_last)
+    batches = TrainBatches(images, labels, settings.batch_size, generator, normalise)
+    step = STEPS[cfg.update]
+    metrics = StepMetrics(len(peers), device)
+
+    batch_iter = iter(batches)
+    train_steps(peers, itertools.islice(batch_iter, settings.warmup), cfg, exchange, precision, step, metrics)
+    metrics.read()  # waits for the device
+    exchange.barrier()
+    started = time.perf_counter()
+    train_steps(peers, itertools.islice(batch_iter, settings.steps), cfg, exchange, precision, step, metrics)
+    metrics.read()
+    _sync(device)
+    exchange.barrier()
+    seconds = time.perf_counter() - started
+    img_s = settings.steps * settings.batch_size * num_nodes / seconds
+    return img_s, step_flops(peers, settings.batch_size, device, channels_last)
+
+
+def step_flops(peers, batch_size: int, device: torch.device, channels_last: bool) -> float:
+    """Model FLOPs (forward and backward) of one training step of the local peers."""
+    x = torch.randn(batch_size, 3, 32, 32, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.zeros(batch_size, dtype=torch.long, device=device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        for p in peers:
+            F.cross_entropy(p.model(x), y).backward()
+    for p in peers:
+        p.optimizer.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+# --- (b) the seed-style reference loop -------------------------------------------------------------
+class PerImageAugmentDataset(torch.utils.data.Dataset):
+    """One image at a time, as a torchvision transform pipeline would: pad, crop, flip, normalise."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images.cpu(), labels.cpu()
+        self.mean = torch.tensor(CIFAR100_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(CIFAR100_STD).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int):
+        img = F.pad(self.images[i].float() / 255.0, (4, 4, 4, 4))
+        top, left = torch.randint(0, 9, (2,)).tolist()
+        img = img[:, top:top + 32, left:left + 32]
+        if torch.rand(()) < 0.5:
+            img = img.flip(-1)
+        return (img - self.mean) / self.std, self.labels[i]
+
+
+def measure_reference(settings: BenchSettings, num_nodes: int) -> float:
+    """Images x peers per second of a seed-style loop."""
+    device = resolve_device(settings.device)
+    torch.manual_seed(settings.seed)
+    models = settings.models if len(settings.models) == num_nodes else settings.models[:1] * num_nodes
+    nets = [create_model(name, NUM_CLASSES).to(device) for name in models]
+    optimizers = [torch.optim.SGD(n.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
+                  for n in nets]
+    images, labels = synthetic_cifar(settings.batch_size * (settings.steps + settings.warmup), torch.device("cpu"),
+                                     settings.seed)
+    loader = torch.utils.data.DataLoader(
+        PerImageAugmentDataset(images, labels), batch_size=settings.batch_size, shuffle=True, drop_last=True,
+        num_workers=settings.workers, pin_memory=device.type == "cuda", persistent_workers=settings.workers > 0,
+    )
+    use_amp = resolve_precision(settings.precision, device) != "fp32"
+    started = None
+    for n, (x, y) in enumerate(loader):
+        if n == settings.warmup:
+            _sync(device)
+            started = time.perf_counter()
+        x, y = x.to(device), y.to(device)
+        with torch.autocast(device.type, enabled=use_amp):
+            outputs = [net(x) for net in nets]
+        for i, (net, opt) in enumerate(zip(nets, optimizers)):
+            loss = F.cross_entropy(outputs[i], y)
+            if num_nodes > 1:
+                kl = sum(F.kl_div(F.log_softmax(outputs[i], 1), F.softmax(outputs[j].detach(), 1),
+                                  reduction="batchmean") for j in range(num_nodes) if j != i)
+                loss = loss + kl / (num_nodes - 1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            loss.item()
+    _sync(device)
+    seconds = time.perf_counter() - started
+    return settings.steps * settings.batch_size * num_nodes / seconds
+
+
+# --- (c) the peak ----------------------------------------------------------------------------------
+def matmul_peak_gflops(device: torch.device, precision: str, repeats: int = 5) -> float:
+    """Best FLOP rate of large square matmuls in the precision training computes in."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        started = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        best = min(best, time.perf_counter() - started)
+    return 2 * n**3 / best / 1e9
+
+
+# --- the benchmark ---------------------------------------------------------------------------------
+def run_benchmark(settings: BenchSettings, echo=print) -> list[dict]:
+    records = []
+    device = resolve_device(settings.device)
+    precision = resolve_precision(settings.precision, device)
+    peak = None
+    exchange = None
+    for num_nodes in settings.nodes:
+        exchange = make_exchange(num_nodes, device.type)  # joins the process group once, then reuses it
+        engine_img_s, flops = measure_engine(settings, num_nodes, exchange)
+        if peak is None:
+            peak = matmul_peak_gflops(exchange.select_device(device), precision)
+        # Every process reports its peers' FLOPs; the rate is the cohort's, the peak the machine's share.
+        flops_all = sum(exchange.gather_objects(flops))
+        steps_per_s = engine_img_s / (settings.batch_size * num_nodes)
+        peak_all = sum(exchange.gather_objects(peak))
+        reference_img_s = None
+        if settings.reference and exchange.world_size == 1:
+            reference_img_s = measure_reference(settings, num_nodes)
+        record = {
+            "device": _device_name(device), "precision": precision, "threads": torch.get_num_threads(),
+            "processes": exchange.world_size, "model": "+".join(sorted(set(settings.models))), "nodes": num_nodes,
+            "engine_img_s": round(engine_img_s, 1),
+            "reference_img_s": None if reference_img_s is None else round(reference_img_s, 1),
+            "speedup": None if reference_img_s is None else round(engine_img_s / reference_img_s, 3),
+            "mfu": round(flops_all * steps_per_s / (peak_all * 1e9), 4),
+            "peak_gflops": round(peak_all, 1),
+        }
+        if exchange.is_writer:
+            records.append(record)
+            echo(_row(record))
+    if exchange is not None:
+        exchange.close()
+    return records
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+HEADER = ("device", "precision", "threads", "processes", "model", "nodes", "engine_img_s", "reference_img_s",
+          "speedup", "mfu", "peak_gflops")
+
+
+def _row(record: dict) -> str:
+    return " | ".join(str(record[k]) if record[k] is not None else "-" for k in HEADER)
+
+
+def write_json(records: list[dict], path: str) -> None:
+    Path(path).write_text(json.dumps(records, indent=2) + "\n")
