@@ -8,7 +8,7 @@ import sys
 
 from . import __version__
 from .config import DATASETS, DEVICES, PRECISIONS, UPDATES, TrainConfig
-from .errors import UserError
+from .errors import RunStopped, UserError
 from .models import MODEL_NAMES
 
 
@@ -268,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RunStopped as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted; the last complete epoch is saved: continue with the same command and --resume",
               file=sys.stderr)

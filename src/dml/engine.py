@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +19,7 @@ from .data.augment import NORMALISATION, Normalise
 from .data.batches import TrainBatches, test_batches
 from .data.cifar import CifarData, balanced_subset, load_cifar
 from .distributed import make_exchange
-from .errors import UserError
+from .errors import RunStopped, UserError
 from .loss import mutual_loss
 from .runlog import CONFIG_FILE, LAST_NEXT, RunDir, environment_info, load_checkpoint
 
@@ -174,8 +176,9 @@ def load_data(cfg: TrainConfig, device: torch.device) -> CifarData:
 def check_run_dir(cfg: TrainConfig, resume: bool, run: RunDir) -> None:
     """Refuse to overwrite a run, to resume nothing, or to resume with another configuration."""
     if resume:
-        if not run.has_checkpoints():
-            raise UserError(f"nothing to resume in {run.path}: it holds no checkpoint; run without --resume")
+        if not (run.path / CONFIG_FILE).exists():
+            raise UserError(f"nothing to resume in {run.path}: it holds no run (no {CONFIG_FILE}); "
+                            "run without --resume")
         differences = cfg.differences(run.read_config())
         if differences:
             raise UserError(
@@ -243,13 +246,14 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     generator = torch.Generator(device=device)
     generator.manual_seed(derive_seed(cfg.seed, "data"))
     start_epoch = 1
-    if resume:
+    if resume and run.has_checkpoints():
         state = restore(run, peers, exchange, device)
         _set_rng_state(generator, state)
         start_epoch = state["epoch"] + 1
         run.truncate_metrics(state["epoch"])
-    else:
+    else:  # a new run, or one stopped before its first epoch was complete
         run.create(cfg, environment_info(device))
+        run.truncate_metrics(0)
     exchange.barrier()
 
     mean, std = NORMALISATION[cfg.dataset]
@@ -265,12 +269,14 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
             f"epoch {start_epoch} of {cfg.epochs}")
     try:
         last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch - 1 + stop_after)
-        for epoch in range(start_epoch, last_epoch + 1):
-            records = run_epoch(epoch, peers, batches, data, normalise, cfg, exchange, precision, step)
-            run.log_epoch(records)
-            for record in records:
-                log(_summary_line(record, cfg.epochs))
-            save_epoch(run, epoch, peers, records, generator, cfg, data.num_classes, exchange)
+        with StopSignal() as stop:
+            for epoch in range(start_epoch, last_epoch + 1):
+                records = run_epoch(epoch, peers, batches, data, normalise, cfg, exchange, precision, step, stop)
+                run.log_epoch(records)
+                for record in records:
+                    log(_summary_line(record, cfg.epochs))
+                save_epoch(run, epoch, peers, records, generator, cfg, data.num_classes, exchange)
+                stop.check()  # a signal during the epoch's last step or its saving stops here
     finally:
         run.close()
         exchange.close()
@@ -285,14 +291,28 @@ class StepMetrics:
         self.loss_sum = torch.zeros(num_peers, device=device,
                                     dtype=torch.float32 if device.type == "mps" else torch.float64)
         self.correct = torch.zeros(num_peers, device=device, dtype=torch.int64)
+        self.first_nonfinite_step = torch.zeros(num_peers, device=device, dtype=torch.int64)  # 0: none yet
         self.steps = 0
         self.samples = 0
 
     def add(self, losses: list[torch.Tensor], logits: list[torch.Tensor], labels: torch.Tensor) -> None:
-        self.loss_sum += torch.stack(losses).detach()
-        self.correct += torch.stack([(z.argmax(1) == labels).sum() for z in logits])
+        losses = torch.stack(losses).detach()
         self.steps += 1
         self.samples += labels.shape[0]
+        self.loss_sum += losses
+        self.correct += torch.stack([(z.argmax(1) == labels).sum() for z in logits])
+        # Remember where a peer first diverged without waiting for the device.
+        first = (self.first_nonfinite_step == 0) & ~torch.isfinite(losses)
+        self.first_nonfinite_step.masked_fill_(first, self.steps)
+
+    def check_finite(self, peers: list[Peer], where: str) -> None:
+        """Stop with the peer and step of the first non-finite loss, if any (syncs with the device)."""
+        for peer, step in zip(peers, self.first_nonfinite_step.tolist()):
+            if step:
+                raise RunStopped(
+                    f"peer {peer.label} diverged: its loss is not finite at {where}step {step}; the checkpoint "
+                    "of the last complete epoch is kept; lower --lr, or use --precision fp32, and start again"
+                )
 
     def mean_loss(self) -> float:
         return self.loss_sum.mean().item() / max(self.steps, 1)
@@ -303,22 +323,66 @@ class StepMetrics:
                 [100.0 * c / self.samples for c in self.correct.tolist()])
 
 
+DIVERGENCE_CHECK_EVERY = 100  # steps between looks at the loss (each look waits for the device)
+
+
 def train_steps(peers, batches, cfg: TrainConfig, exchange, precision: Precision, step, metrics: StepMetrics,
-                on_step=None, where: str = "") -> None:
+                on_step=None, where: str = "", stop: StopSignal | None = None) -> None:
     """The training loop proper: one ``step`` per batch, metrics accumulated on the device.
 
-    ``dml train`` and ``dml bench`` both run exactly this.
+    ``dml train`` and ``dml bench`` both run exactly this. Stops with RunStopped on a non-finite
+    loss (checked every DIVERGENCE_CHECK_EVERY steps and at the end) or a requested stop.
     """
     for n, (x, y) in enumerate(batches, start=1):
+        if stop is not None:
+            stop.check()
         if cfg.check_batches:
             exchange.check_same(batch_fingerprint(x, y), f"the batch of {where}step {n}")
         losses, logits = step(peers, x, y, cfg, exchange, precision)
         metrics.add(losses, logits, y)
+        if n % DIVERGENCE_CHECK_EVERY == 0:
+            metrics.check_finite(peers, where)
         if on_step is not None:
             on_step(n)
+    metrics.check_finite(peers, where)
 
 
-def run_epoch(epoch, peers, batches, data, normalise, cfg, exchange, precision, step) -> list[dict]:
+class StopSignal:
+    """SIGINT / SIGTERM ask training to stop before its next step; a second signal stops at once.
+
+    The run then holds the checkpoint of its last complete epoch (an epoch boundary), from which
+    ``--resume`` continues exactly.
+    """
+
+    EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():  # handlers can only live there
+            for sig in self.EXIT_CODES:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def check(self) -> None:
+        if self.received is not None:
+            name = signal.Signals(self.received).name
+            raise RunStopped(f"stopped by {name}; the last complete epoch is saved: continue with the same "
+                             "command and --resume", exit_code=self.EXIT_CODES[self.received])
+
+
+def run_epoch(epoch, peers, batches, data, normalise, cfg, exchange, precision, step, stop=None) -> list[dict]:
     """Train one epoch and evaluate; return the epoch's records for every peer in the cohort."""
     started = time.perf_counter()
     lrs = [p.lr for p in peers]
@@ -333,8 +397,10 @@ def run_epoch(epoch, peers, batches, data, normalise, cfg, exchange, precision, 
             rate = n * cfg.batch_size * len(peers) / (time.perf_counter() - started)
             bar.set_postfix(loss=f"{metrics.mean_loss():.3f}", img_s=f"{rate:.0f}")
 
-    train_steps(peers, batches, cfg, exchange, precision, step, metrics, show_progress, f"epoch {epoch}, ")
-    bar.close()
+    try:
+        train_steps(peers, batches, cfg, exchange, precision, step, metrics, show_progress, f"epoch {epoch}, ", stop)
+    finally:
+        bar.close()
     for p in peers:
         p.scheduler.step()
     train_loss, train_acc = metrics.read()
@@ -359,6 +425,10 @@ def batch_fingerprint(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def save_epoch(run: RunDir, epoch: int, peers: list[Peer], records: list[dict], generator, cfg: TrainConfig,
                num_classes: int, exchange) -> None:
     """best.pt where a peer improved, then every peer's last.pt committed in two phases."""
+    for p in peers:
+        if not all(torch.isfinite(t).all() for t in p.model.state_dict().values() if t.is_floating_point()):
+            raise RunStopped(f"peer {p.label} diverged: its parameters are not finite after epoch {epoch}; "
+                             "the checkpoint of the last complete epoch is kept; lower --lr and start again")
     run_state = {"epoch": epoch, **_rng_state(generator)}
     by_node = {r["node"]: r for r in records}
     meta = {"config": cfg.to_dict(), "num_classes": num_classes, "dataset": cfg.dataset}

@@ -37,18 +37,33 @@ def peer_dir_name(index: int, model_name: str) -> str:
     return f"{index}_{model_name}"
 
 
+def write_failed(path: Path, exc: OSError) -> UserError:
+    return UserError(
+        f"cannot write {path} ({exc.strerror or exc}); free disk space or fix the folder's permissions, "
+        "then continue with --resume: the previous checkpoint is kept"
+    )
+
+
 def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, fsync, then rename over ``path``."""
+    """Call ``write(file)`` on a temporary file beside ``path``, fsync, then rename over ``path``.
+
+    A failure (full disk, read-only folder, a crash) leaves the previous file as it was.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise write_failed(path, exc) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise write_failed(path, exc) from None
         raise
 
 
@@ -113,8 +128,11 @@ class RunDir:
             raise UserError(f"{path} is unreadable ({exc}); it was not written by dml train") from None
 
     def create(self, cfg: TrainConfig, environment: dict) -> None:
-        for index in self.peer_names:
-            self.peer_path(index).mkdir(parents=True, exist_ok=True)
+        try:
+            for index in self.peer_names:
+                self.peer_path(index).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_failed(self.path, exc) from None
         if not self.writer:
             return
         (self.path / "ensemble").mkdir(exist_ok=True)
@@ -135,11 +153,13 @@ class RunDir:
         """Append one epoch's records to metrics.jsonl and TensorBoard."""
         if not self.writer:
             return
-        with open(self.path / METRICS_FILE, "a") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.path / METRICS_FILE, "a") as f:
+                f.write("".join(json.dumps(record) + "\n" for record in records))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise write_failed(self.path / METRICS_FILE, exc) from None
         for record in records:
             if record["node"] == "ensemble":
                 self._scalar("ensemble", "test_acc", record["test_acc"], record["epoch"])
@@ -172,7 +192,10 @@ class RunDir:
 
     def publish_last(self, index: int) -> None:
         """Phase 2: make the staged state the peer's ``last.pt``."""
-        os.replace(self.peer_path(index) / LAST_NEXT, self.peer_path(index) / LAST)
+        try:
+            os.replace(self.peer_path(index) / LAST_NEXT, self.peer_path(index) / LAST)
+        except OSError as exc:
+            raise write_failed(self.peer_path(index) / LAST, exc) from None
 
     def checkpoint_epochs(self, index: int) -> dict[int, Path]:
         """Epochs this peer has a complete checkpoint for (last.pt and a staged last.next.pt)."""

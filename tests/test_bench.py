@@ -1,0 +1,67 @@
+"""`dml bench`: records of the documented shape, both loops run, user errors."""
+
+import json
+
+import pytest
+import torch
+
+from dml.bench import PerImageAugmentDataset, matmul_peak_gflops
+from dml.cli import main
+
+KEYS = {"device", "precision", "threads", "processes", "model", "nodes", "engine_img_s", "reference_img_s",
+        "speedup", "mfu", "peak_gflops"}
+
+
+def test_bench_writes_a_record_per_cohort_size(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--models", "resnet20", "--nodes", "1,2", "--steps", "2", "--warmup", "1",
+                 "--workers", "0", "--precision", "fp32", "--json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert [r["nodes"] for r in records] == [1, 2]
+    for r in records:
+        assert set(r) == KEYS
+        assert r["processes"] == 1 and r["precision"] == "fp32" and r["model"] == "resnet20"
+        assert r["engine_img_s"] > 0 and r["reference_img_s"] > 0 and 0 < r["mfu"] < 1
+        assert r["speedup"] == pytest.approx(r["engine_img_s"] / r["reference_img_s"], rel=0.01)
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("device | precision") and len(table) == 3
+
+
+def test_bench_over_two_processes(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--models", "resnet20", "--nodes", "2", "--steps", "2", "--warmup", "1",
+                 "--procs", "2", "--json", str(out)]) == 0
+    (record,) = json.loads(out.read_text())
+    assert record["processes"] == 2 and record["threads"] == 1 and record["reference_img_s"] is None
+    assert record["engine_img_s"] > 0
+
+
+def test_reference_dataset_augments_like_the_seed():
+    torch.manual_seed(0)
+    images = torch.full((1, 3, 32, 32), 255, dtype=torch.uint8)
+    data = PerImageAugmentDataset(images, torch.zeros(1, dtype=torch.long))
+    padded_columns = []
+    for _ in range(200):
+        img, _ = data[0]
+        assert img.shape == (3, 32, 32)
+        bright = img[0] > 0  # padding normalises to -mean/std < 0, the white image to > 0
+        padded_columns.append(32 - int(bright.any(0).sum()))
+    # crop offsets 0..8 in x expose 0..4 padded columns
+    assert set(padded_columns) == {0, 1, 2, 3, 4}
+
+
+def test_matmul_peak_is_positive():
+    assert matmul_peak_gflops(torch.device("cpu"), "fp32", repeats=1) > 0
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--nodes", "1,x"], "--nodes must be comma-separated integers"),
+    (["--steps", "0"], "--steps must be a positive integer"),
+    (["--models", "resnet20", "wrn28_2", "--nodes", "1,2"], "--nodes must be 2"),
+    (["--models", "nope"], "unknown model 'nope'"),
+    (["--nodes", "1,2", "--procs", "2"], "--procs 2 exceeds the smallest cohort"),
+])
+def test_bench_user_errors(args, expected, capsys):
+    assert main(["bench", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err and err.count("\n") == 1
