@@ -202,8 +202,16 @@ def restore(run: RunDir, peers: list[Peer], exchange, device: torch.device) -> d
     for p in peers:
         path = local_epochs[p.index][epoch]
         state = load_checkpoint(path, map_location=device)
-        p.load_state_dict(state)
-        run_state = state["run"]
+        if state.get("model_name") != p.model_name:
+            raise UserError(f"checkpoint {path} holds a {state.get('model_name')!r}, but peer {p.index} is a "
+                            f"{p.model_name!r}; resume with the run's own --models")
+        try:
+            p.load_state_dict(state)
+            run_state = state["run"]
+            _check_rng_state(run_state)
+        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as exc:
+            raise UserError(f"checkpoint {path} does not fit peer {p.label} ({type(exc).__name__}): it is damaged "
+                            "or from another configuration; start a new run with another --name") from None
         staged = run.peer_path(p.index) / LAST_NEXT
         if path == staged:
             run.publish_last(p.index)  # finish the commit a crash interrupted
@@ -217,6 +225,12 @@ def _rng_state(generator: torch.Generator) -> dict:
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def _check_rng_state(state: dict) -> None:
+    for key in ("data_generator", "torch_rng"):
+        if not isinstance(state.get(key), torch.Tensor) or state[key].dtype != torch.uint8:
+            raise ValueError(f"no {key} state")
 
 
 def _set_rng_state(generator: torch.Generator, state: dict) -> None:
@@ -291,7 +305,9 @@ class StepMetrics:
         self.loss_sum = torch.zeros(num_peers, device=device,
                                     dtype=torch.float32 if device.type == "mps" else torch.float64)
         self.correct = torch.zeros(num_peers, device=device, dtype=torch.int64)
-        self.first_nonfinite_step = torch.zeros(num_peers, device=device, dtype=torch.int64)  # 0: none yet
+        # step numbers (1-based) of the first non-finite logits / loss of each peer; 0: none yet
+        self.first_broken_logits = torch.zeros(num_peers, device=device, dtype=torch.int64)
+        self.first_broken_loss = torch.zeros(num_peers, device=device, dtype=torch.int64)
         self.steps = 0
         self.samples = 0
 
@@ -301,14 +317,19 @@ class StepMetrics:
         self.samples += labels.shape[0]
         self.loss_sum += losses
         self.correct += torch.stack([(z.argmax(1) == labels).sum() for z in logits])
-        # Remember where a peer first diverged without waiting for the device.
-        first = (self.first_nonfinite_step == 0) & ~torch.isfinite(losses)
-        self.first_nonfinite_step.masked_fill_(first, self.steps)
+        # Remember where each peer first diverged, without waiting for the device. A peer whose own
+        # predictions are broken is the culprit; its peers' losses break through the KL term too.
+        broken_logits = torch.stack([~torch.isfinite(z).all() for z in logits])
+        for first, broken in ((self.first_broken_logits, broken_logits), (self.first_broken_loss, ~torch.isfinite(losses))):
+            first.masked_fill_((first == 0) & broken, self.steps)
 
     def check_finite(self, peers: list[Peer], where: str) -> None:
         """Stop with the peer and step of the first non-finite loss, if any (syncs with the device)."""
-        for peer, step in zip(peers, self.first_nonfinite_step.tolist()):
-            if step:
+        for first in (self.first_broken_logits, self.first_broken_loss):
+            steps = first.tolist()
+            culprits = [(step, peer) for step, peer in zip(steps, peers) if step]
+            if culprits:
+                step, peer = min(culprits, key=lambda c: c[0])
                 raise RunStopped(
                     f"peer {peer.label} diverged: its loss is not finite at {where}step {step}; the checkpoint "
                     "of the last complete epoch is kept; lower --lr, or use --precision fp32, and start again"

@@ -87,6 +87,16 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     return state
 
 
+def checkpoint_epoch(path: Path) -> int:
+    """The epoch a peer's ``last.pt`` was written after."""
+    state = load_checkpoint(path)
+    epoch = state.get("run", {}).get("epoch") if isinstance(state.get("run"), dict) else None
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
+        raise UserError(f"checkpoint {path} records no epoch: it is not a resumable dml checkpoint; "
+                        "start a new run with another --name")
+    return epoch
+
+
 def environment_info(device: torch.device) -> dict:
     info = {
         "dml_version": __version__,
@@ -203,7 +213,7 @@ class RunDir:
         for name in (LAST, LAST_NEXT):
             path = self.peer_path(index) / name
             if path.exists():
-                found[int(load_checkpoint(path)["run"]["epoch"])] = path
+                found[checkpoint_epoch(path)] = path
         return found
 
     def resume_point(self, epochs_by_peer: dict[int, set[int]]) -> int:
