@@ -26,12 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from .cohort import build_peer
 from .config import TrainConfig
-from .data.augment import CIFAR100_MEAN, CIFAR100_STD, Normalise
-from .data.batches import TrainBatches
+from .data.augment import CIFAR100_MEAN, CIFAR100_STD
 from .distributed import make_exchange
-from .engine import STEPS, Precision, StepMetrics, resolve_device, resolve_precision, train_steps
+from .engine import STEPS, Precision, StepMetrics, build_cohort, resolve_device, resolve_precision, train_steps
 from .models import create_model
 
 NUM_CLASSES = 100
@@ -71,13 +69,10 @@ def measure_engine(settings: BenchSettings, num_nodes: int, exchange) -> tuple[f
     cfg = TrainConfig(models=models, num_nodes=num_nodes, batch_size=settings.batch_size, device=settings.device,
                       precision=settings.precision, update=settings.update, seed=settings.seed, progress=False)
     device = exchange.select_device(resolve_device(cfg.device))
-    precision = Precision(resolve_precision(cfg.precision, device), device)
-    channels_last = device.type != "mps"
-    peers = [build_peer(cfg, i, NUM_CLASSES, device, channels_last) for i in exchange.local_indices]
+    precision = Precision(resolve_precision(cfg.precision, device, cfg.plain), device)
     images, labels = synthetic_cifar(settings.batch_size * (settings.steps + settings.warmup), device, settings.seed)
-    generator = torch.Generator(device=device).manual_seed(settings.seed)
-    normalise = Normalise(CIFAR100_MEAN, CIFAR100_STD, device, channels_last)
-    batches = TrainBatches(images, labels, settings.batch_size, generator, normalise)
+    cohort = build_cohort(cfg, exchange, device, images, labels, NUM_CLASSES)
+    peers, batches = cohort.peers, cohort.batches
     step = STEPS[cfg.update]
     metrics = StepMetrics(len(peers), device)
 
@@ -92,14 +87,12 @@ def measure_engine(settings: BenchSettings, num_nodes: int, exchange) -> tuple[f
     exchange.barrier()
     seconds = time.perf_counter() - started
     img_s = settings.steps * settings.batch_size * num_nodes / seconds
-    return img_s, step_flops(peers, settings.batch_size, device, channels_last)
+    return img_s, step_flops(peers, settings.batch_size, device)
 
 
-def step_flops(peers, batch_size: int, device: torch.device, channels_last: bool) -> float:
+def step_flops(peers, batch_size: int, device: torch.device) -> float:
     """Model FLOPs (forward and backward) of one training step of the local peers."""
     x = torch.randn(batch_size, 3, 32, 32, device=device)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.zeros(batch_size, dtype=torch.long, device=device)
     counter = FlopCounterMode(display=False)
     with counter:

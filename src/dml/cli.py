@@ -62,6 +62,9 @@ def _train_parser(sub) -> None:
     g.add_argument("--device", choices=DEVICES, default=defaults.device)
     g.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
                    help="auto: bf16 autocast on CPU, bf16 (or fp16) autocast on CUDA")
+    g.add_argument("--plain", action="store_true",
+                   help="PyTorch's plain path: fp32 unless --precision says otherwise, contiguous memory, "
+                        "denormals kept (slower; a reference for numerics)")
     g.add_argument("--out-dir", default=defaults.out_dir, help="parent folder of run directories")
     g.add_argument("--name", default=None, help="run directory name (default says what ran, e.g. dml_n2_resnet32_s42)")
     g.add_argument("--resume", action="store_true",
@@ -83,7 +86,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         models=args.models, num_nodes=args.num_nodes, dataset=args.dataset, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, wd=args.wd, momentum=args.momentum, nesterov=args.nesterov,
         temperature=args.temperature, kl_weight=args.kl_weight, update=args.update, seed=args.seed,
-        device=args.device, precision=args.precision, train_samples=args.train_samples,
+        device=args.device, precision=args.precision, plain=args.plain, train_samples=args.train_samples,
         test_samples=args.test_samples, data_dir=args.data_dir, out_dir=args.out_dir, name=args.name,
         skip_checksum=args.skip_checksum, download=args.download, download_url=args.download_url,
         progress=args.progress, check_batches=args.check_batches,

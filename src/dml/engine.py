@@ -41,8 +41,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_precision(name: str, device: torch.device) -> str:
-    """auto: bf16 autocast on CPU (as the seed effectively ran) and on CUDA where supported."""
+def resolve_precision(name: str, device: torch.device, plain: bool = False) -> str:
+    """auto: bf16 autocast on CPU (as the seed effectively ran) and on CUDA where supported;
+    fp32 on the plain path."""
+    if name == "auto" and plain:
+        return "fp32"
     if name == "auto":
         if device.type == "cpu":
             return "bf16"
@@ -206,9 +209,11 @@ def restore(run: RunDir, peers: list[Peer], exchange, device: torch.device) -> d
             raise UserError(f"checkpoint {path} holds a {state.get('model_name')!r}, but peer {p.index} is a "
                             f"{p.model_name!r}; resume with the run's own --models")
         try:
+            # The model's own load checks names and shapes; everything else is checked here.
+            _check_like(_reference_state(p), {k: v for k, v in state.items() if k != "model"}, "checkpoint")
             p.load_state_dict(state)
             run_state = state["run"]
-            _check_rng_state(run_state)
+            _check_rng_state(run_state, device)
         except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as exc:
             raise UserError(f"checkpoint {path} does not fit peer {p.label} ({type(exc).__name__}): it is damaged "
                             "or from another configuration; start a new run with another --name") from None
@@ -227,10 +232,51 @@ def _rng_state(generator: torch.Generator) -> dict:
     return state
 
 
-def _check_rng_state(state: dict) -> None:
-    for key in ("data_generator", "torch_rng"):
+def _kind(value) -> str:
+    """int and float are one kind (a setting may be saved as either); bool and None their own."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return "number"
+    return type(value).__name__
+
+
+def _reference_state(peer: Peer) -> dict:
+    """A new peer's state, plus the momentum buffers SGD creates at its first step."""
+    fresh = peer.state_dict()
+    params = [q for group in peer.optimizer.param_groups for q in group["params"]]
+    fresh["optimizer"]["state"] = {i: {"momentum_buffer": q.detach()} for i, q in enumerate(params)}
+    return {k: v for k, v in fresh.items() if k != "model"}
+
+
+def _check_like(fresh, loaded, where: str) -> None:
+    """ValueError where ``loaded`` is not built like ``fresh``, the same state of a new peer.
+
+    load_state_dict takes many wrong values as they are (a best_acc of None, an lr that is a
+    string), and training would then fail with a traceback epochs later. Entries only one side
+    has are left alone: optimizers and schedulers of other torch versions add or drop some.
+    """
+    if isinstance(fresh, dict):
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{where} is a {type(loaded).__name__}, not a dict")
+        for key in fresh.keys() & loaded.keys():
+            _check_like(fresh[key], loaded[key], f"{where}[{key!r}]")
+    elif isinstance(fresh, (list, tuple)):
+        if not isinstance(loaded, (list, tuple)) or len(loaded) != len(fresh):
+            raise ValueError(f"{where} should be a list of {len(fresh)}")
+        for i, (a, b) in enumerate(zip(fresh, loaded)):
+            _check_like(a, b, f"{where}[{i}]")
+    elif isinstance(fresh, torch.Tensor):
+        if not isinstance(loaded, torch.Tensor) or loaded.shape != fresh.shape or loaded.dtype != fresh.dtype:
+            raise ValueError(f"{where} should be a {fresh.dtype} tensor of shape {tuple(fresh.shape)}")
+    elif _kind(loaded) != _kind(fresh):
+        raise ValueError(f"{where} should be a {_kind(fresh)}, not a {_kind(loaded)}")
+
+
+def _check_rng_state(state: dict, device: torch.device) -> None:
+    """Setting a state of the wrong size fails; try it on throw-away generators first."""
+    for key, generator in (("data_generator", torch.Generator(device=device)), ("torch_rng", torch.Generator())):
         if not isinstance(state.get(key), torch.Tensor) or state[key].dtype != torch.uint8:
             raise ValueError(f"no {key} state")
+        generator.set_state(state[key].cpu())
 
 
 def _set_rng_state(generator: torch.Generator, state: dict) -> None:
@@ -238,6 +284,32 @@ def _set_rng_state(generator: torch.Generator, state: dict) -> None:
     torch.set_rng_state(state["torch_rng"].cpu())
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+
+
+@dataclass
+class Cohort:
+    """This process's peers and the batch stream that feeds them."""
+
+    peers: list[Peer]
+    generator: torch.Generator
+    normalise: Normalise
+    batches: TrainBatches
+
+
+def build_cohort(cfg: TrainConfig, exchange, device: torch.device, train_images: torch.Tensor,
+                 train_labels: torch.Tensor, num_classes: int) -> Cohort:
+    """Peers and batches as ``dml train`` runs them (``dml bench`` measures exactly this)."""
+    if device.type == "cpu" and not cfg.plain:
+        # Denormal floats take a slow path on x86: fp32 training ran about 8x slower with them.
+        torch.set_flush_denormal(True)
+    channels_last = device.type != "mps" and not cfg.plain  # faster convolutions on CPU and CUDA
+    peers = [build_peer(cfg, i, num_classes, device, channels_last) for i in exchange.local_indices]
+    generator = torch.Generator(device=device)
+    generator.manual_seed(derive_seed(cfg.seed, "data"))
+    mean, std = NORMALISATION[cfg.dataset]
+    normalise = Normalise(mean, std, device, channels_last)
+    batches = TrainBatches(train_images, train_labels, cfg.batch_size, generator, normalise)
+    return Cohort(peers, generator, normalise, batches)
 
 
 def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None, exchange=None) -> Path:
@@ -249,16 +321,14 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     device = resolve_device(cfg.device)
     exchange = exchange or make_exchange(cfg.num_nodes, device.type)
     device = exchange.select_device(device)
-    precision = Precision(resolve_precision(cfg.precision, device), device)
+    precision = Precision(resolve_precision(cfg.precision, device, cfg.plain), device)
     run = RunDir(Path(cfg.out_dir) / cfg.name, dict(enumerate(cfg.models)), writer=exchange.is_writer)
     check_run_dir(cfg, resume, run)
     data = load_data(cfg, device)
     exchange.barrier()  # every process has checked the run directory before rank 0 writes to it
 
-    channels_last = device.type != "mps"
-    peers = [build_peer(cfg, i, data.num_classes, device, channels_last) for i in exchange.local_indices]
-    generator = torch.Generator(device=device)
-    generator.manual_seed(derive_seed(cfg.seed, "data"))
+    cohort = build_cohort(cfg, exchange, device, data.train.images, data.train.labels, data.num_classes)
+    peers, generator, normalise, batches = cohort.peers, cohort.generator, cohort.normalise, cohort.batches
     start_epoch = 1
     if resume and run.has_checkpoints():
         state = restore(run, peers, exchange, device)
@@ -270,9 +340,6 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
         run.truncate_metrics(0)
     exchange.barrier()
 
-    mean, std = NORMALISATION[cfg.dataset]
-    normalise = Normalise(mean, std, device, channels_last)
-    batches = TrainBatches(data.train.images, data.train.labels, cfg.batch_size, generator, normalise)
     step = STEPS[cfg.update]
     log = (lambda msg: tqdm.write(msg, file=sys.stdout)) if exchange.is_writer else (lambda msg: None)
     if start_epoch > cfg.epochs:

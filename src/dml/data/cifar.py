@@ -14,6 +14,7 @@ import hashlib
 import http.client
 import os
 import pickle
+import reprlib
 import shutil
 import tarfile
 import tempfile
@@ -406,6 +407,16 @@ def _unpickle(path: Path) -> Any:
         ) from e
 
 
+# A damaged pickle can nest thousands of levels deep, where plain repr() raises RecursionError.
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxstring, _SHORT_REPR.maxother = 3, 40, 40
+
+
+def _short(obj: Any) -> str:
+    """A bounded repr() for error messages about file content."""
+    return _SHORT_REPR.repr(obj)
+
+
 def _get(obj: Any, key: str, path: Path) -> Any:
     """``obj[key]`` for a str- or bytes-keyed dict, with a UserError naming the file."""
     if not isinstance(obj, dict):
@@ -413,7 +424,7 @@ def _get(obj: Any, key: str, path: Path) -> Any:
     for k in (key, key.encode()):
         if k in obj:
             return obj[k]
-    found = ", ".join(sorted(repr(k) for k in obj))
+    found = ", ".join(sorted(_short(k) for k in obj))
     raise UserError(f"file {path} lacks the key {key!r} (found: {found})")
 
 
@@ -429,7 +440,7 @@ def _class_names(meta: Any, path: Path, spec: _Spec) -> list[str]:
         if isinstance(name, bytes):
             name = name.decode("latin1")  # the official names are ASCII; latin1 never fails
         if not isinstance(name, str):
-            raise UserError(f"file {path}: class name {name!r} is not a string")
+            raise UserError(f"file {path}: class name {_short(name)} is not a string")
         out.append(name)
     return out
 
