@@ -213,6 +213,7 @@ def run_benchmark(settings: BenchSettings, echo=print) -> list[dict]:
             echo(_row(record))
     if exchange is not None:
         exchange.close()
+    torch.set_flush_denormal(False)  # build_cohort turned it on for the measurement
     return records
 
 

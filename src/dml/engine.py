@@ -256,7 +256,7 @@ def _check_like(fresh, loaded, where: str) -> None:
     """
     if isinstance(fresh, dict):
         if not isinstance(loaded, dict):
-            raise ValueError(f"{where} is a {type(loaded).__name__}, not a dict")
+            raise TypeError(f"{where} is a {type(loaded).__name__}, not a dict")
         for key in fresh.keys() & loaded.keys():
             _check_like(fresh[key], loaded[key], f"{where}[{key!r}]")
     elif isinstance(fresh, (list, tuple)):
@@ -361,6 +361,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     finally:
         run.close()
         exchange.close()
+        torch.set_flush_denormal(False)  # back to PyTorch's default for the rest of the process
     return run.path
 
 
