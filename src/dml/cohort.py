@@ -69,8 +69,10 @@ def build_peer(cfg: TrainConfig, index: int, num_classes: int, device: torch.dev
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    # foreach: one multi-tensor update instead of a Python loop over ~100 parameters (a few % on CPU).
     optimizer = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd, nesterov=cfg.nesterov
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd, nesterov=cfg.nesterov,
+        foreach=not cfg.plain,
     )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs, eta_min=0.0)
     return Peer(index, name, model, optimizer, scheduler)
