@@ -52,12 +52,55 @@ class Peer:
             "best_epoch": self.best_epoch,
         }
 
+    def _expected_state(self) -> dict:
+        """This peer's state without the model, plus the momentum buffers SGD creates at its first step."""
+        fresh = self.state_dict()
+        params = [q for group in self.optimizer.param_groups for q in group["params"]]
+        fresh["optimizer"]["state"] = {i: {"momentum_buffer": q.detach()} for i, q in enumerate(params)}
+        return {k: v for k, v in fresh.items() if k != "model"}
+
     def load_state_dict(self, state: dict) -> None:
+        """Load what state_dict() saved; ValueError / TypeError where ``state`` is not built like it.
+
+        The model's own load checks names and shapes; everything else is checked here first.
+        """
+        _check_like(self._expected_state(), {k: v for k, v in state.items() if k != "model"}, "checkpoint")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.best_acc = state["best_acc"]
         self.best_epoch = state["best_epoch"]
+
+
+def _kind(value) -> str:
+    """int and float are one kind (a setting may be saved as either); bool and None their own."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return "number"
+    return type(value).__name__
+
+
+def _check_like(fresh, loaded, where: str) -> None:
+    """ValueError where ``loaded`` is not built like ``fresh``, the same state of a new peer.
+
+    load_state_dict takes many wrong values as they are (a best_acc of None, an lr that is a
+    string), and training would then fail with a traceback epochs later. Entries only one side
+    has are left alone: optimizers and schedulers of other torch versions add or drop some.
+    """
+    if isinstance(fresh, dict):
+        if not isinstance(loaded, dict):
+            raise TypeError(f"{where} is a {type(loaded).__name__}, not a dict")
+        for key in fresh.keys() & loaded.keys():
+            _check_like(fresh[key], loaded[key], f"{where}[{key!r}]")
+    elif isinstance(fresh, (list, tuple)):
+        if not isinstance(loaded, (list, tuple)) or len(loaded) != len(fresh):
+            raise ValueError(f"{where} should be a list of {len(fresh)}")
+        for i, (a, b) in enumerate(zip(fresh, loaded)):
+            _check_like(a, b, f"{where}[{i}]")
+    elif isinstance(fresh, torch.Tensor):
+        if not isinstance(loaded, torch.Tensor) or loaded.shape != fresh.shape or loaded.dtype != fresh.dtype:
+            raise ValueError(f"{where} should be a {fresh.dtype} tensor of shape {tuple(fresh.shape)}")
+    elif _kind(loaded) != _kind(fresh):
+        raise ValueError(f"{where} should be a {_kind(fresh)}, not a {_kind(loaded)}")
 
 
 def build_peer(cfg: TrainConfig, index: int, num_classes: int, device: torch.device, channels_last: bool) -> Peer:

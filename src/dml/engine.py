@@ -209,8 +209,6 @@ def restore(run: RunDir, peers: list[Peer], exchange, device: torch.device) -> d
             raise UserError(f"checkpoint {path} holds a {state.get('model_name')!r}, but peer {p.index} is a "
                             f"{p.model_name!r}; resume with the run's own --models")
         try:
-            # The model's own load checks names and shapes; everything else is checked here.
-            _check_like(_reference_state(p), {k: v for k, v in state.items() if k != "model"}, "checkpoint")
             p.load_state_dict(state)
             run_state = state["run"]
             _check_rng_state(run_state, device)
@@ -230,45 +228,6 @@ def _rng_state(generator: torch.Generator) -> dict:
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     return state
-
-
-def _kind(value) -> str:
-    """int and float are one kind (a setting may be saved as either); bool and None their own."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return "number"
-    return type(value).__name__
-
-
-def _reference_state(peer: Peer) -> dict:
-    """A new peer's state, plus the momentum buffers SGD creates at its first step."""
-    fresh = peer.state_dict()
-    params = [q for group in peer.optimizer.param_groups for q in group["params"]]
-    fresh["optimizer"]["state"] = {i: {"momentum_buffer": q.detach()} for i, q in enumerate(params)}
-    return {k: v for k, v in fresh.items() if k != "model"}
-
-
-def _check_like(fresh, loaded, where: str) -> None:
-    """ValueError where ``loaded`` is not built like ``fresh``, the same state of a new peer.
-
-    load_state_dict takes many wrong values as they are (a best_acc of None, an lr that is a
-    string), and training would then fail with a traceback epochs later. Entries only one side
-    has are left alone: optimizers and schedulers of other torch versions add or drop some.
-    """
-    if isinstance(fresh, dict):
-        if not isinstance(loaded, dict):
-            raise TypeError(f"{where} is a {type(loaded).__name__}, not a dict")
-        for key in fresh.keys() & loaded.keys():
-            _check_like(fresh[key], loaded[key], f"{where}[{key!r}]")
-    elif isinstance(fresh, (list, tuple)):
-        if not isinstance(loaded, (list, tuple)) or len(loaded) != len(fresh):
-            raise ValueError(f"{where} should be a list of {len(fresh)}")
-        for i, (a, b) in enumerate(zip(fresh, loaded)):
-            _check_like(a, b, f"{where}[{i}]")
-    elif isinstance(fresh, torch.Tensor):
-        if not isinstance(loaded, torch.Tensor) or loaded.shape != fresh.shape or loaded.dtype != fresh.dtype:
-            raise ValueError(f"{where} should be a {fresh.dtype} tensor of shape {tuple(fresh.shape)}")
-    elif _kind(loaded) != _kind(fresh):
-        raise ValueError(f"{where} should be a {_kind(fresh)}, not a {_kind(loaded)}")
 
 
 def _check_rng_state(state: dict, device: torch.device) -> None:
