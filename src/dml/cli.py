@@ -19,6 +19,19 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see '{self.prog} --help')")
 
 
+def _add_data_source_args(group) -> None:
+    """Where the CIFAR files come from: the same flags for every command that reads them."""
+    group.add_argument("--data-dir", default=TrainConfig.data_dir,
+                       help="folder holding cifar-100-python/ (or the .tar.gz archive); downloaded there if absent")
+    group.add_argument("--skip-checksum", action="store_true",
+                       help="accept data files whose MD5 differs from the official release (structure is still "
+                            "checked)")
+    group.add_argument("--no-download", dest="download", action="store_false",
+                       help="fail at once if the data is missing instead of downloading it")
+    group.add_argument("--download-url", default=None, metavar="URL",
+                       help="archive URL for a mirror (default: the official URL, or $DML_DOWNLOAD_URL)")
+
+
 def _train_parser(sub) -> None:
     defaults = TrainConfig()
     p = sub.add_parser(
@@ -46,18 +59,11 @@ def _train_parser(sub) -> None:
     g.add_argument("--seed", type=int, default=defaults.seed)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS, default=defaults.dataset)
-    g.add_argument("--data-dir", default=defaults.data_dir,
-                   help="folder holding cifar-100-python/ (or the .tar.gz archive); downloaded there if absent")
+    _add_data_source_args(g)
     g.add_argument("--train-samples", type=int, default=None, metavar="N",
                    help="train on a seeded, class-balanced subset of N images (quick runs)")
     g.add_argument("--test-samples", type=int, default=None, metavar="N",
                    help="evaluate on a seeded, class-balanced subset of N images")
-    g.add_argument("--skip-checksum", action="store_true",
-                   help="accept data files whose MD5 differs from the official release (structure is still checked)")
-    g.add_argument("--no-download", dest="download", action="store_false",
-                   help="fail at once if the data is missing instead of downloading it")
-    g.add_argument("--download-url", default=None, metavar="URL",
-                   help="archive URL for a mirror (default: the official URL, or $DML_DOWNLOAD_URL)")
     g = p.add_argument_group("run")
     g.add_argument("--device", choices=DEVICES, default=defaults.device)
     g.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
@@ -167,13 +173,8 @@ def _evaluate_parser(sub) -> None:
                     "each and of their ensemble (mean softmax). All checkpoints must be for the same dataset.",
     )
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="best.pt or last.pt files of dml runs")
-    p.add_argument("--data-dir", default="./data",
-                   help="folder holding the CIFAR data, downloaded there if absent (default: ./data)")
+    _add_data_source_args(p)
     p.add_argument("--dataset", choices=DATASETS, default=None, help="test set (default: the checkpoints' dataset)")
-    p.add_argument("--skip-checksum", action="store_true",
-                   help="accept data files whose MD5 differs from the official release")
-    p.add_argument("--no-download", dest="download", action="store_false",
-                   help="fail at once if the data is missing instead of downloading it")
     p.add_argument("--device", choices=DEVICES, default="auto",
                    help="auto (default): CUDA if available, else MPS, else CPU")
     p.add_argument("--test-samples", type=int, default=None, metavar="N",

@@ -112,7 +112,7 @@ def accuracies(checkpoints: list[Checkpoint], images: torch.Tensor, labels: torc
 
 def evaluate_checkpoints(paths, data_dir: str = "./data", dataset: str | None = None, device: str = "auto",
                          skip_checksum: bool = False, download: bool = True,
-                         test_samples: int | None = None) -> dict:
+                         test_samples: int | None = None, download_url: str | None = None) -> dict:
     """Evaluate checkpoint files on their test split; returns a JSON-ready summary.
 
     ``test_samples`` takes the seeded, class-balanced subset that training's ``--test-samples``
@@ -121,7 +121,7 @@ def evaluate_checkpoints(paths, data_dir: str = "./data", dataset: str | None = 
     dev = resolve_device(device)
     checkpoints = [load_model(Path(p), dev) for p in paths]
     dataset = common_dataset(checkpoints, dataset)
-    data = load_cifar(data_dir, dataset, download=download, skip_checksum=skip_checksum)
+    data = load_cifar(data_dir, dataset, download=download, url=download_url, skip_checksum=skip_checksum)
     test = data.test
     if test_samples is not None:
         if test_samples <= 0:
@@ -150,7 +150,7 @@ def format_table(summary: dict) -> str:
 def evaluate_command(args) -> dict:
     """``dml evaluate``: print the table and, with ``--json``, write the summary."""
     summary = evaluate_checkpoints(args.checkpoints, args.data_dir, args.dataset, args.device, args.skip_checksum,
-                                   args.download, args.test_samples)
+                                   args.download, args.test_samples, args.download_url)
     print(format_table(summary))
     if args.json is not None:
         try:
