@@ -203,6 +203,8 @@ def _bench_parser(sub) -> None:
     p.add_argument("--nodes", default="1,2,4", help="comma-separated cohort sizes to measure")
     p.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before each measurement")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed windows of --steps steps per measurement; the fastest counts")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--update", choices=UPDATES, default="simultaneous")
     p.add_argument("--device", choices=DEVICES, default="auto")
@@ -220,7 +222,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         nodes = [int(n) for n in args.nodes.split(",") if n.strip()]
     except ValueError:
         raise UserError(f"--nodes must be comma-separated integers such as 1,2,4, got {args.nodes!r}") from None
-    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size)):
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--repeats", args.repeats)):
         if value <= 0:
             raise UserError(f"{flag} must be a positive integer, got {value}")
     if args.warmup < 0 or args.workers < 0:
@@ -242,6 +244,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     from .bench import HEADER, BenchSettings, run_benchmark, write_json
 
     settings = BenchSettings(models=args.models, nodes=nodes, steps=args.steps, warmup=args.warmup,
+                             repeats=args.repeats,
                              batch_size=args.batch_size, device=args.device, precision=args.precision,
                              update=args.update, workers=args.workers, reference=args.reference)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only process 0 prints
