@@ -109,7 +109,8 @@ def _run_train(args: argparse.Namespace) -> int:
         if args.procs > 1:
             from .launch import launch_processes
 
-            return launch_processes(args.procs, _without_procs(args.argv))
+            return launch_processes(args.procs, _without_procs(args.argv),
+                                    "; the last complete epoch is saved: continue with the same command and --resume")
 
     import torch.distributed as dist
 

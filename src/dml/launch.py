@@ -6,8 +6,11 @@ import os
 import sys
 
 
-def launch_processes(procs: int, train_argv: list[str]) -> int:
-    """Run ``python -m dml <train_argv>`` in ``procs`` processes on this machine; 0 on success."""
+def launch_processes(procs: int, train_argv: list[str], after_failure: str = "") -> int:
+    """Run ``python -m dml <train_argv>`` in ``procs`` processes on this machine; 0 on success.
+
+    ``after_failure`` is appended to the one-line error when a process fails.
+    """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -23,7 +26,7 @@ def launch_processes(procs: int, train_argv: list[str]) -> int:
         rank, failure = next(iter(sorted(exc.failures.items())))
         if failure.exitcode == 2:  # a user error: the process has said what it is
             return 2
-        print(f"error: process {rank} of {procs} failed (exit code {failure.exitcode}); the last complete epoch "
-              "is saved: continue with the same command and --resume", file=sys.stderr)
+        print(f"error: process {rank} of {procs} failed (exit code {failure.exitcode}){after_failure}",
+              file=sys.stderr)
         return 1
     return 0
