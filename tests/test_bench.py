@@ -1,6 +1,7 @@
 """`dml bench`: records of the documented shape, both loops run, user errors."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -29,11 +30,14 @@ def test_bench_writes_a_record_per_cohort_size(tmp_path, capsys):
 
 def test_bench_over_two_processes(tmp_path):
     out = tmp_path / "bench.json"
+    environment = dict(os.environ)
     assert main(["bench", "--models", "resnet20", "--nodes", "2", "--steps", "2", "--warmup", "1",
                  "--procs", "2", "--json", str(out)]) == 0
     (record,) = json.loads(out.read_text())
     assert record["processes"] == 2 and record["threads"] == 1 and record["reference_img_s"] is None
     assert record["engine_img_s"] > 0
+    # The launcher's settings (OMP_NUM_THREADS=1, ...) must not leak into later runs of this process.
+    assert dict(os.environ) == environment
 
 
 def test_reference_dataset_augments_like_the_seed():

@@ -14,12 +14,15 @@ def launch_processes(procs: int, train_argv: list[str], after_failure: str = "")
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    # Each process takes its share of the cores (the engine sets it too; this silences torchrun's
-    # warning and covers libraries that read the variable at import).
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // procs)))
     args = get_args_parser().parse_args(
         ["--standalone", "--nproc-per-node", str(procs), "--module", "dml", *train_argv]
     )
+    # Each process takes its share of the cores (the engine sets it too; this silences torchrun's
+    # warning and covers libraries that read the variable at import). The launcher passes its own
+    # environment to the children and also edits it: restore it, so that this process and anything
+    # it starts later keep theirs.
+    saved_environment = dict(os.environ)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // procs)))
     try:
         run(args)
     except ChildFailedError as exc:
@@ -29,4 +32,7 @@ def launch_processes(procs: int, train_argv: list[str], after_failure: str = "")
         print(f"error: process {rank} of {procs} failed (exit code {failure.exitcode}){after_failure}",
               file=sys.stderr)
         return 1
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_environment)
     return 0
