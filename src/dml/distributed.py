@@ -137,6 +137,12 @@ class TorchExchange(LocalExchange):
 
     def close(self) -> None:
         if dist.is_initialized():
+            # Leave together: a process that tears its group down while another still talks to it
+            # can abort (gloo's threads) at exit.
+            try:
+                dist.barrier()
+            except dist.DistError:
+                pass  # another process is gone already: nothing left to wait for
             dist.destroy_process_group()
 
 
