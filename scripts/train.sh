@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Train a cohort in ./.venv (created and installed on first use). Arguments go to `dml train`.
+# Train a cohort with ./.venv (created and installed on first use). Arguments go to `dml train`;
+# relative paths in them are taken from the directory you run this from.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-bash scripts/setup-venv.sh
-exec .venv/bin/dml train "$@"
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+bash "$repo/scripts/setup-venv.sh"
+exec "$repo/.venv/bin/dml" train "$@"
