@@ -94,6 +94,19 @@ def test_resume_rolls_forward_a_commit_interrupted_between_peers(cifar_root, tmp
     assert _metrics(run) == _metrics(tmp_path / "c" / "dml_n2_resnet20_s42")
 
 
+def test_resume_restarts_a_first_epoch_whose_commit_was_cut_short(cifar_root, tmp_path):
+    """A crash after peer 0 staged epoch 1 but before peer 1 saved anything: --resume starts over."""
+    args = ["--models", "resnet20", "--num-nodes", "2", "--epochs", "2"]
+    assert _train(cifar_root, tmp_path / "a", *args, "--stop-after", "1") == 0
+    run = tmp_path / "a" / "dml_n2_resnet20_s42"
+    (run / "0_resnet20" / "last.pt").rename(run / "0_resnet20" / "last.next.pt")
+    (run / "1_resnet20" / "last.pt").unlink()
+    assert _train(cifar_root, tmp_path / "a", *args, "--resume") == 0
+    assert _train(cifar_root, tmp_path / "b", *args) == 0
+    assert _metrics(run) == _metrics(tmp_path / "b" / "dml_n2_resnet20_s42")
+    assert not (run / "0_resnet20" / "last.next.pt").exists()
+
+
 def test_finished_run_is_not_overwritten(cifar_root, tmp_path, capsys):
     assert _train(cifar_root, tmp_path, "--models", "resnet20", "--epochs", "1") == 0
     run = tmp_path / "independent_resnet20_s42"

@@ -217,11 +217,14 @@ class RunDir:
         return found
 
     def resume_point(self, epochs_by_peer: dict[int, set[int]]) -> int:
-        """The newest epoch every peer of the cohort has a checkpoint for.
+        """The newest epoch every peer of the cohort has a checkpoint for; 0 where some peer has
+        none at all (the first epoch's commit was cut short: the run starts again).
 
         ``epochs_by_peer`` holds, for every peer of the cohort, the epochs it can restore.
         """
-        common = set.intersection(*epochs_by_peer.values()) if epochs_by_peer else set()
+        if not epochs_by_peer or not all(epochs_by_peer.values()):
+            return 0
+        common = set.intersection(*epochs_by_peer.values())
         if not common:
             raise UserError(
                 f"{self.path} holds no epoch that every peer has a checkpoint for; "
