@@ -78,17 +78,22 @@ def measure_engine(settings: BenchSettings, num_nodes: int, exchange) -> tuple[f
     metrics = StepMetrics(len(peers), device)
 
     batch_iter = iter(batches)
-    train_steps(peers, itertools.islice(batch_iter, settings.warmup), cfg, exchange, precision, step, metrics)
-    metrics.read()  # waits for the device
-    exchange.barrier()
-    seconds = float("inf")
-    for _ in range(settings.repeats):
-        started = time.perf_counter()
-        train_steps(peers, itertools.islice(batch_iter, settings.steps), cfg, exchange, precision, step, metrics)
-        metrics.read()
-        _sync(device)
+    try:
+        train_steps(peers, itertools.islice(batch_iter, settings.warmup), cfg, exchange, precision, step, metrics,
+                    runner=cohort.runner)
+        metrics.read()  # waits for the device
         exchange.barrier()
-        seconds = min(seconds, time.perf_counter() - started)
+        seconds = float("inf")
+        for _ in range(settings.repeats):
+            started = time.perf_counter()
+            train_steps(peers, itertools.islice(batch_iter, settings.steps), cfg, exchange, precision, step, metrics,
+                        runner=cohort.runner)
+            metrics.read()
+            _sync(device)
+            exchange.barrier()
+            seconds = min(seconds, time.perf_counter() - started)
+    finally:
+        cohort.runner.close()
     img_s = settings.steps * settings.batch_size * num_nodes / seconds
     return img_s, step_flops(peers, settings.batch_size, device)
 
