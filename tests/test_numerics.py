@@ -17,6 +17,7 @@ from dml.cohort import build_peer
 from dml.config import TrainConfig
 from dml.distributed import LocalExchange
 from dml.engine import Precision, simultaneous_step
+from dml.models import create_model
 
 CPU = torch.device("cpu")
 
@@ -72,3 +73,47 @@ def test_bf16_autocast_stays_close_to_fp32():
     assert F.cosine_similarity(updates, reference, dim=0).item() >= 0.95
     assert abs(updates.norm().item() / reference.norm().item() - 1) < 0.10
     torch.testing.assert_close(loss, ref_loss, rtol=0.02, atol=0.0)
+
+
+def _trained_resnet(name="resnet20"):
+    """A resnet whose BatchNorm running statistics and affine parameters are not the defaults."""
+    torch.manual_seed(0)
+    model = create_model(name, 100).to(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.uniform_(-0.2, 0.2, generator=g)
+        model.train()
+        for _ in range(3):
+            model(torch.randn(64, 3, 32, 32, generator=g).contiguous(memory_format=torch.channels_last))
+    return model.eval()
+
+
+def test_folded_batchnorm_matches_the_model_in_fp32():
+    """Stated tolerance: folded fp32 logits within 1e-4 of the logits' scale."""
+    model = _trained_resnet()
+    folded = model.folded()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(128, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode():
+        expected, got = model(x), folded(x)
+    assert (got - expected).abs().max().item() <= 1e-4 * expected.abs().max().item()
+    assert isinstance(model.bn1, torch.nn.BatchNorm2d)  # the original keeps its BatchNorm
+
+
+def test_folded_bf16_evaluation_agrees_with_plain_fp32_evaluation():
+    """Stated tolerance: with bf16 autocast, folded and unfolded evaluation both agree with plain fp32
+    on >= 97 % of the top-1 predictions, and with each other to within 1 % of them."""
+    model = _trained_resnet()
+    x = torch.randn(1000, 3, 32, 32, generator=torch.Generator().manual_seed(10))
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        reference = model(x).argmax(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plain_bf16 = model(x).argmax(1)
+            folded_bf16 = model.folded()(x).argmax(1)
+    assert (plain_bf16 == reference).float().mean().item() >= 0.97
+    assert (folded_bf16 == reference).float().mean().item() >= 0.97
+    assert abs((folded_bf16 == reference).float().mean().item() - (plain_bf16 == reference).float().mean().item()) <= 0.01

@@ -7,9 +7,12 @@ parameters for 100 classes (a 1x1-convolution shortcut trains measurably differe
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
 class ZeroPadShortcut(nn.Module):
@@ -69,3 +72,18 @@ class CifarResNet(nn.Module):
         out = self.blocks(out)
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
         return self.fc(out)
+
+    @torch.no_grad()
+    def folded(self) -> CifarResNet:
+        """An evaluation-mode copy with every BatchNorm folded into the convolution before it.
+
+        The same function of the input (up to rounding) with a third fewer operations; it uses the
+        running statistics as they are now, so fold again after more training.
+        """
+        model = copy.deepcopy(self).eval()
+        for owner in (model, *model.blocks):
+            for conv, bn in (("conv1", "bn1"), ("conv2", "bn2")):
+                if isinstance(getattr(owner, bn, None), nn.BatchNorm2d):
+                    setattr(owner, conv, fuse_conv_bn_eval(getattr(owner, conv), getattr(owner, bn)))
+                    setattr(owner, bn, nn.Identity())
+        return model
