@@ -70,7 +70,8 @@ def _train_parser(sub) -> None:
                    help="auto: bf16 autocast on CPU, bf16 (or fp16) autocast on CUDA")
     g.add_argument("--plain", action="store_true",
                    help="PyTorch's plain path: fp32 unless --precision says otherwise, contiguous memory, "
-                        "denormals kept (slower; a reference for numerics)")
+                        "denormals kept, peers on one thread, BatchNorm kept at evaluation (slower; a reference "
+                        "for numerics)")
     g.add_argument("--out-dir", default=defaults.out_dir, help="parent folder of run directories")
     g.add_argument("--name", default=None, help="run directory name (default says what ran, e.g. dml_n2_resnet32_s42)")
     g.add_argument("--resume", action="store_true",

@@ -38,7 +38,8 @@ class TrainConfig:
     seed: int = 42
     device: str = "auto"
     precision: str = "auto"
-    plain: bool = False  # PyTorch's defaults: fp32 (unless --precision says otherwise), contiguous tensors
+    plain: bool = False  # PyTorch's defaults: fp32 (unless --precision says otherwise), contiguous tensors,
+    # one thread for all peers, BatchNorm kept at evaluation
     train_samples: int | None = None
     test_samples: int | None = None
     data_dir: str = "./data"
