@@ -28,6 +28,20 @@ def test_bench_writes_a_record_per_cohort_size(tmp_path, capsys):
     assert table[0].startswith("device | precision") and len(table) == 3
 
 
+def test_bench_of_the_plain_path_leaves_the_thread_settings_as_they_were(tmp_path):
+    out = tmp_path / "bench.json"
+    threads = torch.get_num_threads()
+    assert main(["bench", "--models", "resnet20", "--nodes", "2", "--steps", "2", "--warmup", "1", "--no-reference",
+                 "--plain", "--json", str(out)]) == 0
+    (record,) = json.loads(out.read_text())
+    assert record["precision"] == "fp32" and record["reference_img_s"] is None and record["engine_img_s"] > 0
+    assert main(["bench", "--models", "resnet20", "--nodes", "2", "--steps", "2", "--warmup", "1", "--no-reference",
+                 "--json", str(out)]) == 0
+    (record,) = json.loads(out.read_text())
+    assert record["precision"] == "bf16"
+    assert torch.get_num_threads() == threads  # peer threads give the caller's threads back
+
+
 def test_bench_over_two_processes(tmp_path):
     out = tmp_path / "bench.json"
     environment = dict(os.environ)

@@ -48,6 +48,7 @@ class BenchSettings:
     update: str = "simultaneous"
     workers: int = 2
     reference: bool = True
+    plain: bool = False  # measure dml train --plain instead of its default path
     seed: int = 0
 
 
@@ -68,7 +69,8 @@ def measure_engine(settings: BenchSettings, num_nodes: int, exchange) -> tuple[f
     """Images x peers per second of ``dml train``'s loop, and the model FLOPs of one step."""
     models = settings.models if len(settings.models) == num_nodes else settings.models[:1] * num_nodes
     cfg = TrainConfig(models=models, num_nodes=num_nodes, batch_size=settings.batch_size, device=settings.device,
-                      precision=settings.precision, update=settings.update, seed=settings.seed, progress=False)
+                      precision=settings.precision, update=settings.update, seed=settings.seed, progress=False,
+                      plain=settings.plain)
     device = exchange.select_device(resolve_device(cfg.device))
     precision = Precision(resolve_precision(cfg.precision, device, cfg.plain), device)
     images, labels = synthetic_cifar(settings.batch_size * _total_steps(settings), device, settings.seed)
@@ -145,7 +147,7 @@ def measure_reference(settings: BenchSettings, num_nodes: int) -> float:
         PerImageAugmentDataset(images, labels), batch_size=settings.batch_size, shuffle=True, drop_last=True,
         num_workers=settings.workers, pin_memory=device.type == "cuda", persistent_workers=settings.workers > 0,
     )
-    use_amp = resolve_precision(settings.precision, device) != "fp32"
+    use_amp = resolve_precision(settings.precision, device, settings.plain) != "fp32"
     window_ends = {settings.warmup + r * settings.steps for r in range(settings.repeats + 1)}
     started, seconds = None, float("inf")
     for n, (x, y) in enumerate(loader):
@@ -199,7 +201,7 @@ def matmul_peak_gflops(device: torch.device, precision: str, repeats: int = 5) -
 def run_benchmark(settings: BenchSettings, echo=print) -> list[dict]:
     records = []
     device = resolve_device(settings.device)
-    precision = resolve_precision(settings.precision, device)
+    precision = resolve_precision(settings.precision, device, settings.plain)
     peak = None
     exchange = None
     for num_nodes in settings.nodes:

@@ -213,6 +213,9 @@ def _bench_parser(sub) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes of the reference loop")
     p.add_argument("--no-reference", dest="reference", action="store_false", help="measure only the engine")
+    p.add_argument("--plain", action="store_true",
+                   help="measure dml train --plain (fp32 unless --precision says otherwise, contiguous memory, one "
+                        "thread for all peers) instead of the default path")
     p.add_argument("--procs", type=int, default=None, metavar="P",
                    help="spread each cohort's peers over P local processes (the reference loop is skipped)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the records as JSON")
@@ -248,7 +251,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     settings = BenchSettings(models=args.models, nodes=nodes, steps=args.steps, warmup=args.warmup,
                              repeats=args.repeats,
                              batch_size=args.batch_size, device=args.device, precision=args.precision,
-                             update=args.update, workers=args.workers, reference=args.reference)
+                             update=args.update, workers=args.workers, reference=args.reference,
+                             plain=args.plain)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only process 0 prints
         print(" | ".join(HEADER))
     records = run_benchmark(settings)
