@@ -95,15 +95,19 @@ def _frozen_batchnorm_stats(model: torch.nn.Module):
                 buffer.copy_(copy)
 
 
+def _forward(peer: Peer, x: torch.Tensor, precision: Precision) -> torch.Tensor:
+    with precision.autocast():  # autocast is per thread: entered where the peer runs
+        return peer.model(x)
+
+
 def simultaneous_step(peers: list[Peer], x, y, cfg: TrainConfig, exchange, precision: Precision,
                       runner=SERIAL):
-    """Every peer forwards the batch once; each then steps on the same set of peer predictions."""
+    """Every peer forwards the batch once; each then steps on the same set of peer predictions.
 
-    def forward(peer: Peer) -> torch.Tensor:
-        with precision.autocast():  # autocast is per thread: entered where the peer runs
-            return peer.model(x)
-
-    logits = runner.map(forward, peers)
+    ``runner`` runs each peer's forward, and then its loss, backward and optimizer step: in turn on
+    this thread (SERIAL) or side by side (peer_threads.ThreadedPeers); the result is the same.
+    """
+    logits = runner.map(functools.partial(_forward, x=x, precision=precision), peers)
     all_logits = exchange.gather_logits(logits)
 
     def update(k: int) -> torch.Tensor:
@@ -123,12 +127,7 @@ def sequential_step(peers: list[Peer], x, y, cfg: TrainConfig, exchange, precisi
                     runner=SERIAL):
     """The paper's Algorithm 1: peers step in turn, each against the predictions of the peers
     before it as they are after their update (recomputed on the same batch)."""
-
-    def forward(peer: Peer) -> torch.Tensor:
-        with precision.autocast():
-            return peer.model(x)
-
-    logits = runner.map(forward, peers)
+    logits = runner.map(functools.partial(_forward, x=x, precision=precision), peers)
     current = exchange.gather_logits(logits)
     local = {p.index: (p, z) for p, z in zip(peers, logits)}
     losses = []
