@@ -2,8 +2,8 @@
 
 On a CPU, one peer's small convolutions keep few cores busy: splitting every operation over all
 cores costs a synchronisation per operation. Giving each peer its own thread with its own share
-of the cores (PyTorch releases the GIL inside operations) trained a 2 x ResNet-32 cohort on 2
-cores about 10 % faster than one thread driving both peers over both cores.
+of the cores (PyTorch releases the GIL inside operations) trained 2 and 4 x ResNet-32 cohorts on
+2 cores 4 to 11 % faster than one thread driving the peers over both cores.
 
 Peer k always runs on worker k mod W, and a worker runs its peers in order, so the result does
 not depend on thread timing. The models must not draw random numbers while they run (no
