@@ -46,10 +46,62 @@ def test_unknown_model_lists_valid_names():
         assert name in str(info.value)
 
 
-def test_resnet_uses_he_normal_convolutions_and_a_default_classifier():
-    model = create_model("resnet110", 100)
-    conv = model.blocks[-1].conv2.weight  # 64*64*9 weights: fan_in 576, He std sqrt(2/576)
-    assert conv.std().item() == pytest.approx((2 / 576) ** 0.5, rel=0.05)
-    # nn.Linear's default: uniform in +-1/sqrt(fan_in), std 1/sqrt(3 * 64); He-normal would be sqrt(2/64).
-    assert model.fc.weight.abs().max().item() <= 1 / 8
-    assert model.fc.weight.std().item() == pytest.approx((1 / (3 * 64)) ** 0.5, rel=0.05)
+def _conv_std_fan_out(conv: torch.nn.Conv2d) -> float:
+    return (2 / (conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels)) ** 0.5
+
+
+def _sampling_tolerance(n: int) -> float:
+    """Relative tolerance for the std of n normal draws: 5 standard errors (1/sqrt(2n) each)."""
+    return 5 / (2 * n) ** 0.5
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "wrn28_2"])
+def test_convolutions_are_he_normal_on_fan_out(name):
+    torch.manual_seed(0)
+    model = create_model(name, 100)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs
+    for conv in convs:
+        w = conv.weight
+        # the first convolution has 3 input channels: fan-in and fan-out rules differ most there
+        assert w.std().item() == pytest.approx(_conv_std_fan_out(conv), rel=_sampling_tolerance(w.numel()))
+        assert abs(w.mean().item()) < 5 * _conv_std_fan_out(conv) / w.numel() ** 0.5
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet110", "wrn28_2"])
+def test_batchnorm_starts_at_one_and_zero(name):
+    norms = [m for m in create_model(name, 100).modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms
+    for bn in norms:
+        assert torch.equal(bn.weight, torch.ones_like(bn.weight))
+        assert torch.equal(bn.bias, torch.zeros_like(bn.bias))
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"])
+def test_resnet_classifier_is_he_normal_with_zero_bias(name):
+    # 100 x 64 weights: He-normal on the fan-in, std sqrt(2/64) = 0.177 (PyTorch's default would be
+    # uniform with std 1/sqrt(3*64) = 0.072).
+    torch.manual_seed(1)
+    fc = create_model(name, 100).fc
+    assert fc.weight.std().item() == pytest.approx((2 / 64) ** 0.5, rel=_sampling_tolerance(fc.weight.numel()))
+    assert fc.weight.abs().max().item() > 1 / 8  # a normal of std 0.177 leaves the default's range
+    assert torch.equal(fc.bias, torch.zeros_like(fc.bias))
+
+
+def test_wide_resnet_classifier_keeps_the_default_weight_with_zero_bias():
+    torch.manual_seed(2)
+    fc = create_model("wrn28_2", 100).fc  # 100 x 128: default uniform in +-1/sqrt(128)
+    assert fc.weight.abs().max().item() <= 128 ** -0.5
+    assert fc.weight.std().item() == pytest.approx((1 / (3 * 128)) ** 0.5, rel=_sampling_tolerance(fc.weight.numel()))
+    assert torch.equal(fc.bias, torch.zeros_like(fc.bias))
+
+
+def test_resnet_starts_confident_and_arbitrary():
+    """The He-normal classifier makes a fresh ResNet's predictions peaked and random: initial
+    cross-entropy well above ln(100) = 4.6, which is what slows a DML cohort's first epoch."""
+    torch.manual_seed(3)
+    model = create_model("resnet32", 100).train()  # batch statistics, as in the first training step
+    x, y = torch.randn(256, 3, 32, 32), torch.randint(0, 100, (256,))
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(model(x), y).item()
+    assert loss > 6.0  # measured 6.8-8.4 over seeds 0-2; PyTorch's default classifier gives 5.1-5.2

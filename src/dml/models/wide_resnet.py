@@ -52,9 +52,14 @@ class WideResNet(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.bn = nn.BatchNorm2d(in_ch)
         self.fc = nn.Linear(in_ch, num_classes)
+        # The seed's rule for its wide ResNets: He fan-out convolutions, BatchNorm 1 / 0, and the
+        # classifier's default weight with a zero bias (unlike its ResNets' He-normal classifier).
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
