@@ -36,15 +36,18 @@ def init_like_seed(model: nn.Module) -> None:
 
 
 class ZeroPadShortcut(nn.Module):
-    """Option-A shortcut: subsample by 2 in space, zero-pad channels from ``in_ch`` to ``out_ch``."""
+    """Option-A shortcut: subsample by 2 in space; channels ``in_ch..out_ch-1`` are zeros.
+
+    The zeros go after the input's channels, as in the seed system: with the same weights the two
+    networks then compute the same function (zeros on both sides would be a channel permutation).
+    """
 
     def __init__(self, in_ch: int, out_ch: int):
         super().__init__()
-        self.pad_front = (out_ch - in_ch) // 2
-        self.pad_back = out_ch - in_ch - self.pad_front
+        self.extra = out_ch - in_ch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad_front, self.pad_back))
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 0, self.extra))
 
 
 class BasicBlock(nn.Module):
