@@ -156,3 +156,23 @@ def serve_directory(directory: Path):
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+def make_cohort(num_nodes: int, *, model: str = "resnet20", num_classes: int = 10, seed: int = 0, lr: float = 0.1,
+                precision: str = "fp32", channels_last: bool = False, runner=None, update: str = "simultaneous"):
+    """A ``dml.Cohort`` of the recipe's peers on the CPU, with the runtime settings a test pins down:
+    precision, memory format and runner (one thread in turn by default); nothing else of the fast path."""
+    import torch
+
+    from dml.config import TrainConfig
+    from dml.distributed import LocalExchange
+    from dml.engine import build_cohort
+    from dml.runtime import Runtime
+
+    cfg = TrainConfig(models=[model], num_nodes=num_nodes, seed=seed, lr=lr, precision=precision, device="cpu",
+                      update=update)
+    runtime = Runtime(torch.device("cpu"), precision, plain=True, num_peers=num_nodes)
+    runtime.channels_last = channels_last
+    if runner is not None:
+        runtime.runner = runner
+    return build_cohort(cfg, LocalExchange(num_nodes), runtime, num_classes)

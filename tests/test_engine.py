@@ -4,18 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dml.cohort import build_peer, derive_seed
-from dml.config import TrainConfig
-from dml.distributed import LocalExchange
-from dml.engine import Precision, sequential_step, simultaneous_step
+from cifar_fixtures import make_cohort
 from dml.loss import mutual_loss
+from dml.peer import derive_seed
+from dml.step import sequential_step, simultaneous_step
 
-CPU = torch.device("cpu")
 
-
-def _cohort(num_nodes, models="resnet20", seed=0, lr=0.1):
-    cfg = TrainConfig(models=[models], num_nodes=num_nodes, seed=seed, lr=lr, precision="fp32", device="cpu")
-    return cfg, [build_peer(cfg, i, 10, CPU, channels_last=False) for i in range(num_nodes)]
+def _cohort(num_nodes, seed=0, lr=0.1):
+    cohort = make_cohort(num_nodes, seed=seed, lr=lr)
+    return cohort, cohort.peers
 
 
 def _batches(n=3, batch=8, seed=1):
@@ -27,11 +24,10 @@ def _params(peer):
     return torch.cat([p.detach().flatten() for p in peer.model.parameters()])
 
 
-def _run(step, cfg, peers, batches):
-    precision = Precision("fp32", CPU)
-    exchange = LocalExchange(cfg.num_nodes)
+def _run(step, cohort, peers, batches):
+    cohort.peers = peers
     for x, y in batches:
-        step(peers, x, y, cfg, exchange, precision)
+        step(cohort, x, y)
 
 
 @pytest.mark.parametrize("step", [simultaneous_step, sequential_step])

@@ -7,7 +7,7 @@ import torch
 from cifar_fixtures import write_cifar_folder
 
 from dml.cli import main
-from dml.cohort import derive_seed
+from dml.peer import derive_seed
 from dml.data.cifar import balanced_subset, load_cifar
 from dml.evaluate import evaluate_checkpoints, format_table
 from dml.models import create_model
@@ -53,11 +53,13 @@ def constant_model(bias):
     return model
 
 
+# The checkpoints below say they come from --plain runs (fp32, BatchNorm kept), so that `dml evaluate`
+# computes exactly what the fp32 models computed here by hand.
 def save_best(path, model, num_classes=10, dataset="cifar10", epoch=3):
     """A checkpoint in the best.pt format of `dml train`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint({"model": model.state_dict(), "model_name": "resnet20", "index": 0, "epoch": epoch,
-                     "test_acc": 10.0, "config": {"seed": SEED, "dataset": dataset}, "num_classes": num_classes,
+                     "test_acc": 10.0, "config": {"seed": SEED, "dataset": dataset, "plain": True}, "num_classes": num_classes,
                      "dataset": dataset}, path)
     return path
 
@@ -67,7 +69,7 @@ def save_last(path, model, epoch=5):
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint({"model": model.state_dict(), "optimizer": {}, "scheduler": {}, "model_name": "resnet20",
                      "index": 1, "best_acc": 10.0, "best_epoch": 1, "run": {"epoch": epoch},
-                     "config": {"seed": SEED}, "num_classes": 10, "dataset": "cifar10"}, path)
+                     "config": {"seed": SEED, "plain": True}, "num_classes": 10, "dataset": "cifar10"}, path)
     return path
 
 
@@ -144,3 +146,21 @@ def test_errors_are_one_line_with_status_2(cifar10_root, tmp_path, capsys):
         assert main(["evaluate", *args, *common]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and expected in err and err.count("\n") == 1, err
+
+
+def test_evaluating_a_runs_checkpoint_gives_back_its_logged_accuracy(cifar10_root, tmp_path, capsys):
+    """One evaluation path: `dml evaluate` computes on the run's own runtime (bf16 autocast, folded
+    BatchNorm by default), so it reproduces the test accuracy that training logged, exactly."""
+    args = ["--dataset", "cifar10", "--data-dir", str(cifar10_root), "--skip-checksum", "--no-download",
+            "--test-samples", "100"]
+    assert main(["train", "--models", "resnet20", "--num-nodes", "2", "--train-samples", "256", "--batch-size", "32",
+                 "--epochs", "1", "--out-dir", str(tmp_path), "--no-progress", *args]) == 0
+    run = tmp_path / "dml_n2_cifar10_resnet20_s42"
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    capsys.readouterr()
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", str(run / "0_resnet20" / "last.pt"), str(run / "1_resnet20" / "last.pt"),
+                 "--json", str(out), *args[2:]]) == 0
+    summary = json.loads(out.read_text())
+    assert [c["top1"] for c in summary["checkpoints"]] == [r["test_acc"] for r in logged[:2]]
+    assert summary["ensemble"]["top1"] == logged[2]["test_acc"]

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import dml.engine
+import dml.step
 import dml.runlog
 from dml.cli import main
 
@@ -94,17 +95,17 @@ def test_divergence_names_peer_and_step_and_keeps_the_last_good_checkpoint(cifar
     last = tmp_path / RUN / "1_resnet20" / "last.pt"
     best = tmp_path / RUN / "1_resnet20" / "best.pt"
     before = last.read_bytes(), best.read_bytes()
-    real_step = dml.engine.STEPS["simultaneous"]
+    real_step = dml.step.STEPS["simultaneous"]
     calls = []
 
-    def poisoning_step(peers, *args):
+    def poisoning_step(cohort, *args):
         calls.append(1)
         if len(calls) == 5:  # from the 5th step of epoch 2 on, peer 1's weights are broken
             with torch.no_grad():
-                peers[1].model.fc.weight.fill_(float("nan"))
-        return real_step(peers, *args)
+                cohort.peers[1].model.fc.weight.fill_(float("nan"))
+        return real_step(cohort, *args)
 
-    monkeypatch.setitem(dml.engine.STEPS, "simultaneous", poisoning_step)
+    monkeypatch.setitem(dml.step.STEPS, "simultaneous", poisoning_step)
     capsys.readouterr()
     assert _train(cifar_root, tmp_path, "--epochs", "3", "--resume") == 1
     err = capsys.readouterr().err

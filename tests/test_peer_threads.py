@@ -5,12 +5,10 @@ import copy
 import pytest
 import torch
 
-from dml.cohort import build_peer
-from dml.config import TrainConfig
+from cifar_fixtures import make_cohort
 from dml.data.augment import NORMALISATION, Normalise
-from dml.distributed import LocalExchange
-from dml.engine import SERIAL, Precision, evaluate, sequential_step, simultaneous_step
-from dml.peer_threads import SerialPeers, ThreadedPeers, _flushes_denormals, peer_runner
+from dml.data.batches import test_batches
+from dml.peer_threads import SerialPeers, ThreadedPeers, flushes_denormals, peer_runner
 
 CPU = torch.device("cpu")
 
@@ -24,9 +22,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _peers(num_nodes: int, channels_last: bool):
-    cfg = TrainConfig(models=["resnet20"], num_nodes=num_nodes, device="cpu")
-    return cfg, [build_peer(cfg, i, 100, CPU, channels_last) for i in range(num_nodes)]
+def _cohort(num_nodes: int, precision: str, channels_last: bool, runner=None, update="simultaneous"):
+    return make_cohort(num_nodes, num_classes=100, precision=precision, channels_last=channels_last, runner=runner,
+                       update=update)
 
 
 def _batches(n: int, channels_last: bool):
@@ -39,12 +37,8 @@ def _batches(n: int, channels_last: bool):
     return out
 
 
-def _train(step, peers, cfg, batches, precision, runner):
-    losses = []
-    for x, y in batches:
-        step_losses, _ = step(peers, x, y, cfg, LocalExchange(cfg.num_nodes), precision, runner)
-        losses.append(torch.stack(step_losses).detach())
-    return torch.stack(losses)
+def _train(cohort, batches):
+    return torch.stack([torch.stack(cohort.step(x, y).losses).detach() for x, y in batches])
 
 
 def _state(peers):
@@ -55,50 +49,48 @@ def _state(peers):
                          [(2, "fp32", False), (2, "bf16", True), (3, "bf16", True)])
 def test_threaded_steps_are_bit_identical_to_one_thread(one_thread, num_nodes, precision, channels_last):
     """Three simultaneous steps; with 3 peers on 2 workers, worker 0 runs peers 0 and 2 in turn."""
-    cfg, serial_peers = _peers(num_nodes, channels_last)
-    _, threaded_peers = _peers(num_nodes, channels_last)
+    serial = _cohort(num_nodes, precision, channels_last)
     batches = _batches(3, channels_last)
-    expected = _train(simultaneous_step, serial_peers, cfg, batches, Precision(precision, CPU), SERIAL)
+    expected = _train(serial, batches)
     runner = ThreadedPeers(workers=2, threads_per_worker=1)
     try:
-        got = _train(simultaneous_step, threaded_peers, cfg, batches, Precision(precision, CPU), runner)
+        threaded = _cohort(num_nodes, precision, channels_last, runner)
+        got = _train(threaded, batches)
     finally:
         runner.close()
     assert torch.equal(got, expected)
-    for a, b in zip(_state(threaded_peers), _state(serial_peers)):
+    for a, b in zip(_state(threaded.peers), _state(serial.peers)):
         for key in b:
             assert torch.equal(a[key], b[key]), key
 
 
 def test_threaded_sequential_forward_matches(one_thread):
-    cfg, serial_peers = _peers(2, False)
-    cfg.update = "sequential"
-    _, threaded_peers = _peers(2, False)
     batches = _batches(2, False)
-    expected = _train(sequential_step, serial_peers, cfg, batches, Precision("fp32", CPU), SERIAL)
+    expected = _train(_cohort(2, "fp32", False, update="sequential"), batches)
     runner = ThreadedPeers(workers=2, threads_per_worker=1)
     try:
-        got = _train(sequential_step, threaded_peers, cfg, batches, Precision("fp32", CPU), runner)
+        got = _train(_cohort(2, "fp32", False, runner, update="sequential"), batches)
     finally:
         runner.close()
     assert torch.equal(got, expected)
 
 
 def test_threaded_evaluation_matches(one_thread):
-    _, peers = _peers(3, True)
     g = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (1200, 3, 32, 32), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 100, (1200,), generator=g)
     normalise = Normalise(*NORMALISATION["cifar100"], CPU, channels_last=True)
-    precision = Precision("bf16", CPU)
-    expected = evaluate(peers, images, labels, normalise, LocalExchange(3), precision)
+    serial = _cohort(3, "bf16", True)
+    expected = serial.evaluate(test_batches(images, labels, 1000, normalise))
     runner = ThreadedPeers(workers=2, threads_per_worker=1)
     try:
-        got = evaluate(peers, images, labels, normalise, LocalExchange(3), precision, runner)
+        threaded = _cohort(3, "bf16", True, runner)
+        got = threaded.evaluate(test_batches(images, labels, 1000, normalise))
     finally:
         runner.close()
     assert got == expected
-    assert all(p.model.training for p in peers)
+    assert got.samples == 1200 and 0 <= min(got.top1) <= max(got.top5) <= 100
+    assert all(p.model.training for p in threaded.peers)
 
 
 def test_worker_and_caller_thread_settings():
@@ -107,7 +99,7 @@ def test_worker_and_caller_thread_settings():
     try:
         runner = ThreadedPeers(workers=2, threads_per_worker=1)
         try:
-            seen = runner.map(lambda _: (torch.get_num_threads(), _flushes_denormals()), range(4))
+            seen = runner.map(lambda _: (torch.get_num_threads(), flushes_denormals()), range(4))
             assert seen == [(1, True)] * 4
             assert torch.get_num_threads() == 1  # the caller does no heavy work meanwhile
         finally:

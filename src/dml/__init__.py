@@ -1,3 +1,28 @@
-"""Deep Mutual Learning: a cohort of peers that learn from each other's predictions."""
+"""Deep Mutual Learning: a cohort of peers that learn from each other's predictions.
+
+The library in one screen::
+
+    import dml
+    cohort = dml.Cohort(models=[net_a, net_b], optimizers=[opt_a, opt_b],
+                        loss=dml.MutualLoss(temperature=1.0, kl_weight=1.0))
+    for x, y in loader:
+        out = cohort.step(x, y)        # out.losses, out.logits: one per local peer
+    print(cohort.evaluate(test_loader))
+"""
 
 __version__ = "0.1.0"
+
+# Loaded on first use, so that `dml --help` answers without importing torch.
+_PUBLIC = {
+    "Cohort": "cohort", "StepOutput": "cohort", "MutualLoss": "loss", "mutual_loss": "loss",
+    "Evaluation": "evaluate", "create_model": "models",
+}
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'dml' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)

@@ -29,7 +29,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from .config import TrainConfig
 from .data.augment import CIFAR100_MEAN, CIFAR100_STD
 from .distributed import make_exchange
-from .engine import STEPS, Precision, StepMetrics, build_cohort, resolve_device, resolve_precision, train_steps
+from .engine import StepMetrics, build_cohort, build_feed, build_runtime, train_steps
+from .runtime import resolve_device, resolve_precision
 from .models import create_model
 
 NUM_CLASSES = 100
@@ -71,31 +72,27 @@ def measure_engine(settings: BenchSettings, num_nodes: int, exchange) -> tuple[f
     cfg = TrainConfig(models=models, num_nodes=num_nodes, batch_size=settings.batch_size, device=settings.device,
                       precision=settings.precision, update=settings.update, seed=settings.seed, progress=False,
                       plain=settings.plain)
-    device = exchange.select_device(resolve_device(cfg.device))
-    precision = Precision(resolve_precision(cfg.precision, device, cfg.plain), device)
+    runtime = build_runtime(cfg, exchange)
+    device = runtime.device
     images, labels = synthetic_cifar(settings.batch_size * _total_steps(settings), device, settings.seed)
-    cohort = build_cohort(cfg, exchange, device, images, labels, NUM_CLASSES)
-    peers, batches = cohort.peers, cohort.batches
-    step = STEPS[cfg.update]
-    metrics = StepMetrics(len(peers), device)
-
-    batch_iter = iter(batches)
     try:
-        train_steps(peers, itertools.islice(batch_iter, settings.warmup), cfg, exchange, precision, step, metrics,
-                    runner=cohort.runner)
+        cohort = build_cohort(cfg, exchange, runtime, NUM_CLASSES)
+        batch_iter = iter(build_feed(cfg, runtime, images, labels).batches)
+        metrics = StepMetrics(len(cohort.peers), device)
+        train_steps(cohort, itertools.islice(batch_iter, settings.warmup), metrics)
         metrics.read()  # waits for the device
         exchange.barrier()
         seconds = float("inf")
         for _ in range(settings.repeats):
             started = time.perf_counter()
-            train_steps(peers, itertools.islice(batch_iter, settings.steps), cfg, exchange, precision, step, metrics,
-                        runner=cohort.runner)
+            train_steps(cohort, itertools.islice(batch_iter, settings.steps), metrics)
             metrics.read()
             _sync(device)
             exchange.barrier()
             seconds = min(seconds, time.perf_counter() - started)
     finally:
-        cohort.runner.close()
+        runtime.close()
+    peers = cohort.peers
     img_s = settings.steps * settings.batch_size * num_nodes / seconds
     return img_s, step_flops(peers, settings.batch_size, device)
 
@@ -230,7 +227,6 @@ def run_benchmark(settings: BenchSettings, echo=print) -> list[dict]:
             echo(_row(record))
     if exchange is not None:
         exchange.close()
-    torch.set_flush_denormal(False)  # build_cohort turned it on for the measurement
     return records
 
 

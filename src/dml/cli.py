@@ -172,7 +172,9 @@ def _evaluate_parser(sub) -> None:
     p = sub.add_parser(
         "evaluate", help="top-1/top-5 test accuracy of checkpoints and of their ensemble",
         description="Evaluate best.pt or last.pt checkpoints on the test split: top-1 and top-5 accuracy of "
-                    "each and of their ensemble (mean softmax). All checkpoints must be for the same dataset.",
+                    "each and of their ensemble (mean softmax). All checkpoints must be for the same dataset. They are "
+                    "evaluated as their run evaluated them during training (its precision; BatchNorm folded unless "
+                    "it ran with --plain), so the numbers match its log.",
     )
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="best.pt or last.pt files of dml runs")
     _add_data_source_args(p)

@@ -1,121 +1,117 @@
-"""Peers: a model with its optimizer and schedule, and the state that resumes it."""
+"""``dml.Cohort``: peers that learn from each other, usable in any training loop.
+
+    cohort = dml.Cohort(models=[net_a, net_b], optimizers=[opt_a, opt_b],
+                        loss=dml.MutualLoss(temperature=1.0, kl_weight=1.0))
+    for x, y in loader:
+        out = cohort.step(x, y)          # out.losses, out.logits: one per local peer
+    cohort.evaluate(test_loader)         # per-peer and ensemble top-1 / top-5
+"""
 
 from __future__ import annotations
 
-import hashlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .config import TrainConfig
-from .models import create_model
-
-
-def derive_seed(seed: int, *purpose: object) -> int:
-    """A 63-bit seed for one purpose (e.g. ("init", 2)), independent of every other purpose.
-
-    Peers draw their initial weights from their own derived seed, so a peer starts from the same
-    weights whichever process builds it and whatever other peers exist.
-    """
-    text = ":".join(str(p) for p in (seed, *purpose))
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+from .distributed import LocalExchange, make_exchange
+from .evaluate import Evaluation, evaluate_models
+from .loss import MutualLoss
+from .peer import Peer
+from .runtime import Runtime, resolve_device
+from .step import STEPS
 
 
 @dataclass
-class Peer:
-    index: int  # position in the cohort, 0..K-1
-    model_name: str
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    best_acc: float = float("-inf")
-    best_epoch: int = 0
+class StepOutput:
+    """What one step computed for each local peer, still on the device (reading them syncs)."""
+
+    losses: list[torch.Tensor]
+    logits: list[torch.Tensor]
+
+
+class Cohort:
+    """K peers trained together on the same batches; each minimises ``loss`` of its own logits against
+    the other peers' detached logits (one model: plain cross-entropy training).
+
+    ``models`` and ``optimizers`` (and ``schedulers``, optional, not stepped by the cohort) are one per
+    peer. Models may be any ``nn.Module`` mapping a batch of inputs to logits; they are moved to the
+    device (and to channels_last unless ``plain``) in place, so optimizers built on their parameters
+    stay valid. ``update``: "simultaneous" (all peers step on the same predictions) or "sequential".
+    ``precision``: "auto" (bf16 autocast on CPU and CUDA), "fp32", "bf16", "fp16" (CUDA).
+    ``plain`` keeps PyTorch's defaults (see ``Runtime``). Under torchrun (WORLD_SIZE > 1) each process
+    keeps its own contiguous share of the peers and the cohort exchanges logits between processes.
+
+    Call ``close()`` (or use ``with``) when done: it stops the peer threads and restores torch's settings.
+    """
+
+    def __init__(self, models: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer],
+                 loss: MutualLoss | None = None, *, update: str = "simultaneous", precision: str = "auto",
+                 device: str | torch.device = "auto", schedulers: Sequence | None = None,
+                 names: Sequence[str] | None = None, plain: bool = False):
+        if not models:
+            raise ValueError("a cohort needs at least one model")
+        if len(optimizers) != len(models) or (schedulers is not None and len(schedulers) != len(models)):
+            raise ValueError(f"{len(models)} models need as many optimizers (and schedulers, if given)")
+        if update not in STEPS:
+            raise ValueError(f"update {update!r} is not one of: {', '.join(STEPS)}")
+        names = list(names) if names is not None else [type(m).__name__.lower() for m in models]
+        where = resolve_device(device)
+        exchange = make_exchange(len(models), where.type)
+        runtime = Runtime(exchange.select_device(where), precision, plain, num_peers=len(exchange.local_indices),
+                          side_by_side=update == "simultaneous")
+        peers = [Peer(i, names[i], runtime.prepare(models[i]), optimizers[i],
+                      None if schedulers is None else schedulers[i]) for i in exchange.local_indices]
+        self._init(peers, loss or MutualLoss(), update, runtime, exchange, len(models))
+
+    @classmethod
+    def from_peers(cls, peers: list[Peer], loss: MutualLoss, update: str, runtime: Runtime,
+                   exchange: LocalExchange, num_peers: int) -> Cohort:
+        """A cohort of this process's ``peers`` (already on the runtime's device) of ``num_peers`` in all."""
+        cohort = cls.__new__(cls)
+        cohort._init(peers, loss, update, runtime, exchange, num_peers)
+        return cohort
+
+    def _init(self, peers, loss, update, runtime, exchange, num_peers) -> None:
+        self.peers = peers
+        self.loss = loss
+        self.update = update
+        self.runtime = runtime
+        self.exchange = exchange
+        self.num_peers = num_peers  # in the whole cohort; ``peers`` holds this process's
+        self._step = STEPS[update]
 
     @property
-    def label(self) -> str:
-        """The peer's folder and display name, as the seed named them: ``0_resnet32``."""
-        return f"{self.index}_{self.model_name}"
+    def device(self) -> torch.device:
+        return self.runtime.device
 
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+        """Train every local peer on one batch of inputs ``x`` and labels ``y``; no host sync."""
+        x, y = self.runtime.to_device(x), y.to(self.runtime.device, non_blocking=True)
+        losses, logits = self._step(self, x, y)
+        return StepOutput(losses, logits)
+
+    def evaluate(self, batches: Iterable) -> Evaluation:
+        """Top-1 / top-5 accuracy (%) of every local peer and of the whole cohort's mean-softmax ensemble."""
+        return evaluate_models([p.model for p in self.peers], batches, self.runtime, self.exchange)
 
     def state_dict(self) -> dict:
-        return {
-            "index": self.index,
-            "model_name": self.model_name,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "best_acc": self.best_acc,
-            "best_epoch": self.best_epoch,
-        }
-
-    def _expected_state(self) -> dict:
-        """This peer's state without the model, plus the momentum buffers SGD creates at its first step."""
-        fresh = self.state_dict()
-        params = [q for group in self.optimizer.param_groups for q in group["params"]]
-        fresh["optimizer"]["state"] = {i: {"momentum_buffer": q.detach()} for i, q in enumerate(params)}
-        return {k: v for k, v in fresh.items() if k != "model"}
+        """Every local peer's model, optimizer and schedule, and the loss scaler (fp16)."""
+        return {"peers": [p.state_dict() for p in self.peers], "scaler": self.runtime.precision.scaler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Load what state_dict() saved; ValueError / TypeError where ``state`` is not built like it.
+        if len(state.get("peers", ())) != len(self.peers):
+            raise ValueError(f"the state holds {len(state.get('peers', ()))} peers, this cohort {len(self.peers)}")
+        for peer, peer_state in zip(self.peers, state["peers"]):
+            peer.load_state_dict(peer_state)
+        self.runtime.precision.scaler.load_state_dict(state["scaler"])
 
-        The model's own load checks names and shapes; everything else is checked here first.
-        """
-        _check_like(self._expected_state(), {k: v for k, v in state.items() if k != "model"}, "checkpoint")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.best_acc = state["best_acc"]
-        self.best_epoch = state["best_epoch"]
+    def close(self) -> None:
+        self.runtime.close()
 
+    def __enter__(self) -> Cohort:
+        return self
 
-def _kind(value) -> str:
-    """int and float are one kind (a setting may be saved as either); bool and None their own."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return "number"
-    return type(value).__name__
-
-
-def _check_like(fresh, loaded, where: str) -> None:
-    """ValueError where ``loaded`` is not built like ``fresh``, the same state of a new peer.
-
-    load_state_dict takes many wrong values as they are (a best_acc of None, an lr that is a
-    string), and training would then fail with a traceback epochs later. Entries only one side
-    has are left alone: optimizers and schedulers of other torch versions add or drop some.
-    """
-    if isinstance(fresh, dict):
-        if not isinstance(loaded, dict):
-            raise TypeError(f"{where} is a {type(loaded).__name__}, not a dict")
-        for key in fresh.keys() & loaded.keys():
-            _check_like(fresh[key], loaded[key], f"{where}[{key!r}]")
-    elif isinstance(fresh, (list, tuple)):
-        if not isinstance(loaded, (list, tuple)) or len(loaded) != len(fresh):
-            raise ValueError(f"{where} should be a list of {len(fresh)}")
-        for i, (a, b) in enumerate(zip(fresh, loaded)):
-            _check_like(a, b, f"{where}[{i}]")
-    elif isinstance(fresh, torch.Tensor):
-        if not isinstance(loaded, torch.Tensor) or loaded.shape != fresh.shape or loaded.dtype != fresh.dtype:
-            raise ValueError(f"{where} should be a {fresh.dtype} tensor of shape {tuple(fresh.shape)}")
-    elif _kind(loaded) != _kind(fresh):
-        raise ValueError(f"{where} should be a {_kind(fresh)}, not a {_kind(loaded)}")
-
-
-def build_peer(cfg: TrainConfig, index: int, num_classes: int, device: torch.device, channels_last: bool) -> Peer:
-    """Peer ``index`` of the cohort with the recipe's SGD and per-epoch cosine schedule."""
-    name = cfg.models[index]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(cfg.seed, "init", index))
-        model = create_model(name, num_classes)
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    # foreach: one multi-tensor update instead of a Python loop over ~100 parameters (a few % on CPU).
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd, nesterov=cfg.nesterov,
-        foreach=not cfg.plain,
-    )
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs, eta_min=0.0)
-    return Peer(index, name, model, optimizer, scheduler)
+    def __exit__(self, *exc) -> None:
+        self.close()

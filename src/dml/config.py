@@ -8,11 +8,10 @@ from dataclasses import asdict, dataclass, field, fields
 
 from .errors import UserError
 from .models import MODEL_NAMES
+from .runtime import DEVICES, PRECISIONS
 
 DATASETS = ("cifar100", "cifar10")
 UPDATES = ("simultaneous", "sequential")
-DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # Settings that may change between a run and its resumption without changing what is computed.
 RESUMABLE_CHANGES = frozenset(

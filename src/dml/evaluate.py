@@ -1,29 +1,89 @@
-"""``dml evaluate``: top-1 and top-5 test accuracy of checkpoints and of their ensemble.
+"""The one evaluation path: top-1 and top-5 accuracy of peers and of their ensemble.
 
-Any ``best.pt`` or ``last.pt`` of a run directory works: both hold the model name, the number of
-classes, the dataset and the weights. The ensemble averages the checkpoints' softmax outputs, as
-the ensemble row that training logs does.
+``evaluate_models`` is what training logs every epoch, what ``Cohort.evaluate`` returns and what
+``dml evaluate`` prints for checkpoints (any ``best.pt`` or ``last.pt`` of a run directory: both hold
+the model name, the number of classes, the dataset and the weights), computed the same way: on the
+runtime the run trained with (precision, BatchNorm folding). The ensemble averages the softmax
+outputs of all peers.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .cohort import derive_seed
 from .data.augment import NORMALISATION, Normalise
 from .data.batches import test_batches
 from .data.cifar import balanced_subset, load_cifar
-from .engine import EVAL_BATCH_SIZE, resolve_device
+from .distributed import LocalExchange
 from .errors import UserError
 from .models import MODEL_NAMES, create_model
+from .peer import derive_seed
 from .runlog import load_checkpoint
+from .runtime import Runtime, resolve_device
 
 NUM_CLASSES = {"cifar100": 100, "cifar10": 10}
 TOP_K = (1, 5)
+EVAL_BATCH_SIZE = 1000
+
+
+@dataclass
+class Evaluation:
+    """Accuracies in percent: ``top1[k]`` / ``top5[k]`` of local peer k, and of the ensemble of all peers."""
+
+    top1: list[float]
+    top5: list[float]
+    ensemble_top1: float
+    ensemble_top5: float
+    samples: int
+
+
+def _correct_top_k(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per k in TOP_K, how many labels are among the k highest scores."""
+    top = scores.topk(min(max(TOP_K), scores.shape[1]), dim=1).indices
+    hits = top == labels[:, None]
+    return torch.stack([hits[:, :k].any(1).sum() for k in TOP_K])
+
+
+def _predict(model: torch.nn.Module, x: torch.Tensor, precision) -> torch.Tensor:
+    with torch.inference_mode(), precision.autocast():  # both are per thread: entered where the model runs
+        return model(x)
+
+
+def evaluate_models(models: list[torch.nn.Module], batches: Iterable, runtime: Runtime,
+                    exchange=None) -> Evaluation:
+    """Accuracy of every model on ``batches`` of (inputs, labels), and of the ensemble (mean softmax).
+
+    The models run in evaluation mode (through BatchNorm-folded copies where the runtime folds) and
+    are left in training mode. With an exchange over processes, the ensemble holds every process's peers.
+    """
+    exchange = exchange or LocalExchange(len(models))
+    inference = [runtime.inference_model(m) for m in models]
+    correct = torch.zeros(len(models), len(TOP_K), device=runtime.device, dtype=torch.int64)
+    ensemble = torch.zeros(len(TOP_K), device=runtime.device, dtype=torch.int64)
+    samples = 0
+    with torch.inference_mode():
+        for x, y in batches:
+            x, y = runtime.to_device(x), y.to(runtime.device, non_blocking=True)
+            logits = runtime.runner.map(functools.partial(_predict, x=x, precision=runtime.precision), inference)
+            for k, z in enumerate(logits):
+                correct[k] += _correct_top_k(z, y)
+            mean_probs = torch.stack([z.float().softmax(1) for z in exchange.gather_logits(logits)]).mean(0)
+            ensemble += _correct_top_k(mean_probs, y)
+            samples += y.shape[0]
+    for m in models:
+        m.train()
+    if samples == 0:
+        raise ValueError("no batches to evaluate on")
+    per_peer = (100.0 * correct / samples).tolist()
+    top1, top5 = ([acc[i] for acc in per_peer] for i in range(len(TOP_K)))
+    ensemble_top1, ensemble_top5 = (100.0 * ensemble / samples).tolist()
+    return Evaluation(top1, top5, ensemble_top1, ensemble_top5, samples)
 
 
 @dataclass
@@ -37,6 +97,8 @@ class Checkpoint:
     epoch: int | None
     seed: int | None
     model: torch.nn.Module
+    precision: str = "auto"  # how the run computed: evaluated the same way
+    plain: bool = False
 
 
 @dataclass
@@ -66,7 +128,7 @@ def load_model(path: Path, device: torch.device) -> Checkpoint:
     epoch = state.get("epoch", (state.get("run") or {}).get("epoch"))
     config = state.get("config") or {}
     return Checkpoint(Path(path), name, num_classes, state.get("dataset"), epoch, config.get("seed"),
-                      model.to(device).eval())
+                      model.to(device).eval(), config.get("precision", "auto"), bool(config.get("plain", False)))
 
 
 def common_dataset(checkpoints: list[Checkpoint], dataset: str | None) -> str:
@@ -87,27 +149,16 @@ def common_dataset(checkpoints: list[Checkpoint], dataset: str | None) -> str:
     return dataset
 
 
-def _correct_top_k(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per k in TOP_K, how many labels are among the k highest scores."""
-    top = probs.topk(max(TOP_K), dim=1).indices
-    hits = top == labels[:, None]
-    return torch.stack([hits[:, :k].any(1).sum() for k in TOP_K])
-
-
-@torch.inference_mode()
 def accuracies(checkpoints: list[Checkpoint], images: torch.Tensor, labels: torch.Tensor,
-               normalise: Normalise) -> list[Accuracy]:
+               normalise: Normalise, runtime: Runtime) -> list[Accuracy]:
     """Top-1/top-5 accuracy (%) of every checkpoint, then of their mean-softmax ensemble."""
-    correct = torch.zeros(len(checkpoints) + 1, len(TOP_K), dtype=torch.int64)
-    for x, y in test_batches(images, labels, EVAL_BATCH_SIZE, normalise):
-        probs = [c.model(x).float().softmax(1) for c in checkpoints]
-        for i, p in enumerate(probs):
-            correct[i] += _correct_top_k(p, y).cpu()
-        correct[-1] += _correct_top_k(torch.stack(probs).mean(0), y).cpu()
-    percent = (100.0 * correct / labels.shape[0]).tolist()
-    results = [Accuracy(str(c.path), c.model_name, c.epoch, *percent[i]) for i, c in enumerate(checkpoints)]
-    results.append(Accuracy("ensemble", f"mean softmax of {len(checkpoints)}", None, *percent[-1]))
-    return results
+    result = evaluate_models([c.model for c in checkpoints], test_batches(images, labels, EVAL_BATCH_SIZE, normalise),
+                             runtime)
+    rows = [Accuracy(str(c.path), c.model_name, c.epoch, result.top1[i], result.top5[i])
+            for i, c in enumerate(checkpoints)]
+    rows.append(Accuracy("ensemble", f"mean softmax of {len(checkpoints)}", None, result.ensemble_top1,
+                         result.ensemble_top5))
+    return rows
 
 
 def evaluate_checkpoints(paths, data_dir: str = "./data", dataset: str | None = None, device: str = "auto",
@@ -129,7 +180,15 @@ def evaluate_checkpoints(paths, data_dir: str = "./data", dataset: str | None = 
         seed = checkpoints[0].seed if checkpoints[0].seed is not None else 0
         test = balanced_subset(test, test_samples, derive_seed(seed, "test-subset"), data.num_classes)
     mean, std = NORMALISATION[dataset]
-    results = accuracies(checkpoints, test.images.to(dev), test.labels.to(dev), Normalise(mean, std, dev))
+    # the first checkpoint's run decides precision and the plain path: its logged accuracies come back exactly
+    runtime = Runtime(dev, checkpoints[0].precision, checkpoints[0].plain, num_peers=len(checkpoints))
+    try:
+        for c in checkpoints:
+            c.model = runtime.prepare(c.model)
+        results = accuracies(checkpoints, test.images.to(dev), test.labels.to(dev), Normalise(mean, std, dev, runtime.channels_last),
+                             runtime)
+    finally:
+        runtime.close()
     return {"dataset": dataset, "num_classes": data.num_classes, "test_images": len(test), "device": dev.type,
             "checkpoints": [asdict(r) for r in results[:-1]], "ensemble": asdict(results[-1])}
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,3 +41,23 @@ def mutual_loss(
         kl = sum(kl_from_peer(z_j, logits, temperature) for z_j in peer_logits)
         loss = loss + kl_weight * temperature**2 * kl / len(peer_logits)
     return loss
+
+
+@dataclass(frozen=True)
+class MutualLoss:
+    """The DML objective with its settings: ``loss(logits, peer_logits, labels)`` is ``mutual_loss``.
+
+    With no peer logits (one model) it is exactly cross-entropy.
+    """
+
+    temperature: float = 1.0
+    kl_weight: float = 1.0
+
+    def __post_init__(self):
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a positive finite number, got {self.temperature!r}")
+        if not (self.kl_weight >= 0 and math.isfinite(self.kl_weight)):
+            raise ValueError(f"kl_weight must be a non-negative finite number, got {self.kl_weight!r}")
+
+    def __call__(self, logits: torch.Tensor, peer_logits: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        return mutual_loss(logits, peer_logits, labels, self.temperature, self.kl_weight)

@@ -45,7 +45,7 @@ class ThreadedPeers:
 
     def __init__(self, workers: int, threads_per_worker: int):
         self._caller_threads = torch.get_num_threads()
-        flush_denormal = _flushes_denormals()
+        flush_denormal = flushes_denormals()
         self.workers = workers
         self.threads_per_worker = threads_per_worker
         self._pools = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"dml-peer-{w}",
@@ -73,7 +73,7 @@ def _init_worker(threads: int, flush_denormal: bool) -> None:
     torch.set_flush_denormal(flush_denormal)  # a per-thread CPU flag
 
 
-def _flushes_denormals() -> bool:
+def flushes_denormals() -> bool:
     """Whether the calling thread flushes denormal floats to zero (torch.set_flush_denormal)."""
     return (torch.tensor([1e-39]) * 2.0).item() == 0.0
 

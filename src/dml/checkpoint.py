@@ -1,0 +1,111 @@
+"""A run's state on disk: refusing to overwrite or mis-resume a run, the resume point, the RNG state,
+and each epoch's checkpoints (best.pt where a peer improved; last.pt committed in two phases so that
+a crash between peers or processes never leaves a cohort that cannot resume)."""
+
+from __future__ import annotations
+
+import torch
+
+from .cohort import Cohort
+from .config import TrainConfig
+from .errors import RunStopped, UserError
+from .runlog import CONFIG_FILE, LAST_NEXT, RunDir, load_checkpoint
+
+
+def check_run_dir(cfg: TrainConfig, resume: bool, run: RunDir) -> None:
+    """Refuse to overwrite a run, to resume nothing, or to resume with another configuration."""
+    if resume:
+        if not (run.path / CONFIG_FILE).exists():
+            raise UserError(f"nothing to resume in {run.path}: it holds no run (no {CONFIG_FILE}); "
+                            "run without --resume")
+        differences = cfg.differences(run.read_config())
+        if differences:
+            raise UserError(
+                f"--resume with a configuration that differs from the run in {run.path} "
+                f"({'; '.join(differences)}); repeat the original command with --resume"
+            )
+    elif (run.path / CONFIG_FILE).exists() or run.has_checkpoints():
+        raise UserError(
+            f"{run.path} already holds a run; pass --resume to continue it, or --name for a new run"
+        )
+
+
+def restore(run: RunDir, cohort: Cohort) -> dict | None:
+    """Load every local peer at the newest epoch the whole cohort reached; return the run state,
+    or None where the cohort never completed an epoch (its staged first epoch is discarded)."""
+    peers, exchange, device = cohort.peers, cohort.exchange, cohort.device
+    local_epochs = {p.index: run.checkpoint_epochs(p.index) for p in peers}
+    shared = {}
+    for part in exchange.gather_objects({i: set(e) for i, e in local_epochs.items()}):
+        shared.update(part)
+    epoch = run.resume_point(shared)
+    if epoch == 0:
+        for p in peers:
+            (run.peer_path(p.index) / LAST_NEXT).unlink(missing_ok=True)
+        return None
+    run_state = {}
+    for p in peers:
+        path = local_epochs[p.index][epoch]
+        state = load_checkpoint(path, map_location=device)
+        if state.get("model_name") != p.model_name:
+            raise UserError(f"checkpoint {path} holds a {state.get('model_name')!r}, but peer {p.index} is a "
+                            f"{p.model_name!r}; resume with the run's own --models")
+        try:
+            p.load_state_dict(state)
+            run_state = state["run"]
+            _check_rng_state(run_state, device)
+        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as exc:
+            raise UserError(f"checkpoint {path} does not fit peer {p.label} ({type(exc).__name__}): it is damaged "
+                            "or from another configuration; start a new run with another --name") from None
+        staged = run.peer_path(p.index) / LAST_NEXT
+        if path == staged:
+            run.publish_last(p.index)  # finish the commit a crash interrupted
+        else:
+            staged.unlink(missing_ok=True)  # staged past what every peer reached: discard
+    return run_state
+
+
+def _rng_state(generator: torch.Generator) -> dict:
+    state = {"data_generator": generator.get_state(), "torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _check_rng_state(state: dict, device: torch.device) -> None:
+    """Setting a state of the wrong size fails; try it on throw-away generators first."""
+    for key, generator in (("data_generator", torch.Generator(device=device)), ("torch_rng", torch.Generator())):
+        if not isinstance(state.get(key), torch.Tensor) or state[key].dtype != torch.uint8:
+            raise ValueError(f"no {key} state")
+        generator.set_state(state[key].cpu())
+
+
+def set_rng_state(generator: torch.Generator, state: dict) -> None:
+    generator.set_state(state["data_generator"].cpu())
+    torch.set_rng_state(state["torch_rng"].cpu())
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+
+
+def save_epoch(run: RunDir, epoch: int, cohort: Cohort, records: list[dict], generator: torch.Generator,
+               cfg: TrainConfig, num_classes: int) -> None:
+    """best.pt where a peer improved, then every peer's last.pt committed in two phases."""
+    peers = cohort.peers
+    for p in peers:
+        if not all(torch.isfinite(t).all() for t in p.model.state_dict().values() if t.is_floating_point()):
+            raise RunStopped(f"peer {p.label} diverged: its parameters are not finite after epoch {epoch}; "
+                             "the checkpoint of the last complete epoch is kept; lower --lr and start again")
+    run_state = {"epoch": epoch, **_rng_state(generator)}
+    by_node = {r["node"]: r for r in records}
+    meta = {"config": cfg.to_dict(), "num_classes": num_classes, "dataset": cfg.dataset}
+    for p in peers:
+        acc = by_node[p.index]["test_acc"]
+        if acc > p.best_acc:
+            p.best_acc, p.best_epoch = acc, epoch
+            run.save_best(p.index, {"model": p.model.state_dict(), "model_name": p.model_name,
+                                    "index": p.index, "epoch": epoch, "test_acc": acc, **meta})
+    for p in peers:
+        run.stage_last(p.index, {**p.state_dict(), "run": run_state, **meta})
+    cohort.exchange.barrier()
+    for p in peers:
+        run.publish_last(p.index)

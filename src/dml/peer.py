@@ -1,0 +1,102 @@
+"""A peer: a model with its optimizer and (optional) schedule, and the state that resumes it."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+
+def derive_seed(seed: int, *purpose: object) -> int:
+    """A 63-bit seed for one purpose (e.g. ("init", 2)), independent of every other purpose.
+
+    Peers draw their initial weights from their own derived seed, so a peer starts from the same
+    weights whichever process builds it and whatever other peers exist.
+    """
+    text = ":".join(str(p) for p in (seed, *purpose))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
+@dataclass
+class Peer:
+    index: int  # position in the cohort, 0..K-1
+    model_name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    best_acc: float = float("-inf")
+    best_epoch: int = 0
+
+    @property
+    def label(self) -> str:
+        """The peer's folder and display name, as the seed named them: ``0_resnet32``."""
+        return f"{self.index}_{self.model_name}"
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        return {
+            "index": self.index,
+            "model_name": self.model_name,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "best_acc": self.best_acc,
+            "best_epoch": self.best_epoch,
+        }
+
+    def _expected_state(self) -> dict:
+        """This peer's state without the model, plus the momentum buffers SGD creates at its first step."""
+        fresh = self.state_dict()
+        params = [q for group in self.optimizer.param_groups for q in group["params"]]
+        fresh["optimizer"]["state"] = {i: {"momentum_buffer": q.detach()} for i, q in enumerate(params)}
+        return {k: v for k, v in fresh.items() if k != "model"}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load what state_dict() saved; ValueError / TypeError where ``state`` is not built like it.
+
+        The model's own load checks names and shapes; everything else is checked here first.
+        """
+        _check_like(self._expected_state(), {k: v for k, v in state.items() if k != "model"}, "checkpoint")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.best_acc = state["best_acc"]
+        self.best_epoch = state["best_epoch"]
+
+
+def _kind(value) -> str:
+    """int and float are one kind (a setting may be saved as either); bool and None their own."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return "number"
+    return type(value).__name__
+
+
+def _check_like(fresh, loaded, where: str) -> None:
+    """ValueError where ``loaded`` is not built like ``fresh``, the same state of a new peer.
+
+    load_state_dict takes many wrong values as they are (a best_acc of None, an lr that is a
+    string), and training would then fail with a traceback epochs later. Entries only one side
+    has are left alone: optimizers and schedulers of other torch versions add or drop some.
+    """
+    if isinstance(fresh, dict):
+        if not isinstance(loaded, dict):
+            raise TypeError(f"{where} is a {type(loaded).__name__}, not a dict")
+        for key in fresh.keys() & loaded.keys():
+            _check_like(fresh[key], loaded[key], f"{where}[{key!r}]")
+    elif isinstance(fresh, (list, tuple)):
+        if not isinstance(loaded, (list, tuple)) or len(loaded) != len(fresh):
+            raise ValueError(f"{where} should be a list of {len(fresh)}")
+        for i, (a, b) in enumerate(zip(fresh, loaded)):
+            _check_like(a, b, f"{where}[{i}]")
+    elif isinstance(fresh, torch.Tensor):
+        if not isinstance(loaded, torch.Tensor) or loaded.shape != fresh.shape or loaded.dtype != fresh.dtype:
+            raise ValueError(f"{where} should be a {fresh.dtype} tensor of shape {tuple(fresh.shape)}")
+    elif _kind(loaded) != _kind(fresh):
+        raise ValueError(f"{where} should be a {_kind(fresh)}, not a {_kind(loaded)}")
