@@ -9,7 +9,7 @@ import sys
 from . import __version__
 from .config import DATASETS, DEVICES, PRECISIONS, UPDATES, TrainConfig
 from .errors import RunStopped, UserError
-from .models import MODEL_NAMES
+from .models import MODEL_NAMES, model_factory
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,7 +42,9 @@ def _train_parser(sub) -> None:
     )
     g = p.add_argument_group("cohort")
     g.add_argument("--models", nargs="+", default=defaults.models, metavar="NAME",
-                   help=f"one name for every peer, or one per peer; choices: {', '.join(MODEL_NAMES)}")
+                   help=f"one name for every peer, or one per peer: {', '.join(MODEL_NAMES)}, or package.module:factory "
+                        "(a callable taking num_classes that returns an nn.Module, imported from the current "
+                        "directory or PYTHONPATH)")
     g.add_argument("--num-nodes", type=int, default=defaults.num_nodes, help="number of peers K (1 = independent)")
     g.add_argument("--update", choices=UPDATES, default=defaults.update,
                    help="simultaneous: all peers step on one set of predictions; sequential: the paper's "
@@ -237,8 +239,10 @@ def _run_bench(args: argparse.Namespace) -> int:
     if not nodes or min(nodes) < 1:
         raise UserError(f"--nodes must list cohort sizes of at least 1, got {args.nodes!r}")
     for name in args.models:
-        if name not in MODEL_NAMES:
-            raise UserError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
+        try:
+            model_factory(name)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
     if len(args.models) > 1 and any(n != len(args.models) for n in nodes):
         raise UserError(f"{len(args.models)} models given: --nodes must be {len(args.models)}")
     if args.procs is not None and args.procs > 1:

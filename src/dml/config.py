@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 
 from .errors import UserError
-from .models import MODEL_NAMES
+from .models import folder_name, model_factory
 from .runtime import DEVICES, PRECISIONS
 
 DATASETS = ("cifar100", "cifar10")
@@ -67,8 +67,10 @@ class TrainConfig:
                 "give one name (used for every peer) or exactly --num-nodes names"
             )
         for name in self.models:
-            if name not in MODEL_NAMES:
-                raise UserError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
+            try:
+                model_factory(name)
+            except ValueError as exc:
+                raise UserError(str(exc)) from None
         _positive_int("--epochs", self.epochs)
         _positive_int("--batch-size", self.batch_size)
         _positive_float("--lr", self.lr)
@@ -103,8 +105,8 @@ class TrainConfig:
 
     def default_name(self) -> str:
         """A name that says what ran, e.g. dml_n2_resnet32_s42 or independent_resnet32_s42."""
-        unique = list(dict.fromkeys(self.models))
-        models = "-".join(self.models) if len(unique) > 1 else unique[0]
+        unique = list(dict.fromkeys(folder_name(m) for m in self.models))
+        models = "-".join(folder_name(m) for m in self.models) if len(unique) > 1 else unique[0]
         parts = [f"dml_n{self.num_nodes}" if self.is_dml else "independent", models]
         if self.dataset != "cifar100":
             parts.insert(1, self.dataset)

@@ -19,7 +19,7 @@ from .data.augment import NORMALISATION, Normalise
 from .data.batches import TrainBatches, test_batches
 from .data.cifar import CifarData, balanced_subset, load_cifar
 from .distributed import make_exchange
-from .errors import RunStopped
+from .errors import RunStopped, UserError
 from .evaluate import EVAL_BATCH_SIZE
 from .loss import MutualLoss
 from .models import create_model
@@ -48,7 +48,10 @@ def build_peer(cfg: TrainConfig, index: int, num_classes: int, runtime: Runtime)
     name = cfg.models[index]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, "init", index))
-        model = runtime.prepare(create_model(name, num_classes))
+        try:
+            model = runtime.prepare(create_model(name, num_classes))
+        except (ValueError, TypeError) as exc:  # a user's factory that fails to import or to return a module
+            raise UserError(str(exc)) from None
     # foreach: one multi-tensor update instead of a Python loop over ~100 parameters (a few % on CPU).
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd,
                                 nesterov=cfg.nesterov, foreach=not cfg.plain)

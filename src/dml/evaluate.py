@@ -22,7 +22,7 @@ from .data.batches import test_batches
 from .data.cifar import balanced_subset, load_cifar
 from .distributed import LocalExchange
 from .errors import UserError
-from .models import MODEL_NAMES, create_model
+from .models import create_model
 from .peer import derive_seed
 from .runlog import load_checkpoint
 from .runtime import Runtime, resolve_device
@@ -114,10 +114,13 @@ def load_model(path: Path, device: torch.device) -> Checkpoint:
     """Build the checkpoint's network from its model name and class count and load its weights."""
     state = load_checkpoint(path, map_location="cpu")
     name, num_classes = state.get("model_name"), state.get("num_classes")
-    if name not in MODEL_NAMES or not isinstance(num_classes, int):
-        raise UserError(f"checkpoint {path} does not name a known model and class count; it was not written by "
+    if not isinstance(name, str) or not isinstance(num_classes, int):
+        raise UserError(f"checkpoint {path} does not name a model and class count; it was not written by "
                         "dml train")
-    model = create_model(name, num_classes)
+    try:
+        model = create_model(name, num_classes)  # a network of the user's own is imported as training did
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"checkpoint {path}: {exc}") from None
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:

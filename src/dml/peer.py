@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .models import folder_name
+
 
 
 def derive_seed(seed: int, *purpose: object) -> int:
@@ -33,7 +35,7 @@ class Peer:
     @property
     def label(self) -> str:
         """The peer's folder and display name, as the seed named them: ``0_resnet32``."""
-        return f"{self.index}_{self.model_name}"
+        return f"{self.index}_{folder_name(self.model_name)}"
 
     @property
     def lr(self) -> float:

@@ -25,6 +25,7 @@ import torch
 from . import __version__
 from .config import TrainConfig
 from .errors import UserError
+from .models import folder_name
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -34,7 +35,7 @@ BEST = "best.pt"
 
 
 def peer_dir_name(index: int, model_name: str) -> str:
-    return f"{index}_{model_name}"
+    return f"{index}_{folder_name(model_name)}"
 
 
 def write_failed(path: Path, exc: OSError) -> UserError:

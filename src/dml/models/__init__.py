@@ -1,7 +1,16 @@
-"""Model registry: ``create_model(name, num_classes)`` for every network a cohort may hold."""
+"""Model registry: ``create_model(name, num_classes)`` for every network a cohort may hold.
+
+A name is a registered network (``resnet32``) or an import path ``package.module:factory`` of a
+callable that takes ``num_classes`` and returns an ``nn.Module``, imported from the current
+directory or PYTHONPATH.
+"""
 
 from __future__ import annotations
 
+import importlib
+import os
+import re
+import sys
 from collections.abc import Callable
 
 from torch import nn
@@ -21,13 +30,49 @@ MODELS: dict[str, Callable[[int], nn.Module]] = {
 MODEL_NAMES = tuple(MODELS)
 
 
-def create_model(name: str, num_classes: int = 100) -> nn.Module:
-    """Build the network registered as ``name`` with a ``num_classes``-way classifier."""
+def is_import_path(name: str) -> bool:
+    return ":" in name
+
+
+def model_factory(name: str) -> Callable[[int], nn.Module]:
+    """The callable that builds ``name``; ValueError naming what is wrong where there is none."""
+    if name in MODELS:
+        return MODELS[name]
+    if not is_import_path(name):
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}, "
+                         "or package.module:factory for a network of your own")
+    module_name, _, attr = name.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"model {name!r}: an import path reads package.module:factory")
+    if module_name.partition(".")[0] in sys.stdlib_module_names:
+        # a checkpoint names its model: never let one reach into the standard library
+        raise ValueError(f"model {name!r}: {module_name} is a standard-library module, not a network")
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())  # the current directory, as `python -m` would have it
     try:
-        build = MODELS[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}") from None
-    return build(num_classes)
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # the user's module may fail in any way while importing
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"model {name!r}: cannot import {module_name!r} ({first})") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ValueError(f"model {name!r}: {module_name} has no callable {attr!r}")
+    return factory
+
+
+def create_model(name: str, num_classes: int = 100) -> nn.Module:
+    """Build the network ``name`` (registered, or ``package.module:factory``) with a ``num_classes``-way
+    classifier. ValueError for an unknown name or a failed import; TypeError where a factory does not
+    return an ``nn.Module``."""
+    model = model_factory(name)(num_classes)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model {name!r}: the factory returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def folder_name(name: str) -> str:
+    """``name`` as it can appear in a file name: ``mynets:tiny`` -> ``mynets-tiny``."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", name)
 
 
 def count_parameters(model: nn.Module) -> int:
