@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -22,7 +23,8 @@ class _Parser(argparse.ArgumentParser):
 def _add_data_source_args(group) -> None:
     """Where the CIFAR files come from: the same flags for every command that reads them."""
     group.add_argument("--data-dir", default=TrainConfig.data_dir,
-                       help="folder holding cifar-100-python/ (or the .tar.gz archive); downloaded there if absent")
+                       help="folder holding cifar-100-python/ (or the .tar.gz archive; downloaded there if absent), "
+                            "or the image folder of --dataset folder")
     group.add_argument("--skip-checksum", action="store_true",
                        help="accept data files whose MD5 differs from the official release (structure is still "
                             "checked)")
@@ -60,8 +62,12 @@ def _train_parser(sub) -> None:
     g.add_argument("--no-nesterov", dest="nesterov", action="store_false", help="plain momentum instead of Nesterov")
     g.add_argument("--seed", type=int, default=defaults.seed)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=DATASETS, default=defaults.dataset)
+    g.add_argument("--dataset", choices=DATASETS, default=defaults.dataset,
+                   help="cifar100 / cifar10 (official files), or folder: --data-dir holds train/<class>/ and "
+                        "test/<class>/ with png or jpg images")
     _add_data_source_args(g)
+    g.add_argument("--image-size", type=int, default=None, metavar="S",
+                   help="folder datasets: resize every image to SxS (needed when their sizes differ)")
     g.add_argument("--train-samples", type=int, default=None, metavar="N",
                    help="train on a seeded, class-balanced subset of N images (quick runs)")
     g.add_argument("--test-samples", type=int, default=None, metavar="N",
@@ -91,15 +97,8 @@ def _train_parser(sub) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(
-        models=args.models, num_nodes=args.num_nodes, dataset=args.dataset, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, wd=args.wd, momentum=args.momentum, nesterov=args.nesterov,
-        temperature=args.temperature, kl_weight=args.kl_weight, update=args.update, seed=args.seed,
-        device=args.device, precision=args.precision, plain=args.plain, train_samples=args.train_samples,
-        test_samples=args.test_samples, data_dir=args.data_dir, out_dir=args.out_dir, name=args.name,
-        skip_checksum=args.skip_checksum, download=args.download, download_url=args.download_url,
-        progress=args.progress, check_batches=args.check_batches,
-    )
+    """Every TrainConfig field from the flag of the same name (each flag's dest is its field's name)."""
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
 
 
 def _run_train(args: argparse.Namespace) -> int:

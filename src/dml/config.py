@@ -10,7 +10,7 @@ from .errors import UserError
 from .models import folder_name, model_factory
 from .runtime import DEVICES, PRECISIONS
 
-DATASETS = ("cifar100", "cifar10")
+DATASETS = ("cifar100", "cifar10", "folder")
 UPDATES = ("simultaneous", "sequential")
 
 # Settings that may change between a run and its resumption without changing what is computed.
@@ -25,6 +25,7 @@ class TrainConfig:
     models: list[str] = field(default_factory=lambda: ["resnet32"])
     num_nodes: int = 1
     dataset: str = "cifar100"
+    image_size: int | None = None  # folder datasets: resize every image to this square side
     epochs: int = 200
     batch_size: int = 64
     lr: float = 0.1
@@ -88,6 +89,10 @@ class TrainConfig:
         ):
             if value not in choices:
                 raise UserError(f"{flag} {value!r} is not one of: {', '.join(choices)}")
+        if self.image_size is not None:
+            _positive_int("--image-size", self.image_size)
+            if self.dataset != "folder":
+                raise UserError(f"--image-size applies to --dataset folder; {self.dataset} images are 32x32")
         for flag, value in (("--train-samples", self.train_samples), ("--test-samples", self.test_samples)):
             if value is not None:
                 _positive_int(flag, value)

@@ -15,9 +15,10 @@ from tqdm import tqdm
 from .checkpoint import check_run_dir, restore, save_epoch, set_rng_state
 from .cohort import Cohort
 from .config import TrainConfig
-from .data.augment import NORMALISATION, Normalise
+from .data.augment import Normalise
 from .data.batches import TrainBatches, test_batches
-from .data.cifar import CifarData, balanced_subset, load_cifar
+from .data.cifar import CifarData, balanced_subset
+from .data.source import load_dataset
 from .distributed import make_exchange
 from .errors import RunStopped, UserError
 from .evaluate import EVAL_BATCH_SIZE
@@ -30,10 +31,8 @@ from .runtime import Runtime, resolve_device
 
 # --- the run ------------------------------------------------------------------------------------
 def load_data(cfg: TrainConfig, device: torch.device) -> CifarData:
-    data = load_cifar(
-        cfg.data_dir, cfg.dataset, download=cfg.download, url=cfg.download_url,
-        skip_checksum=cfg.skip_checksum, progress=cfg.progress,
-    )
+    data = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size, download=cfg.download,
+                        url=cfg.download_url, skip_checksum=cfg.skip_checksum, progress=cfg.progress)
     if cfg.train_samples is not None:
         data.train = balanced_subset(data.train, cfg.train_samples, derive_seed(cfg.seed, "train-subset"), data.num_classes)
     if cfg.test_samples is not None:
@@ -41,6 +40,13 @@ def load_data(cfg: TrainConfig, device: torch.device) -> CifarData:
     for split in (data.train, data.test):
         split.images, split.labels = split.images.to(device), split.labels.to(device)
     return data
+
+
+def data_summary(data: CifarData) -> dict:
+    """What config.json records of the data: its classes and the normalisation the run used."""
+    return {"dataset": data.dataset, "classes": data.class_names, "train_images": len(data.train),
+            "test_images": len(data.test), "image_size": list(data.train.images.shape[2:]),
+            "mean": list(data.mean), "std": list(data.std)}
 
 
 def build_peer(cfg: TrainConfig, index: int, num_classes: int, runtime: Runtime) -> Peer:
@@ -82,12 +88,12 @@ class Feed:
     batches: TrainBatches
 
 
-def build_feed(cfg: TrainConfig, runtime: Runtime, images: torch.Tensor, labels: torch.Tensor) -> Feed:
+def build_feed(cfg: TrainConfig, runtime: Runtime, data: CifarData) -> Feed:
     generator = torch.Generator(device=runtime.device)
     generator.manual_seed(derive_seed(cfg.seed, "data"))
-    mean, std = NORMALISATION[cfg.dataset]
-    normalise = Normalise(mean, std, runtime.device, runtime.channels_last)
-    return Feed(generator, normalise, TrainBatches(images, labels, cfg.batch_size, generator, normalise))
+    normalise = Normalise(data.mean, data.std, runtime.device, runtime.channels_last)
+    return Feed(generator, normalise, TrainBatches(data.train.images, data.train.labels, cfg.batch_size, generator,
+                                                   normalise))
 
 
 def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None, exchange=None) -> Path:
@@ -106,7 +112,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
         runtime = build_runtime(cfg, exchange)
         try:
             cohort = build_cohort(cfg, exchange, runtime, data.num_classes)
-            feed = build_feed(cfg, runtime, data.train.images, data.train.labels)
+            feed = build_feed(cfg, runtime, data)
             _train_cohort(cfg, resume, stop_after, run, data, cohort, feed)
         finally:
             runtime.close()  # back to torch's settings for the rest of the process
@@ -125,7 +131,7 @@ def _train_cohort(cfg: TrainConfig, resume: bool, stop_after: int | None, run: R
         start_epoch = state["epoch"] + 1
         run.truncate_metrics(state["epoch"])
     else:  # a new run, or one stopped before its first epoch was complete
-        run.create(cfg, environment_info(runtime.device))
+        run.create(cfg, {**environment_info(runtime.device), "data": data_summary(data)})
         run.truncate_metrics(0)
     exchange.barrier()
 

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from .data.augment import NORMALISATION, Normalise
+from .data.augment import Normalise
 from .data.batches import test_batches
-from .data.cifar import balanced_subset, load_cifar
+from .data.cifar import balanced_subset
+from .data.source import load_dataset
 from .distributed import LocalExchange
 from .errors import UserError
 from .models import create_model
@@ -99,6 +100,7 @@ class Checkpoint:
     model: torch.nn.Module
     precision: str = "auto"  # how the run computed: evaluated the same way
     plain: bool = False
+    image_size: int | None = None  # folder datasets: the size the run resized images to
 
 
 @dataclass
@@ -131,7 +133,8 @@ def load_model(path: Path, device: torch.device) -> Checkpoint:
     epoch = state.get("epoch", (state.get("run") or {}).get("epoch"))
     config = state.get("config") or {}
     return Checkpoint(Path(path), name, num_classes, state.get("dataset"), epoch, config.get("seed"),
-                      model.to(device).eval(), config.get("precision", "auto"), bool(config.get("plain", False)))
+                      model.to(device).eval(), config.get("precision", "auto"), bool(config.get("plain", False)),
+                      config.get("image_size"))
 
 
 def common_dataset(checkpoints: list[Checkpoint], dataset: str | None) -> str:
@@ -146,7 +149,7 @@ def common_dataset(checkpoints: list[Checkpoint], dataset: str | None) -> str:
         if not datasets:
             raise UserError(f"{checkpoints[0].path} does not record its dataset; pass --dataset")
         dataset = datasets.pop()
-    if NUM_CLASSES.get(dataset) != num_classes:
+    if dataset != "folder" and NUM_CLASSES.get(dataset) != num_classes:
         raise UserError(f"the checkpoints have {num_classes} classes but {dataset} has {NUM_CLASSES.get(dataset)}; "
                         "pass the dataset they were trained on")
     return dataset
@@ -175,14 +178,18 @@ def evaluate_checkpoints(paths, data_dir: str = "./data", dataset: str | None = 
     dev = resolve_device(device)
     checkpoints = [load_model(Path(p), dev) for p in paths]
     dataset = common_dataset(checkpoints, dataset)
-    data = load_cifar(data_dir, dataset, download=download, url=download_url, skip_checksum=skip_checksum)
+    data = load_dataset(dataset, data_dir, image_size=checkpoints[0].image_size, download=download, url=download_url,
+                        skip_checksum=skip_checksum)
+    if data.num_classes != checkpoints[0].num_classes:
+        raise UserError(f"{data_dir} holds {data.num_classes} classes but the checkpoints have "
+                        f"{checkpoints[0].num_classes}; pass the --data-dir they were trained on")
     test = data.test
     if test_samples is not None:
         if test_samples <= 0:
             raise UserError(f"--test-samples must be a positive integer, got {test_samples}")
         seed = checkpoints[0].seed if checkpoints[0].seed is not None else 0
         test = balanced_subset(test, test_samples, derive_seed(seed, "test-subset"), data.num_classes)
-    mean, std = NORMALISATION[dataset]
+    mean, std = data.mean, data.std
     # the first checkpoint's run decides precision and the plain path: its logged accuracies come back exactly
     runtime = Runtime(dev, checkpoints[0].precision, checkpoints[0].plain, num_peers=len(checkpoints))
     try:

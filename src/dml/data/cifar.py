@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from dml.errors import UserError
+from ..errors import UserError
+from .augment import NORMALISATION
 
 DATASETS = ("cifar100", "cifar10")
 
@@ -53,11 +54,15 @@ class CifarSplit:
 
 @dataclass
 class CifarData:
-    dataset: str  # "cifar100" or "cifar10"
+    """A dataset as uint8 image tensors: CIFAR's official files or an image folder."""
+
+    dataset: str  # "cifar100", "cifar10" or "folder"
     num_classes: int
     class_names: list[str]
     train: CifarSplit
     test: CifarSplit
+    mean: tuple[float, ...] = ()  # per-channel normalisation of images scaled to [0, 1]
+    std: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -355,7 +360,8 @@ def _read_folder(
     class_names = _class_names(meta, folder / spec.meta_file, spec)
     train = _read_split(folder, spec.train_files, counts["train"], spec)
     test = _read_split(folder, spec.test_files, counts["test"], spec)
-    return CifarData(dataset, spec.num_classes, class_names, train, test)
+    mean, std = NORMALISATION[dataset]
+    return CifarData(dataset, spec.num_classes, class_names, train, test, mean, std)
 
 
 class _CifarUnpickler(pickle.Unpickler):
