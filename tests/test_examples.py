@@ -30,3 +30,29 @@ def test_example_script_runs_with_the_seed_flags(cifar_root, tmp_path, script, f
     assert (config["lr"], config["wd"], config["seed"], config["num_nodes"]) == (0.05, 1e-4, 7, peers)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert sorted(r["node"] for r in records if r["node"] != "ensemble") == list(range(peers))
+
+
+CUSTOM = Path(__file__).resolve().parents[1] / "examples" / "custom"
+
+
+def test_custom_library_example_trains_two_peers_of_a_users_network(tmp_path):
+    proc = subprocess.run([sys.executable, str(CUSTOM / "train_two_peers.py")], cwd=tmp_path, capture_output=True,
+                          text=True, env={**__import__("os").environ, "PYTHONPATH": str(CUSTOM)})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 5 and lines[0].startswith("epoch 1: train loss ")
+    last = float(lines[-1].rsplit("ensemble ", 1)[1].rstrip("%"))
+    assert last > 60.0  # 3 classes: chance is 33 %; the example reaches 90 % or more
+
+
+def test_custom_cli_example_trains_a_users_network_on_a_folder(tmp_path):
+    env = {**__import__("os").environ, "PYTHONPATH": str(CUSTOM)}
+    subprocess.run([sys.executable, str(CUSTOM / "make_images.py"), "demo_images"], cwd=tmp_path, check=True, env=env)
+    proc = subprocess.run([sys.executable, "-m", "dml", "train", "--dataset", "folder", "--data-dir", "demo_images",
+                           "--models", "mynets:small_cnn", "--num-nodes", "2", "--epochs", "2", "--batch-size", "16",
+                           "--lr", "0.05", "--out-dir", "runs", "--no-progress"],
+                          cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "runs" / "dml_n2_folder_mynets-small_cnn_s42"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["model"] for r in records if r["node"] != "ensemble"] == ["mynets:small_cnn"] * 4
