@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))  # for `from cifar_fixtures import ...`
-
-from cifar_fixtures import write_cifar_folder  # noqa: E402
+from cifar_fixtures import write_cifar_folder  # pytest puts this folder on sys.path (rootdir conftest)
 
 REAL_DATA_DIR = os.environ.get("DML_DATA_DIR")
 needs_real_data = pytest.mark.skipif(

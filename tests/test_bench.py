@@ -6,8 +6,10 @@ import os
 import pytest
 import torch
 
-from dml.bench import PerImageAugmentDataset, matmul_peak_gflops
+import dml.bench
+from dml.bench import PerImageAugmentDataset, matmul_peak_gflops, step_flops
 from dml.cli import main
+from dml.peer import Peer
 
 KEYS = {"device", "precision", "threads", "processes", "model", "nodes", "engine_img_s", "reference_img_s",
         "speedup", "mfu", "peak_gflops"}
@@ -68,8 +70,31 @@ def test_reference_dataset_augments_like_the_seed():
     assert set(padded_columns) == {0, 1, 2, 3, 4}
 
 
-def test_matmul_peak_is_positive():
-    assert matmul_peak_gflops(torch.device("cpu"), "fp32", repeats=1) > 0
+def test_matmul_peak_is_the_flops_of_one_product_over_its_best_time(monkeypatch):
+    # A clock that makes the timed products take 4, 2 and 3 s: the best is 2 s for 2 * 2048^3 FLOPs.
+    ticks = iter([0.0, 4.0, 10.0, 12.0, 20.0, 23.0])
+    monkeypatch.setattr(dml.bench.time, "perf_counter", lambda: next(ticks))
+    assert matmul_peak_gflops(torch.device("cpu"), "fp32", repeats=3) == pytest.approx(2 * 2048**3 / 2 / 1e9)
+
+
+def test_step_flops_count_forward_and_backward_of_every_local_peer():
+    """A linear classifier on a flattened 3x32x32 batch of B: forward 2*B*3072*C FLOPs; backward as many
+    again (the weight gradient; the input needs none), for each of the 2 peers."""
+    batch, classes = 8, 10
+
+    class Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3 * 32 * 32, classes, bias=False)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1))
+
+    peers = []
+    for _ in range(2):
+        model = Linear()
+        peers.append(Peer(len(peers), "linear", model, torch.optim.SGD(model.parameters(), lr=0.1)))
+    assert step_flops(peers, batch, torch.device("cpu")) == 2 * 2 * (2 * batch * 3072 * classes)
 
 
 @pytest.mark.parametrize("args, expected", [

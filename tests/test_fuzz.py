@@ -8,6 +8,8 @@ the damage happens to leave valid content, a normal result: never another except
 from __future__ import annotations
 
 import contextlib
+import math
+import json
 import dataclasses
 import io
 import os
@@ -328,9 +330,9 @@ def read_data_once(cifar_root):
     """The in-process runs below read the (full-size) data once: they fuzz the checkpoint, not it."""
     import dml.engine
 
-    cached = dml.engine.load_cifar(cifar_root, "cifar100", download=False, skip_checksum=True, progress=False)
+    cached = dml.engine.load_dataset("cifar100", cifar_root, download=False, skip_checksum=True, progress=False)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(dml.engine, "load_cifar", lambda *args, **kwargs: dataclasses.replace(cached))
+        patch.setattr(dml.engine, "load_dataset", lambda *args, **kwargs: dataclasses.replace(cached))
         yield
 
 
@@ -385,6 +387,12 @@ def test_resume_with_one_wrong_value_is_one_error_line_or_runs(cifar_root, stopp
         code, err = resume_in_process(cifar_root, run)
         if code != 0:
             assert_one_error_line(code, err)
+        else:  # a harmless edit: the run resumed and finished its next epoch with finite numbers
+            assert err == "", err
+            assert torch.load(run / "0_resnet20" / "last.pt", weights_only=True)["run"]["epoch"] == 2
+            records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            assert {r["epoch"] for r in records} == {1, 2}
+            assert all(math.isfinite(r["train_loss"]) for r in records if "train_loss" in r)
 
 
 @pytest.mark.parametrize("damage", ["random-bytes", "truncated"])
