@@ -16,6 +16,8 @@ import torch.multiprocessing as mp
 
 from dml.distributed import TorchExchange, peers_of_rank
 
+pytestmark = pytest.mark.processes  # every test here starts processes (gloo groups, torchrun)
+
 TINY = ["--train-samples", "256", "--test-samples", "100", "--batch-size", "32", "--skip-checksum",
         "--no-download", "--no-progress", "--precision", "fp32"]
 

@@ -57,6 +57,7 @@ def _wait_for_lines(proc, metrics, lines, timeout=120):
         time.sleep(0.05)
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("lines", [3, 6], ids=["killed-in-epoch-2", "killed-in-epoch-3"])
 def test_kill_9_at_any_moment_then_resume_equals_the_uninterrupted_run(cifar_root, tmp_path, straight_run, lines):
     proc = subprocess.Popen(_cmd(cifar_root, tmp_path, "--epochs", "3"), stdout=subprocess.DEVNULL,
@@ -71,6 +72,7 @@ def test_kill_9_at_any_moment_then_resume_equals_the_uninterrupted_run(cifar_roo
     _assert_same_run(tmp_path / RUN, straight_run)
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_stops_with_a_resumable_checkpoint(cifar_root, tmp_path, straight_run, sig, code):
     proc = subprocess.Popen(_cmd(cifar_root, tmp_path, "--epochs", "3"), stdout=subprocess.DEVNULL,
