@@ -14,25 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-
-def init_like_seed(model: nn.Module) -> None:
-    """The seed system's initialisation of its CIFAR ResNets, rule for rule.
-
-    Convolutions N(0, sqrt(2 / (k*k*out_channels))) (He, fan-out); BatchNorm weight 1, bias 0; the
-    classifier He-normal on its fan-in (std sqrt(2/64) = 0.177 for 64 features) with a zero bias.
-    That classifier starts every network confident and arbitrary (cross-entropy about 7 against
-    ln 100 = 4.6), which is what gives DML cohorts the seed's slow first epoch; independent training
-    follows the seed's own learning curve with it.
-    """
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.kaiming_normal_(m.weight)
-            nn.init.zeros_(m.bias)
+from .init import init_like_seed
 
 
 class ZeroPadShortcut(nn.Module):
@@ -83,7 +65,7 @@ class CifarResNet(nn.Module):
                 in_ch = width
         self.blocks = nn.Sequential(*stages)
         self.fc = nn.Linear(64, num_classes)
-        init_like_seed(self)
+        init_like_seed(self, he_classifier=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .init import init_like_seed
+
 
 class PreActBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, stride: int, dropout: float):
@@ -52,16 +54,7 @@ class WideResNet(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.bn = nn.BatchNorm2d(in_ch)
         self.fc = nn.Linear(in_ch, num_classes)
-        # The seed's rule for its wide ResNets: He fan-out convolutions, BatchNorm 1 / 0, and the
-        # classifier's default weight with a zero bias (unlike its ResNets' He-normal classifier).
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_like_seed(self, he_classifier=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.blocks(self.conv1(x))
