@@ -45,10 +45,11 @@ class Evaluation:
 
 
 def _correct_top_k(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per k in TOP_K, how many labels are among the k highest scores."""
-    top = scores.topk(min(max(TOP_K), scores.shape[1]), dim=1).indices
-    hits = top == labels[:, None]
-    return torch.stack([hits[:, :k].any(1).sum() for k in TOP_K])
+    """How many labels are the highest score (argmax: the first of tied scores, as training counts),
+    and how many are among the 5 highest."""
+    top1 = (scores.argmax(1) == labels).sum()
+    top5 = (scores.topk(min(5, scores.shape[1]), dim=1).indices == labels[:, None]).any(1).sum()
+    return torch.stack([top1, top5])
 
 
 def _predict(model: torch.nn.Module, x: torch.Tensor, precision) -> torch.Tensor:
@@ -81,9 +82,9 @@ def evaluate_models(models: list[torch.nn.Module], batches: Iterable, runtime: R
         m.train()
     if samples == 0:
         raise ValueError("no batches to evaluate on")
-    per_peer = (100.0 * correct / samples).tolist()
+    per_peer = [[100.0 * c / samples for c in row] for row in correct.tolist()]  # Python floats: exact percent
     top1, top5 = ([acc[i] for acc in per_peer] for i in range(len(TOP_K)))
-    ensemble_top1, ensemble_top5 = (100.0 * ensemble / samples).tolist()
+    ensemble_top1, ensemble_top5 = (100.0 * c / samples for c in ensemble.tolist())
     return Evaluation(top1, top5, ensemble_top1, ensemble_top5, samples)
 
 
