@@ -134,3 +134,52 @@ def test_mistakes_are_value_errors():
         dml.MutualLoss(temperature=0)
     with pytest.raises(ValueError, match="at least one model"):
         dml.Cohort([], [])
+
+
+TORCHRUN_SCRIPT = '''
+import os, sys
+import torch
+import dml
+from torch import nn
+
+torch.set_num_threads(1)
+models = []
+for seed in (1, 2, 3):
+    torch.manual_seed(seed)
+    models.append(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                nn.Linear(4, 5)))
+optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in models]
+g = torch.Generator().manual_seed(0)
+batches = [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(3)]
+with dml.Cohort(models, optimizers, precision="fp32", device="cpu", plain=True) as cohort:
+    for x, y in batches:
+        cohort.step(x, y)
+    result = cohort.evaluate(batches)
+    state = {p.index: p.model.state_dict() for p in cohort.peers}
+torch.save({"params": state, "ensemble": result.ensemble_top1}, f"{sys.argv[1]}/rank{os.environ.get('RANK', 0)}.pt")
+'''
+
+
+@pytest.mark.processes
+def test_cohort_under_torchrun_matches_one_process(tmp_path):
+    """3 peers over 2 processes (peers 0-1 and 2): the same weights and ensemble as one process."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one")], env=env, check=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    str(script), str(tmp_path / "two")], env=env, check=True, timeout=300, capture_output=True)
+    one = torch.load(tmp_path / "one" / "rank0.pt")
+    ranks = [torch.load(tmp_path / "two" / f"rank{r}.pt") for r in (0, 1)]
+    assert sorted(ranks[0]["params"]) == [0, 1] and sorted(ranks[1]["params"]) == [2]
+    for rank in ranks:
+        assert rank["ensemble"] == one["ensemble"]
+        for index, params in rank["params"].items():
+            for key, value in params.items():
+                assert torch.equal(value, one["params"][index][key]), (index, key)

@@ -64,6 +64,7 @@ class Cohort:
         peers = [Peer(i, names[i], runtime.prepare(models[i]), optimizers[i],
                       None if schedulers is None else schedulers[i]) for i in exchange.local_indices]
         self._init(peers, loss or MutualLoss(), update, runtime, exchange, len(models))
+        self._owns_exchange = True  # it joined the process group: it leaves it on close
 
     @classmethod
     def from_peers(cls, peers: list[Peer], loss: MutualLoss, update: str, runtime: Runtime,
@@ -81,6 +82,7 @@ class Cohort:
         self.exchange = exchange
         self.num_peers = num_peers  # in the whole cohort; ``peers`` holds this process's
         self._step = STEPS[update]
+        self._owns_exchange = False
 
     @property
     def device(self) -> torch.device:
@@ -109,6 +111,9 @@ class Cohort:
 
     def close(self) -> None:
         self.runtime.close()
+        if self._owns_exchange:
+            self.exchange.close()
+            self._owns_exchange = False
 
     def __enter__(self) -> Cohort:
         return self
