@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import typing
 import os
 import sys
 
 from . import __version__
-from .config import DATASETS, DEVICES, PRECISIONS, UPDATES, TrainConfig
+from .config import DATASETS, DEVICES, GROUPS, PRECISIONS, UPDATES, TrainConfig
 from .errors import RunStopped, UserError
-from .models import MODEL_NAMES, model_factory
+from .models import model_factory
 
 
 class _Parser(argparse.ArgumentParser):
@@ -20,79 +21,57 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see '{self.prog} --help')")
 
 
-def _add_data_source_args(group) -> None:
-    """Where the CIFAR files come from: the same flags for every command that reads them."""
-    group.add_argument("--data-dir", default=TrainConfig.data_dir,
-                       help="folder holding cifar-100-python/ (or the .tar.gz archive; downloaded there if absent), "
-                            "or the image folder of --dataset folder")
-    group.add_argument("--skip-checksum", action="store_true",
-                       help="accept data files whose MD5 differs from the official release (structure is still "
-                            "checked)")
-    group.add_argument("--no-download", dest="download", action="store_false",
-                       help="fail at once if the data is missing instead of downloading it")
-    group.add_argument("--download-url", default=None, metavar="URL",
-                       help="archive URL for a mirror (default: the official URL, or $DML_DOWNLOAD_URL)")
+def _config_argument(group, f: dataclasses.Field, hint) -> None:
+    """The flag of one TrainConfig field: --name-with-dashes, a switch for booleans (--no-x where on
+    by default), the field's type, default, choices and help."""
+    options = dict(f.metadata["argument"])
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    flag = options.pop("flag", "--" + f.name.replace("_", "-"))
+    if hint is bool:
+        if default:
+            flag = "--no-" + f.name.replace("_", "-")
+        options["action"] = "store_false" if default else "store_true"
+    else:
+        kinds = [k for k in typing.get_args(hint) if k is not type(None)] or [hint]
+        kind = kinds[0]
+        options["type"] = typing.get_args(kind)[0] if typing.get_origin(kind) is list else kind
+    group.add_argument(flag, dest=f.name, default=default, help=f.metadata["help"], **options)
+
+
+def _add_config_arguments(parser, names=None, groups=None) -> dict:
+    """Flags for the TrainConfig fields ``names`` (all when None), in argument groups by their setting's group."""
+    hints = typing.get_type_hints(TrainConfig)
+    groups = groups if groups is not None else {}
+    for f in dataclasses.fields(TrainConfig):
+        if names is not None and f.name not in names:
+            continue
+        group = groups.get(f.metadata["group"], parser)
+        _config_argument(group, f, hints[f.name])
+    return groups
+
+
+DATA_SOURCE = ("data_dir", "skip_checksum", "download", "download_url")  # shared by train and evaluate
+GROUP_TITLES = {"distributed": "distributed (peers spread over processes; see README)"}
 
 
 def _train_parser(sub) -> None:
-    defaults = TrainConfig()
     p = sub.add_parser(
         "train", help="train a cohort (one peer = independent training, K peers = deep mutual learning)",
-        description="Train K peers with deep mutual learning on CIFAR: each minimises cross-entropy plus "
-                    "the mean KL divergence from the other peers' predictions. Defaults are the seed recipe.",
+        description="Train K peers with deep mutual learning: each minimises cross-entropy plus the mean KL "
+                    "divergence from the other peers' predictions. Defaults are the seed recipe on CIFAR-100.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    g = p.add_argument_group("cohort")
-    g.add_argument("--models", nargs="+", default=defaults.models, metavar="NAME",
-                   help=f"one name for every peer, or one per peer: {', '.join(MODEL_NAMES)}, or package.module:factory "
-                        "(a callable taking num_classes that returns an nn.Module, imported from the current "
-                        "directory or PYTHONPATH)")
-    g.add_argument("--num-nodes", type=int, default=defaults.num_nodes, help="number of peers K (1 = independent)")
-    g.add_argument("--update", choices=UPDATES, default=defaults.update,
-                   help="simultaneous: all peers step on one set of predictions; sequential: the paper's "
-                        "Algorithm 1, peers step in turn")
-    g.add_argument("--temperature", type=float, default=defaults.temperature, help="softmax temperature T of the KL term")
-    g.add_argument("--kl-weight", type=float, default=defaults.kl_weight, help="weight w of the KL term")
-    g = p.add_argument_group("recipe")
-    g.add_argument("--epochs", type=int, default=defaults.epochs)
-    g.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    g.add_argument("--lr", type=float, default=defaults.lr, help="initial learning rate (cosine to 0)")
-    g.add_argument("--wd", type=float, default=defaults.wd, help="weight decay")
-    g.add_argument("--momentum", type=float, default=defaults.momentum)
-    g.add_argument("--no-nesterov", dest="nesterov", action="store_false", help="plain momentum instead of Nesterov")
-    g.add_argument("--seed", type=int, default=defaults.seed)
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=DATASETS, default=defaults.dataset,
-                   help="cifar100 / cifar10 (official files), or folder: --data-dir holds train/<class>/ and "
-                        "test/<class>/ with png or jpg images")
-    _add_data_source_args(g)
-    g.add_argument("--image-size", type=int, default=None, metavar="S",
-                   help="folder datasets: resize every image to SxS (needed when their sizes differ)")
-    g.add_argument("--train-samples", type=int, default=None, metavar="N",
-                   help="train on a seeded, class-balanced subset of N images (quick runs)")
-    g.add_argument("--test-samples", type=int, default=None, metavar="N",
-                   help="evaluate on a seeded, class-balanced subset of N images")
-    g = p.add_argument_group("run")
-    g.add_argument("--device", choices=DEVICES, default=defaults.device)
-    g.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
-                   help="auto: bf16 autocast on CPU, bf16 (or fp16) autocast on CUDA")
-    g.add_argument("--plain", action="store_true",
-                   help="PyTorch's plain path: fp32 unless --precision says otherwise, contiguous memory, "
-                        "denormals kept, peers on one thread, BatchNorm kept at evaluation (slower; a reference "
-                        "for numerics)")
-    g.add_argument("--out-dir", default=defaults.out_dir, help="parent folder of run directories")
-    g.add_argument("--name", default=None, help="run directory name (default says what ran, e.g. dml_n2_resnet32_s42)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue <out-dir>/<name> from its last complete epoch (repeat the original flags)")
-    g.add_argument("--stop-after", type=int, default=None, metavar="N",
-                   help="stop after N epochs of this invocation (for time-limited jobs); continue with --resume")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    g = p.add_argument_group("distributed (peers spread over processes; see README)")
-    g.add_argument("--procs", type=int, default=None, metavar="P",
-                   help="start P local processes (P <= --num-nodes) that share the peers, through "
-                        "torch.distributed's launcher; on several machines use torchrun instead")
-    g.add_argument("--check-batches", action="store_true",
-                   help="compare a fingerprint of every batch across processes and stop on a mismatch")
+    groups = {g: p.add_argument_group(GROUP_TITLES.get(g, g)) for g in GROUPS}
+    _add_config_arguments(p, groups=groups)
+    run = groups["run"]
+    run.add_argument("--resume", action="store_true",
+                     help="continue <out-dir>/<name> from its last complete epoch (repeat the original flags)")
+    run.add_argument("--stop-after", type=int, default=None, metavar="N",
+                     help="stop after N epochs of this invocation (for time-limited jobs); continue with --resume")
+    groups["distributed"].add_argument(
+        "--procs", type=int, default=None, metavar="P",
+        help="start P local processes (P <= --num-nodes) that share the peers, through torch.distributed's "
+             "launcher; on several machines use torchrun instead")
     p.set_defaults(func=_run_train)
 
 
@@ -178,7 +157,7 @@ def _evaluate_parser(sub) -> None:
                     "it ran with --plain), so the numbers match its log.",
     )
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="best.pt or last.pt files of dml runs")
-    _add_data_source_args(p)
+    _add_config_arguments(p, names=DATA_SOURCE)
     p.add_argument("--dataset", choices=DATASETS, default=None, help="test set (default: the checkpoints' dataset)")
     p.add_argument("--device", choices=DEVICES, default="auto",
                    help="auto (default): CUDA if available, else MPS, else CPU")

@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 
 from .errors import UserError
-from .models import folder_name, model_factory
+from .models import MODEL_NAMES, folder_name, model_factory
 from .runtime import DEVICES, PRECISIONS
 
 DATASETS = ("cifar100", "cifar10", "folder")
@@ -20,36 +20,72 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 
+GROUPS = ("cohort", "recipe", "data", "run", "distributed")
+
+
+def setting(default=None, *, group: str, help: str, factory=None, **argument):
+    """A TrainConfig field with what its command-line flag needs: its help group, help text and any
+    argparse options (``flag`` renames it; booleans become switches)."""
+    metadata = {"group": group, "help": help, "argument": argument}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class TrainConfig:
-    models: list[str] = field(default_factory=lambda: ["resnet32"])
-    num_nodes: int = 1
-    dataset: str = "cifar100"
-    image_size: int | None = None  # folder datasets: resize every image to this square side
-    epochs: int = 200
-    batch_size: int = 64
-    lr: float = 0.1
-    wd: float = 5e-4
-    momentum: float = 0.9
-    nesterov: bool = True
-    temperature: float = 1.0
-    kl_weight: float = 1.0
-    update: str = "simultaneous"
-    seed: int = 42
-    device: str = "auto"
-    precision: str = "auto"
-    plain: bool = False  # PyTorch's defaults: fp32 (unless --precision says otherwise), contiguous tensors,
-    # one thread for all peers, BatchNorm kept at evaluation
-    train_samples: int | None = None
-    test_samples: int | None = None
-    data_dir: str = "./data"
-    out_dir: str = "./runs"
-    name: str | None = None
-    skip_checksum: bool = False
-    download: bool = True
-    download_url: str | None = None
-    progress: bool = True
-    check_batches: bool = False
+    """Every setting of ``dml train``; the command line is generated from these fields."""
+
+    models: list[str] = setting(group="cohort", factory=lambda: ["resnet32"], nargs="+", metavar="NAME",
+                                help="one name for every peer, or one per peer: a built-in network "
+                                     f"({', '.join(MODEL_NAMES)}) or package.module:factory (a callable taking "
+                                     "num_classes that returns an nn.Module, imported from the current directory "
+                                     "or PYTHONPATH)")
+    num_nodes: int = setting(1, group="cohort", help="number of peers K (1 = independent)")
+    dataset: str = setting("cifar100", group="data", choices=DATASETS,
+                           help="cifar100 / cifar10 (official files), or folder: --data-dir holds train/<class>/ "
+                                "and test/<class>/ with png or jpg images")
+    image_size: int | None = setting(group="data", metavar="S",
+                                     help="folder datasets: resize every image to SxS (needed when their sizes "
+                                          "differ)")
+    epochs: int = setting(200, group="recipe", help="epochs of the cosine schedule")
+    batch_size: int = setting(64, group="recipe", help="images per step (the last partial batch is dropped)")
+    lr: float = setting(0.1, group="recipe", help="initial learning rate (cosine to 0)")
+    wd: float = setting(5e-4, group="recipe", help="weight decay")
+    momentum: float = setting(0.9, group="recipe", help="SGD momentum")
+    nesterov: bool = setting(True, group="recipe", help="plain momentum instead of Nesterov")
+    temperature: float = setting(1.0, group="cohort", help="softmax temperature T of the KL term")
+    kl_weight: float = setting(1.0, group="cohort", help="weight w of the KL term")
+    update: str = setting("simultaneous", group="cohort", choices=UPDATES,
+                          help="simultaneous: all peers step on one set of predictions; sequential: the paper's "
+                               "Algorithm 1, peers step in turn")
+    seed: int = setting(42, group="recipe", help="seed of initial weights, batches and subsets")
+    device: str = setting("auto", group="run", choices=DEVICES, help="auto: CUDA, then MPS, then CPU")
+    precision: str = setting("auto", group="run", choices=PRECISIONS,
+                             help="auto: bf16 autocast on CPU, bf16 (or fp16) autocast on CUDA")
+    plain: bool = setting(False, group="run",
+                          help="PyTorch's plain path: fp32 unless --precision says otherwise, contiguous memory, "
+                               "denormals kept, peers on one thread, BatchNorm kept at evaluation (slower; a "
+                               "reference for numerics)")
+    train_samples: int | None = setting(group="data", metavar="N",
+                                        help="train on a seeded, class-balanced subset of N images (quick runs)")
+    test_samples: int | None = setting(group="data", metavar="N",
+                                       help="evaluate on a seeded, class-balanced subset of N images")
+    data_dir: str = setting("./data", group="data",
+                            help="folder holding cifar-100-python/ (or the .tar.gz archive; downloaded there if "
+                                 "absent), or the image folder of --dataset folder")
+    out_dir: str = setting("./runs", group="run", help="parent folder of run directories")
+    name: str | None = setting(group="run", help="run directory name (default says what ran, e.g. "
+                                                 "dml_n2_resnet32_s42)")
+    skip_checksum: bool = setting(False, group="data", help="accept data files whose MD5 differs from the official "
+                                                            "release (structure is still checked)")
+    download: bool = setting(True, group="data", help="fail at once if the data is missing instead of downloading it")
+    download_url: str | None = setting(group="data", metavar="URL",
+                                       help="archive URL for a mirror (default: the official URL, or "
+                                            "$DML_DOWNLOAD_URL)")
+    progress: bool = setting(True, group="run", help="no progress bars")
+    check_batches: bool = setting(False, group="distributed",
+                                  help="compare a fingerprint of every batch across processes and stop on a mismatch")
 
     def __post_init__(self) -> None:
         self.models = list(self.models)
