@@ -65,9 +65,10 @@ def build_peer(cfg: TrainConfig, index: int, num_classes: int, runtime: Runtime)
     return Peer(index, name, model, optimizer, scheduler)
 
 
-def build_runtime(cfg: TrainConfig, exchange) -> Runtime:
-    """How this process computes; peers side by side only where they are independent within a step."""
-    device = exchange.select_device(resolve_device(cfg.device))
+def build_runtime(cfg: TrainConfig, exchange, device: torch.device | None = None) -> Runtime:
+    """How this process computes (on ``device`` where the caller already chose it); peers side by side
+    only where they are independent within a step."""
+    device = device or exchange.select_device(resolve_device(cfg.device))
     return Runtime(device, cfg.precision, cfg.plain, num_peers=len(exchange.local_indices),
                    side_by_side=cfg.update == "simultaneous")
 
@@ -102,14 +103,15 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     ``stop_after`` ends this invocation after that many epochs (for time-limited jobs); the run
     continues with ``resume=True`` exactly as if it had not stopped.
     """
-    exchange = exchange or make_exchange(cfg.num_nodes, resolve_device(cfg.device).type)
+    device = resolve_device(cfg.device)
+    exchange = exchange or make_exchange(cfg.num_nodes, device.type)
     try:
-        device = exchange.select_device(resolve_device(cfg.device))
+        device = exchange.select_device(device)
         run = RunDir(Path(cfg.out_dir) / cfg.name, dict(enumerate(cfg.models)), writer=exchange.is_writer)
         check_run_dir(cfg, resume, run)
         data = load_data(cfg, device)
         exchange.barrier()  # every process has checked the run directory before rank 0 writes to it
-        runtime = build_runtime(cfg, exchange)
+        runtime = build_runtime(cfg, exchange, device)
         try:
             cohort = build_cohort(cfg, exchange, runtime, data.num_classes)
             feed = build_feed(cfg, runtime, data)
