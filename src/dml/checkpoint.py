@@ -9,7 +9,8 @@ import torch
 from .cohort import Cohort
 from .config import TrainConfig
 from .errors import RunStopped, UserError
-from .runlog import CONFIG_FILE, LAST_NEXT, RunDir, load_checkpoint
+from .peer import load_checkpoint
+from .runlog import CONFIG_FILE, LAST_NEXT, RunDir
 
 
 def check_run_dir(cfg: TrainConfig, resume: bool, run: RunDir) -> None:
@@ -33,7 +34,7 @@ def check_run_dir(cfg: TrainConfig, resume: bool, run: RunDir) -> None:
 def restore(run: RunDir, cohort: Cohort) -> dict | None:
     """Load every local peer at the newest epoch the whole cohort reached; return the run state,
     or None where the cohort never completed an epoch (its staged first epoch is discarded)."""
-    peers, exchange, device = cohort.peers, cohort.exchange, cohort.device
+    peers, exchange, device = cohort.trainable, cohort.exchange, cohort.device
     local_epochs = {p.index: run.checkpoint_epochs(p.index) for p in peers}
     shared = {}
     for part in exchange.gather_objects({i: set(e) for i, e in local_epochs.items()}):
@@ -90,7 +91,7 @@ def set_rng_state(generator: torch.Generator, state: dict) -> None:
 def save_epoch(run: RunDir, epoch: int, cohort: Cohort, records: list[dict], generator: torch.Generator,
                cfg: TrainConfig, num_classes: int) -> None:
     """best.pt where a peer improved, then every peer's last.pt committed in two phases."""
-    peers = cohort.peers
+    peers = cohort.trainable  # teachers are never saved
     for p in peers:
         if not all(torch.isfinite(t).all() for t in p.model.state_dict().values() if t.is_floating_point()):
             raise RunStopped(f"peer {p.label} diverged: its parameters are not finite after epoch {epoch}; "

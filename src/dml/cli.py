@@ -43,7 +43,7 @@ def _add_config_arguments(parser, names=None, groups=None) -> dict:
     hints = typing.get_type_hints(TrainConfig)
     groups = groups if groups is not None else {}
     for f in dataclasses.fields(TrainConfig):
-        if names is not None and f.name not in names:
+        if (names is not None and f.name not in names) or f.metadata.get("group") is None:
             continue
         group = groups.get(f.metadata["group"], parser)
         _config_argument(group, f, hints[f.name])
@@ -77,7 +77,7 @@ def _train_parser(sub) -> None:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Every TrainConfig field from the flag of the same name (each flag's dest is its field's name)."""
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)})
 
 
 def _run_train(args: argparse.Namespace) -> int:

@@ -5,6 +5,9 @@
     for x, y in loader:
         out = cohort.step(x, y)          # out.losses, out.logits: one per local peer
     cohort.evaluate(test_loader)         # per-peer and ensemble top-1 / top-5
+
+Any knowledge-transfer graph instead of DML: ``loss=dml.Links([...], num_peers)`` (see links.py);
+a frozen teacher is a peer whose optimizer is None.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from torch import nn
 
 from .distributed import LocalExchange, make_exchange
 from .evaluate import Evaluation, evaluate_models
+from .links import Links, linear_ramp
 from .loss import MutualLoss
 from .peer import Peer
 from .runtime import Runtime, resolve_device
@@ -35,8 +39,10 @@ class Cohort:
     """K peers trained together on the same batches; each minimises ``loss`` of its own logits against
     the other peers' detached logits (one model: plain cross-entropy training).
 
-    ``models`` and ``optimizers`` (and ``schedulers``, optional, not stepped by the cohort) are one per
-    peer. Models may be any ``nn.Module`` mapping a batch of inputs to logits; they are moved to the
+    ``loss``: ``MutualLoss`` (DML among all peers; the default) or ``Links`` (any graph of links with
+    temperatures, weights and gates; linear gates need ``set_epoch``). ``models`` and ``optimizers``
+    (and ``schedulers``, optional, not stepped by the cohort) are one per peer; a peer whose optimizer
+    is None is frozen: a teacher in evaluation mode that no link may lead into. Models may be any ``nn.Module`` mapping a batch of inputs to logits; they are moved to the
     device (and to channels_last unless ``plain``) in place, so optimizers built on their parameters
     stay valid. ``update``: "simultaneous" (all peers step on the same predictions) or "sequential".
     ``precision``: "auto" (bf16 autocast on CPU and CUDA), "fp32", "bf16", "fp16" (CUDA).
@@ -47,7 +53,7 @@ class Cohort:
     """
 
     def __init__(self, models: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer],
-                 loss: MutualLoss | None = None, *, update: str = "simultaneous", precision: str = "auto",
+                 loss: MutualLoss | Links | None = None, *, update: str = "simultaneous", precision: str = "auto",
                  device: str | torch.device = "auto", schedulers: Sequence | None = None,
                  names: Sequence[str] | None = None, plain: bool = False):
         if not models:
@@ -61,22 +67,26 @@ class Cohort:
         exchange = make_exchange(len(models), where.type)
         runtime = Runtime(exchange.select_device(where), precision, plain, num_peers=len(exchange.local_indices),
                           side_by_side=update == "simultaneous")
-        peers = [Peer(i, names[i], runtime.prepare(models[i]), optimizers[i],
+        frozen = [i for i, opt in enumerate(optimizers) if opt is None]
+        links = as_links(loss or MutualLoss(), len(models), frozen)
+        peers = [Peer(i, names[i], _prepare(runtime, models[i], frozen=i in frozen), optimizers[i],
                       None if schedulers is None else schedulers[i]) for i in exchange.local_indices]
-        self._init(peers, loss or MutualLoss(), update, runtime, exchange, len(models))
+        self._init(peers, links, update, runtime, exchange, len(models))
         self._owns_exchange = True  # it joined the process group: it leaves it on close
 
     @classmethod
-    def from_peers(cls, peers: list[Peer], loss: MutualLoss, update: str, runtime: Runtime,
+    def from_peers(cls, peers: list[Peer], links: Links, update: str, runtime: Runtime,
                    exchange: LocalExchange, num_peers: int) -> Cohort:
-        """A cohort of this process's ``peers`` (already on the runtime's device) of ``num_peers`` in all."""
+        """A cohort of this process's ``peers`` (already on the runtime's device; frozen ones prepared
+        by ``prepare_frozen``) of ``num_peers`` in all."""
         cohort = cls.__new__(cls)
-        cohort._init(peers, loss, update, runtime, exchange, num_peers)
+        cohort._init(peers, links, update, runtime, exchange, num_peers)
         return cohort
 
-    def _init(self, peers, loss, update, runtime, exchange, num_peers) -> None:
+    def _init(self, peers, links, update, runtime, exchange, num_peers) -> None:
         self.peers = peers
-        self.loss = loss
+        self.links = links
+        self.progress: float | None = None  # the linear gates' factor, set by set_epoch
         self.update = update
         self.runtime = runtime
         self.exchange = exchange
@@ -88,6 +98,10 @@ class Cohort:
     def device(self) -> torch.device:
         return self.runtime.device
 
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        """Tell the cohort where training stands (epoch is 1-based): linear gates ramp with it."""
+        self.progress = linear_ramp(epoch, epochs)
+
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         """Train every local peer on one batch of inputs ``x`` and labels ``y``; no host sync."""
         x, y = self.runtime.to_device(x), y.to(self.runtime.device, non_blocking=True)
@@ -96,16 +110,22 @@ class Cohort:
 
     def evaluate(self, batches: Iterable) -> Evaluation:
         """Top-1 / top-5 accuracy (%) of every local peer and of the whole cohort's mean-softmax ensemble."""
-        return evaluate_models([p.model for p in self.peers], batches, self.runtime, self.exchange)
+        return evaluate_models([p.model for p in self.peers], batches, self.runtime, self.exchange,
+                               ensemble_excludes=self.links.frozen)
+
+    @property
+    def trainable(self) -> list[Peer]:
+        return [p for p in self.peers if not p.frozen]
 
     def state_dict(self) -> dict:
-        """Every local peer's model, optimizer and schedule, and the loss scaler (fp16)."""
-        return {"peers": [p.state_dict() for p in self.peers], "scaler": self.runtime.precision.scaler.state_dict()}
+        """Every local trainable peer's model, optimizer and schedule, and the loss scaler (fp16).
+        Frozen peers are not saved: they are what they were loaded as."""
+        return {"peers": [p.state_dict() for p in self.trainable], "scaler": self.runtime.precision.scaler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        if len(state.get("peers", ())) != len(self.peers):
-            raise ValueError(f"the state holds {len(state.get('peers', ()))} peers, this cohort {len(self.peers)}")
-        for peer, peer_state in zip(self.peers, state["peers"]):
+        if len(state.get("peers", ())) != len(self.trainable):
+            raise ValueError(f"the state holds {len(state.get('peers', ()))} peers, this cohort {len(self.trainable)}")
+        for peer, peer_state in zip(self.trainable, state["peers"]):
             peer.load_state_dict(peer_state)
         self.runtime.precision.scaler.load_state_dict(state["scaler"])
 
@@ -120,3 +140,26 @@ class Cohort:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def as_links(loss: MutualLoss | Links, num_peers: int, frozen: list[int]) -> Links:
+    """The cohort's objectives: ``MutualLoss`` becomes DML links among all peers (frozen ones teach)."""
+    if isinstance(loss, MutualLoss):
+        return Links.mutual(num_peers, loss.temperature, loss.kl_weight, frozen=frozen)
+    if not isinstance(loss, Links):
+        raise TypeError(f"loss must be a dml.MutualLoss or dml.Links, not {type(loss).__name__}")
+    if loss.num_peers != num_peers or loss.frozen != frozenset(frozen):
+        raise ValueError(f"the links are for {loss.num_peers} peers with frozen {sorted(loss.frozen)}; the cohort "
+                         f"has {num_peers} with frozen {frozen} (the peers whose optimizer is None)")
+    return loss
+
+
+def _prepare(runtime: Runtime, model: nn.Module, frozen: bool) -> nn.Module:
+    model = runtime.prepare(model)
+    return prepare_frozen(runtime, model) if frozen else model
+
+
+def prepare_frozen(runtime: Runtime, model: nn.Module) -> nn.Module:
+    """A teacher as it computes: no gradients, evaluation mode (BatchNorm folded where the runtime folds)."""
+    model.requires_grad_(False)
+    return runtime.inference_model(model)

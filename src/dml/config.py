@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 from .errors import UserError
+from .graph import read_graph, teacher_spec
 from .models import MODEL_NAMES, folder_name, model_factory
 from .runtime import DEVICES, PRECISIONS
 
@@ -16,7 +18,7 @@ UPDATES = ("simultaneous", "sequential")
 # Settings that may change between a run and its resumption without changing what is computed.
 RESUMABLE_CHANGES = frozenset(
     {"device", "data_dir", "out_dir", "name", "download", "download_url", "skip_checksum", "progress",
-     "check_batches"}
+     "check_batches", "graph", "teacher"}  # graph files and teachers are compared through graph_spec
 )
 
 
@@ -42,6 +44,14 @@ class TrainConfig:
                                      "num_classes that returns an nn.Module, imported from the current directory "
                                      "or PYTHONPATH)")
     num_nodes: int = setting(1, group="cohort", help="number of peers K (1 = independent)")
+    teacher: list[str] | None = setting(group="cohort", nargs="+", metavar="CHECKPOINT",
+                                        help="knowledge distillation: frozen teacher(s) from a best.pt or last.pt of "
+                                             "an earlier run; every peer of --models learns from them (and from "
+                                             "each other) with --temperature and --kl-weight")
+    graph: str | None = setting(group="cohort", metavar="FILE",
+                                help="a TOML file of peers (trainable, or frozen from a checkpoint) and links "
+                                     "(source, target, temperature, weight, gate); replaces --models, "
+                                     "--num-nodes and --teacher (see README)")
     dataset: str = setting("cifar100", group="data", choices=DATASETS,
                            help="cifar100 / cifar10 (official files), or folder: --data-dir holds train/<class>/ "
                                 "and test/<class>/ with png or jpg images")
@@ -86,11 +96,19 @@ class TrainConfig:
     progress: bool = setting(True, group="run", help="no progress bars")
     check_batches: bool = setting(False, group="distributed",
                                   help="compare a fingerprint of every batch across processes and stop on a mismatch")
+    # The peers and links of --graph or --teacher, resolved (no flag of its own): config.json stores
+    # it and --resume compares it, so a changed file or teacher checkpoint is noticed.
+    graph_spec: dict | None = field(default=None, metadata={"group": None})
 
     def __post_init__(self) -> None:
         self.models = list(self.models)
         if len(self.models) == 1 and self.num_nodes > 1:
             self.models = self.models * self.num_nodes
+        if self.graph_spec is None and (self.graph or self.teacher):
+            self.graph_spec = self._resolve_graph()
+        if self.graph_spec is not None:
+            self.models = [peer["model"] for peer in self.graph_spec["peers"]]
+            self.num_nodes = len(self.models)
         self.validate()
         if self.name is None:
             self.name = self.default_name()
@@ -140,14 +158,37 @@ class TrainConfig:
         if self.name is not None and (not self.name or "/" in self.name or self.name in (".", "..")):
             raise UserError(f"--name {self.name!r} must be a plain folder name (no '/')")
 
+    def _resolve_graph(self) -> dict:
+        if self.graph and (self.teacher or self.models != ["resnet32"] or self.num_nodes != 1):
+            raise UserError("--graph gives the peers and links: drop --models, --num-nodes and --teacher")
+        if self.graph:
+            return read_graph(self.graph)
+        for flag, value in (("--temperature", self.temperature), ("--kl-weight", self.kl_weight)):
+            if not _is_number(value) or value < 0:
+                raise UserError(f"{flag} must be a non-negative finite number, got {value!r}")
+        return teacher_spec(self.models, self.teacher, self.temperature, self.kl_weight)
+
+    @property
+    def frozen(self) -> list[int]:
+        """Indices of the frozen peers (teachers)."""
+        peers = self.graph_spec["peers"] if self.graph_spec else []
+        return [k for k, peer in enumerate(peers) if peer["checkpoint"] is not None]
+
     @property
     def is_dml(self) -> bool:
-        return self.num_nodes > 1
+        return self.num_nodes - len(self.frozen) > 1
 
     def default_name(self) -> str:
-        """A name that says what ran, e.g. dml_n2_resnet32_s42 or independent_resnet32_s42."""
-        unique = list(dict.fromkeys(folder_name(m) for m in self.models))
-        models = "-".join(folder_name(m) for m in self.models) if len(unique) > 1 else unique[0]
+        """A name that says what ran, e.g. dml_n2_resnet32_s42, independent_resnet32_s42,
+        kd_resnet32_from_wrn28_2_s42 or graph-mygraph_resnet32-wrn28_2_s42."""
+        if self.graph_spec is not None:
+            frozen = self.frozen
+            students = _joined([m for k, m in enumerate(self.models) if k not in frozen])
+            if self.graph:
+                kind = f"graph-{folder_name(Path(self.graph).stem)}"
+                return "_".join([kind, _joined(self.models), f"s{self.seed}"])
+            return "_".join(["kd", students, "from", _joined([self.models[k] for k in frozen]), f"s{self.seed}"])
+        models = _joined(self.models)
         parts = [f"dml_n{self.num_nodes}" if self.is_dml else "independent", models]
         if self.dataset != "cifar100":
             parts.insert(1, self.dataset)
@@ -169,6 +210,12 @@ class TrainConfig:
             for k in mine
             if k not in RESUMABLE_CHANGES and mine[k] != theirs[k]
         ]
+
+
+def _joined(models: list[str]) -> str:
+    """resnet32 for [resnet32, resnet32]; resnet32-wrn28_2 for a mixed list."""
+    unique = list(dict.fromkeys(folder_name(m) for m in models))
+    return "-".join(folder_name(m) for m in models) if len(unique) > 1 else unique[0]
 
 
 def _is_number(value) -> bool:

@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import check_run_dir, restore, save_epoch, set_rng_state
-from .cohort import Cohort
+from .cohort import Cohort, prepare_frozen
 from .config import TrainConfig
 from .data.augment import Normalise
 from .data.batches import TrainBatches, test_batches
@@ -21,8 +21,9 @@ from .data.cifar import CifarData, balanced_subset
 from .data.source import load_dataset
 from .distributed import make_exchange
 from .errors import RunStopped, UserError
-from .evaluate import EVAL_BATCH_SIZE
-from .loss import MutualLoss
+from .evaluate import EVAL_BATCH_SIZE, load_model
+from .graph import links_of
+from .links import Links
 from .models import create_model
 from .peer import Peer, derive_seed
 from .runlog import RunDir, environment_info
@@ -65,6 +66,23 @@ def build_peer(cfg: TrainConfig, index: int, num_classes: int, runtime: Runtime)
     return Peer(index, name, model, optimizer, scheduler)
 
 
+def build_frozen_peer(cfg: TrainConfig, index: int, num_classes: int, runtime: Runtime) -> Peer:
+    """Peer ``index`` as the graph's checkpoint holds it: a teacher, never trained or saved."""
+    spec = cfg.graph_spec["peers"][index]
+    checkpoint = load_model(spec["checkpoint"], runtime.device)
+    if checkpoint.num_classes != num_classes:
+        raise UserError(f"teacher checkpoint {checkpoint.path} has {checkpoint.num_classes} classes, this run's data "
+                        f"{num_classes}; use a teacher trained on the same dataset")
+    return Peer(index, checkpoint.model_name, prepare_frozen(runtime, runtime.prepare(checkpoint.model)), None)
+
+
+def cohort_links(cfg: TrainConfig) -> Links:
+    """Every peer's objective: the graph's links, or DML among all peers (one peer: cross-entropy)."""
+    if cfg.graph_spec is not None:
+        return links_of(cfg.graph_spec)
+    return Links.mutual(cfg.num_nodes, cfg.temperature, cfg.kl_weight)
+
+
 def build_runtime(cfg: TrainConfig, exchange, device: torch.device | None = None) -> Runtime:
     """How this process computes (on ``device`` where the caller already chose it); peers side by side
     only where they are independent within a step."""
@@ -75,9 +93,9 @@ def build_runtime(cfg: TrainConfig, exchange, device: torch.device | None = None
 
 def build_cohort(cfg: TrainConfig, exchange, runtime: Runtime, num_classes: int) -> Cohort:
     """This process's peers as ``dml train`` runs them (``dml bench`` measures exactly this)."""
-    peers = [build_peer(cfg, i, num_classes, runtime) for i in exchange.local_indices]
-    return Cohort.from_peers(peers, MutualLoss(cfg.temperature, cfg.kl_weight), cfg.update, runtime, exchange,
-                             cfg.num_nodes)
+    build = {i: build_frozen_peer for i in cfg.frozen}
+    peers = [build.get(i, build_peer)(cfg, i, num_classes, runtime) for i in exchange.local_indices]
+    return Cohort.from_peers(peers, cohort_links(cfg), cfg.update, runtime, exchange, cfg.num_nodes)
 
 
 @dataclass
@@ -107,7 +125,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     exchange = exchange or make_exchange(cfg.num_nodes, device.type)
     try:
         device = exchange.select_device(device)
-        run = RunDir(Path(cfg.out_dir) / cfg.name, dict(enumerate(cfg.models)), writer=exchange.is_writer)
+        trainable = {i: m for i, m in enumerate(cfg.models) if i not in cfg.frozen}
+        run = RunDir(Path(cfg.out_dir) / cfg.name, trainable, writer=exchange.is_writer)
         check_run_dir(cfg, resume, run)
         data = load_data(cfg, device)
         exchange.barrier()  # every process has checked the run directory before rank 0 writes to it
@@ -270,6 +289,7 @@ def run_epoch(epoch: int, cohort: Cohort, feed: Feed, data: CifarData, cfg: Trai
     """Train one epoch and evaluate; return the epoch's records for every peer in the cohort."""
     peers, batches, exchange = cohort.peers, feed.batches, cohort.exchange
     started = time.perf_counter()
+    cohort.set_epoch(epoch, cfg.epochs)
     lrs = [p.lr for p in peers]
     metrics = StepMetrics(len(peers), cohort.device)
     # disable=None: no bar when stderr is not a terminal (log files stay readable).
@@ -286,14 +306,15 @@ def run_epoch(epoch: int, cohort: Cohort, feed: Feed, data: CifarData, cfg: Trai
         train_steps(cohort, batches, metrics, show_progress, f"epoch {epoch}, ", stop, cfg.check_batches)
     finally:
         bar.close()
-    for p in peers:
+    for p in cohort.trainable:
         p.scheduler.step()
     train_loss, train_acc = metrics.read()
     result = cohort.evaluate(test_batches(data.test.images, data.test.labels, EVAL_BATCH_SIZE, feed.normalise))
     seconds = time.perf_counter() - started
     local = [
         {"epoch": epoch, "node": p.index, "model": p.model_name, "lr": lrs[k], "train_loss": train_loss[k],
-         "train_acc": train_acc[k], "test_acc": result.top1[k], "seconds": seconds}
+         "train_acc": train_acc[k], "test_acc": result.top1[k], "seconds": seconds,
+         **({"role": "teacher"} if p.frozen else {})}
         for k, p in enumerate(peers)
     ]
     records = sorted((r for part in exchange.gather_objects(local) for r in part), key=lambda r: r["node"])

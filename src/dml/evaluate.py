@@ -24,8 +24,8 @@ from .data.source import load_dataset
 from .distributed import LocalExchange
 from .errors import UserError
 from .models import create_model
-from .peer import derive_seed
-from .runlog import load_checkpoint
+from .peer import derive_seed, load_checkpoint
+
 from .runtime import Runtime, resolve_device
 
 NUM_CLASSES = {"cifar100": 100, "cifar10": 10}
@@ -58,13 +58,15 @@ def _predict(model: torch.nn.Module, x: torch.Tensor, precision) -> torch.Tensor
 
 
 def evaluate_models(models: list[torch.nn.Module], batches: Iterable, runtime: Runtime,
-                    exchange=None) -> Evaluation:
+                    exchange=None, ensemble_excludes: Iterable[int] = ()) -> Evaluation:
     """Accuracy of every model on ``batches`` of (inputs, labels), and of the ensemble (mean softmax).
 
     The models run in evaluation mode (through BatchNorm-folded copies where the runtime folds) and
-    are left in training mode. With an exchange over processes, the ensemble holds every process's peers.
+    are left in the mode they were in. With an exchange over processes, the ensemble holds every
+    process's peers, except the cohort indices in ``ensemble_excludes`` (teachers).
     """
     exchange = exchange or LocalExchange(len(models))
+    modes = [m.training for m in models]
     inference = [runtime.inference_model(m) for m in models]
     correct = torch.zeros(len(models), len(TOP_K), device=runtime.device, dtype=torch.int64)
     ensemble = torch.zeros(len(TOP_K), device=runtime.device, dtype=torch.int64)
@@ -75,11 +77,12 @@ def evaluate_models(models: list[torch.nn.Module], batches: Iterable, runtime: R
             logits = runtime.runner.map(functools.partial(_predict, x=x, precision=runtime.precision), inference)
             for k, z in enumerate(logits):
                 correct[k] += _correct_top_k(z, y)
-            mean_probs = torch.stack([z.float().softmax(1) for z in exchange.gather_logits(logits)]).mean(0)
+            members = [z for j, z in enumerate(exchange.gather_logits(logits)) if j not in ensemble_excludes]
+            mean_probs = torch.stack([z.float().softmax(1) for z in members]).mean(0)
             ensemble += _correct_top_k(mean_probs, y)
             samples += y.shape[0]
-    for m in models:
-        m.train()
+    for m, mode in zip(models, modes):
+        m.train(mode)
     if samples == 0:
         raise ValueError("no batches to evaluate on")
     per_peer = [[100.0 * c / samples for c in row] for row in correct.tolist()]  # Python floats: exact percent

@@ -1,13 +1,19 @@
-"""A peer: a model with its optimizer and (optional) schedule, and the state that resumes it."""
+"""A peer: a model with its optimizer and (optional) schedule, and the state that resumes it.
+
+A peer without an optimizer is frozen (a teacher): it stays in evaluation mode, computes its logits
+without a graph and is never saved again.
+"""
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from .errors import UserError
 from .models import folder_name
 
 
@@ -27,7 +33,7 @@ class Peer:
     index: int  # position in the cohort, 0..K-1
     model_name: str
     model: nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     best_acc: float = float("-inf")
     best_epoch: int = 0
@@ -38,8 +44,12 @@ class Peer:
         return f"{self.index}_{folder_name(self.model_name)}"
 
     @property
+    def frozen(self) -> bool:
+        return self.optimizer is None
+
+    @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        return 0.0 if self.frozen else self.optimizer.param_groups[0]["lr"]
 
     def state_dict(self) -> dict:
         return {
@@ -102,3 +112,19 @@ def _check_like(fresh, loaded, where: str) -> None:
             raise ValueError(f"{where} should be a {fresh.dtype} tensor of shape {tuple(fresh.shape)}")
     elif _kind(loaded) != _kind(fresh):
         raise ValueError(f"{where} should be a {_kind(fresh)}, not a {_kind(loaded)}")
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    """Load a checkpoint written by this library (tensors and plain containers only)."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist") from None
+    except Exception as exc:  # torch raises several types for truncated or foreign files
+        raise UserError(
+            f"checkpoint {path} is truncated or not a dml checkpoint ({type(exc).__name__}); "
+            "delete it to fall back to an earlier one, or start a new run"
+        ) from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise UserError(f"checkpoint {path} is not a dml checkpoint (no model state in it)")
+    return state

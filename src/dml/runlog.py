@@ -26,6 +26,7 @@ from . import __version__
 from .config import TrainConfig
 from .errors import UserError
 from .models import folder_name
+from .peer import load_checkpoint
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -70,22 +71,6 @@ def atomic_write_bytes(path: Path, write) -> None:
 
 def save_checkpoint(state: dict, path: Path) -> None:
     atomic_write_bytes(path, lambda f: torch.save(state, f))
-
-
-def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    """Load a checkpoint written by this library (tensors and plain containers only)."""
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"checkpoint {path} does not exist") from None
-    except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise UserError(
-            f"checkpoint {path} is truncated or not a dml checkpoint ({type(exc).__name__}); "
-            "delete it to fall back to an earlier one, or start a new run"
-        ) from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise UserError(f"checkpoint {path} is not a dml checkpoint (no model state in it)")
-    return state
 
 
 def checkpoint_epoch(path: Path) -> int:

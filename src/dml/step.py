@@ -6,8 +6,10 @@ Two update modes:
 - sequential (the paper's Algorithm 1): peers step in turn, each against the predictions of the
   peers before it as they are after their update (recomputed on the same batch).
 
-``cohort`` is a ``dml.Cohort``: its ``peers``, ``loss``, ``exchange`` and ``runtime`` (precision and
-the runner that runs peers in turn or side by side; the result is the same).
+``cohort`` is a ``dml.Cohort``: its ``peers``, ``links`` (each peer's objective, see links.py),
+``progress`` (for linear gates), ``exchange`` and ``runtime`` (precision and the runner that runs
+peers in turn or side by side; the result is the same). Frozen peers (teachers) forward without a
+graph and never step; their loss is their cross-entropy, for the record.
 """
 
 from __future__ import annotations
@@ -16,15 +18,19 @@ import contextlib
 import functools
 
 import torch
+import torch.nn.functional as F
 
 
 def _forward(peer, x: torch.Tensor, precision) -> torch.Tensor:
-    with precision.autocast():  # autocast is per thread: entered where the peer runs
+    # autocast and grad mode are per thread: entered where the peer runs
+    with precision.autocast(), torch.set_grad_enabled(not peer.frozen):
         return peer.model(x)
 
 
-def _others(all_logits: list[torch.Tensor], index: int) -> list[torch.Tensor]:
-    return [z for j, z in enumerate(all_logits) if j != index]
+def _objective(cohort, peer, logits: torch.Tensor, all_logits: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+    if peer.frozen:
+        return F.cross_entropy(logits.float(), y)
+    return cohort.links.objective(peer.index, logits, all_logits, y, cohort.progress)
 
 
 def _descend(peer, loss: torch.Tensor, scaler) -> None:
@@ -41,8 +47,9 @@ def simultaneous_step(cohort, x: torch.Tensor, y: torch.Tensor) -> tuple[list[to
 
     def update(k: int) -> torch.Tensor:
         peer = cohort.peers[k]
-        loss = cohort.loss(logits[k], _others(all_logits, peer.index), y)
-        _descend(peer, loss, precision.scaler)
+        loss = _objective(cohort, peer, logits[k], all_logits, y)
+        if not peer.frozen:
+            _descend(peer, loss, precision.scaler)
         return loss
 
     losses = runner.map(update, range(len(cohort.peers)))
@@ -59,16 +66,17 @@ def sequential_step(cohort, x: torch.Tensor, y: torch.Tensor) -> tuple[list[torc
     last = cohort.num_peers - 1
     losses = []
     for i in range(cohort.num_peers):
-        fresh = None
+        fresh, moves = None, i < last and i not in cohort.links.frozen  # frozen predictions never change
         if i in local:
             peer, z = local[i]
-            loss = cohort.loss(z, _others(current, i), y)
-            _descend(peer, loss, precision.scaler)
+            loss = _objective(cohort, peer, z, current, y)
             losses.append(loss)
-            if i < last:  # later peers learn from this peer's updated predictions
+            if not peer.frozen:
+                _descend(peer, loss, precision.scaler)
+            if moves:  # later peers learn from this peer's updated predictions
                 with torch.no_grad(), precision.autocast(), _frozen_batchnorm_stats(peer.model):
                     fresh = peer.model(x).detach()
-        if i < last:
+        if moves:
             current[i] = exchange.share_logits(i, fresh, current[i])
     precision.scaler.update()
     return losses, logits

@@ -1,0 +1,170 @@
+"""Knowledge-transfer graphs as users write them: a TOML file, or ``--teacher`` for distillation.
+
+Both become a *graph spec*, plain data that config.json stores and ``--resume`` compares::
+
+    {"peers": [{"name": "student", "model": "resnet32", "checkpoint": null, "sha256": null},
+               {"name": "teacher", "model": "wrn28_2", "checkpoint": "/abs/best.pt", "sha256": "..."}],
+     "links": [{"source": 1, "target": 0, "temperature": 2.0, "weight": 1.0, "gate": "through"}, ...],
+     "combine": "mean"}
+
+A graph file::
+
+    combine = "mean"                  # how the links from other peers add up: mean (default) or sum
+
+    [[peer]]
+    name = "student"
+    model = "resnet32"                # trainable: a built-in name or package.module:factory
+
+    [[peer]]
+    name = "teacher"
+    checkpoint = "runs/independent_wrn28_2_s42/0_wrn28_2/best.pt"   # frozen; its model from the file
+
+    [[link]]
+    source = "teacher"                # a peer's name; "labels" is the self link (cross-entropy)
+    target = "student"
+    temperature = 2.0                 # default 1
+    weight = 1.0                      # default 1
+    gate = "through"                  # through (default), cutoff, linear or correct
+
+Every trainable peer gets a self link (weight 1, through) unless the file gives one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from .errors import UserError
+from .links import COMBINES, GATES, Link, Links
+from .models import model_factory
+from .peer import load_checkpoint
+
+LABELS = "labels"
+PEER_KEYS = {"name", "model", "checkpoint"}
+LINK_KEYS = {"source", "target", "temperature", "weight", "gate"}
+
+
+def frozen_peer(path: str | Path, name: str) -> dict:
+    """A frozen peer from a checkpoint of an earlier run: its model name and a hash of the file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"teacher checkpoint {path} does not exist; train the teacher first (dml train --models "
+                        "MODEL) and pass its best.pt or last.pt")
+    model = load_checkpoint(path).get("model_name")
+    if not isinstance(model, str):
+        raise UserError(f"checkpoint {path} does not name its model; it was not written by dml train")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return {"name": name, "model": model, "checkpoint": str(path.resolve()), "sha256": digest}
+
+
+def teacher_spec(students: Sequence[str], teachers: Sequence[str], temperature: float, weight: float) -> dict:
+    """``--teacher``: the students learn from every teacher (and, two or more, from each other), with
+    the given temperature and weight."""
+    peers = [{"name": f"{i}_{m}", "model": m, "checkpoint": None, "sha256": None} for i, m in enumerate(students)]
+    peers += [frozen_peer(path, f"teacher{k}") for k, path in enumerate(teachers)]
+    frozen = list(range(len(students), len(peers)))
+    links = Links.mutual(len(peers), temperature, weight, frozen=frozen)
+    return {"peers": peers, **_links_dict(links)}
+
+
+def read_graph(path: str | Path) -> dict:
+    """The spec of a graph file; one UserError line per mistake, naming the file."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"graph file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise UserError(f"graph file {path} is not valid TOML ({exc})") from None
+    where = f"graph file {path}"
+    unknown = set(data) - {"peer", "link", "combine"}
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; expected [[peer]], [[link]], combine")
+    combine = data.get("combine", "mean")
+    if combine not in COMBINES:
+        raise UserError(f"{where}: combine {combine!r} is not one of: {', '.join(COMBINES)}")
+    peers = [_peer(entry, k, where, path.parent) for k, entry in enumerate(_tables(data, "peer", where))]
+    if not peers:
+        raise UserError(f"{where} defines no [[peer]]")
+    index = {}
+    for k, peer in enumerate(peers):
+        if peer["name"] in index or peer["name"] == LABELS:
+            raise UserError(f"{where}: peer name {peer['name']!r} is used twice or is reserved")
+        index[peer["name"]] = k
+    frozen = [k for k, p in enumerate(peers) if p["checkpoint"] is not None]
+    links = [_link(entry, index, frozen, where) for entry in _tables(data, "link", where)]
+    try:
+        graph = Links(links, len(peers), combine, frozen)
+    except ValueError as exc:
+        raise UserError(f"{where}: {exc}") from None
+    return {"peers": peers, **_links_dict(graph)}
+
+
+def links_of(spec: dict) -> Links:
+    """The Links of a stored spec."""
+    frozen = [k for k, p in enumerate(spec["peers"]) if p["checkpoint"] is not None]
+    return Links([Link(**link) for link in spec["links"]], len(spec["peers"]), spec["combine"], frozen)
+
+
+def _links_dict(links: Links) -> dict:
+    return {"links": links.to_dict()["links"], "combine": links.combine}
+
+
+def _tables(data: dict, key: str, where: str) -> list[dict]:
+    entries = data.get(key, [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise UserError(f"{where}: {key} must be written as [[{key}]] tables")
+    return entries
+
+
+def _peer(entry: dict, k: int, where: str, base: Path) -> dict:
+    unknown = set(entry) - PEER_KEYS
+    if unknown:
+        raise UserError(f"{where}: peer {k + 1} has unknown key(s) {', '.join(sorted(unknown))}; "
+                        f"expected {', '.join(sorted(PEER_KEYS))}")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise UserError(f"{where}: peer {k + 1} needs a name")
+    if ("model" in entry) == ("checkpoint" in entry):
+        raise UserError(f"{where}: peer {name!r} needs either model (trainable) or checkpoint (frozen), not both")
+    if "checkpoint" in entry:
+        path = Path(str(entry["checkpoint"])).expanduser()
+        return frozen_peer(path if path.is_absolute() else base / path, name)
+    try:
+        model_factory(entry["model"])
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{where}: peer {name!r}: {exc}") from None
+    return {"name": name, "model": entry["model"], "checkpoint": None, "sha256": None}
+
+
+def _link(entry: dict, index: dict[str, int], frozen: list[int], where: str) -> Link:
+    unknown = set(entry) - LINK_KEYS
+    if unknown:
+        raise UserError(f"{where}: a link has unknown key(s) {', '.join(sorted(unknown))}; "
+                        f"expected {', '.join(sorted(LINK_KEYS))}")
+    ends = {}
+    for end in ("source", "target"):
+        name = entry.get(end)
+        if name not in index and not (end == "source" and name == LABELS):
+            raise UserError(f"{where}: link {entry.get('source')!r} -> {entry.get('target')!r}: unknown {end} "
+                            f"{name!r}; the peers are {', '.join(index)} (and {LABELS!r} as a source)")
+        ends[end] = index.get(name)
+    source, target = ends["source"], ends["target"]
+    label = f"link {entry['source']} -> {entry['target']}"
+    if target in frozen:
+        what = "joins two frozen peers (a cycle of frozen peers never learns)" if source in frozen else \
+            "leads into a frozen peer, which learns nothing"
+        raise UserError(f"{where}: {label} {what}; frozen peers can only be sources")
+    if entry.get("gate", "through") not in GATES:
+        raise UserError(f"{where}: {label}: gate {entry['gate']!r} is not one of: {', '.join(GATES)}")
+    try:
+        return Link(target if source is None else source, target, float(entry.get("temperature", 1.0)),
+                    float(entry.get("weight", 1.0)), entry.get("gate", "through"))
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{where}: {label}: {exc}") from None
