@@ -8,6 +8,11 @@ The library in one screen::
     for x, y in loader:
         out = cohort.step(x, y)        # out.losses, out.logits: one per local peer
     print(cohort.evaluate(test_loader))
+
+Knowledge distillation from a frozen teacher (no optimizer), or any graph of links::
+
+    kd = dml.Links([dml.Link(source=1, target=0, temperature=2.0)], num_peers=2, frozen=[1])
+    cohort = dml.Cohort([student, teacher], [opt, None], loss=kd)
 """
 
 __version__ = "0.1.0"
@@ -15,7 +20,8 @@ __version__ = "0.1.0"
 # Loaded on first use, so that `dml --help` answers without importing torch.
 _PUBLIC = {
     "Cohort": "cohort", "StepOutput": "cohort", "MutualLoss": "loss", "mutual_loss": "loss",
-    "Evaluation": "evaluate", "create_model": "models",
+    "Evaluation": "evaluate", "create_model": "models", "Link": "links", "Links": "links",
+    "load_model": "evaluate",
 }
 __all__ = list(_PUBLIC)
 

@@ -32,6 +32,7 @@ class PeerHistory:
 
     index: int
     model: str
+    teacher: bool = False  # frozen: shown, but not averaged with the peers that train
     epochs: list[int] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
     train_acc: list[float] = field(default_factory=list)
@@ -39,7 +40,7 @@ class PeerHistory:
 
     @property
     def label(self) -> str:
-        return peer_dir_name(self.index, self.model)
+        return peer_dir_name(self.index, self.model) + (" (teacher)" if self.teacher else "")
 
     def best(self) -> tuple[float, int]:
         """Highest test accuracy and the first epoch that reached it."""
@@ -65,6 +66,11 @@ class Run:
         return len(self.peers)
 
     @property
+    def students(self) -> list[PeerHistory]:
+        """The peers that train (all but the teachers)."""
+        return [p for p in self.peers if not p.teacher]
+
+    @property
     def seed(self):
         return self.config.get("seed")
 
@@ -81,8 +87,8 @@ class Run:
         return self.epochs_done < self.epochs_planned
 
     def average_curve(self, key: str) -> tuple[list[int], list[float]]:
-        """Per epoch, the mean over peers of ``key`` (test_acc or train_loss)."""
-        values = [getattr(p, key) for p in self.peers]
+        """Per epoch, the mean over the training peers of ``key`` (test_acc or train_loss)."""
+        values = [getattr(p, key) for p in self.students]
         return list(self.peers[0].epochs), [statistics.fmean(v) for v in zip(*values)]
 
 
@@ -112,7 +118,9 @@ def read_run(path: Path) -> Run:
     config = _read_config(path / CONFIG_FILE)
     records = _read_metrics(path / METRICS_FILE)
     models = config["models"]
-    peers = [PeerHistory(i, name) for i, name in enumerate(models)]
+    teachers = {k for k, peer in enumerate((config.get("graph_spec") or {}).get("peers", []))
+                if isinstance(peer, dict) and peer.get("checkpoint")}
+    peers = [PeerHistory(i, name, i in teachers) for i, name in enumerate(models)]
     by_epoch: dict[int, dict] = {}
     for line_no, record in records:
         try:
@@ -210,7 +218,7 @@ def group_name(group: list[Run]) -> str:
 
 def baseline_accuracy(group: list[Run]) -> float:
     """The baseline's final test accuracy: mean over its peers (and over its seeds, if several)."""
-    return statistics.fmean(statistics.fmean(p.test_acc[-1] for p in run.peers) for run in group)
+    return statistics.fmean(statistics.fmean(p.test_acc[-1] for p in run.students) for run in group)
 
 
 @dataclass
@@ -257,10 +265,10 @@ def results_table(group: list[Run], baseline: float | None = None) -> str:
     header = HEADER + ([IMPROVEMENT] if baseline is not None else [])
     rows = []
 
-    def row(label, train_acc, test_acc, best, loss, bold=False):
+    def row(label, train_acc, test_acc, best, loss, bold=False, teacher=False):
         cells = [label, train_acc.format(), test_acc.format(), best.format(), loss.format(3)]
         if baseline is not None:
-            cells.append(Stat([v - baseline for v in test_acc.values]).format(signed=True))
+            cells.append(DASH if teacher else Stat([v - baseline for v in test_acc.values]).format(signed=True))
         if bold:
             cells = [f"**{c}**" if c != DASH else c for c in cells]
         rows.append(cells)
@@ -270,10 +278,10 @@ def results_table(group: list[Run], baseline: float | None = None) -> str:
         best = [h.best() for h in history]
         row(_escape(history[0].label), _stat([h.train_acc[-1] for h in history]),
             _stat([h.test_acc[-1] for h in history]), _stat([b[0] for b in best], [b[1] for b in best]),
-            _stat([h.train_loss[-1] for h in history]))
-    if len(peers) > 1:
+            _stat([h.train_loss[-1] for h in history]), teacher=history[0].teacher)
+    if len(group[0].students) > 1:
         def mean_over_peers(value):
-            return _stat([statistics.fmean(value(p) for p in run.peers) for run in group])
+            return _stat([statistics.fmean(value(p) for p in run.students) for run in group])
 
         row("Average", mean_over_peers(lambda p: p.train_acc[-1]), mean_over_peers(lambda p: p.test_acc[-1]),
             mean_over_peers(lambda p: p.best()[0]), mean_over_peers(lambda p: p.train_loss[-1]), bold=True)
@@ -284,7 +292,7 @@ def results_table(group: list[Run], baseline: float | None = None) -> str:
 
 
 def _ensemble_row(group: list[Run], with_improvement: bool) -> list[str]:
-    """Ensemble (mean softmax of the peers): only test accuracies exist for it."""
+    """Ensemble (mean softmax of the training peers): only test accuracies exist for it."""
     final = [run.ensemble.get(run.epochs_done) for run in group]
     if any(v is None for v in final):
         test = best = DASH
@@ -318,8 +326,15 @@ def _plural(n: int, word: str) -> str:
 
 
 def _title(group: list[Run], is_baseline: bool = False) -> str:
-    nodes = group[0].num_nodes
-    kind = "Baseline" if is_baseline else "Independent training" if nodes == 1 else f"DML with {nodes} nodes"
+    nodes, students = group[0].num_nodes, len(group[0].students)
+    if is_baseline:
+        kind = "Baseline"
+    elif students < nodes:
+        kind = f"Knowledge distillation into {_plural(students, 'peer')} from {_plural(nodes - students, 'teacher')}"
+    elif group[0].config.get("graph_spec"):
+        kind = f"Knowledge-transfer graph of {nodes} nodes"
+    else:
+        kind = "Independent training" if nodes == 1 else f"DML with {nodes} nodes"
     seeds = f" ({len(group)} seeds)" if len(group) > 1 else ""
     return f"{kind}: {_escape(group_name(group))}{seeds}"
 
@@ -371,8 +386,8 @@ def summary_table(groups: list[list[Run]], baseline_group: list[Run] | None, bas
               "Ensemble Test Accuracy (%)"] + ([IMPROVEMENT] if baseline is not None else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("-" * (len(h) + 2) for h in header) + "|"]
     for group in ([baseline_group] if baseline_group else []) + groups:
-        avg_test = _stat([statistics.fmean(p.test_acc[-1] for p in run.peers) for run in group])
-        avg_best = _stat([statistics.fmean(p.best()[0] for p in run.peers) for run in group])
+        avg_test = _stat([statistics.fmean(p.test_acc[-1] for p in run.students) for run in group])
+        avg_best = _stat([statistics.fmean(p.best()[0] for p in run.students) for run in group])
         final = [run.ensemble.get(run.epochs_done) for run in group]
         name = _escape(group_name(group)) + (" (baseline)" if group is baseline_group else "")
         cells = [name, str(group[0].num_nodes), _epochs_text(group[0]), ", ".join(str(r.seed) for r in group),
@@ -427,7 +442,7 @@ def plot_run(run: Run, path: Path, baseline: list[Run] | None = None) -> Path:
     for peer in run.peers:
         acc_ax.plot(peer.epochs, peer.test_acc, label=peer.label, **style)
         loss_ax.plot(peer.epochs, peer.train_loss, label=peer.label, **style)
-    if run.num_nodes > 1 and run.ensemble:
+    if len(run.students) > 1 and run.ensemble:
         epochs = sorted(run.ensemble)
         acc_ax.plot(epochs, [run.ensemble[e] for e in epochs], ":", color="black", label="ensemble", **style)
     if baseline:
