@@ -1,0 +1,241 @@
+"""Graphs from the command line: --teacher, --graph files, their errors, and everything else with them
+(resume, config.json, report, evaluate, peers over processes)."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from dml.cli import main
+from dml.models import create_model
+
+TINY = ["--train-samples", "64", "--test-samples", "50", "--batch-size", "32", "--skip-checksum", "--no-download",
+        "--no-progress"]
+KD_RUN = "kd_resnet20_from_resnet20_s42"
+
+
+def _train(cifar_root, out_dir, *args):
+    return main(["train", "--data-dir", str(cifar_root), "--out-dir", str(out_dir), *TINY, *args])
+
+
+def _metrics(run):
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        r.pop("seconds")
+    return records
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def teacher(cifar_root, tmp_path_factory):
+    """best.pt of a resnet20 trained for one epoch on the tiny subset."""
+    out = tmp_path_factory.mktemp("teacher")
+    assert _train(cifar_root, out, "--models", "resnet20", "--epochs", "1") == 0
+    return out / "independent_resnet20_s42" / "0_resnet20" / "best.pt"
+
+
+def _graph(tmp_path, text, name="graph.toml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_kd_resumes_exactly_never_writes_the_teacher_and_evaluates_it_like_any_peer(cifar_root, tmp_path, teacher,
+                                                                                     capsys):
+    before = _digest(teacher)
+    kd = ["--models", "resnet20", "--teacher", str(teacher), "--temperature", "2", "--epochs", "2"]
+    assert _train(cifar_root, tmp_path / "straight", *kd) == 0
+    assert _train(cifar_root, tmp_path / "split", *kd, "--stop-after", "1") == 0
+    assert _train(cifar_root, tmp_path / "split", *kd, "--resume") == 0
+    straight, split = tmp_path / "straight" / KD_RUN, tmp_path / "split" / KD_RUN
+    assert _metrics(straight) == _metrics(split)
+    a = torch.load(straight / "0_resnet20" / "last.pt", weights_only=True)["model"]
+    b = torch.load(split / "0_resnet20" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    assert _digest(teacher) == before
+    assert not list((straight / "1_resnet20").glob("*.pt"))  # no checkpoint of the teacher
+    records = _metrics(straight)
+    teacher_rows = [r for r in records if r.get("role") == "teacher"]
+    assert [r["node"] for r in teacher_rows] == [1, 1]
+    assert teacher_rows[0]["test_acc"] == teacher_rows[1]["test_acc"]  # it did not change
+    config = json.loads((straight / "config.json").read_text())["config"]
+    spec = config["graph_spec"]
+    assert spec["peers"][1]["sha256"] == before and spec["peers"][1]["model"] == "resnet20"
+    assert {(link["source"], link["target"], link["temperature"]) for link in spec["links"]} == {(0, 0, 1.0), (1, 0, 2.0)}
+
+    # the teacher's logged accuracy is what dml evaluate says of its checkpoint on the same images
+    capsys.readouterr()
+    assert main(["evaluate", str(teacher), "--data-dir", str(cifar_root), "--skip-checksum", "--no-download",
+                 "--test-samples", "50", "--json", str(tmp_path / "eval.json")]) == 0
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluated["checkpoints"][0]["top1"] == teacher_rows[0]["test_acc"]
+
+    # the report shows the teacher apart and compares the student with a baseline
+    capsys.readouterr()
+    assert main(["report", str(straight), "--baseline", str(teacher.parent.parent), "--out",
+                 str(tmp_path / "report.md")]) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert "1_resnet20 (teacher)" in text and "Knowledge distillation into 1 peer from 1 teacher" in text
+
+
+def test_resume_notices_a_changed_teacher(cifar_root, tmp_path, teacher, capsys):
+    own = tmp_path / "teacher.pt"
+    own.write_bytes(teacher.read_bytes())
+    kd = ["--models", "resnet20", "--teacher", str(own), "--epochs", "2"]
+    assert _train(cifar_root, tmp_path, *kd, "--stop-after", "1") == 0
+    state = torch.load(own, weights_only=True)
+    state["model"]["fc.bias"] += 1.0
+    torch.save(state, own)
+    capsys.readouterr()
+    assert _train(cifar_root, tmp_path, *kd, "--resume") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume with a configuration that differs") and "graph_spec" in err
+
+
+def test_a_graph_file_computes_what_the_shortcuts_compute(cifar_root, tmp_path, teacher):
+    dml_file = _graph(tmp_path, """
+        [[peer]]
+        name = "a"
+        model = "resnet20"
+        [[peer]]
+        name = "b"
+        model = "resnet20"
+        [[link]]
+        source = "a"
+        target = "b"
+        [[link]]
+        source = "b"
+        target = "a"
+        """, "mutual.toml")
+    kd_file = _graph(tmp_path, f"""
+        [[peer]]
+        name = "student"
+        model = "resnet20"
+        [[peer]]
+        name = "teacher"
+        checkpoint = "{teacher}"
+        [[link]]
+        source = "teacher"
+        target = "student"
+        temperature = 2.0
+        """, "kd.toml")
+    assert _train(cifar_root, tmp_path / "a", "--graph", str(dml_file), "--epochs", "1") == 0
+    assert _train(cifar_root, tmp_path / "a", "--models", "resnet20", "--num-nodes", "2", "--epochs", "1") == 0
+    assert _metrics(tmp_path / "a" / "graph-mutual_resnet20_s42") == _metrics(tmp_path / "a" / "dml_n2_resnet20_s42")
+    assert _train(cifar_root, tmp_path / "b", "--graph", str(kd_file), "--epochs", "1") == 0
+    assert _train(cifar_root, tmp_path / "b", "--models", "resnet20", "--teacher", str(teacher), "--temperature", "2",
+                  "--epochs", "1") == 0
+    assert _metrics(tmp_path / "b" / "graph-kd_resnet20_s42") == _metrics(tmp_path / "b" / KD_RUN)
+
+
+def test_gated_links_train_and_are_stored(cifar_root, tmp_path):
+    path = _graph(tmp_path, """
+        combine = "sum"
+        [[peer]]
+        name = "a"
+        model = "resnet20"
+        [[peer]]
+        name = "b"
+        model = "resnet20"
+        [[peer]]
+        name = "c"
+        model = "resnet20"
+        [[link]]
+        source = "labels"
+        target = "a"
+        weight = 0.5
+        gate = "correct"
+        [[link]]
+        source = "b"
+        target = "a"
+        gate = "linear"
+        temperature = 3.0
+        [[link]]
+        source = "c"
+        target = "a"
+        gate = "correct"
+        [[link]]
+        source = "a"
+        target = "b"
+        gate = "cutoff"
+        """)
+    assert _train(cifar_root, tmp_path, "--graph", str(path), "--epochs", "2", "--update", "sequential") == 0
+    run = tmp_path / "graph-graph_resnet20_s42"
+    spec = json.loads((run / "config.json").read_text())["config"]["graph_spec"]
+    assert spec["combine"] == "sum"
+    assert {(lk["source"], lk["target"], lk["gate"], lk["weight"]) for lk in spec["links"]} == {
+        (0, 0, "correct", 0.5), (1, 0, "linear", 1.0), (2, 0, "correct", 1.0), (0, 1, "cutoff", 1.0),
+        (1, 1, "through", 1.0), (2, 2, "through", 1.0)}
+    assert all(r["train_loss"] == r["train_loss"] for r in _metrics(run) if r["node"] != "ensemble")
+
+
+def _bad_checkpoint(tmp_path):
+    path = tmp_path / "ten_classes.pt"
+    torch.save({"model": create_model("resnet20", 10).state_dict(), "model_name": "resnet20", "num_classes": 10},
+               path)
+    return path
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[[peer]]\nname = "a"\nmodel = "resnet20"\n[[link]]\nsource = "z"\ntarget = "a"\n', "unknown source 'z'"),
+    ('[[peer]]\nname = "a"\nmodel = "resnet20"\n[[peer]]\nname = "t"\ncheckpoint = "{teacher}"\n'
+     '[[link]]\nsource = "a"\ntarget = "t"\n', "leads into a frozen peer"),
+    ('[[peer]]\nname = "a"\nmodel = "resnet20"\n[[peer]]\nname = "t"\ncheckpoint = "{teacher}"\n'
+     '[[peer]]\nname = "u"\ncheckpoint = "{teacher}"\n[[link]]\nsource = "t"\ntarget = "u"\n'
+     '[[link]]\nsource = "u"\ntarget = "t"\n', "a cycle of frozen peers"),
+    ('[[peer]]\nname = "t"\ncheckpoint = "nowhere/best.pt"\n', "does not exist"),
+    ('[[peer]]\nname = "a"\nmodel = "resnet20"\n[[peer]]\nname = "t"\ncheckpoint = "{bad}"\n'
+     '[[link]]\nsource = "t"\ntarget = "a"\n', "has 10 classes, this run's data 100"),
+    ('[[peer]]\nname = "a"\nmodel = "resnet20"\n[[link]]\nsource = "a"\ntarget = "a"\ngate = "maybe"\n', "gate"),
+    ('[[peer]]\nname = "a"\nmodel = "resnet20"\ncolour = "red"\n', "unknown key(s) colour"),
+    ('[[peer]]\nname = "a"\nmodel = "resnet20"\ncheckpoint = "{teacher}"\n', "either model"),
+    ('[[peer]]\nname = "a"\nmodel = "resnet99"\n', "resnet99"),
+    ('[[peer]]\nname = "a"\nmodel = "resnet20"\n[[link]]\nsource = "a"\ntarget = "a"\ntemperature = -1\n',
+     "temperature"),
+    ("[[peer]\n", "not valid TOML"),
+    ("", "defines no [[peer]]"),
+])
+def test_each_mistake_in_a_graph_file_is_one_error_line(cifar_root, tmp_path, teacher, capsys, text, message):
+    path = _graph(tmp_path, text.format(teacher=teacher, bad=_bad_checkpoint(tmp_path)))
+    code = _train(cifar_root, tmp_path / "runs", "--graph", str(path))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.pt"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--teacher", "missing/best.pt"], "teacher checkpoint missing/best.pt does not exist"),
+    (["--graph", "missing.toml"], "graph file missing.toml does not exist"),
+    (["--graph", "g.toml", "--models", "resnet20"], "--graph gives the peers and links"),
+])
+def test_missing_teachers_and_graphs_are_one_error_line(cifar_root, tmp_path, capsys, args, message):
+    assert _train(cifar_root, tmp_path, *args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.processes
+def test_a_teacher_in_another_process(cifar_root, tmp_path, teacher):
+    """Two students and a teacher over two processes (the teacher alone in the second) compute
+    what one process computes with the same threads per peer."""
+    args = [sys.executable, "-m", "dml", "train", "--data-dir", str(cifar_root), *TINY, "--models", "resnet20",
+            "--num-nodes", "2", "--teacher", str(teacher), "--epochs", "1", "--precision", "fp32"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([*args, "--out-dir", str(tmp_path / "single")], env=env, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr
+    spread = subprocess.run([*args, "--out-dir", str(tmp_path / "spread"), "--procs", "2"], capture_output=True,
+                            text=True)
+    assert spread.returncode == 0, spread.stderr
+    name = "kd_resnet20_from_resnet20_s42"
+    assert _metrics(tmp_path / "single" / name) == _metrics(tmp_path / "spread" / name)
