@@ -56,3 +56,29 @@ def test_custom_cli_example_trains_a_users_network_on_a_folder(tmp_path):
     run = tmp_path / "runs" / "dml_n2_folder_mynets-small_cnn_s42"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["model"] for r in records if r["node"] != "ensemble"] == ["mynets:small_cnn"] * 4
+
+
+def test_kd_script_refuses_a_missing_teacher(cifar_root, tmp_path):
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "kd_train.py"), "--teacher-model", "resnet20",
+                           "--student-model", "resnet20", *TINY, "--data-dir", str(cifar_root)],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: teacher checkpoint runs/independent_resnet20_s42/0_resnet20/best.pt "
+                                  "does not exist") and proc.stderr.count("\n") == 1, proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_kd_script_distils_the_independent_run_of_the_teacher(cifar_root, tmp_path):
+    data = ["--data-dir", str(cifar_root), *TINY]
+    subprocess.run([sys.executable, str(EXAMPLES / "independent_train.py"), "--model", "resnet20", *data],
+                   cwd=tmp_path, check=True, capture_output=True)
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "kd_train.py"), "--teacher-model", "resnet20",
+                           "--student-model", "resnet32", "--temperature", "3", "--lr", "0.05", "--wd", "1e-4", *data],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "runs" / "kd_resnet32_from_resnet20_s42"
+    config = json.loads((run / "config.json").read_text())["config"]
+    assert (config["lr"], config["wd"], config["temperature"]) == (0.05, 1e-4, 3.0)
+    teacher = config["graph_spec"]["peers"][1]
+    assert teacher["checkpoint"] == str(tmp_path / "runs" / "independent_resnet20_s42" / "0_resnet20" / "best.pt")
+    assert [link for link in config["graph_spec"]["links"] if link["source"] == 1][0]["temperature"] == 3.0

@@ -331,6 +331,7 @@ def batch_fingerprint(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def _summary_line(record: dict, epochs: int) -> str:
     if record["node"] == "ensemble":
         return f"epoch {record['epoch']}/{epochs} ensemble     test_acc {record['test_acc']:6.2f}%"
-    return (f"epoch {record['epoch']}/{epochs} {record['node']}_{record['model']:<10} lr {record['lr']:.5f} "
+    lr = "teacher   " if record.get("role") == "teacher" else f"lr {record['lr']:.5f}"
+    return (f"epoch {record['epoch']}/{epochs} {record['node']}_{record['model']:<10} {lr} "
             f"train_loss {record['train_loss']:.4f} train_acc {record['train_acc']:6.2f}% "
             f"test_acc {record['test_acc']:6.2f}% ({record['seconds']:.1f}s)")
