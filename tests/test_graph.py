@@ -7,11 +7,14 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
 from dml.cli import main
+from dml.graph import links_of, read_graph
+from dml.links import Links
 from dml.models import create_model
 
 TINY = ["--train-samples", "64", "--test-samples", "50", "--batch-size", "32", "--skip-checksum", "--no-download",
@@ -239,3 +242,25 @@ def test_a_teacher_in_another_process(cifar_root, tmp_path, teacher):
     assert spread.returncode == 0, spread.stderr
     name = "kd_resnet20_from_resnet20_s42"
     assert _metrics(tmp_path / "single" / name) == _metrics(tmp_path / "spread" / name)
+
+
+GRAPHS = Path(__file__).resolve().parents[1] / "examples" / "graphs"
+
+
+def test_the_example_graph_files_and_the_readme_graph_are_valid(teacher, tmp_path):
+    mutual = read_graph(GRAPHS / "dml.toml")
+    assert links_of(mutual).links == Links.mutual(2).links
+    assert links_of(read_graph(GRAPHS / "independent.toml")).links == Links([], 1).links
+    gated = links_of(read_graph(GRAPHS / "dml_linear.toml"))
+    assert gated.links == Links.mutual(2, gate="linear").links
+    kd = (GRAPHS / "kd.toml").read_text()
+    assert 'checkpoint = "../../runs/independent_wrn28_2_s42/0_wrn28_2/best.pt"' in kd
+    spec = read_graph(_graph(tmp_path, kd.replace("../../runs/independent_wrn28_2_s42/0_wrn28_2/best.pt",
+                                                  str(teacher)), "kd.toml"))
+    assert [link["temperature"] for link in spec["links"] if link["source"] == 1] == [2.0]
+    readme = (GRAPHS.parents[1] / "README.md").read_text()
+    block = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    spec = read_graph(_graph(tmp_path, block.replace("runs/independent_wrn28_2_s42/0_wrn28_2/best.pt", str(teacher))))
+    assert [p["name"] for p in spec["peers"]] == ["a", "b", "teacher"]
+    assert {(lk["source"], lk["target"], lk["gate"]) for lk in spec["links"]} == {
+        (0, 0, "through"), (2, 0, "correct"), (0, 1, "linear"), (1, 1, "through")}
