@@ -204,3 +204,19 @@ def test_linear_gates_in_a_cohort_need_set_epoch_and_start_as_cross_entropy():
         cohort.set_epoch(1, 10)
         out = cohort.step(x, y)
     close(out.losses[0], torch.nn.functional.cross_entropy(out.logits[0], y))
+
+
+def test_a_cohort_that_cannot_be_built_leaves_torchs_settings_alone():
+    threads = torch.get_num_threads()
+    nets = [_net(1), _net(2)]
+    opts = [torch.optim.SGD(n.parameters(), lr=0.1) for n in nets]
+
+    class Broken(torch.nn.Module):
+        def to(self, *args, **kwargs):
+            raise RuntimeError("cannot move")
+
+    with pytest.raises(ValueError):
+        dml.Cohort(nets, [opts[0], None], loss=Links([Link(1, 0)], 2), device="cpu")
+    with pytest.raises(RuntimeError, match="cannot move"):
+        dml.Cohort([nets[0], Broken()], opts, device="cpu")
+    assert torch.get_num_threads() == threads

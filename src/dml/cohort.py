@@ -63,14 +63,21 @@ class Cohort:
         if update not in STEPS:
             raise ValueError(f"update {update!r} is not one of: {', '.join(STEPS)}")
         names = list(names) if names is not None else [type(m).__name__.lower() for m in models]
+        frozen = [i for i, opt in enumerate(optimizers) if opt is None]
+        links = as_links(loss or MutualLoss(), len(models), frozen)  # checked before threads and groups exist
         where = resolve_device(device)
         exchange = make_exchange(len(models), where.type)
-        runtime = Runtime(exchange.select_device(where), precision, plain, num_peers=len(exchange.local_indices),
-                          side_by_side=update == "simultaneous")
-        frozen = [i for i, opt in enumerate(optimizers) if opt is None]
-        links = as_links(loss or MutualLoss(), len(models), frozen)
-        peers = [Peer(i, names[i], _prepare(runtime, models[i], frozen=i in frozen), optimizers[i],
-                      None if schedulers is None else schedulers[i]) for i in exchange.local_indices]
+        runtime = None
+        try:
+            runtime = Runtime(exchange.select_device(where), precision, plain,
+                              num_peers=len(exchange.local_indices), side_by_side=update == "simultaneous")
+            peers = [Peer(i, names[i], _prepare(runtime, models[i], frozen=i in frozen), optimizers[i],
+                          None if schedulers is None else schedulers[i]) for i in exchange.local_indices]
+        except BaseException:  # give back the threads, torch's settings and the process group
+            if runtime is not None:
+                runtime.close()
+            exchange.close()
+            raise
         self._init(peers, links, update, runtime, exchange, len(models))
         self._owns_exchange = True  # it joined the process group: it leaves it on close
 
