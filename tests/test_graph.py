@@ -20,6 +20,7 @@ from dml.models import create_model
 TINY = ["--train-samples", "64", "--test-samples", "50", "--batch-size", "32", "--skip-checksum", "--no-download",
         "--no-progress"]
 KD_RUN = "kd_resnet20_from_resnet20_s42"
+GRAPHS = Path(__file__).resolve().parents[1] / "examples" / "graphs"
 
 
 def _train(cifar_root, out_dir, *args):
@@ -105,20 +106,7 @@ def test_resume_notices_a_changed_teacher(cifar_root, tmp_path, teacher, capsys)
 
 
 def test_a_graph_file_computes_what_the_shortcuts_compute(cifar_root, tmp_path, teacher):
-    dml_file = _graph(tmp_path, """
-        [[peer]]
-        name = "a"
-        model = "resnet20"
-        [[peer]]
-        name = "b"
-        model = "resnet20"
-        [[link]]
-        source = "a"
-        target = "b"
-        [[link]]
-        source = "b"
-        target = "a"
-        """, "mutual.toml")
+    dml_file = _graph(tmp_path, (GRAPHS / "dml.toml").read_text().replace("resnet32", "resnet20"), "dml.toml")
     kd_file = _graph(tmp_path, f"""
         [[peer]]
         name = "student"
@@ -133,7 +121,7 @@ def test_a_graph_file_computes_what_the_shortcuts_compute(cifar_root, tmp_path, 
         """, "kd.toml")
     assert _train(cifar_root, tmp_path / "a", "--graph", str(dml_file), "--epochs", "1") == 0
     assert _train(cifar_root, tmp_path / "a", "--models", "resnet20", "--num-nodes", "2", "--epochs", "1") == 0
-    assert _metrics(tmp_path / "a" / "graph-mutual_resnet20_s42") == _metrics(tmp_path / "a" / "dml_n2_resnet20_s42")
+    assert _metrics(tmp_path / "a" / "graph-dml_resnet20_s42") == _metrics(tmp_path / "a" / "dml_n2_resnet20_s42")
     assert _train(cifar_root, tmp_path / "b", "--graph", str(kd_file), "--epochs", "1") == 0
     assert _train(cifar_root, tmp_path / "b", "--models", "resnet20", "--teacher", str(teacher), "--temperature", "2",
                   "--epochs", "1") == 0
@@ -242,9 +230,6 @@ def test_a_teacher_in_another_process(cifar_root, tmp_path, teacher):
     assert spread.returncode == 0, spread.stderr
     name = "kd_resnet20_from_resnet20_s42"
     assert _metrics(tmp_path / "single" / name) == _metrics(tmp_path / "spread" / name)
-
-
-GRAPHS = Path(__file__).resolve().parents[1] / "examples" / "graphs"
 
 
 def test_the_example_graph_files_and_the_readme_graph_are_valid(teacher, tmp_path):

@@ -42,9 +42,9 @@ class Cohort:
     ``loss``: ``MutualLoss`` (DML among all peers; the default) or ``Links`` (any graph of links with
     temperatures, weights and gates; linear gates need ``set_epoch``). ``models`` and ``optimizers``
     (and ``schedulers``, optional, not stepped by the cohort) are one per peer; a peer whose optimizer
-    is None is frozen: a teacher in evaluation mode that no link may lead into. Models may be any ``nn.Module`` mapping a batch of inputs to logits; they are moved to the
-    device (and to channels_last unless ``plain``) in place, so optimizers built on their parameters
-    stay valid. ``update``: "simultaneous" (all peers step on the same predictions) or "sequential".
+    is None is frozen: a teacher in evaluation mode that no link may lead into. Models may be any
+    ``nn.Module`` mapping a batch of inputs to logits; they are moved to the device (and to
+    channels_last unless ``plain``) in place, so optimizers built on their parameters stay valid. ``update``: "simultaneous" (all peers step on the same predictions) or "sequential".
     ``precision``: "auto" (bf16 autocast on CPU and CUDA), "fp32", "bf16", "fp16" (CUDA).
     ``plain`` keeps PyTorch's defaults (see ``Runtime``). Under torchrun (WORLD_SIZE > 1) each process
     keeps its own contiguous share of the peers and the cohort exchanges logits between processes.

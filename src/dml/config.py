@@ -104,12 +104,12 @@ class TrainConfig:
         self.models = list(self.models)
         if len(self.models) == 1 and self.num_nodes > 1:
             self.models = self.models * self.num_nodes
+        self.validate()
         if self.graph_spec is None and (self.graph or self.teacher):
-            self.graph_spec = self._resolve_graph()
+            self.graph_spec = self._resolve_graph()  # with the settings it uses already checked
         if self.graph_spec is not None:
             self.models = [peer["model"] for peer in self.graph_spec["peers"]]
             self.num_nodes = len(self.models)
-        self.validate()
         if self.name is None:
             self.name = self.default_name()
 
@@ -163,9 +163,6 @@ class TrainConfig:
             raise UserError("--graph gives the peers and links: drop --models, --num-nodes and --teacher")
         if self.graph:
             return read_graph(self.graph)
-        for flag, value in (("--temperature", self.temperature), ("--kl-weight", self.kl_weight)):
-            if not _is_number(value) or value < 0:
-                raise UserError(f"{flag} must be a non-negative finite number, got {value!r}")
         return teacher_spec(self.models, self.teacher, self.temperature, self.kl_weight)
 
     @property

@@ -25,7 +25,6 @@ from .distributed import LocalExchange
 from .errors import UserError
 from .models import create_model
 from .peer import derive_seed, load_checkpoint
-
 from .runtime import Runtime, resolve_device
 
 NUM_CLASSES = {"cifar100": 100, "cifar10": 10}

@@ -41,7 +41,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from .errors import UserError
-from .links import COMBINES, GATES, Link, Links
+from .links import COMBINES, Link, Links
 from .models import model_factory
 from .peer import load_checkpoint
 
@@ -70,7 +70,7 @@ def teacher_spec(students: Sequence[str], teachers: Sequence[str], temperature: 
     peers += [frozen_peer(path, f"teacher{k}") for k, path in enumerate(teachers)]
     frozen = list(range(len(students), len(peers)))
     links = Links.mutual(len(peers), temperature, weight, frozen=frozen)
-    return {"peers": peers, **_links_dict(links)}
+    return {"peers": peers, **links.to_dict()}
 
 
 def read_graph(path: str | Path) -> dict:
@@ -103,17 +103,13 @@ def read_graph(path: str | Path) -> dict:
         graph = Links(links, len(peers), combine, frozen)
     except ValueError as exc:
         raise UserError(f"{where}: {exc}") from None
-    return {"peers": peers, **_links_dict(graph)}
+    return {"peers": peers, **graph.to_dict()}
 
 
 def links_of(spec: dict) -> Links:
     """The Links of a stored spec."""
     frozen = [k for k, p in enumerate(spec["peers"]) if p["checkpoint"] is not None]
     return Links([Link(**link) for link in spec["links"]], len(spec["peers"]), spec["combine"], frozen)
-
-
-def _links_dict(links: Links) -> dict:
-    return {"links": links.to_dict()["links"], "combine": links.combine}
 
 
 def _tables(data: dict, key: str, where: str) -> list[dict]:
@@ -161,8 +157,6 @@ def _link(entry: dict, index: dict[str, int], frozen: list[int], where: str) -> 
         what = "joins two frozen peers (a cycle of frozen peers never learns)" if source in frozen else \
             "leads into a frozen peer, which learns nothing"
         raise UserError(f"{where}: {label} {what}; frozen peers can only be sources")
-    if entry.get("gate", "through") not in GATES:
-        raise UserError(f"{where}: {label}: gate {entry['gate']!r} is not one of: {', '.join(GATES)}")
     try:
         return Link(target if source is None else source, target, float(entry.get("temperature", 1.0)),
                     float(entry.get("weight", 1.0)), entry.get("gate", "through"))

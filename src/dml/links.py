@@ -95,6 +95,11 @@ class Links:
                 raise ValueError(f"link {pair[0]} -> {pair[1]} is given twice")
         selfless = [i for i in range(num_peers) if i not in self.frozen and (i, i) not in pairs]
         self.links = sorted(links + [Link(i, i) for i in selfless], key=lambda link: (link.target, link.source))
+        # decided once, not at every step: each target's self link and its links from other peers
+        self._self = {link.target: link for link in self.links if link.is_self}
+        self._from_peers = {i: [link for link in self.links if link.target == i and not link.is_self]
+                            for i in range(num_peers)}
+        self.needs_progress = any(link.gate == "linear" for link in self.links)
 
     @classmethod
     def mutual(cls, num_peers: int, temperature: float = 1.0, weight: float = 1.0, frozen: Sequence[int] = (),
@@ -104,38 +109,33 @@ class Links:
                  for j in range(num_peers) if j != i]
         return cls(links, num_peers, frozen=frozen)
 
-    def into(self, target: int) -> list[Link]:
-        """The links into ``target``: its self link (if any) first, then the others by source."""
-        into = [link for link in self.links if link.target == target]
-        return sorted(into, key=lambda link: (not link.is_self, link.source))
-
-    @property
-    def needs_progress(self) -> bool:
-        return any(link.gate == "linear" for link in self.links)
-
     def to_dict(self) -> dict:
-        return {"combine": self.combine, "frozen": sorted(self.frozen),
-                "links": [asdict(link) for link in self.links]}
+        """What config.json stores (the frozen peers are the graph spec's checkpoint peers)."""
+        return {"links": [asdict(link) for link in self.links], "combine": self.combine}
 
     def objective(self, target: int, logits: torch.Tensor, all_logits: Sequence[torch.Tensor],
                   labels: torch.Tensor, progress: float | None = None) -> torch.Tensor:
-        """L_target from its own ``logits`` (with their graph), every peer's detached logits in cohort
-        order and the labels; ``progress`` is the ``linear`` gates' factor (``linear_ramp``)."""
+        """L_target of a trainable ``target`` from its own ``logits`` (with their graph), every peer's
+        detached logits in cohort order and the labels; ``progress`` is the ``linear`` gates' factor
+        (``linear_ramp``)."""
         if self.needs_progress and progress is None:
             raise ValueError("linear gates need the training progress: call cohort.set_epoch(epoch, epochs)")
-        loss = None
-        terms, scales = [], []
-        for link in self.into(target):
-            scale = link.weight * link.temperature**2 * _gate_factor(link.gate, progress)
-            if link.is_self:
-                loss = link.weight * _gated_cross_entropy(link, logits, all_logits, labels, progress)
-                continue
-            terms.append(None if scale == 0 else _gated_kl(link, logits, all_logits, labels))
-            scales.append(scale)
-        kl = _combine(terms, scales, self.combine)
-        if loss is None:
-            return kl if kl is not None else logits.float().sum() * 0.0
-        return loss if kl is None else loss + kl
+        own = self._self[target]
+        loss = own.weight * _gated_cross_entropy(own, logits, all_logits, labels, progress)
+        incoming = self._from_peers[target]
+        if not incoming:
+            return loss
+        scales = [link.weight * link.temperature**2 * _gate_factor(link.gate, progress) for link in incoming]
+        live = [(scale, _gated_kl(link, logits, all_logits, labels)) for link, scale in zip(incoming, scales) if scale]
+        if not live:
+            return loss
+        # Where every link has the same scale the sum is taken first and scaled once, the way
+        # ``mutual_loss`` computes it, so plain DML built from links is bit-identical to it.
+        if len(set(scales)) == 1:
+            total = scales[0] * sum(term for _, term in live)
+        else:
+            total = sum(scale * term for scale, term in live)
+        return loss + (total / len(incoming) if self.combine == "mean" else total)
 
 
 def _gate_factor(gate: str, progress: float | None) -> float:
@@ -159,23 +159,5 @@ def _gated_kl(link: Link, logits, all_logits, labels) -> torch.Tensor:
     source = all_logits[link.source]
     if link.gate != "correct":
         return kl_from_peer(source, logits, link.temperature)
-    log_p_source = F.log_softmax(source.float() / link.temperature, dim=1)
-    log_p_self = F.log_softmax(logits.float() / link.temperature, dim=1)
-    per_sample = F.kl_div(log_p_self, log_p_source, reduction="none", log_target=True).sum(1)
+    per_sample = kl_from_peer(source, logits, link.temperature, per_sample=True)
     return (per_sample * _correct_mask(source, labels)).mean()
-
-
-def _combine(terms: list, scales: list[float], combine: str) -> torch.Tensor | None:
-    """sum_l scale_l * term_l (divided by the number of links for "mean"); None without links.
-
-    Where every link has the same scale the sum is taken first and scaled once, the way
-    ``mutual_loss`` computes it, so plain DML built from links is bit-identical to it.
-    """
-    live = [(t, s) for t, s in zip(terms, scales) if t is not None]
-    if not live:
-        return None
-    if len(set(scales)) == 1:
-        total = scales[0] * sum(t for t, _ in live)
-    else:
-        total = sum(s * t for t, s in live)
-    return total / len(terms) if combine == "mean" else total

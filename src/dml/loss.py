@@ -10,14 +10,18 @@ import torch
 import torch.nn.functional as F
 
 
-def kl_from_peer(peer_logits: torch.Tensor, logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL(softmax(peer/T) || softmax(logits/T)), summed over classes and averaged over the batch.
+def kl_from_peer(peer_logits: torch.Tensor, logits: torch.Tensor, temperature: float = 1.0,
+                 per_sample: bool = False) -> torch.Tensor:
+    """KL(softmax(peer/T) || softmax(logits/T)), summed over classes and averaged over the batch
+    (``per_sample``: one value per sample).
 
     The peer's distribution is the target: gradients flow only into ``logits``
     (the caller passes detached peer logits).
     """
     log_p_peer = F.log_softmax(peer_logits.float() / temperature, dim=1)
     log_p_self = F.log_softmax(logits.float() / temperature, dim=1)
+    if per_sample:
+        return F.kl_div(log_p_self, log_p_peer, reduction="none", log_target=True).sum(1)
     return F.kl_div(log_p_self, log_p_peer, reduction="batchmean", log_target=True)
 
 
