@@ -12,24 +12,29 @@ from dml.report import find_runs, read_run, report
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def write_run(root, name, peers, ensemble=None, epochs=None, seed=1, lr=0.1, dataset="cifar100", model="resnet32"):
+def write_run(root, name, peers, ensemble=None, epochs=None, seed=1, lr=0.1, dataset="cifar100", model="resnet32",
+              val=None, ensemble_val=None):
     """A run directory as `dml train` writes it. ``peers`` holds, per peer, a list of per-epoch
-    (train_acc, test_acc, train_loss); ``epochs`` is the planned count (default: the epochs given)."""
+    (train_acc, test_acc, train_loss); ``epochs`` is the planned count (default: the epochs given);
+    ``val`` per peer a list of per-epoch validation accuracies (a run with --val-samples)."""
     run = root / name
     run.mkdir(parents=True)
     done = len(peers[0])
     config = {"models": [model] * len(peers), "num_nodes": len(peers), "dataset": dataset,
               "epochs": epochs or done, "batch_size": 64, "lr": lr, "wd": 5e-4, "seed": seed,
-              "device": "auto", "data_dir": f"/data/{name}", "out_dir": str(root), "name": name}
+              "device": "auto", "data_dir": f"/data/{name}", "out_dir": str(root), "name": name,
+              "val_samples": 500 if val else None}
     (run / "config.json").write_text(json.dumps({"config": config, "dml_version": "0.1.0"}, indent=2))
     lines = []
     for e in range(done):
         for i, history in enumerate(peers):
             train_acc, test_acc, loss = history[e]
             lines.append({"epoch": e + 1, "node": i, "model": model, "lr": lr, "train_loss": loss,
-                          "train_acc": train_acc, "test_acc": test_acc, "seconds": 1.5})
+                          "train_acc": train_acc, "test_acc": test_acc, "seconds": 1.5,
+                          **({"val_acc": val[i][e]} if val else {})})
         acc = ensemble[e] if ensemble else max(h[e][1] for h in peers)
-        lines.append({"epoch": e + 1, "node": "ensemble", "test_acc": acc, "seconds": 1.5})
+        lines.append({"epoch": e + 1, "node": "ensemble", "test_acc": acc, "seconds": 1.5,
+                      **({"val_acc": ensemble_val[e]} if ensemble_val else {})})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     return run
 
@@ -211,3 +216,39 @@ def test_baseline_folder_with_different_settings_is_refused(tmp_path):
     write_run(tmp_path / "base", "b2", [PEER0], lr=0.2)
     with pytest.raises(UserError, match="different settings"):
         report([tmp_path / "runs"], baseline=tmp_path / "base")
+
+
+# Validation accuracy peaks at epoch 1 for peer 0 and epoch 2 for peer 1, where test accuracy does not.
+VAL0, VAL1 = [50.0, 41.0, 42.0], [20.0, 44.0, 43.0]
+
+
+def test_validation_columns_show_test_at_the_best_validation_epoch(tmp_path):
+    run = write_run(tmp_path, "val_run", [PEER0, PEER1], ensemble=[16.0, 41.0, 46.0],
+                    val=[VAL0, VAL1], ensemble_val=[30.0, 47.0, 46.5])
+    markdown = report([run])
+    table = rows(markdown, "## DML")
+    assert table["Model ID"] == [
+        "Train Accuracy (%)", "Val Accuracy (%)", "Test Accuracy (%)", "Test at Best Val (%)",
+        "Best Test Accuracy (%)", "Train Loss"]
+    assert table["0_resnet32"] == ["30.00", "42.00", "35.00", "15.00 (ep 1)", "40.00 (ep 2)", "1.500"]
+    assert table["1_resnet32"] == ["32.00", "43.00", "45.00", "30.00 (ep 2)", "45.00 (ep 3)", "1.250"]
+    assert table["Average"][1:4] == ["42.50", "40.00", "22.50"]  # test at best val: (15 + 30) / 2
+    assert table["Ensemble"] == ["–", "46.50", "46.00", "41.00 (ep 2)", "46.00 (ep 3)", "–"]
+    summary = rows(markdown, "## Summary")
+    assert summary["val_run"][summary["Run"].index("Avg Test at Best Val (%)")] == "22.50"
+    assert "Test at Best Val is the test accuracy at the epoch of highest validation accuracy" in markdown
+
+
+def test_runs_without_validation_have_no_validation_columns(tmp_path):
+    markdown = report([write_run(tmp_path, "plain", [PEER0, PEER1])])
+    assert "Val" not in markdown
+
+
+def test_validation_in_some_epochs_only_is_refused(tmp_path):
+    run = write_run(tmp_path, "odd", [PEER0], val=[VAL0])
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    record = json.loads(lines[0])
+    del record["val_acc"]
+    (run / "metrics.jsonl").write_text("\n".join([json.dumps(record)] + lines[1:]) + "\n")
+    with pytest.raises(UserError, match="val_acc in some epochs only"):
+        read_run(run)

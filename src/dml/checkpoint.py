@@ -1,6 +1,7 @@
 """A run's state on disk: refusing to overwrite or mis-resume a run, the resume point, the RNG state,
-and each epoch's checkpoints (best.pt where a peer improved; last.pt committed in two phases so that
-a crash between peers or processes never leaves a cohort that cannot resume)."""
+and each epoch's checkpoints (best.pt where a peer improved on validation accuracy, or on test
+accuracy without a validation split; last.pt committed in two phases so that a crash between peers
+or processes never leaves a cohort that cannot resume)."""
 
 from __future__ import annotations
 
@@ -100,11 +101,15 @@ def save_epoch(run: RunDir, epoch: int, cohort: Cohort, records: list[dict], gen
     by_node = {r["node"]: r for r in records}
     meta = {"config": cfg.to_dict(), "num_classes": num_classes, "dataset": cfg.dataset}
     for p in peers:
-        acc = by_node[p.index]["test_acc"]
-        if acc > p.best_acc:
-            p.best_acc, p.best_epoch = acc, epoch
-            run.save_best(p.index, {"model": p.model.state_dict(), "model_name": p.model_name,
-                                    "index": p.index, "epoch": epoch, "test_acc": acc, **meta})
+        record = by_node[p.index]
+        # Chosen on validation accuracy where the run holds a validation split: choosing on the test
+        # set would make the test accuracy of best.pt an optimistic estimate.
+        selected_on = "val_acc" if "val_acc" in record else "test_acc"
+        if record[selected_on] > p.best_acc:
+            p.best_acc, p.best_epoch = record[selected_on], epoch
+            run.save_best(p.index, {"model": p.model.state_dict(), "model_name": p.model_name, "index": p.index,
+                                    "epoch": epoch, "selected_on": selected_on,
+                                    **{k: record[k] for k in ("val_acc", "test_acc") if k in record}, **meta})
     for p in peers:
         run.stage_last(p.index, {**p.state_dict(), "run": run_state, **meta})
     cohort.exchange.barrier()

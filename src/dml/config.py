@@ -81,6 +81,9 @@ class TrainConfig:
                                         help="train on a seeded, class-balanced subset of N images (quick runs)")
     test_samples: int | None = setting(group="data", metavar="N",
                                        help="evaluate on a seeded, class-balanced subset of N images")
+    val_samples: int | None = setting(group="data", metavar="N",
+                                      help="hold out a seeded, class-balanced validation split of N training images: "
+                                           "metrics gain val_acc and best.pt is chosen on it (not on test accuracy)")
     data_dir: str = setting("./data", group="data",
                             help="folder holding cifar-100-python/ (or the .tar.gz archive; downloaded there if "
                                  "absent), or the image folder of --dataset folder")
@@ -147,7 +150,8 @@ class TrainConfig:
             _positive_int("--image-size", self.image_size)
             if self.dataset != "folder":
                 raise UserError(f"--image-size applies to --dataset folder; {self.dataset} images are 32x32")
-        for flag, value in (("--train-samples", self.train_samples), ("--test-samples", self.test_samples)):
+        for flag, value in (("--train-samples", self.train_samples), ("--test-samples", self.test_samples),
+                            ("--val-samples", self.val_samples)):
             if value is not None:
                 _positive_int(flag, value)
         if self.train_samples is not None and self.train_samples < self.batch_size:

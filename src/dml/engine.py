@@ -17,7 +17,7 @@ from .cohort import Cohort, prepare_frozen
 from .config import TrainConfig
 from .data.augment import Normalise
 from .data.batches import TrainBatches, test_batches
-from .data.cifar import CifarData, balanced_subset
+from .data.cifar import CifarData, balanced_subset, hold_out
 from .data.source import load_dataset
 from .distributed import make_exchange
 from .errors import RunStopped, UserError
@@ -34,11 +34,18 @@ from .runtime import Runtime, resolve_device
 def load_data(cfg: TrainConfig, device: torch.device) -> CifarData:
     data = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size, download=cfg.download,
                         url=cfg.download_url, skip_checksum=cfg.skip_checksum, progress=cfg.progress)
+    if cfg.val_samples is not None:  # held out first, so that --train-samples draws from the rest
+        if cfg.val_samples >= len(data.train):
+            raise UserError(f"--val-samples {cfg.val_samples} leaves no training images of the "
+                            f"{len(data.train)}; hold out fewer")
+        data.train, data.val = hold_out(data.train, cfg.val_samples, derive_seed(cfg.seed, "val"), data.num_classes)
     if cfg.train_samples is not None:
         data.train = balanced_subset(data.train, cfg.train_samples, derive_seed(cfg.seed, "train-subset"), data.num_classes)
     if cfg.test_samples is not None:
         data.test = balanced_subset(data.test, cfg.test_samples, derive_seed(cfg.seed, "test-subset"), data.num_classes)
-    for split in (data.train, data.test):
+    for split in (data.train, data.test, data.val):
+        if split is None:
+            continue
         split.images, split.labels = split.images.to(device), split.labels.to(device)
     return data
 
@@ -46,7 +53,8 @@ def load_data(cfg: TrainConfig, device: torch.device) -> CifarData:
 def data_summary(data: CifarData) -> dict:
     """What config.json records of the data: its classes and the normalisation the run used."""
     return {"dataset": data.dataset, "classes": data.class_names, "train_images": len(data.train),
-            "test_images": len(data.test), "image_size": list(data.train.images.shape[2:]),
+            "test_images": len(data.test), "val_images": len(data.val) if data.val is not None else 0,
+            "image_size": list(data.train.images.shape[2:]),
             "mean": list(data.mean), "std": list(data.std)}
 
 
@@ -161,9 +169,10 @@ def _train_cohort(cfg: TrainConfig, resume: bool, stop_after: int | None, run: R
         log(f"{run.path}: all {cfg.epochs} epochs are done; nothing to resume")
     else:
         side_by_side = f", {runtime.runner.workers} peer threads" if runtime.runner.workers > 1 else ""
+        val_images = f" / {len(data.val)} validation" if data.val is not None else ""
         log(f"{run.path}: {cfg.num_nodes} peer(s) {', '.join(cfg.models)} on {runtime.device} "
             f"({runtime.precision.name}{side_by_side}), {data.train.images.shape[0]} train / "
-            f"{data.test.images.shape[0]} test images, epoch {start_epoch} of {cfg.epochs}")
+            f"{data.test.images.shape[0]} test{val_images} images, epoch {start_epoch} of {cfg.epochs}")
     try:
         last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch - 1 + stop_after)
         with StopSignal() as stop:
@@ -310,15 +319,18 @@ def run_epoch(epoch: int, cohort: Cohort, feed: Feed, data: CifarData, cfg: Trai
         p.scheduler.step()
     train_loss, train_acc = metrics.read()
     result = cohort.evaluate(test_batches(data.test.images, data.test.labels, EVAL_BATCH_SIZE, feed.normalise))
+    val = None if data.val is None else cohort.evaluate(
+        test_batches(data.val.images, data.val.labels, EVAL_BATCH_SIZE, feed.normalise))
     seconds = time.perf_counter() - started
     local = [
         {"epoch": epoch, "node": p.index, "model": p.model_name, "lr": lrs[k], "train_loss": train_loss[k],
-         "train_acc": train_acc[k], "test_acc": result.top1[k], "seconds": seconds,
-         **({"role": "teacher"} if p.frozen else {})}
+         "train_acc": train_acc[k], **({"val_acc": val.top1[k]} if val else {}), "test_acc": result.top1[k],
+         "seconds": seconds, **({"role": "teacher"} if p.frozen else {})}
         for k, p in enumerate(peers)
     ]
     records = sorted((r for part in exchange.gather_objects(local) for r in part), key=lambda r: r["node"])
-    records.append({"epoch": epoch, "node": "ensemble", "test_acc": result.ensemble_top1, "seconds": seconds})
+    records.append({"epoch": epoch, "node": "ensemble", **({"val_acc": val.ensemble_top1} if val else {}),
+                    "test_acc": result.ensemble_top1, "seconds": seconds})
     return records
 
 
@@ -329,9 +341,10 @@ def batch_fingerprint(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _summary_line(record: dict, epochs: int) -> str:
+    val = f"val_acc {record['val_acc']:6.2f}% " if "val_acc" in record else ""
     if record["node"] == "ensemble":
-        return f"epoch {record['epoch']}/{epochs} ensemble     test_acc {record['test_acc']:6.2f}%"
+        return f"epoch {record['epoch']}/{epochs} ensemble     {val}test_acc {record['test_acc']:6.2f}%"
     lr = "teacher   " if record.get("role") == "teacher" else f"lr {record['lr']:.5f}"
     return (f"epoch {record['epoch']}/{epochs} {record['node']}_{record['model']:<10} {lr} "
             f"train_loss {record['train_loss']:.4f} train_acc {record['train_acc']:6.2f}% "
-            f"test_acc {record['test_acc']:6.2f}% ({record['seconds']:.1f}s)")
+            f"{val}test_acc {record['test_acc']:6.2f}% ({record['seconds']:.1f}s)")

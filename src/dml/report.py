@@ -37,6 +37,7 @@ class PeerHistory:
     train_loss: list[float] = field(default_factory=list)
     train_acc: list[float] = field(default_factory=list)
     test_acc: list[float] = field(default_factory=list)
+    val_acc: list[float] = field(default_factory=list)  # empty without a validation split
 
     @property
     def label(self) -> str:
@@ -47,6 +48,11 @@ class PeerHistory:
         acc = max(self.test_acc)
         return acc, self.epochs[self.test_acc.index(acc)]
 
+    def at_best_val(self) -> tuple[float, int]:
+        """Test accuracy at the first epoch of highest validation accuracy (the epoch of best.pt), and that epoch."""
+        k = self.val_acc.index(max(self.val_acc))
+        return self.test_acc[k], self.epochs[k]
+
 
 @dataclass
 class Run:
@@ -56,6 +62,7 @@ class Run:
     config: dict
     peers: list[PeerHistory]
     ensemble: dict[int, float]  # epoch -> ensemble test accuracy
+    ensemble_val: dict[int, float] = field(default_factory=dict)  # epoch -> ensemble validation accuracy
 
     @property
     def name(self) -> str:
@@ -81,6 +88,11 @@ class Run:
     @property
     def epochs_done(self) -> int:
         return self.peers[0].epochs[-1]
+
+    @property
+    def has_val(self) -> bool:
+        """Whether the run held out a validation split (its metrics carry val_acc)."""
+        return bool(self.peers[0].val_acc)
 
     @property
     def interrupted(self) -> bool:
@@ -125,33 +137,40 @@ def read_run(path: Path) -> Run:
     for line_no, record in records:
         try:
             epoch, node = int(record["epoch"]), record["node"]
+            val = float(record["val_acc"]) if "val_acc" in record else None
             if node == "ensemble":
-                by_epoch.setdefault(epoch, {})["ensemble"] = float(record["test_acc"])
+                by_epoch.setdefault(epoch, {})["ensemble"] = (float(record["test_acc"]), val)
             elif isinstance(node, int) and 0 <= node < len(models):
                 # A later record of the same epoch and peer (a re-run epoch) replaces the earlier one.
                 by_epoch.setdefault(epoch, {})[node] = (float(record["train_loss"]), float(record["train_acc"]),
-                                                        float(record["test_acc"]))
+                                                        float(record["test_acc"]), val)
             else:
                 raise ValueError(f"node {node!r} is not one of the {len(models)} peers in {CONFIG_FILE}")
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"{path / METRICS_FILE} line {line_no} is not a dml metrics record ({exc})") from None
-    ensemble = {}
+    ensemble, ensemble_val = {}, {}
     for epoch in sorted(by_epoch):
         entry = by_epoch[epoch]
         if not all(i in entry for i in range(len(models))):
             continue  # an epoch whose records were cut off by a crash: not complete for every peer
         for peer in peers:
-            loss, train_acc, test_acc = entry[peer.index]
+            loss, train_acc, test_acc, val_acc = entry[peer.index]
             peer.epochs.append(epoch)
             peer.train_loss.append(loss)
             peer.train_acc.append(train_acc)
             peer.test_acc.append(test_acc)
+            if val_acc is not None:
+                peer.val_acc.append(val_acc)
         if "ensemble" in entry:
-            ensemble[epoch] = entry["ensemble"]
+            ensemble[epoch], val = entry["ensemble"]
+            if val is not None:
+                ensemble_val[epoch] = val
     if not peers[0].epochs:
         raise UserError(f"{path / METRICS_FILE} holds no epoch completed by every peer; report the run after its "
                         "first epoch")
-    return Run(path, config, peers, ensemble)
+    if any(len(p.val_acc) not in (0, len(p.epochs)) for p in peers):
+        raise UserError(f"{path / METRICS_FILE} has val_acc in some epochs only; it was not written by one dml train run")
+    return Run(path, config, peers, ensemble, ensemble_val)
 
 
 def _read_config(path: Path) -> dict:
@@ -251,6 +270,8 @@ def _stat(values: list[float], epochs: list[int] | None = None) -> Stat:
 
 # --- Markdown -------------------------------------------------------------------------------------
 HEADER = ["Model ID", "Train Accuracy (%)", "Test Accuracy (%)", "Best Test Accuracy (%)", "Train Loss"]
+VAL_HEADER = ["Model ID", "Train Accuracy (%)", "Val Accuracy (%)", "Test Accuracy (%)", "Test at Best Val (%)",
+              "Best Test Accuracy (%)", "Train Loss"]
 IMPROVEMENT = "Improvement vs Baseline (pp)"
 
 
@@ -258,32 +279,39 @@ def results_table(group: list[Run], baseline: float | None = None) -> str:
     """The seed-style table of one run (or seed group): a row per peer, then Average and Ensemble.
 
     Train/Test Accuracy and Train Loss are those of the last epoch; Best Test Accuracy is the
-    highest test accuracy over the epochs run. With one peer the Average and Ensemble rows would
-    repeat its row, so they are left out (as in the seed's baseline table).
+    highest test accuracy over the epochs run. With a validation split, Val Accuracy (last epoch)
+    and Test at Best Val (test accuracy at the epoch of highest validation accuracy, the epoch of
+    best.pt) are added. With one peer the Average and Ensemble rows would repeat its row, so they
+    are left out (as in the seed's baseline table).
     """
-    peers = range(group[0].num_nodes)
-    header = HEADER + ([IMPROVEMENT] if baseline is not None else [])
+    with_val = group[0].has_val
+    header = (VAL_HEADER if with_val else HEADER) + ([IMPROVEMENT] if baseline is not None else [])
     rows = []
 
-    def row(label, train_acc, test_acc, best, loss, bold=False, teacher=False):
-        cells = [label, train_acc.format(), test_acc.format(), best.format(), loss.format(3)]
+    def row(label, train_acc, val_acc, test_acc, at_best_val, best, loss, bold=False, teacher=False):
+        cells = [label, train_acc.format()] + ([val_acc.format(), test_acc.format(), at_best_val.format()]
+                                               if with_val else [test_acc.format()]) + [best.format(), loss.format(3)]
         if baseline is not None:
             cells.append(DASH if teacher else Stat([v - baseline for v in test_acc.values]).format(signed=True))
         if bold:
             cells = [f"**{c}**" if c != DASH else c for c in cells]
         rows.append(cells)
 
-    for i in peers:
+    for i in range(group[0].num_nodes):
         history = [run.peers[i] for run in group]
         best = [h.best() for h in history]
+        chosen = [h.at_best_val() for h in history] if with_val else []
         row(_escape(history[0].label), _stat([h.train_acc[-1] for h in history]),
-            _stat([h.test_acc[-1] for h in history]), _stat([b[0] for b in best], [b[1] for b in best]),
-            _stat([h.train_loss[-1] for h in history]), teacher=history[0].teacher)
+            with_val and _stat([h.val_acc[-1] for h in history]), _stat([h.test_acc[-1] for h in history]),
+            with_val and _stat([c[0] for c in chosen], [c[1] for c in chosen]),
+            _stat([b[0] for b in best], [b[1] for b in best]), _stat([h.train_loss[-1] for h in history]),
+            teacher=history[0].teacher)
     if len(group[0].students) > 1:
         def mean_over_peers(value):
             return _stat([statistics.fmean(value(p) for p in run.students) for run in group])
 
-        row("Average", mean_over_peers(lambda p: p.train_acc[-1]), mean_over_peers(lambda p: p.test_acc[-1]),
+        row("Average", mean_over_peers(lambda p: p.train_acc[-1]), with_val and mean_over_peers(lambda p: p.val_acc[-1]),
+            mean_over_peers(lambda p: p.test_acc[-1]), with_val and mean_over_peers(lambda p: p.at_best_val()[0]),
             mean_over_peers(lambda p: p.best()[0]), mean_over_peers(lambda p: p.train_loss[-1]), bold=True)
         rows.append(_ensemble_row(group, baseline is not None))
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("-" * (len(h) + 2) for h in header) + "|"]
@@ -291,17 +319,27 @@ def results_table(group: list[Run], baseline: float | None = None) -> str:
     return "\n".join(lines)
 
 
+def _best_epoch(curve: dict[int, float]) -> int:
+    """The first epoch of the highest value."""
+    return -max((value, -epoch) for epoch, value in curve.items())[1]
+
+
 def _ensemble_row(group: list[Run], with_improvement: bool) -> list[str]:
-    """Ensemble (mean softmax of the training peers): only test accuracies exist for it."""
+    """Ensemble (mean softmax of the training peers): only test (and validation) accuracies exist for it."""
+    with_val = group[0].has_val
     final = [run.ensemble.get(run.epochs_done) for run in group]
     if any(v is None for v in final):
-        test = best = DASH
+        cells = [DASH] * (3 if with_val else 1) + [DASH]
     else:
-        # (accuracy, -epoch): the highest accuracy, and of equal ones the earliest epoch.
-        best_pairs = [max((acc, -epoch) for epoch, acc in run.ensemble.items()) for run in group]
-        test = _stat(final).format()
-        best = _stat([b[0] for b in best_pairs], [-b[1] for b in best_pairs]).format()
-    cells = ["Ensemble", DASH, test, best, DASH] + ([DASH] if with_improvement else [])
+        best_epochs = [_best_epoch(run.ensemble) for run in group]
+        best = _stat([run.ensemble[e] for run, e in zip(group, best_epochs)], best_epochs).format()
+        cells = [_stat(final).format(), best]
+        if with_val:
+            chosen = [_best_epoch(run.ensemble_val) for run in group]
+            at_best_val = _stat([run.ensemble[e] for run, e in zip(group, chosen)], chosen).format()
+            val = _stat([run.ensemble_val[run.epochs_done] for run in group]).format()
+            cells = [val, cells[0], at_best_val, best]
+    cells = ["Ensemble", DASH] + cells + [DASH] + ([DASH] if with_improvement else [])
     return [f"*{c}*" if c != DASH else c for c in cells]
 
 
@@ -363,6 +401,10 @@ def group_section(group: list[Run], baseline: tuple[str, float] | None, images: 
     note = (f"Train Accuracy, Test Accuracy and Train Loss at the last epoch ({first.epochs_done}); "
             f"Best Test Accuracy is the highest over the {_plural(first.epochs_done, 'epoch')} run")
     note += " (its epoch in parentheses)." if len(group) == 1 else "."
+    if first.has_val:
+        note += (f" Val Accuracy is on the {cfg.get('val_samples')} training images held out for validation; "
+                 "Test at Best Val is the test accuracy at the epoch of highest validation accuracy (the epoch "
+                 "best.pt holds), an unbiased choice, unlike Best Test.")
     if len(group) > 1:
         note += f" Values are mean ± sample standard deviation over n = {len(group)} seeds."
     if first.num_nodes > 1:
@@ -382,16 +424,22 @@ def group_section(group: list[Run], baseline: tuple[str, float] | None, images: 
 
 def summary_table(groups: list[list[Run]], baseline_group: list[Run] | None, baseline: float | None) -> str:
     """One line per run or seed group: the averages that compare node counts at a glance."""
-    header = ["Run", "Nodes", "Epochs", "Seeds", "Avg Test Accuracy (%)", "Avg Best Test Accuracy (%)",
-              "Ensemble Test Accuracy (%)"] + ([IMPROVEMENT] if baseline is not None else [])
+    everything = ([baseline_group] if baseline_group else []) + groups
+    with_val = any(group[0].has_val for group in everything)
+    header = ["Run", "Nodes", "Epochs", "Seeds", "Avg Test Accuracy (%)"] + \
+        (["Avg Test at Best Val (%)"] if with_val else []) + \
+        ["Avg Best Test Accuracy (%)", "Ensemble Test Accuracy (%)"] + ([IMPROVEMENT] if baseline is not None else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("-" * (len(h) + 2) for h in header) + "|"]
-    for group in ([baseline_group] if baseline_group else []) + groups:
+    for group in everything:
         avg_test = _stat([statistics.fmean(p.test_acc[-1] for p in run.students) for run in group])
+        at_best_val = (_stat([statistics.fmean(p.at_best_val()[0] for p in run.students) for run in group]).format()
+                       if group[0].has_val else DASH)
         avg_best = _stat([statistics.fmean(p.best()[0] for p in run.students) for run in group])
         final = [run.ensemble.get(run.epochs_done) for run in group]
         name = _escape(group_name(group)) + (" (baseline)" if group is baseline_group else "")
         cells = [name, str(group[0].num_nodes), _epochs_text(group[0]), ", ".join(str(r.seed) for r in group),
-                 avg_test.format(), avg_best.format(), DASH if None in final else _stat(final).format()]
+                 avg_test.format()] + ([at_best_val] if with_val else []) + \
+                [avg_best.format(), DASH if None in final else _stat(final).format()]
         if baseline is not None:
             cells.append(DASH if group is baseline_group else
                          Stat([v - baseline for v in avg_test.values]).format(signed=True))

@@ -157,12 +157,12 @@ class RunDir:
         except OSError as exc:
             raise write_failed(self.path / METRICS_FILE, exc) from None
         for record in records:
-            if record["node"] == "ensemble":
-                self._scalar("ensemble", "test_acc", record["test_acc"], record["epoch"])
-                continue
-            folder = peer_dir_name(record["node"], record["model"])
-            for key in ("lr", "train_loss", "train_acc", "test_acc"):
-                self._scalar(folder, key, record[key], record["epoch"])
+            ensemble = record["node"] == "ensemble"
+            folder = "ensemble" if ensemble else peer_dir_name(record["node"], record["model"])
+            keys = ("val_acc", "test_acc") if ensemble else ("lr", "train_loss", "train_acc", "val_acc", "test_acc")
+            for key in keys:
+                if key in record:
+                    self._scalar(folder, key, record[key], record["epoch"])
         for writer in self._tensorboard.values():
             writer.flush()
 

@@ -63,6 +63,7 @@ class CifarData:
     test: CifarSplit
     mean: tuple[float, ...] = ()  # per-channel normalisation of images scaled to [0, 1]
     std: tuple[float, ...] = ()
+    val: CifarSplit | None = None  # held out of the training images (--val-samples)
 
 
 @dataclass(frozen=True)
@@ -513,11 +514,32 @@ def balanced_subset(split: CifarSplit, n: int, seed: int, num_classes: int) -> C
     the shortfall is spread the same way over the classes that still have samples. With
     ``n == len(split)`` the split itself is returned.
     """
+    if n == len(split.labels) and n >= 1:
+        return split
+    return _take(split, _balanced_indices(split, n, seed, num_classes))
+
+
+def hold_out(split: CifarSplit, n: int, seed: int, num_classes: int) -> tuple[CifarSplit, CifarSplit]:
+    """(the rest, the held-out part): ``n`` samples chosen as :func:`balanced_subset` chooses them,
+    and every other sample, each in the split's original order."""
+    total = len(split.labels)
+    if not 1 <= n < total:
+        raise UserError(f"cannot hold out {n} of {total} training samples; choose between 1 and {total - 1}")
+    held = _balanced_indices(split, n, seed, num_classes)
+    keep = torch.ones(total, dtype=torch.bool)
+    keep[held] = False
+    return _take(split, keep.nonzero().flatten()), _take(split, held)
+
+
+def _take(split: CifarSplit, index: torch.Tensor) -> CifarSplit:
+    return CifarSplit(images=split.images[index].contiguous(), labels=split.labels[index])
+
+
+def _balanced_indices(split: CifarSplit, n: int, seed: int, num_classes: int) -> torch.Tensor:
+    """Sorted indices of the seeded, class-balanced choice of ``n`` samples (see balanced_subset)."""
     total = len(split.labels)
     if not 1 <= n <= total:
         raise UserError(f"a subset of {n} samples is impossible; choose between 1 and {total}")
-    if n == total:
-        return split
     labels = split.labels
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"labels lie outside 0..{num_classes - 1}")
@@ -543,6 +565,4 @@ def balanced_subset(split: CifarSplit, n: int, seed: int, num_classes: int) -> C
             remaining -= give
         active = [c for c in active if quota[c] < available[c]]
 
-    chosen = torch.cat([pools[c][: quota[c]] for c in range(num_classes)])
-    index = chosen.sort().values
-    return CifarSplit(images=split.images[index].contiguous(), labels=labels[index])
+    return torch.cat([pools[c][: quota[c]] for c in range(num_classes)]).sort().values
