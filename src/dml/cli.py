@@ -9,7 +9,7 @@ import os
 import sys
 
 from . import __version__
-from .config import DATASETS, DEVICES, GROUPS, PRECISIONS, UPDATES, TrainConfig
+from .config import DATASETS, DEVICES, GROUPS, PRECISIONS, UPDATES, TrainConfig, field_default, flag_of
 from .errors import RunStopped, UserError
 from .models import model_factory
 
@@ -24,18 +24,15 @@ class _Parser(argparse.ArgumentParser):
 def _config_argument(group, f: dataclasses.Field, hint) -> None:
     """The flag of one TrainConfig field: --name-with-dashes, a switch for booleans (--no-x where on
     by default), the field's type, default, choices and help."""
-    options = dict(f.metadata["argument"])
-    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-    flag = options.pop("flag", "--" + f.name.replace("_", "-"))
+    options = {k: v for k, v in f.metadata["argument"].items() if k != "flag"}
+    default = field_default(f)
     if hint is bool:
-        if default:
-            flag = "--no-" + f.name.replace("_", "-")
         options["action"] = "store_false" if default else "store_true"
     else:
         kinds = [k for k in typing.get_args(hint) if k is not type(None)] or [hint]
         kind = kinds[0]
         options["type"] = typing.get_args(kind)[0] if typing.get_origin(kind) is list else kind
-    group.add_argument(flag, dest=f.name, default=default, help=f.metadata["help"], **options)
+    group.add_argument(flag_of(f), dest=f.name, default=default, help=f.metadata["help"], **options)
 
 
 def _add_config_arguments(parser, names=None, groups=None) -> dict:
@@ -245,6 +242,30 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment_parser(sub) -> None:
+    p = sub.add_parser(
+        "experiment", help="run every dml train run of a plan (TOML), resumably, then report them",
+        description="Run the plan's runs ([defaults] settings, every combination of the [grid] lists, [[run]] rows) "
+                    "one after another or --jobs at a time, each a dml train process with its log in "
+                    "OUT_DIR/logs/. Run the same command again after any interruption: finished runs are skipped, "
+                    "interrupted ones resume from their last complete epoch. Ends with OUT_DIR/report.md and "
+                    "plots (mean ± std over seeds). A changed plan is refused for an existing OUT_DIR.",
+    )
+    p.add_argument("plan", metavar="PLAN.toml", help="the plan file (see README: Experiments)")
+    p.add_argument("--out-dir", default=None, metavar="DIR", help="where the runs go (default: runs/<plan name>)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="runs at a time: one per GPU where there are several; on CPU they share the cores")
+    p.add_argument("--dry-run", action="store_true", help="list the runs, their state and commands; train nothing")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=_run_experiment)
+
+
+def _run_experiment(args: argparse.Namespace) -> int:
+    from .experiment import experiment  # imported here so that --help and argument errors stay fast
+
+    return experiment(args.plan, args.out_dir, args.jobs, args.dry_run, args.progress)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dml", description="Deep Mutual Learning on CIFAR: train cohorts of peers.")
     parser.add_argument("--version", action="version", version=f"dml {__version__}")
@@ -253,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     _bench_parser(sub)
     _report_parser(sub)
     _evaluate_parser(sub)
+    _experiment_parser(sub)
     return parser
 
 

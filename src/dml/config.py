@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import UserError
@@ -184,12 +184,12 @@ class TrainConfig:
         kd_resnet32_from_wrn28_2_s42 or graph-mygraph_resnet32-wrn28_2_s42."""
         if self.graph_spec is not None:
             frozen = self.frozen
-            students = _joined([m for k, m in enumerate(self.models) if k not in frozen])
+            students = joined_models([m for k, m in enumerate(self.models) if k not in frozen])
             if self.graph:
                 kind = f"graph-{folder_name(Path(self.graph).stem)}"
-                return "_".join([kind, _joined(self.models), f"s{self.seed}"])
-            return "_".join(["kd", students, "from", _joined([self.models[k] for k in frozen]), f"s{self.seed}"])
-        models = _joined(self.models)
+                return "_".join([kind, joined_models(self.models), f"s{self.seed}"])
+            return "_".join(["kd", students, "from", joined_models([self.models[k] for k in frozen]), f"s{self.seed}"])
+        models = joined_models(self.models)
         parts = [f"dml_n{self.num_nodes}" if self.is_dml else "independent", models]
         if self.dataset != "cifar100":
             parts.insert(1, self.dataset)
@@ -213,7 +213,33 @@ class TrainConfig:
         ]
 
 
-def _joined(models: list[str]) -> str:
+def field_default(f):
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def flag_of(f) -> str:
+    """The command-line flag of a TrainConfig field: --name-with-dashes, or for a switch that is on by
+    default the --no-... that turns it off."""
+    name = f.metadata["argument"].get("flag", "--" + f.name.replace("_", "-"))
+    return "--no-" + name[2:] if field_default(f) is True else name
+
+
+def train_flags(settings: dict) -> list[str]:
+    """The ``dml train`` flags that give ``settings`` (TrainConfig field names, as in config.json)."""
+    by_name = {f.name: f for f in fields(TrainConfig) if f.metadata.get("group") is not None}
+    argv = []
+    for key, value in settings.items():
+        f = by_name[key]
+        if isinstance(value, bool):
+            argv += [flag_of(f)] if value != field_default(f) else []
+        elif isinstance(value, (list, tuple)):
+            argv += [flag_of(f), *(str(v) for v in value)]
+        elif value is not None:
+            argv += [flag_of(f), str(value)]
+    return argv
+
+
+def joined_models(models: list[str]) -> str:
     """resnet32 for [resnet32, resnet32]; resnet32-wrn28_2 for a mixed list."""
     unique = list(dict.fromkeys(folder_name(m) for m in models))
     return "-".join(folder_name(m) for m in models) if len(unique) > 1 else unique[0]

@@ -561,14 +561,14 @@ def _file_stem(name: str, taken: set[str]) -> str:
 
 
 # --- the command ----------------------------------------------------------------------------------
-def report(run_paths, baseline: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
+def report(run_paths, baseline: str | os.PathLike | list | None = None, out: str | os.PathLike | None = None,
            plots: str | os.PathLike | None = None) -> str:
     """Read the runs, draw the plots (when ``plots`` names a folder) and return the Markdown;
     with ``out`` it is also written there, with image links relative to it."""
     runs = [read_run(p) for p in find_runs(run_paths)]
     baseline_runs = None
     if baseline is not None:
-        baseline_runs = [read_run(p) for p in find_runs([baseline])]
+        baseline_runs = [read_run(p) for p in find_runs(baseline if isinstance(baseline, list) else [baseline])]
         if len(seed_groups(baseline_runs)) > 1:
             raise UserError(f"--baseline {baseline} holds runs with different settings; name one run, "
                             "or a folder whose runs differ only in seed")

@@ -1,0 +1,271 @@
+"""Experiment plans: a TOML file of ``dml train`` runs, read into named runs with their settings.
+
+A plan::
+
+    baseline = "independent"          # optional: the runs dml experiment's report compares with
+
+    [defaults]                        # dml train settings, named as in config.json
+    epochs = 200
+    data_dir = "./data"
+
+    [grid]                            # lists: every combination is one run
+    seed = [0, 1, 2]
+
+    [[run]]                           # optional rows, each crossed with the grid
+    label = "independent"
+    models = ["resnet32"]
+
+    [[run]]
+    label = "kd"
+    teacher = ["{out_dir}/teacher_s{seed}/0_wrn28_2/best.pt"]   # placeholders: out_dir and any setting
+
+    [search]                          # dml tune: ranges to search
+    lr = { low = 0.01, high = 0.2, log = true }
+    temperature = { choices = [1.0, 2.0, 4.0] }
+
+A run's name is its row's label (or the row settings that differ between rows) followed by the grid
+settings that vary, e.g. ``kd_s1`` or ``lr0.05_s0``. Paths are relative to the working directory, as
+on the command line.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from .config import RESUMABLE_CHANGES, TrainConfig, field_default, joined_models
+from .errors import UserError
+from .models import folder_name
+
+PLAN_KEYS = {"defaults", "grid", "run", "search", "baseline"}
+# Settings a plan does not give: the plan names its runs and places them in its output directory.
+DECIDED_BY_PLAN = {"name", "out_dir", "graph_spec"}
+SETTINGS = {f.name: f for f in fields(TrainConfig) if f.name not in DECIDED_BY_PLAN}
+PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
+@dataclass
+class PlannedRun:
+    name: str
+    label: str | None  # its row's label
+    settings: dict  # TrainConfig field -> value, placeholders filled in
+    after: list[str] = field(default_factory=list)  # planned runs whose checkpoints it reads (teachers)
+
+    @property
+    def epochs(self) -> int:
+        return self.settings.get("epochs", field_default(SETTINGS["epochs"]))
+
+
+@dataclass
+class Plan:
+    path: Path
+    runs: list[PlannedRun]
+    baseline: str | None  # a row label
+    search: dict  # setting -> {"low", "high", "log"} or {"choices"}
+
+    def baseline_runs(self) -> list[PlannedRun]:
+        return [run for run in self.runs if run.label == self.baseline]
+
+
+def read_plan(path: str | Path, out_dir: Path) -> Plan:
+    """The runs of the plan file ``path`` placed in ``out_dir``; one UserError line per mistake."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"plan {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise UserError(f"plan {path} is not valid TOML ({exc})") from None
+    where = f"plan {path}"
+    unknown = set(data) - PLAN_KEYS
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; a plan has [defaults], [grid], "
+                        "[[run]], [search] and baseline")
+    defaults = _settings(_table(data, "defaults", where), f"{where} [defaults]")
+    grid = _table(data, "grid", where)
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise UserError(f"{where} [grid]: {key} must be a non-empty list of values, got {values!r}")
+        for value in values:
+            _settings({key: value}, f"{where} [grid]")
+    rows = data.get("run", [{}])
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise UserError(f"{where}: run must be an array of tables ([[run]])")
+    labels = [row.get("label") for row in rows]
+    rows = [_settings({k: v for k, v in row.items() if k != "label"}, f"{where} [[run]] {k + 1}")
+            for k, row in enumerate(rows)]
+    for key in set(grid) & (set(defaults) | {k for row in rows for k in row}):
+        raise UserError(f"{where}: {key} is both in [grid] and in [defaults] or a [[run]]; give it in one place")
+
+    varying_row_keys = [k for k in dict.fromkeys(k for row in rows for k in row)
+                        if len({repr(row.get(k, defaults.get(k))) for row in rows}) > 1]
+    varying_grid_keys = [k for k, values in grid.items() if len(values) > 1]
+    runs = []
+    for (label, row), combination in itertools.product(zip(labels, rows), itertools.product(*grid.values())):
+        settings = {**defaults, **row, **dict(zip(grid, combination))}
+        head = [label] if label is not None else [_part(k, settings.get(k)) for k in varying_row_keys]
+        name = "_".join(head + [_part(k, settings[k]) for k in varying_grid_keys]) or path.stem
+        runs.append(PlannedRun(name, label, _fill(settings, out_dir, where)))
+    _check_names(runs, where)
+    _find_dependencies(runs, out_dir, where)
+    for run in runs:
+        _check_settings(run, where)
+    baseline = data.get("baseline")
+    if baseline is not None and baseline not in labels:
+        raise UserError(f"{where}: baseline {baseline!r} is not the label of a [[run]]")
+    return Plan(path, runs, baseline, _search(_table(data, "search", where), where))
+
+
+def _table(data: dict, key: str, where: str) -> dict:
+    table = data.get(key, {})
+    if not isinstance(table, dict):
+        raise UserError(f"{where}: {key} must be a table ([{key}])")
+    return table
+
+
+def _settings(table: dict, where: str) -> dict:
+    """``table`` checked against TrainConfig's fields and types; a single name becomes a list where a
+    list is expected (models = "resnet32")."""
+    hints = typing.get_type_hints(TrainConfig)
+    out = {}
+    for key, value in table.items():
+        if key not in SETTINGS:
+            hint = " (the plan names its runs and places them in --out-dir)" if key in DECIDED_BY_PLAN else ""
+            raise UserError(f"{where}: {key!r} is not a dml train setting{hint}; settings are named as in "
+                            f"config.json: {', '.join(SETTINGS)}")
+        hint = hints[key]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None
+            hint = next(k for k in typing.get_args(hint) if k is not type(None))
+        kind = typing.get_origin(hint) or hint
+        if kind is list and isinstance(value, str):
+            value = [value]
+        ok = (isinstance(value, list) and all(isinstance(v, str) for v in value)) if kind is list else (
+            isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+            isinstance(value, kind) and (kind is bool or not isinstance(value, bool)))
+        if not ok:
+            raise UserError(f"{where}: {key} must be {_kind_name(kind)}, got {value!r}")
+        out[key] = float(value) if kind is float else value
+    return out
+
+
+def _kind_name(kind) -> str:
+    return {list: "a list of strings", float: "a number", int: "an integer", bool: "true or false",
+            str: "a string"}[kind]
+
+
+def _part(key: str, value) -> str:
+    """A setting as part of a run name: s0, n2, resnet32-wrn28_2, lr0.05, no_nesterov."""
+    if key == "seed":
+        return f"s{value}"
+    if key == "num_nodes":
+        return f"n{value}"
+    if key == "models":
+        return joined_models(value)
+    if isinstance(value, bool):
+        return key if value else f"no_{key}"
+    if key in ("teacher", "graph"):
+        value = [value] if isinstance(value, str) else value or ["none"]
+        return f"{key}-" + "-".join(folder_name(Path(v).stem) for v in value)
+    if isinstance(value, float):
+        return f"{key}{value:g}"
+    text = "-".join(map(str, value)) if isinstance(value, list) else str(value)
+    return f"{key}{re.sub(r'[^A-Za-z0-9.+-]+', '-', text)}"
+
+
+def _fill(settings: dict, out_dir: Path, where: str) -> dict:
+    """Placeholders in string settings: {out_dir} and {<setting>} (e.g. {seed})."""
+    values = {"out_dir": str(out_dir), **{k: v for k, v in settings.items() if not isinstance(v, list)}}
+
+    def fill(text: str) -> str:
+        def replace(match):
+            if match.group(1) not in values:
+                raise UserError(f"{where}: unknown placeholder {{{match.group(1)}}} in {text!r}; use {{out_dir}} "
+                                "or a setting of the run such as {seed}")
+            return str(values[match.group(1)])
+        return PLACEHOLDER.sub(replace, text)
+
+    return {k: [fill(v) for v in value] if isinstance(value, list) else fill(value) if isinstance(value, str)
+            else value for k, value in settings.items()}
+
+
+def _check_names(runs: list[PlannedRun], where: str) -> None:
+    seen: dict[str, PlannedRun] = {}
+    for run in runs:
+        if run.name in seen:
+            raise UserError(f"{where}: two runs are both named {run.name!r}; give each [[run]] its own label")
+        if "/" in run.name or run.name in (".", "..", "logs", "plots"):
+            raise UserError(f"{where}: {run.name!r} cannot name a run folder; choose another label")
+        seen[run.name] = run
+
+
+def _find_dependencies(runs: list[PlannedRun], out_dir: Path, where: str) -> None:
+    """A run whose teacher checkpoint lies in another planned run's folder starts after that run."""
+    folders = {(out_dir / run.name).resolve(): run.name for run in runs}
+    for run in runs:
+        for teacher in run.settings.get("teacher") or []:
+            parents = Path(teacher).resolve().parents
+            run.after += [name for folder, name in folders.items() if folder in parents and name != run.name]
+    done: set[str] = set()
+    remaining = list(runs)
+    while remaining:  # a run that waits for itself, through others, would never start
+        ready = [run for run in remaining if set(run.after) <= done]
+        if not ready:
+            raise UserError(f"{where}: runs {', '.join(r.name for r in remaining)} wait for each other's teachers")
+        done.update(run.name for run in ready)
+        remaining = [run for run in remaining if run not in ready]
+
+
+def _check_settings(run: PlannedRun, where: str) -> None:
+    """Build the run's TrainConfig so that a bad value fails now, not hours into the plan (teachers
+    that earlier runs of the plan will train are left out: they do not exist yet)."""
+    settings = dict(run.settings)
+    if run.after:
+        settings.pop("teacher", None)
+    try:
+        TrainConfig(**settings, name=run.name)
+    except UserError as exc:
+        raise UserError(f"{where}, run {run.name}: {exc}") from None
+
+
+def differences(old: dict[str, dict], new: dict[str, dict]) -> list[str]:
+    """What changed between two plans (run name -> settings) in ways that change what runs compute."""
+    out = [f"run {name} is not in the new plan" for name in old if name not in new]
+    out += [f"run {name} is new" for name in new if name not in old]
+    for name in old.keys() & new.keys():
+        keys = (old[name].keys() | new[name].keys()) - RESUMABLE_CHANGES
+        out += [f"run {name}: {k} {old[name].get(k)!r} -> {new[name].get(k)!r}"
+                for k in sorted(keys) if old[name].get(k) != new[name].get(k)]
+    return out
+
+
+SEARCH_KINDS = ({"low", "high"}, {"low", "high", "log"}, {"choices"})
+
+
+def _search(table: dict, where: str) -> dict:
+    """[search]: setting = {low, high[, log]} (a number range) or {choices = [...]}."""
+    for key, spec in table.items():
+        if key not in SETTINGS:
+            raise UserError(f"{where} [search]: {key!r} is not a dml train setting")
+        if not isinstance(spec, dict) or set(spec) not in SEARCH_KINDS:
+            raise UserError(f"{where} [search]: {key} must be {{ low = ..., high = ... [, log = true] }} or "
+                            "{ choices = [...] }")
+        if "choices" in spec:
+            if not isinstance(spec["choices"], list) or not spec["choices"]:
+                raise UserError(f"{where} [search]: {key}.choices must be a non-empty list")
+            for value in spec["choices"]:
+                _settings({key: value}, f"{where} [search]")
+        else:
+            _settings({key: spec["low"]}, f"{where} [search]")
+            _settings({key: spec["high"]}, f"{where} [search]")
+            if not spec["low"] < spec["high"] or (spec.get("log") and spec["low"] <= 0):
+                raise UserError(f"{where} [search]: {key} needs low < high (and low > 0 with log = true)")
+    return table
