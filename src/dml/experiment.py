@@ -98,11 +98,15 @@ def claim_out_dir(plan: Plan, out_dir: Path) -> int:
         os.close(fd)
         raise UserError(f"another dml experiment is running in {out_dir}; wait for it to end or use another "
                         "--out-dir")
-    check_plan(plan, out_dir)
-    record = {"plan": str(plan.path.resolve()), "runs": {run.name: run.settings for run in plan.runs}}
-    if not (out_dir / PLAN_RECORD).exists():
-        atomic_write_bytes(out_dir / PLAN_RECORD, lambda f: f.write(json.dumps(record, indent=2).encode() + b"\n"))
-        atomic_write_bytes(out_dir / "plan.toml", lambda f: f.write(plan.path.read_bytes()))
+    try:
+        check_plan(plan, out_dir)
+        record = {"plan": str(plan.path.resolve()), "runs": {run.name: run.settings for run in plan.runs}}
+        if not (out_dir / PLAN_RECORD).exists():
+            atomic_write_bytes(out_dir / PLAN_RECORD, lambda f: f.write(json.dumps(record, indent=2).encode() + b"\n"))
+            atomic_write_bytes(out_dir / "plan.toml", lambda f: f.write(plan.path.read_bytes()))
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 

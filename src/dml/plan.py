@@ -17,7 +17,7 @@ A plan::
 
     [[run]]
     label = "kd"
-    teacher = ["{out_dir}/teacher_s{seed}/0_wrn28_2/best.pt"]   # placeholders: out_dir and any setting
+    teacher = "{run:teacher}/0_wrn28_2/best.pt"   # placeholders: {run:LABEL}, {out_dir}, {seed}...
 
     [search]                          # dml tune: ranges to search
     lr = { low = 0.01, high = 0.2, log = true }
@@ -50,7 +50,7 @@ PLAN_KEYS = {"defaults", "grid", "run", "search", "baseline"}
 # Settings a plan does not give: the plan names its runs and places them in its output directory.
 DECIDED_BY_PLAN = {"name", "out_dir", "graph_spec"}
 SETTINGS = {f.name: f for f in fields(TrainConfig) if f.name not in DECIDED_BY_PLAN}
-PLACEHOLDER = re.compile(r"\{(\w+)\}")
+PLACEHOLDER = re.compile(r"\{((?:run:)?[\w-]+)\}")
 
 
 @dataclass
@@ -106,15 +106,23 @@ def read_plan(path: str | Path, out_dir: Path) -> Plan:
     for key in set(grid) & (set(defaults) | {k for row in rows for k in row}):
         raise UserError(f"{where}: {key} is both in [grid] and in [defaults] or a [[run]]; give it in one place")
 
+    def value(settings: dict, key: str):
+        return settings.get(key, defaults.get(key, field_default(SETTINGS[key])))
+
     varying_row_keys = [k for k in dict.fromkeys(k for row in rows for k in row)
-                        if len({repr(row.get(k, defaults.get(k))) for row in rows}) > 1]
+                        if len({repr(value(row, k)) for row in rows}) > 1]
     varying_grid_keys = [k for k, values in grid.items() if len(values) > 1]
-    runs = []
-    for (label, row), combination in itertools.product(zip(labels, rows), itertools.product(*grid.values())):
+    combinations = list(itertools.product(*grid.values()))
+    planned = {}  # (row, combination) -> (name, settings)
+    for (k, row), combination in itertools.product(enumerate(rows), combinations):
         settings = {**defaults, **row, **dict(zip(grid, combination))}
-        head = [label] if label is not None else [_part(k, settings.get(k)) for k in varying_row_keys]
-        name = "_".join(head + [_part(k, settings[k]) for k in varying_grid_keys]) or path.stem
-        runs.append(PlannedRun(name, label, _fill(settings, out_dir, where)))
+        head = [labels[k]] if labels[k] is not None else [_part(key, value(settings, key)) for key in varying_row_keys]
+        planned[k, combination] = "_".join(head + [_part(key, settings[key]) for key in varying_grid_keys]) \
+            or path.stem, settings
+    runs = []
+    for (k, combination), (name, settings) in planned.items():
+        folders = {label: out_dir / planned[j, combination][0] for j, label in enumerate(labels) if label is not None}
+        runs.append(PlannedRun(name, labels[k], _fill(settings, out_dir, folders, where)))
     _check_names(runs, where)
     _find_dependencies(runs, out_dir, where)
     for run in runs:
@@ -181,16 +189,18 @@ def _part(key: str, value) -> str:
     return f"{key}{re.sub(r'[^A-Za-z0-9.+-]+', '-', text)}"
 
 
-def _fill(settings: dict, out_dir: Path, where: str) -> dict:
-    """Placeholders in string settings: {out_dir} and {<setting>} (e.g. {seed})."""
-    values = {"out_dir": str(out_dir), **{k: v for k, v in settings.items() if not isinstance(v, list)}}
+def _fill(settings: dict, out_dir: Path, folders: dict[str, Path], where: str) -> dict:
+    """Placeholders in string settings: {out_dir}, {<setting>} (e.g. {seed}) and {run:<label>}, the
+    folder of that row's run with the same grid values."""
+    values = {"out_dir": str(out_dir), **{k: str(v) for k, v in settings.items() if not isinstance(v, list)},
+              **{f"run:{label}": str(folder) for label, folder in folders.items()}}
 
     def fill(text: str) -> str:
         def replace(match):
             if match.group(1) not in values:
-                raise UserError(f"{where}: unknown placeholder {{{match.group(1)}}} in {text!r}; use {{out_dir}} "
-                                "or a setting of the run such as {seed}")
-            return str(values[match.group(1)])
+                raise UserError(f"{where}: unknown placeholder {{{match.group(1)}}} in {text!r}; use {{out_dir}}, "
+                                "{run:LABEL} or a setting of the run such as {seed}")
+            return values[match.group(1)]
         return PLACEHOLDER.sub(replace, text)
 
     return {k: [fill(v) for v in value] if isinstance(value, list) else fill(value) if isinstance(value, str)

@@ -1,0 +1,289 @@
+"""`dml experiment`: plans read into named runs, run to completion, resumed after kill -9, reported."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dml.cli import main
+from dml.config import TrainConfig, train_flags
+from dml.errors import UserError
+from dml.plan import read_plan
+
+
+def write_plan(folder: Path, cifar_root: Path, body: str, epochs: int = 2, name: str = "plan.toml",
+               head: str = "") -> Path:
+    """A plan on a few hundred synthetic CIFAR images, with ``body`` after its [defaults]."""
+    path = folder / name
+    path.write_text(f"""{head}
+[defaults]
+data_dir = "{cifar_root}"
+skip_checksum = true
+download = false
+train_samples = 256
+test_samples = 100
+batch_size = 32
+epochs = {epochs}
+precision = "fp32"
+models = "resnet20"
+{body}
+""")
+    return path
+
+
+def commands(log: Path) -> list[str]:
+    """The dml train commands a run's log records, one per start."""
+    return [line for line in log.read_text().splitlines() if re.match(r"# \d{4}-\d\d-\d\d ", line)]
+
+
+def metrics(run: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        r.pop("seconds")
+    return records
+
+
+# --- reading plans ------------------------------------------------------------------------------------
+def test_grid_and_rows_make_one_named_run_per_combination(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text("""
+baseline = "alone"
+[defaults]
+epochs = 3
+[grid]
+seed = [0, 1]
+lr = [0.1, 0.05]
+[[run]]
+label = "alone"
+[[run]]
+label = "dml"
+num_nodes = 2
+""")
+    plan = read_plan(path, tmp_path / "out")
+    assert [r.name for r in plan.runs] == ["alone_s0_lr0.1", "alone_s0_lr0.05", "alone_s1_lr0.1", "alone_s1_lr0.05",
+                                           "dml_s0_lr0.1", "dml_s0_lr0.05", "dml_s1_lr0.1", "dml_s1_lr0.05"]
+    assert plan.runs[5].settings == {"epochs": 3, "num_nodes": 2, "seed": 0, "lr": 0.05}
+    assert [r.name for r in plan.baseline_runs()] == ["alone_s0_lr0.1", "alone_s0_lr0.05", "alone_s1_lr0.1",
+                                                      "alone_s1_lr0.05"]
+
+
+def test_unlabelled_rows_are_named_by_the_settings_that_differ(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text("""
+[[run]]
+models = "resnet32"
+[[run]]
+models = ["resnet32", "wrn28_2"]
+num_nodes = 2
+""")
+    assert [r.name for r in read_plan(path, tmp_path).runs] == ["resnet32_n1", "resnet32-wrn28_2_n2"]
+
+
+def test_teacher_placeholders_and_order(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text("""
+[grid]
+seed = [3, 4]
+[[run]]
+label = "kd"
+teacher = "{run:teacher}/0_wrn28_2/best.pt"
+data_dir = "{out_dir}/data{seed}"
+[[run]]
+label = "teacher"
+models = "wrn28_2"
+""")
+    kd3, kd4, teacher3, teacher4 = read_plan(path, tmp_path / "out").runs
+    assert kd4.settings["teacher"] == [f"{tmp_path / 'out'}/teacher_s4/0_wrn28_2/best.pt"]
+    assert kd4.settings["data_dir"] == f"{tmp_path / 'out'}/data4"
+    assert kd3.after == ["teacher_s3"] and kd4.after == ["teacher_s4"] and teacher4.after == []
+
+
+@pytest.mark.parametrize("body, message", [
+    ("[defaults]\nlearning_rate = 0.1", "'learning_rate' is not a dml train setting"),
+    ("[defaults]\nname = 'x'", "the plan names its runs"),
+    ("[defaults]\nlr = 'fast'", "lr must be a number, got 'fast'"),
+    ("[defaults]\nepochs = 2.5", "epochs must be an integer"),
+    ("[defaults]\nlr = -1.0", "--lr must be a positive finite number"),
+    ("[grid]\nseed = 1", "seed must be a non-empty list"),
+    ("[grid]\nseed = []", "seed must be a non-empty list"),
+    ("[defaults]\nseed = 1\n[grid]\nseed = [1, 2]", "seed is both in [grid] and"),
+    ("[[run]]\nlabel = 'a'\n[[run]]\nlabel = 'a'", "two runs are both named 'a'"),
+    ("[[run]]\nlabel = 'a'\nteacher = '{nothing}/best.pt'", "unknown placeholder {nothing}"),
+    ("[[run]]\nlabel = 'a'\nteacher = '{out_dir}/b/0_resnet32/best.pt'\n"
+     "[[run]]\nlabel = 'b'\nteacher = '{out_dir}/a/0_resnet32/best.pt'", "wait for each other's teachers"),
+    ("baseline = 'nobody'", "baseline 'nobody' is not the label of a [[run]]"),
+    ("[search]\nlr = { low = 0.2, high = 0.1 }", "lr needs low < high"),
+    ("[search]\nlr = [0.1, 0.2]", "lr must be { low"),
+    ("seeds = [1]", "unknown key(s) seeds"),
+    ("[defaults\n", "is not valid TOML"),
+])
+def test_plan_mistakes_are_one_error_line(tmp_path, capsys, body, message):
+    path = tmp_path / "p.toml"
+    path.write_text(body + "\n")
+    assert main(["experiment", str(path), "--out-dir", str(tmp_path / "out"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_train_flags_give_back_the_settings():
+    from dml.cli import build_parser, config_from_args
+
+    settings = {"models": ["resnet20", "wrn28_2"], "num_nodes": 2, "nesterov": False, "plain": True, "lr": 0.05,
+                "val_samples": 300, "progress": False, "download": False, "temperature": 4.0}
+    config = config_from_args(build_parser().parse_args(["train", *train_flags(settings)]))
+    assert config == TrainConfig(**settings)
+
+
+# --- running plans ------------------------------------------------------------------------------------
+def test_a_plan_runs_every_run_once_and_reports_them(cifar_root, tmp_path, capsys):
+    plan = write_plan(tmp_path, cifar_root, """
+[grid]
+seed = [1, 2]
+[[run]]
+label = "alone"
+[[run]]
+label = "dml"
+num_nodes = 2
+""", epochs=2, head='baseline = "alone"')
+    out = tmp_path / "out"
+    assert main(["experiment", str(plan), "--out-dir", str(out), "--no-progress"]) == 0
+    names = ["alone_s1", "alone_s2", "dml_s1", "dml_s2"]
+    for name in names:
+        records = metrics(out / name)
+        assert [r["epoch"] for r in records if r["node"] == "ensemble"] == [1, 2]
+        assert json.loads((out / name / "config.json").read_text())["config"]["name"] == name
+    # the same run by hand gives the same numbers
+    assert main(["train", *train_flags(read_plan(plan, out).runs[2].settings), "--out-dir", str(tmp_path / "hand"),
+                 "--no-progress"]) == 0
+    assert metrics(tmp_path / "hand" / "dml_n2_resnet20_s1") == metrics(out / "dml_s1")
+    report = (out / "report.md").read_text()
+    assert "## Baseline: alone (2 seeds)" in report and "## DML with 2 nodes: dml (2 seeds)" in report
+    assert sorted(p.name for p in (out / "plots").iterdir()) == sorted(["comparison.png"] + [f"{n}.png" for n in names])
+    capsys.readouterr()
+    # again: nothing to train, nothing trained
+    assert main(["experiment", str(plan), "--out-dir", str(out), "--no-progress"]) == 0
+    assert "4 done, 0 to run" in capsys.readouterr().out
+    assert all(len(commands(out / "logs" / f"{n}.log")) == 1 for n in names)
+    assert main(["experiment", str(plan), "--out-dir", str(out), "--dry-run"]) == 0
+    assert capsys.readouterr().out.count(" done\n") == 4
+
+
+def test_a_changed_plan_is_refused_with_its_differences(cifar_root, tmp_path, capsys):
+    plan = write_plan(tmp_path, cifar_root, "[grid]\nseed = [1, 2]", epochs=1)
+    out = tmp_path / "out"
+    assert main(["experiment", str(plan), "--out-dir", str(out), "--no-progress"]) == 0
+    before = (out / "s1" / "metrics.jsonl").read_bytes()
+    plan.write_text(plan.read_text().replace("seed = [1, 2]", "seed = [1, 2, 3]").replace("epochs = 1", "epochs = 2"))
+    capsys.readouterr()
+    assert main(["experiment", str(plan), "--out-dir", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the plan differs from the one that started") and err.count("\n") == 1
+    assert "run s1: epochs 1 -> 2" in err and "run s3 is new" in err
+    assert (out / "s1" / "metrics.jsonl").read_bytes() == before and not (out / "s3").exists()
+    # settings that do not change what a run computes may change
+    plan.write_text(plan.read_text().replace("seed = [1, 2, 3]", "seed = [1, 2]").replace("epochs = 2", "epochs = 1")
+                    .replace("[defaults]", "[defaults]\nprogress = false"))
+    assert main(["experiment", str(plan), "--out-dir", str(out), "--no-progress"]) == 0
+
+
+def test_a_kd_run_waits_for_its_teacher_from_the_same_plan(cifar_root, tmp_path):
+    plan = write_plan(tmp_path, cifar_root, """
+[grid]
+seed = [5]
+[[run]]
+label = "kd"
+teacher = "{run:teacher}/0_resnet20/best.pt"
+[[run]]
+label = "teacher"
+""", epochs=1)
+    out = tmp_path / "out"
+    assert main(["experiment", str(plan), "--out-dir", str(out), "--no-progress"]) == 0
+    spec = json.loads((out / "kd" / "config.json").read_text())["config"]["graph_spec"]  # one seed: no _s5
+    assert spec["peers"][1]["checkpoint"] == str(out / "teacher" / "0_resnet20" / "best.pt")
+    assert (out / "teacher" / "metrics.jsonl").stat().st_mtime < (out / "kd" / "metrics.jsonl").stat().st_mtime
+
+
+def test_a_failed_run_is_named_and_the_others_still_run(cifar_root, tmp_path, capsys):
+    plan = write_plan(tmp_path, cifar_root, """
+[[run]]
+label = "broken"
+val_samples = 50000  # only the data, read when the run starts, shows it is too many
+[[run]]
+label = "fine"
+""", epochs=1)
+    out = tmp_path / "out"
+    assert main(["experiment", str(plan), "--out-dir", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "error: run broken exit status 2: error: --val-samples 50000 leaves no training images" in err
+    assert "1 of 2 runs did not finish" in err
+    assert [r["epoch"] for r in metrics(out / "fine") if r["node"] == "ensemble"] == [1]
+
+
+@pytest.mark.processes
+def test_a_plan_killed_with_sigkill_finishes_with_every_run_trained_once(cifar_root, tmp_path):
+    body = "[grid]\nseed = [1, 2, 3]\n"
+    plan = write_plan(tmp_path, cifar_root, body, epochs=4)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "dml", "experiment", str(plan), "--out-dir", str(out), "--no-progress"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (out / "s2" / "metrics.jsonl").exists() or '"epoch": 1' not in (out / "s2" / "metrics.jsonl").read_text():
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.2)
+    os.kill(process.pid, signal.SIGKILL)  # in the middle of run s2
+    process.wait()
+    time.sleep(1)
+    logged = (out / "s2" / "metrics.jsonl").read_text()
+    time.sleep(2)
+    assert (out / "s2" / "metrics.jsonl").read_text() == logged  # its training process died with it
+    assert not (out / "s3").exists()
+
+    assert subprocess.run(command, capture_output=True).returncode == 0
+    for name in ("s1", "s2", "s3"):
+        assert [r["epoch"] for r in metrics(out / name) if r["node"] == "ensemble"] == [1, 2, 3, 4]
+    started = {name: commands(out / "logs" / f"{name}.log") for name in ("s1", "s2", "s3")}
+    assert len(started["s1"]) == 1 and len(started["s3"]) == 1  # finished before the kill: not run again
+    assert len(started["s2"]) == 2 and started["s2"][1].endswith("--resume")  # continued, not restarted
+    # every run equals an uninterrupted one
+    reference = tmp_path / "reference"
+    plan2 = write_plan(tmp_path, cifar_root, "[grid]\nseed = [2]\n", epochs=4, name="one.toml")
+    assert main(["experiment", str(plan2), "--out-dir", str(reference), "--no-progress"]) == 0
+    assert metrics(reference / "one") == metrics(out / "s2")  # a one-run plan names its run after the file
+
+
+@pytest.mark.processes
+def test_two_jobs_run_side_by_side_sharing_the_cores(cifar_root, tmp_path):
+    plan = write_plan(tmp_path, cifar_root, "[grid]\nseed = [1, 2]\n", epochs=2)
+    out = tmp_path / "two"
+    assert main(["experiment", str(plan), "--out-dir", str(out), "--jobs", "2", "--no-progress"]) == 0
+    for name in ("s1", "s2"):
+        assert [r["epoch"] for r in metrics(out / name) if r["node"] == "ensemble"] == [1, 2]
+        threads = json.loads((out / name / "config.json").read_text())["threads"]
+        assert threads == max(1, (os.cpu_count() or 1) // 2)
+    # s2 had started (written its config) before s1 logged its last epoch
+    assert (out / "s2" / "config.json").stat().st_mtime < (out / "s1" / "metrics.jsonl").stat().st_mtime
+
+
+@pytest.mark.processes
+def test_sigterm_stops_the_plan_at_an_epoch_boundary_and_the_same_command_finishes_it(cifar_root, tmp_path):
+    plan = write_plan(tmp_path, cifar_root, "[grid]\nseed = [1, 2]\n", epochs=4)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "dml", "experiment", str(plan), "--out-dir", str(out), "--no-progress"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / "s1" / "metrics.jsonl").exists():
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 143
+    assert process.stderr.read().strip().splitlines()[-1].startswith("error: stopped by SIGTERM; every run keeps")
+    assert "stopped by SIGTERM" in (out / "logs" / "s1.log").read_text()  # the run itself stopped cleanly
+    assert subprocess.run(command, capture_output=True).returncode == 0
+    for name in ("s1", "s2"):
+        assert [r["epoch"] for r in metrics(out / name) if r["node"] == "ensemble"] == [1, 2, 3, 4]
