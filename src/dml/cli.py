@@ -1,4 +1,5 @@
-"""Command line: ``dml train``, ``dml report`` and ``dml evaluate`` (also as ``python -m dml ...``)."""
+"""Command line: ``dml train``, ``report``, ``evaluate``, ``bench``, ``experiment`` and ``tune`` (also as
+``python -m dml ...``)."""
 
 from __future__ import annotations
 
@@ -266,6 +267,30 @@ def _run_experiment(args: argparse.Namespace) -> int:
     return experiment(args.plan, args.out_dir, args.jobs, args.dry_run, args.progress)
 
 
+def _tune_parser(sub) -> None:
+    p = sub.add_parser(
+        "tune", help="search the ranges of a plan's [search] table with optuna, on a validation split",
+        description="Each trial is a dml train run of the plan's one configuration with values from the [search] "
+                    "ranges, judged by its best validation accuracy (val_samples must be set) and pruned epoch by "
+                    "epoch by optuna's median pruner. The study is stored in OUT_DIR/study.db: the same command "
+                    "continues a killed search. Ends with OUT_DIR/tune.md: every trial, and the best settings as a "
+                    "dml train command. Needs optuna: pip install 'deep-mutual-learning[tune]'.",
+    )
+    p.add_argument("plan", metavar="PLAN.toml", help="a plan with [defaults] and [search] (see README: Experiments)")
+    p.add_argument("--trials", type=int, required=True, metavar="N",
+                   help="finished trials (complete, pruned or failed) the study should hold")
+    p.add_argument("--out-dir", default=None, metavar="DIR", help="where trials and the study go "
+                                                                   "(default: runs/<plan name>-tune)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=_run_tune)
+
+
+def _run_tune(args: argparse.Namespace) -> int:
+    from .tune import tune  # imported here so that --help and argument errors stay fast
+
+    return tune(args.plan, args.trials, args.out_dir, args.progress)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dml", description="Deep Mutual Learning on CIFAR: train cohorts of peers.")
     parser.add_argument("--version", action="version", version=f"dml {__version__}")
@@ -275,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     _report_parser(sub)
     _evaluate_parser(sub)
     _experiment_parser(sub)
+    _tune_parser(sub)
     return parser
 
 

@@ -100,7 +100,8 @@ def claim_out_dir(plan: Plan, out_dir: Path) -> int:
                         "--out-dir")
     try:
         check_plan(plan, out_dir)
-        record = {"plan": str(plan.path.resolve()), "runs": {run.name: run.settings for run in plan.runs}}
+        record = {"plan": str(plan.path.resolve()), "runs": {run.name: run.settings for run in plan.runs},
+                  "search": plan.search}
         if not (out_dir / PLAN_RECORD).exists():
             atomic_write_bytes(out_dir / PLAN_RECORD, lambda f: f.write(json.dumps(record, indent=2).encode() + b"\n"))
             atomic_write_bytes(out_dir / "plan.toml", lambda f: f.write(plan.path.read_bytes()))
@@ -116,10 +117,12 @@ def check_plan(plan: Plan, out_dir: Path) -> None:
     if not path.exists():
         return
     try:
-        recorded = json.loads(path.read_text())["runs"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        recorded = json.loads(path.read_text())
+        changed = differences(recorded["runs"], {run.name: run.settings for run in plan.runs})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UserError(f"{path} is unreadable ({exc}); it was not written by dml experiment") from None
-    changed = differences(recorded, {run.name: run.settings for run in plan.runs})
+    if recorded.get("search", {}) != plan.search:
+        changed.append(f"[search] {recorded.get('search', {})!r} -> {plan.search!r}")
     if changed:
         shown = "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
         raise UserError(f"the plan differs from the one that started {out_dir} ({shown}); run the original plan "
@@ -149,6 +152,18 @@ class Child:
     slot: int  # which of the --jobs places (and GPU, where there are several) it has
 
 
+def start_run(run: PlannedRun, out_dir: Path, resume: bool, lock_fd: int, env: dict | None = None) -> subprocess.Popen:
+    """``dml train`` of one planned run as a process of its own, its output appended to its log; it
+    holds the output directory's lock while it lives and dies with this process."""
+    command = train_command(run, out_dir, resume)
+    with open(out_dir / LOGS / f"{run.name}.log", "ab") as log:
+        log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n".encode())
+        log.flush()
+        return subprocess.Popen([sys.executable, "-m", *command], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env or _child_env(0, 1), start_new_session=True,
+                                preexec_fn=_die_with_parent, pass_fds=(lock_fd,))
+
+
 def _format_duration(seconds: float) -> str:
     minutes = int(seconds // 60)
     if minutes < 1:
@@ -171,7 +186,7 @@ def _child_env(slot: int, jobs: int) -> dict:
     return env
 
 
-def _last_line(path: Path) -> str:
+def last_line(path: Path) -> str:
     try:
         lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
     except OSError:
@@ -217,14 +232,8 @@ class Runner:
 
     def _start(self, run: PlannedRun, slot: int) -> None:
         saved = self.saved[run.name]
-        command = train_command(run, self.out_dir, resume=saved is not None)
+        process = start_run(run, self.out_dir, saved is not None, self.lock_fd, _child_env(slot, self.jobs))
         log_path = self.out_dir / LOGS / f"{run.name}.log"
-        with open(log_path, "ab") as log:
-            log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n".encode())
-            log.flush()
-            process = subprocess.Popen([sys.executable, "-m", *command], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       env=_child_env(slot, self.jobs), start_new_session=True,
-                                       preexec_fn=_die_with_parent, pass_fds=(self.lock_fd,))
         self.running[run.name] = Child(run, process, time.monotonic(), slot)
         how = "starts" if saved is None else f"resumes after epoch {saved}"
         self.log(f"[{len(self.done)}/{len(self.plan.runs)} done] {run.name} {how} (log: {log_path})")
@@ -238,7 +247,7 @@ class Runner:
             self.log(f"[{len(self.done)}/{len(self.plan.runs)} done] {run.name} finished in "
                      f"{_format_duration(time.monotonic() - child.started)}; {self.eta(self.epochs_now())}")
         elif self.stop_signal is None:
-            self.failed[run.name] = f"exit status {code}: {_last_line(self.out_dir / LOGS / f'{run.name}.log')}"
+            self.failed[run.name] = f"exit status {code}: {last_line(self.out_dir / LOGS / f'{run.name}.log')}"
             self.log(f"{run.name} failed ({self.failed[run.name]})")
 
     def _ready(self) -> list[PlannedRun]:

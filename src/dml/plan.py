@@ -269,8 +269,9 @@ def _search(table: dict, where: str) -> dict:
             raise UserError(f"{where} [search]: {key} must be {{ low = ..., high = ... [, log = true] }} or "
                             "{ choices = [...] }")
         if "choices" in spec:
-            if not isinstance(spec["choices"], list) or not spec["choices"]:
-                raise UserError(f"{where} [search]: {key}.choices must be a non-empty list")
+            if not isinstance(spec["choices"], list) or not spec["choices"] or \
+                    any(isinstance(v, (list, dict)) for v in spec["choices"]):
+                raise UserError(f"{where} [search]: {key}.choices must be a non-empty list of single values")
             for value in spec["choices"]:
                 _settings({key: value}, f"{where} [search]")
         else:

@@ -1,0 +1,236 @@
+"""``dml tune``: search the ranges of a plan's ``[search]`` table with optuna, on the validation split.
+
+Each trial is one ``dml train`` run (``<out-dir>/trial007``) of the plan's settings with the trial's
+values. Its objective is the highest validation accuracy over its epochs (the peers' mean, the epoch
+best.pt would hold); after every epoch the value so far goes to optuna's pruner, which may stop the
+trial. The study lives in ``<out-dir>/study.db`` (SQLite): a search killed at any moment resumes with
+the same command, its interrupted trial continuing from its last complete epoch. The search ends with
+``<out-dir>/tune.md``: every trial and the best settings as a ready ``dml train`` command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import sys
+import time
+import typing
+from dataclasses import replace
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .config import TrainConfig
+from .errors import RunStopped, UserError
+from .experiment import LOGS, POLL_SECONDS, claim_out_dir, epochs_saved, last_line, start_run, train_command
+from .plan import Plan, PlannedRun, read_plan
+from .runlog import METRICS_FILE
+
+STUDY = "study.db"
+STUDY_NAME = "dml-tune"
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise UserError("dml tune needs optuna: pip install 'deep-mutual-learning[tune]'") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the search prints its own lines
+    return optuna
+
+
+def base_run(plan: Plan) -> PlannedRun:
+    """The one configuration a search varies; it must hold out a validation split."""
+    if len(plan.runs) != 1:
+        raise UserError(f"plan {plan.path}: dml tune searches around one configuration, but the plan has "
+                        f"{len(plan.runs)} runs; leave out [grid] and all but one [[run]]")
+    if not plan.search:
+        raise UserError(f"plan {plan.path} has no [search] table: give the ranges to search, e.g. "
+                        "lr = { low = 0.01, high = 0.2, log = true }")
+    run = plan.runs[0]
+    if not run.settings.get("val_samples"):
+        raise UserError(f"plan {plan.path}: dml tune chooses on validation accuracy, never on the test set; set "
+                        "val_samples in [defaults] (e.g. 5000)")
+    return run
+
+
+def suggest(trial, search: dict) -> dict:
+    """The trial's values for the [search] settings (whole numbers where the setting is an integer)."""
+    hints = typing.get_type_hints(TrainConfig)
+    params = {}
+    for key, spec in search.items():
+        if "choices" in spec:
+            params[key] = trial.suggest_categorical(key, spec["choices"])
+        elif int in (hints[key], *typing.get_args(hints[key])):
+            params[key] = trial.suggest_int(key, int(spec["low"]), int(spec["high"]), log=spec.get("log", False))
+        else:
+            params[key] = trial.suggest_float(key, float(spec["low"]), float(spec["high"]), log=spec.get("log", False))
+    return params
+
+
+def validation_curve(run_dir: Path) -> dict[int, float]:
+    """Epoch -> the training peers' mean validation accuracy, from metrics.jsonl."""
+    by_epoch: dict[int, list[float]] = {}
+    try:
+        lines = (run_dir / METRICS_FILE).read_text().splitlines()
+    except OSError:
+        return {}
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line being written
+        if isinstance(record.get("node"), int) and record.get("role") != "teacher" and "val_acc" in record:
+            by_epoch.setdefault(record["epoch"], []).append(record["val_acc"])
+    peers = max((len(v) for v in by_epoch.values()), default=0)
+    return {e: sum(v) / len(v) for e, v in sorted(by_epoch.items()) if len(v) == peers}
+
+
+class Search:
+    def __init__(self, plan: Plan, out_dir: Path, trials: int, lock_fd: int, progress: bool):
+        optuna = _optuna()
+        self.optuna, self.plan, self.out_dir, self.trials, self.lock_fd = optuna, plan, out_dir, trials, lock_fd
+        self.base = base_run(plan)
+        self.study = optuna.create_study(
+            storage=f"sqlite:///{out_dir / STUDY}", study_name=STUDY_NAME, direction="maximize", load_if_exists=True,
+            sampler=optuna.samplers.TPESampler(seed=self.base.settings.get("seed", 42)),
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1))
+        self.bar = tqdm(total=trials, initial=min(self.finished(), trials), unit="trial", desc="tune",
+                        disable=None if progress else True, dynamic_ncols=True, leave=False)
+        self.stop_signal: int | None = None
+        self.child = None
+
+    def finished(self) -> int:
+        states = self.optuna.trial.TrialState
+        return sum(t.state in (states.COMPLETE, states.PRUNED, states.FAIL) for t in self.study.trials)
+
+    def log(self, message: str) -> None:
+        tqdm.write(message, file=sys.stdout)
+
+    def run(self) -> None:
+        previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            running = self.optuna.trial.TrialState.RUNNING
+            # trials a killed search left running continue first, from their last complete epoch
+            for frozen in [t for t in self.study.trials if t.state == running]:
+                if self.stop_signal is None:
+                    self.run_trial(self.optuna.trial.Trial(self.study, frozen._trial_id))
+            while self.finished() < self.trials and self.stop_signal is None:
+                self.run_trial(self.study.ask())
+        finally:
+            self.bar.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if self.stop_signal is not None:
+            name = signal.Signals(self.stop_signal).name
+            raise RunStopped(f"stopped by {name}; the study and the trial's last complete epoch are saved: run the "
+                             "same command again to continue", exit_code=130 if self.stop_signal == signal.SIGINT else 143)
+
+    def trial_run(self, trial) -> PlannedRun:
+        settings = {**self.base.settings, **suggest(trial, self.plan.search)}
+        return replace(self.base, name=f"trial{trial.number:03d}", settings=settings)
+
+    def run_trial(self, trial) -> None:
+        states = self.optuna.trial.TrialState
+        run = self.trial_run(trial)
+        folder = self.out_dir / run.name
+        try:
+            TrainConfig(**run.settings, name=run.name)
+        except UserError as exc:
+            self.study.tell(trial, state=states.FAIL)
+            self.log(f"trial {trial.number} failed: {exc}")
+            return
+        self.child = start_run(run, self.out_dir, epochs_saved(folder) is not None, self.lock_fd)
+        reported = set(next(t for t in self.study.trials if t.number == trial.number).intermediate_values)
+        pruned = False
+        while self.child.poll() is None:
+            time.sleep(POLL_SECONDS)
+            curve = validation_curve(folder)
+            for epoch, value in curve.items():
+                if epoch not in reported:
+                    trial.report(value, epoch)
+                    reported.add(epoch)
+            if curve:
+                best = f", best {self.study.best_value:.2f}%" if self._any_complete() else ""
+                self.bar.set_postfix_str(f"trial {trial.number} epoch {max(curve)}/{run.epochs}, val "
+                                         f"{curve[max(curve)]:.2f}%{best}")
+            if not pruned and self.stop_signal is None and curve and trial.should_prune():
+                pruned = True
+                self.child.send_signal(signal.SIGTERM)
+        code, self.child = self.child.returncode, None
+        curve = validation_curve(folder)
+        if self.stop_signal is not None and not pruned:
+            return  # the trial stays running in the study and continues next time
+        if pruned:
+            self.study.tell(trial, state=states.PRUNED)
+            self.log(f"trial {trial.number} pruned after epoch {max(curve)}: val {curve[max(curve)]:.2f}%")
+        elif code == 0 and (epochs_saved(folder) or 0) >= run.epochs:
+            self.study.tell(trial, max(curve.values()))
+            self.log(f"trial {trial.number}: best val {max(curve.values()):.2f}% "
+                     f"(best trial so far: {self.study.best_trial.number}, {self.study.best_value:.2f}%)")
+        else:
+            self.study.tell(trial, state=states.FAIL)
+            self.log(f"trial {trial.number} failed (exit status {code}: "
+                     f"{last_line(self.out_dir / LOGS / f'{run.name}.log')})")
+        self.bar.update()
+
+    def _any_complete(self) -> bool:
+        return any(t.state == self.optuna.trial.TrialState.COMPLETE for t in self.study.trials)
+
+    def _handle(self, signum, frame) -> None:
+        if self.stop_signal is not None:
+            raise KeyboardInterrupt
+        self.stop_signal = signum
+        if self.child is not None:
+            self.child.send_signal(signal.SIGTERM)
+
+    def summary(self) -> str:
+        """Markdown: every trial, and the best settings as a dml train command."""
+        keys = list(self.plan.search)
+        header = ["Trial", "State", *keys, "Epochs", "Best Val Accuracy (%)"]
+        lines = [f"# Search: {self.plan.path}", "",
+                 f"{len(self.study.trials)} trials in `{self.out_dir / STUDY}`, chosen on validation accuracy "
+                 f"({self.base.settings['val_samples']} held-out training images), never on the test set.", "",
+                 "| " + " | ".join(header) + " |", "|" + "|".join("-" * (len(h) + 2) for h in header) + "|"]
+        for t in self.study.trials:
+            curve = t.intermediate_values
+            value = f"{t.value:.2f}" if t.value is not None else (f"{max(curve.values()):.2f}" if curve else "–")
+            cells = [str(t.number), t.state.name.lower(), *(_short(t.params.get(k, "–")) for k in keys),
+                     str(max(curve) if curve else 0), value]
+            lines.append("| " + " | ".join(cells) + " |")
+        if self._any_complete():
+            best = self.study.best_trial
+            command = train_command(replace(self.base, settings={**self.base.settings, **best.params}),
+                                    Path("runs"), resume=False)
+            command[command.index("--name") + 1] = "tuned"
+            lines += ["", f"Best: trial {best.number}, validation accuracy {best.value:.2f}% "
+                          f"({', '.join(f'{k} = {_short(v)}' for k, v in best.params.items())}). Its settings:",
+                      "", "```bash", shlex.join(command), "```"]
+        return "\n".join(lines) + "\n"
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def tune(plan_path: str, trials: int, out_dir: str | None = None, progress: bool = True) -> int:
+    """Run the search until the study holds ``trials`` finished trials; returns the exit status."""
+    if trials < 1:
+        raise UserError(f"--trials must be a positive integer, got {trials}")
+    _optuna()
+    folder = Path(out_dir if out_dir is not None else Path("runs") / f"{Path(plan_path).stem}-tune").resolve()
+    plan = read_plan(plan_path, folder)
+    base_run(plan)
+    lock_fd = claim_out_dir(plan, folder)
+    try:
+        search = Search(plan, folder, trials, lock_fd, progress)
+        print(f"{plan.path}: {search.finished()} of {trials} trials done in {folder}", flush=True)
+        search.run()
+        summary = search.summary()
+        (folder / "tune.md").write_text(summary)
+        print(summary, end="")
+    finally:
+        os.close(lock_fd)
+    return 0
