@@ -82,3 +82,30 @@ def test_kd_script_distils_the_independent_run_of_the_teacher(cifar_root, tmp_pa
     teacher = config["graph_spec"]["peers"][1]
     assert teacher["checkpoint"] == str(tmp_path / "runs" / "independent_resnet20_s42" / "0_resnet20" / "best.pt")
     assert [link for link in config["graph_spec"]["links"] if link["source"] == 1][0]["temperature"] == 3.0
+
+
+def test_seed_table_plan_runs_every_row_on_a_small_scale(cifar_root, tmp_path):
+    """examples/CIFAR100/seed-table.toml as it stands, shrunk to 1 epoch, 1 seed and a few hundred images."""
+    from dml.plan import read_plan
+
+    source = (EXAMPLES / "seed-table.toml").read_text()
+    full = read_plan(EXAMPLES / "seed-table.toml", tmp_path / "full")
+    assert len(full.runs) == 21 and {r.settings["epochs"] for r in full.runs} == {200}
+    assert [r.name for r in full.runs if r.after] == [f"kd_resnet32_from_wrn28_2_s{s}" for s in range(3)]
+    small = source.replace("epochs = 200", "epochs = 1").replace("seed = [0, 1, 2]", "seed = [0]").replace(
+        'data_dir = "data"', f'data_dir = "{cifar_root}"\nskip_checksum = true\ndownload = false\n'
+                              'train_samples = 256\ntest_samples = 100\nprecision = "fp32"')
+    assert small.count("epochs = 1\n") == 1 and "seed = [0]" in small
+    plan = tmp_path / "seed-table.toml"
+    plan.write_text(small)
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "dml", "experiment", str(plan), "--out-dir", str(out),
+                             "--no-progress"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    names = ["independent_resnet32", "dml_n2_resnet32", "dml_n3_resnet32", "dml_n4_resnet32",
+             "dml_n2_resnet32-wrn28_2", "independent_wrn28_2", "kd_resnet32_from_wrn28_2"]
+    for name in names:
+        assert (out / name / "metrics.jsonl").read_text().count('"node": "ensemble"') == 1
+    report = (out / "report.md").read_text()
+    assert "## Baseline: independent_resnet32" in report and "## DML with 4 nodes: dml_n4_resnet32" in report
+    assert "## Knowledge distillation into 1 peer from 1 teacher: kd_resnet32_from_wrn28_2" in report

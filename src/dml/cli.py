@@ -316,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # e.g. `dml experiment plan.toml --dry-run | head`: the reader has gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("error: interrupted; the last complete epoch is saved: continue with the same command and --resume",
               file=sys.stderr)
