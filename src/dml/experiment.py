@@ -150,6 +150,7 @@ class Child:
     process: subprocess.Popen
     started: float
     slot: int  # which of the --jobs places (and GPU, where there are several) it has
+    shown_epoch: int = 0  # the last epoch a progress line was printed for
 
 
 def start_run(run: PlannedRun, out_dir: Path, resume: bool, lock_fd: int, env: dict | None = None) -> subprocess.Popen:
@@ -234,7 +235,7 @@ class Runner:
         saved = self.saved[run.name]
         process = start_run(run, self.out_dir, saved is not None, self.lock_fd, _child_env(slot, self.jobs))
         log_path = self.out_dir / LOGS / f"{run.name}.log"
-        self.running[run.name] = Child(run, process, time.monotonic(), slot)
+        self.running[run.name] = Child(run, process, time.monotonic(), slot, saved or 0)
         how = "starts" if saved is None else f"resumes after epoch {saved}"
         self.log(f"[{len(self.done)}/{len(self.plan.runs)} done] {run.name} {how} (log: {log_path})")
 
@@ -277,12 +278,7 @@ class Runner:
                     code = child.process.poll()
                     if code is not None:
                         self._finish(child, code)
-                now = self.epochs_now()
-                self.bar.n = now
-                current = ", ".join(f"{name} epoch {min(epochs_logged(self.out_dir / name) + 1, c.run.epochs)}"
-                                    f"/{c.run.epochs}" for name, c in self.running.items())
-                self.bar.set_postfix_str(f"runs {len(self.done)}/{len(self.plan.runs)} done; {current}; "
-                                         f"{self.eta(now)}", refresh=True)
+                self._show_progress()
         finally:
             self.bar.close()
             for sig, handler in previous.items():
@@ -291,6 +287,23 @@ class Runner:
             name = signal.Signals(self.stop_signal).name
             raise RunStopped(f"stopped by {name}; every run keeps its last complete epoch: run the same command "
                              "again to finish the plan", exit_code=130 if self.stop_signal == signal.SIGINT else 143)
+
+    def _show_progress(self) -> None:
+        """The bar on a terminal; elsewhere (a log file) a line per epoch a run completes."""
+        now = self.epochs_now()
+        logged = {name: epochs_logged(self.out_dir / name) for name in self.running}
+        if self.bar.disable:
+            for name, epoch in logged.items():
+                child = self.running[name]
+                if epoch > child.shown_epoch:
+                    child.shown_epoch = epoch
+                    self.log(f"[{len(self.done)}/{len(self.plan.runs)} done] {name} epoch {epoch}/{child.run.epochs}; "
+                             f"{self.eta(now)}")
+            return
+        self.bar.n = now
+        parts = [f"runs {len(self.done)}/{len(self.plan.runs)} done"]
+        parts += [f"{name} epoch {min(logged[name] + 1, c.run.epochs)}/{c.run.epochs}" for name, c in self.running.items()]
+        self.bar.set_postfix_str("; ".join(parts + [self.eta(now)]), refresh=True)
 
     def _handle(self, signum, frame) -> None:
         if self.stop_signal is not None:
