@@ -114,6 +114,10 @@ models = "wrn28_2"
     ("[grid]\nseed = []", "seed must be a non-empty list"),
     ("[defaults]\nseed = 1\n[grid]\nseed = [1, 2]", "seed is both in [grid] and"),
     ("[[run]]\nlabel = 'a'\n[[run]]\nlabel = 'a'", "two runs are both named 'a'"),
+    ("[[run]]\nlabel = 3", "label must be a name of letters"),
+    ("[[run]]\nlabel = 'a/b'", "label must be a name of letters"),
+    ("[search]\nlr = { low = 0.1, high = 0.2, log = 'yes' }", "lr.log must be true or false"),
+    ("[search]\nlr = { low = 'a', high = 0.2 }", "lr must be a number, got 'a'"),
     ("[[run]]\nlabel = 'a'\nteacher = '{nothing}/best.pt'", "unknown placeholder {nothing}"),
     ("[[run]]\nlabel = 'a'\nteacher = '{out_dir}/b/0_resnet32/best.pt'\n"
      "[[run]]\nlabel = 'b'\nteacher = '{out_dir}/a/0_resnet32/best.pt'", "wait for each other's teachers"),

@@ -101,6 +101,10 @@ def read_plan(path: str | Path, out_dir: Path) -> Plan:
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise UserError(f"{where}: run must be an array of tables ([[run]])")
     labels = [row.get("label") for row in rows]
+    for k, label in enumerate(labels):
+        if label is not None and (not isinstance(label, str) or not re.fullmatch(r"[A-Za-z0-9._+-]+", label)):
+            raise UserError(f"{where} [[run]] {k + 1}: label must be a name of letters, digits and . _ + -, "
+                            f"got {label!r}")
     rows = [_settings({k: v for k, v in row.items() if k != "label"}, f"{where} [[run]] {k + 1}")
             for k, row in enumerate(rows)]
     for key in set(grid) & (set(defaults) | {k for row in rows for k in row}):
@@ -277,6 +281,8 @@ def _search(table: dict, where: str) -> dict:
         else:
             _settings({key: spec["low"]}, f"{where} [search]")
             _settings({key: spec["high"]}, f"{where} [search]")
+            if not isinstance(spec.get("log", False), bool):
+                raise UserError(f"{where} [search]: {key}.log must be true or false")
             if not spec["low"] < spec["high"] or (spec.get("log") and spec["low"] <= 0):
                 raise UserError(f"{where} [search]: {key} needs low < high (and low > 0 with log = true)")
     return table
