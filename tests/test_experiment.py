@@ -53,7 +53,6 @@ def metrics(run: Path) -> list[dict]:
 def test_grid_and_rows_make_one_named_run_per_combination(tmp_path):
     path = tmp_path / "p.toml"
     path.write_text("""
-baseline = "alone"
 [defaults]
 epochs = 3
 [grid]
@@ -69,8 +68,6 @@ num_nodes = 2
     assert [r.name for r in plan.runs] == ["alone_s0_lr0.1", "alone_s0_lr0.05", "alone_s1_lr0.1", "alone_s1_lr0.05",
                                            "dml_s0_lr0.1", "dml_s0_lr0.05", "dml_s1_lr0.1", "dml_s1_lr0.05"]
     assert plan.runs[5].settings == {"epochs": 3, "num_nodes": 2, "seed": 0, "lr": 0.05}
-    assert [r.name for r in plan.baseline_runs()] == ["alone_s0_lr0.1", "alone_s0_lr0.05", "alone_s1_lr0.1",
-                                                      "alone_s1_lr0.05"]
 
 
 def test_unlabelled_rows_are_named_by_the_settings_that_differ(tmp_path):
@@ -224,7 +221,7 @@ label = "fine"
     out = tmp_path / "out"
     assert main(["experiment", str(plan), "--out-dir", str(out), "--no-progress"]) == 1
     err = capsys.readouterr().err
-    assert "error: run broken exit status 2: error: --val-samples 50000 leaves no training images" in err
+    assert "error: run broken exit status 2: error: --val-samples 50000 leaves 0 of the 50000 training images" in err
     assert "1 of 2 runs did not finish" in err
     assert [r["epoch"] for r in metrics(out / "fine") if r["node"] == "ensemble"] == [1]
 
@@ -262,12 +259,13 @@ def test_a_plan_killed_with_sigkill_finishes_with_every_run_trained_once(cifar_r
 
 
 @pytest.mark.processes
-def test_two_jobs_run_side_by_side_sharing_the_cores(cifar_root, tmp_path):
-    plan = write_plan(tmp_path, cifar_root, "[grid]\nseed = [1, 2]\n", epochs=2)
+def test_two_jobs_run_side_by_side_sharing_the_cores(cifar_root, tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the experiment sets it for its runs
+    plan = write_plan(tmp_path, cifar_root, "[grid]\nseed = [1, 2]\n", epochs=6)
     out = tmp_path / "two"
     assert main(["experiment", str(plan), "--out-dir", str(out), "--jobs", "2", "--no-progress"]) == 0
     for name in ("s1", "s2"):
-        assert [r["epoch"] for r in metrics(out / name) if r["node"] == "ensemble"] == [1, 2]
+        assert [r["epoch"] for r in metrics(out / name) if r["node"] == "ensemble"] == [1, 2, 3, 4, 5, 6]
         threads = json.loads((out / name / "config.json").read_text())["threads"]
         assert threads == max(1, (os.cpu_count() or 1) // 2)
     # s2 had started (written its config) before s1 logged its last epoch
@@ -291,3 +289,42 @@ def test_sigterm_stops_the_plan_at_an_epoch_boundary_and_the_same_command_finish
     assert subprocess.run(command, capture_output=True).returncode == 0
     for name in ("s1", "s2"):
         assert [r["epoch"] for r in metrics(out / name) if r["node"] == "ensemble"] == [1, 2, 3, 4]
+
+
+def test_list_settings_in_a_grid_and_search_become_lists(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text("""
+[defaults]
+val_samples = 100
+[grid]
+models = ["resnet20", ["resnet20", "wrn28_2"]]
+num_nodes = [2]
+[search]
+lr = { low = 0.01, high = 0.2 }
+""")
+    plan = read_plan(path, tmp_path / "out")
+    assert [r.settings["models"] for r in plan.runs] == [["resnet20"], ["resnet20", "wrn28_2"]]
+    assert [r.name for r in plan.runs] == ["resnet20", "resnet20-wrn28_2"]
+
+
+@pytest.mark.parametrize("body, message", [
+    ("baseline = 'a'\n[grid]\nlr = [0.1, 0.2]\n[[run]]\nlabel = 'a'", "the grid also varies lr"),
+    ("[[run]]\nlabel = 'a'\nteacher = '{run:b.c}/0_resnet32/best.pt'", "{run:b.c}"),
+    ("[[run]]\nlabel = 'plots'", "'plots' cannot name a run folder"),
+    ("[defaults]\nteacher = []", "teacher must name at least one"),
+    ("run = []", "run must be a non-empty array"),
+    ("[search]\nupdate = { low = 'a', high = 'b' }", "update is not a number"),
+])
+def test_more_plan_mistakes(tmp_path, body, message):
+    path = tmp_path / "p.toml"
+    path.write_text(body + "\n")
+    with pytest.raises(UserError, match=re.escape(message)):
+        read_plan(path, tmp_path / "out")
+
+
+def test_a_default_written_out_is_not_a_change_but_another_teacher_is(tmp_path):
+    from dml.plan import differences
+
+    assert differences({"r": {"seed": 1}}, {"r": {"seed": 1, "lr": 0.1, "progress": False}}) == []
+    assert differences({"r": {"teacher": ["a/best.pt"]}}, {"r": {"teacher": ["b/best.pt"]}}) == [
+        "run r: teacher ['a/best.pt'] -> ['b/best.pt']"]

@@ -102,5 +102,5 @@ def test_validation_larger_than_the_training_set_is_one_error_line(cifar_root, t
     code = main(["train", "--data-dir", str(cifar_root), "--out-dir", str(tmp_path), *TINY, "--epochs", "1",
                  "--val-samples", "50000"])
     assert code == 2
-    assert capsys.readouterr().err.strip() == ("error: --val-samples 50000 leaves no training images of the 50000; "
-                                               "hold out fewer")
+    assert capsys.readouterr().err.strip() == ("error: --val-samples 50000 leaves 0 of the 50000 training images, "
+                                               "fewer than --batch-size 32 or --train-samples 256; hold out fewer")

@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except BrokenPipeError:  # e.g. `dml experiment plan.toml --dry-run | head`: the reader has gone
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        return 0 if argv[:1] == ["report"] or "--dry-run" in argv else 1  # work that was cut short failed
     except KeyboardInterrupt:
         print("error: interrupted; the last complete epoch is saved: continue with the same command and --resume",
               file=sys.stderr)

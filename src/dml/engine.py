@@ -35,9 +35,11 @@ def load_data(cfg: TrainConfig, device: torch.device) -> CifarData:
     data = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size, download=cfg.download,
                         url=cfg.download_url, skip_checksum=cfg.skip_checksum, progress=cfg.progress)
     if cfg.val_samples is not None:  # held out first, so that --train-samples draws from the rest
-        if cfg.val_samples >= len(data.train):
-            raise UserError(f"--val-samples {cfg.val_samples} leaves no training images of the "
-                            f"{len(data.train)}; hold out fewer")
+        if len(data.train) - cfg.val_samples < max(cfg.batch_size, cfg.train_samples or 0):
+            raise UserError(f"--val-samples {cfg.val_samples} leaves {max(len(data.train) - cfg.val_samples, 0)} of "
+                            f"the {len(data.train)} training images, fewer than --batch-size {cfg.batch_size}"
+                            + (f" or --train-samples {cfg.train_samples}" if cfg.train_samples else "")
+                            + "; hold out fewer")
         data.train, data.val = hold_out(data.train, cfg.val_samples, derive_seed(cfg.seed, "val"), data.num_classes)
     if cfg.train_samples is not None:
         data.train = balanced_subset(data.train, cfg.train_samples, derive_seed(cfg.seed, "train-subset"), data.num_classes)

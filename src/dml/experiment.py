@@ -26,7 +26,7 @@ from tqdm import tqdm
 from .config import train_flags
 from .errors import RunStopped, UserError
 from .plan import Plan, PlannedRun, differences, read_plan
-from .runlog import CONFIG_FILE, METRICS_FILE, RunDir, atomic_write_bytes
+from .runlog import CONFIG_FILE, LAST, METRICS_FILE, RunDir, atomic_write_bytes, checkpoint_epoch
 
 PLAN_RECORD = "plan.json"
 LOCK_FILE = ".lock"
@@ -36,14 +36,16 @@ POLL_SECONDS = 1.0
 
 # --- the state of a run, read from its folder -------------------------------------------------------
 def epochs_saved(path: Path) -> int | None:
-    """The newest epoch that every trainable peer of the run in ``path`` can resume from; None where
-    no run was started there."""
+    """The epoch of the oldest published last.pt among the trainable peers of the run in ``path``
+    (0: none yet); None where no run was started there. A run killed between staging and publishing
+    its final epoch counts as unfinished: its --resume completes the commit."""
     if not (path / CONFIG_FILE).exists():
         return None
     try:
         cfg = RunDir(path, {}).read_config()
         run = RunDir(path, {i: m for i, m in enumerate(cfg.models) if i not in cfg.frozen})
-        return run.resume_point({i: set(run.checkpoint_epochs(i)) for i in run.peer_names})
+        lasts = [run.peer_path(i) / LAST for i in run.peer_names]
+        return min(checkpoint_epoch(p) if p.exists() else 0 for p in lasts)
     except UserError:
         return 0  # damaged: dml train --resume says what is wrong
 
@@ -65,10 +67,15 @@ def epochs_logged(path: Path) -> int:
     return last
 
 
+def is_finished(run: PlannedRun, saved: int | None) -> bool:
+    """Whether a run whose folder holds ``saved`` epochs (see epochs_saved) has nothing left to do."""
+    return (saved or 0) >= run.epochs
+
+
 def status_text(run: PlannedRun, saved: int | None) -> str:
     if saved is None:
         return "new"
-    return "done" if saved >= run.epochs else f"interrupted after epoch {saved} of {run.epochs}"
+    return "done" if is_finished(run, saved) else f"interrupted after epoch {saved} of {run.epochs}"
 
 
 def train_command(run: PlannedRun, out_dir: Path, resume: bool) -> list[str]:
@@ -130,18 +137,25 @@ def check_plan(plan: Plan, out_dir: Path) -> None:
 
 
 # --- running ----------------------------------------------------------------------------------------
-def _die_with_parent() -> None:
-    """In a run's process: be killed when the experiment process dies, even by kill -9 (Linux);
-    elsewhere the lock it inherits keeps a second experiment out until it has ended."""
+def _die_with_parent():
+    """What a run's process does before it starts: ask to be killed when this process dies, even by
+    kill -9 (Linux's PR_SET_PDEATHSIG). Resolved here, in the parent, so that the forked child runs no
+    import or library lookup. Elsewhere (None) the lock a run inherits keeps a second experiment out
+    until it has ended."""
     try:
         import ctypes
 
-        parent = os.getppid()
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        pass
+        return None
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before it took effect
+            os._exit(1)
+
+    return arm
 
 
 @dataclass
@@ -162,7 +176,7 @@ def start_run(run: PlannedRun, out_dir: Path, resume: bool, lock_fd: int, env: d
         log.flush()
         return subprocess.Popen([sys.executable, "-m", *command], stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env or _child_env(0, 1), start_new_session=True,
-                                preexec_fn=_die_with_parent, pass_fds=(lock_fd,))
+                                preexec_fn=_die_with_parent(), pass_fds=(lock_fd,))
 
 
 def _format_duration(seconds: float) -> str:
@@ -202,7 +216,7 @@ class Runner:
     def __init__(self, plan: Plan, out_dir: Path, jobs: int, lock_fd: int, progress: bool):
         self.plan, self.out_dir, self.jobs, self.lock_fd = plan, out_dir, jobs, lock_fd
         self.saved = {run.name: epochs_saved(out_dir / run.name) for run in plan.runs}
-        self.done = {run.name for run in plan.runs if (self.saved[run.name] or 0) >= run.epochs}
+        self.done = {run.name for run in plan.runs if is_finished(run, self.saved[run.name])}
         self.failed: dict[str, str] = {}
         self.running: dict[str, Child] = {}
         self.total_epochs = sum(run.epochs for run in plan.runs)
@@ -236,6 +250,8 @@ class Runner:
         process = start_run(run, self.out_dir, saved is not None, self.lock_fd, _child_env(slot, self.jobs))
         log_path = self.out_dir / LOGS / f"{run.name}.log"
         self.running[run.name] = Child(run, process, time.monotonic(), slot, saved or 0)
+        if self.stop_signal is not None:  # a signal that came while it started
+            process.send_signal(signal.SIGTERM)
         how = "starts" if saved is None else f"resumes after epoch {saved}"
         self.log(f"[{len(self.done)}/{len(self.plan.runs)} done] {run.name} {how} (log: {log_path})")
 
@@ -243,7 +259,7 @@ class Runner:
         run = child.run
         del self.running[run.name]
         self.saved[run.name] = epochs_saved(self.out_dir / run.name)
-        if code == 0 and (self.saved[run.name] or 0) >= run.epochs:
+        if code == 0 and is_finished(run, self.saved[run.name]):
             self.done.add(run.name)
             self.log(f"[{len(self.done)}/{len(self.plan.runs)} done] {run.name} finished in "
                      f"{_format_duration(time.monotonic() - child.started)}; {self.eta(self.epochs_now())}")
@@ -270,7 +286,8 @@ class Runner:
                 if self.stop_signal is None:
                     free = sorted(set(range(self.jobs)) - {c.slot for c in self.running.values()})
                     for run, slot in zip(self._ready(), free):
-                        self._start(run, slot)
+                        if self.stop_signal is None:
+                            self._start(run, slot)
                 if not self.running:
                     break
                 time.sleep(POLL_SECONDS)
@@ -319,7 +336,8 @@ def write_report(plan: Plan, out_dir: Path) -> Path | None:
     from .report import report
 
     started = [out_dir / run.name for run in plan.runs if epochs_logged(out_dir / run.name) > 0]
-    baseline = [out_dir / run.name for run in plan.baseline_runs() if out_dir / run.name in started]
+    # finished baseline runs only: an interrupted seed would not be comparable with the others
+    baseline = [out_dir / r.name for r in plan.baseline_runs() if is_finished(r, epochs_saved(out_dir / r.name))]
     if not started:
         return None
     report(started, baseline=baseline or None, out=out_dir / "report.md", plots=out_dir / "plots")
@@ -354,9 +372,15 @@ def experiment(plan_path: str, out_dir: str | None = None, jobs: int = 1, dry: b
         print(f"{plan.path}: {len(plan.runs)} runs in {folder}, {len(runner.done)} done, {todo} to run, "
               f"{jobs} at a time", flush=True)
         runner.run()
-        report_path = write_report(plan, folder)
-        if report_path is not None:
-            print(f"wrote {report_path}")
+        try:
+            report_path = write_report(plan, folder)
+            if report_path is not None:
+                print(f"wrote {report_path}")
+        except UserError as exc:  # the runs are done; a report that cannot be made must not hide that
+            print(f"warning: no report: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        raise RunStopped("interrupted; every run keeps its last complete epoch: run the same command again to "
+                         "finish the plan", exit_code=130) from None
     finally:
         os.close(lock_fd)
     if runner.failed:

@@ -50,7 +50,10 @@ PLAN_KEYS = {"defaults", "grid", "run", "search", "baseline"}
 # Settings a plan does not give: the plan names its runs and places them in its output directory.
 DECIDED_BY_PLAN = {"name", "out_dir", "graph_spec"}
 SETTINGS = {f.name: f for f in fields(TrainConfig) if f.name not in DECIDED_BY_PLAN}
-PLACEHOLDER = re.compile(r"\{((?:run:)?[\w-]+)\}")
+LABEL = re.compile(r"[A-Za-z0-9._+-]+")
+PLACEHOLDER = re.compile(r"\{((?:run:)?[A-Za-z0-9._+-]+)\}")
+# Names a run folder cannot take: the output directory's own files.
+RESERVED = {".", "..", "logs", "plots", "report.md", "plan.json", "plan.toml", ".lock", "study.db", "tune.md"}
 
 
 @dataclass
@@ -95,14 +98,13 @@ def read_plan(path: str | Path, out_dir: Path) -> Plan:
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise UserError(f"{where} [grid]: {key} must be a non-empty list of values, got {values!r}")
-        for value in values:
-            _settings({key: value}, f"{where} [grid]")
+        grid[key] = [_settings({key: v}, f"{where} [grid]")[key] for v in values]
     rows = data.get("run", [{}])
-    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-        raise UserError(f"{where}: run must be an array of tables ([[run]])")
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        raise UserError(f"{where}: run must be a non-empty array of tables ([[run]])")
     labels = [row.get("label") for row in rows]
     for k, label in enumerate(labels):
-        if label is not None and (not isinstance(label, str) or not re.fullmatch(r"[A-Za-z0-9._+-]+", label)):
+        if label is not None and (not isinstance(label, str) or not LABEL.fullmatch(label)):
             raise UserError(f"{where} [[run]] {k + 1}: label must be a name of letters, digits and . _ + -, "
                             f"got {label!r}")
     rows = [_settings({k: v for k, v in row.items() if k != "label"}, f"{where} [[run]] {k + 1}")
@@ -117,15 +119,14 @@ def read_plan(path: str | Path, out_dir: Path) -> Plan:
                         if len({repr(value(row, k)) for row in rows}) > 1]
     varying_grid_keys = [k for k, values in grid.items() if len(values) > 1]
     combinations = list(itertools.product(*grid.values()))
-    planned = {}  # (row, combination) -> (name, settings)
-    for (k, row), combination in itertools.product(enumerate(rows), combinations):
+    planned = {}  # (row, combination number) -> (name, settings)
+    for (k, row), (c, combination) in itertools.product(enumerate(rows), enumerate(combinations)):
         settings = {**defaults, **row, **dict(zip(grid, combination))}
         head = [labels[k]] if labels[k] is not None else [_part(key, value(settings, key)) for key in varying_row_keys]
-        planned[k, combination] = "_".join(head + [_part(key, settings[key]) for key in varying_grid_keys]) \
-            or path.stem, settings
+        planned[k, c] = "_".join(head + [_part(key, settings[key]) for key in varying_grid_keys]) or path.stem, settings
     runs = []
-    for (k, combination), (name, settings) in planned.items():
-        folders = {label: out_dir / planned[j, combination][0] for j, label in enumerate(labels) if label is not None}
+    for (k, c), (name, settings) in planned.items():
+        folders = {label: out_dir / planned[j, c][0] for j, label in enumerate(labels) if label is not None}
         runs.append(PlannedRun(name, labels[k], _fill(settings, out_dir, folders, where)))
     _check_names(runs, where)
     _find_dependencies(runs, out_dir, where)
@@ -134,6 +135,9 @@ def read_plan(path: str | Path, out_dir: Path) -> Plan:
     baseline = data.get("baseline")
     if baseline is not None and baseline not in labels:
         raise UserError(f"{where}: baseline {baseline!r} is not the label of a [[run]]")
+    if baseline is not None and set(varying_grid_keys) - {"seed"}:
+        raise UserError(f"{where}: a baseline compares with one configuration over seeds, but the grid also varies "
+                        f"{', '.join(k for k in varying_grid_keys if k != 'seed')}; drop baseline or make those rows")
     return Plan(path, runs, baseline, _search(_table(data, "search", where), where))
 
 
@@ -160,6 +164,8 @@ def _settings(table: dict, where: str) -> dict:
         kind = typing.get_origin(hint) or hint
         if kind is list and isinstance(value, str):
             value = [value]
+        if kind is list and value == []:
+            raise UserError(f"{where}: {key} must name at least one; leave it out instead")
         ok = (isinstance(value, list) and all(isinstance(v, str) for v in value)) if kind is list else (
             isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
             isinstance(value, kind) and (kind is bool or not isinstance(value, bool)))
@@ -167,6 +173,11 @@ def _settings(table: dict, where: str) -> dict:
             raise UserError(f"{where}: {key} must be {_kind_name(kind)}, got {value!r}")
         out[key] = float(value) if kind is float else value
     return out
+
+
+def setting_value(key: str, value):
+    """``value`` as the setting ``key`` holds it (a single name becomes a list where a list is expected)."""
+    return _settings({key: value}, f"setting {key}")[key]
 
 
 def _kind_name(kind) -> str:
@@ -205,7 +216,10 @@ def _fill(settings: dict, out_dir: Path, folders: dict[str, Path], where: str) -
                 raise UserError(f"{where}: unknown placeholder {{{match.group(1)}}} in {text!r}; use {{out_dir}}, "
                                 "{run:LABEL} or a setting of the run such as {seed}")
             return values[match.group(1)]
-        return PLACEHOLDER.sub(replace, text)
+        filled = PLACEHOLDER.sub(replace, text)
+        if "{run:" in filled:
+            raise UserError(f"{where}: {text!r} holds a {{run:...}} that is not a label of a [[run]]")
+        return filled
 
     return {k: [fill(v) for v in value] if isinstance(value, list) else fill(value) if isinstance(value, str)
             else value for k, value in settings.items()}
@@ -216,7 +230,7 @@ def _check_names(runs: list[PlannedRun], where: str) -> None:
     for run in runs:
         if run.name in seen:
             raise UserError(f"{where}: two runs are both named {run.name!r}; give each [[run]] its own label")
-        if "/" in run.name or run.name in (".", "..", "logs", "plots"):
+        if "/" in run.name or run.name in RESERVED:
             raise UserError(f"{where}: {run.name!r} cannot name a run folder; choose another label")
         seen[run.name] = run
 
@@ -254,10 +268,11 @@ def differences(old: dict[str, dict], new: dict[str, dict]) -> list[str]:
     """What changed between two plans (run name -> settings) in ways that change what runs compute."""
     out = [f"run {name} is not in the new plan" for name in old if name not in new]
     out += [f"run {name} is new" for name in new if name not in old]
+    # A plan's teacher or graph path names what its run learns from (dml train compares their contents).
+    compared = set(SETTINGS) - (RESUMABLE_CHANGES - {"teacher", "graph"})
     for name in old.keys() & new.keys():
-        keys = (old[name].keys() | new[name].keys()) - RESUMABLE_CHANGES
-        out += [f"run {name}: {k} {old[name].get(k)!r} -> {new[name].get(k)!r}"
-                for k in sorted(keys) if old[name].get(k) != new[name].get(k)]
+        before, after = ({k: v.get(k, field_default(SETTINGS[k])) for k in compared} for v in (old[name], new[name]))
+        out += [f"run {name}: {k} {before[k]!r} -> {after[k]!r}" for k in sorted(compared) if before[k] != after[k]]
     return out
 
 
@@ -279,6 +294,8 @@ def _search(table: dict, where: str) -> dict:
             for value in spec["choices"]:
                 _settings({key: value}, f"{where} [search]")
         else:
+            if SETTINGS[key].type not in ("int", "float", "int | None", "float | None"):
+                raise UserError(f"{where} [search]: {key} is not a number; give it as {{ choices = [...] }}")
             _settings({key: spec["low"]}, f"{where} [search]")
             _settings({key: spec["high"]}, f"{where} [search]")
             if not isinstance(spec.get("log", False), bool):

@@ -168,7 +168,8 @@ def read_run(path: Path) -> Run:
     if not peers[0].epochs:
         raise UserError(f"{path / METRICS_FILE} holds no epoch completed by every peer; report the run after its "
                         "first epoch")
-    if any(len(p.val_acc) not in (0, len(p.epochs)) for p in peers):
+    if any(len(p.val_acc) not in (0, len(p.epochs)) for p in peers) or \
+            (peers[0].val_acc and ensemble and len(ensemble_val) != len(ensemble)):
         raise UserError(f"{path / METRICS_FILE} has val_acc in some epochs only; it was not written by one dml train run")
     return Run(path, config, peers, ensemble, ensemble_val)
 

@@ -22,11 +22,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .config import TrainConfig
+from .config import TrainConfig, field_default
 from .errors import RunStopped, UserError
-from .experiment import LOGS, POLL_SECONDS, claim_out_dir, epochs_saved, last_line, start_run, train_command
-from .plan import Plan, PlannedRun, read_plan
-from .runlog import METRICS_FILE
+from .experiment import (LOGS, POLL_SECONDS, claim_out_dir, epochs_saved, is_finished, last_line, start_run,
+                         train_command)
+from .plan import SETTINGS, Plan, PlannedRun, read_plan, setting_value
+from .runlog import METRICS_FILE, RunDir
 
 STUDY = "study.db"
 STUDY_NAME = "dml-tune"
@@ -62,7 +63,7 @@ def suggest(trial, search: dict) -> dict:
     params = {}
     for key, spec in search.items():
         if "choices" in spec:
-            params[key] = trial.suggest_categorical(key, spec["choices"])
+            params[key] = setting_value(key, trial.suggest_categorical(key, spec["choices"]))
         elif int in (hints[key], *typing.get_args(hints[key])):
             params[key] = trial.suggest_int(key, int(spec["low"]), int(spec["high"]), log=spec.get("log", False))
         else:
@@ -71,12 +72,14 @@ def suggest(trial, search: dict) -> dict:
 
 
 def validation_curve(run_dir: Path) -> dict[int, float]:
-    """Epoch -> the training peers' mean validation accuracy, from metrics.jsonl."""
+    """Epoch -> the training peers' mean validation accuracy, from metrics.jsonl (epochs every
+    training peer has logged)."""
     by_epoch: dict[int, list[float]] = {}
     try:
+        cfg = RunDir(run_dir, {}).read_config()
         lines = (run_dir / METRICS_FILE).read_text().splitlines()
-    except OSError:
-        return {}
+    except (OSError, UserError):
+        return {}  # not started yet
     for line in lines:
         try:
             record = json.loads(line)
@@ -84,7 +87,7 @@ def validation_curve(run_dir: Path) -> dict[int, float]:
             continue  # a line being written
         if isinstance(record.get("node"), int) and record.get("role") != "teacher" and "val_acc" in record:
             by_epoch.setdefault(record["epoch"], []).append(record["val_acc"])
-    peers = max((len(v) for v in by_epoch.values()), default=0)
+    peers = cfg.num_nodes - len(cfg.frozen)
     return {e: sum(v) / len(v) for e, v in sorted(by_epoch.items()) if len(v) == peers}
 
 
@@ -95,8 +98,11 @@ class Search:
         self.base = base_run(plan)
         self.study = optuna.create_study(
             storage=f"sqlite:///{out_dir / STUDY}", study_name=STUDY_NAME, direction="maximize", load_if_exists=True,
-            sampler=optuna.samplers.TPESampler(seed=self.base.settings.get("seed", 42)),
             pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1))
+        # The sampler's random state is not stored with the study: seeding it with the plan's seed plus
+        # the trials so far keeps a resumed search reproducible without repeating its first trials' values.
+        seed = self.base.settings.get("seed", field_default(SETTINGS["seed"]))
+        self.study.sampler = optuna.samplers.TPESampler(seed=seed + len(self.study.trials))
         self.bar = tqdm(total=trials, initial=min(self.finished(), trials), unit="trial", desc="tune",
                         disable=None if progress else True, dynamic_ncols=True, leave=False)
         self.stop_signal: int | None = None
@@ -114,11 +120,15 @@ class Search:
         try:
             running = self.optuna.trial.TrialState.RUNNING
             # trials a killed search left running continue first, from their last complete epoch
+            # (optuna offers no public handle on a trial that a killed process left running: Trial by its id)
             for frozen in [t for t in self.study.trials if t.state == running]:
                 if self.stop_signal is None:
                     self.run_trial(self.optuna.trial.Trial(self.study, frozen._trial_id))
             while self.finished() < self.trials and self.stop_signal is None:
                 self.run_trial(self.study.ask())
+        except KeyboardInterrupt:  # a second signal
+            raise RunStopped("interrupted; the study is saved: run the same command again to continue",
+                             exit_code=130) from None
         finally:
             self.bar.close()
             for sig, handler in previous.items():
@@ -143,6 +153,8 @@ class Search:
             self.log(f"trial {trial.number} failed: {exc}")
             return
         self.child = start_run(run, self.out_dir, epochs_saved(folder) is not None, self.lock_fd)
+        if self.stop_signal is not None:  # a signal that came while it started
+            self.child.send_signal(signal.SIGTERM)
         reported = set(next(t for t in self.study.trials if t.number == trial.number).intermediate_values)
         pruned = False
         while self.child.poll() is None:
@@ -166,7 +178,7 @@ class Search:
         if pruned:
             self.study.tell(trial, state=states.PRUNED)
             self.log(f"trial {trial.number} pruned after epoch {max(curve)}: val {curve[max(curve)]:.2f}%")
-        elif code == 0 and (epochs_saved(folder) or 0) >= run.epochs:
+        elif code == 0 and is_finished(run, epochs_saved(folder)):
             self.study.tell(trial, max(curve.values()))
             self.log(f"trial {trial.number}: best val {max(curve.values()):.2f}% "
                      f"(best trial so far: {self.study.best_trial.number}, {self.study.best_value:.2f}%)")
