@@ -84,6 +84,7 @@ def test_kd_script_distils_the_independent_run_of_the_teacher(cifar_root, tmp_pa
     assert [link for link in config["graph_spec"]["links"] if link["source"] == 1][0]["temperature"] == 3.0
 
 
+@pytest.mark.processes  # a dml train process per run
 def test_seed_table_plan_runs_every_row_on_a_small_scale(cifar_root, tmp_path):
     """examples/CIFAR100/seed-table.toml as it stands, shrunk to 1 epoch, 1 seed and a few hundred images."""
     from dml.plan import read_plan

@@ -99,6 +99,26 @@ models = "wrn28_2"
     assert kd4.settings["teacher"] == [f"{tmp_path / 'out'}/teacher_s4/0_wrn28_2/best.pt"]
     assert kd4.settings["data_dir"] == f"{tmp_path / 'out'}/data4"
     assert kd3.after == ["teacher_s3"] and kd4.after == ["teacher_s4"] and teacher4.after == []
+    assert kd3.peers == 1 and teacher3.peers == 1  # the teacher is not trained by the kd run
+
+
+def test_the_eta_counts_each_trained_peer(tmp_path):
+    """After a 1-peer run's 2 epochs took 100 s, a 3-peer run's 2 epochs are 6 peer-epochs: 300 s."""
+    from dml.experiment import Runner
+
+    plan = read_plan(write_plan(tmp_path, tmp_path / "data", """
+[[run]]
+label = "alone"
+[[run]]
+label = "dml"
+num_nodes = 3
+"""), tmp_path / "out")
+    assert [r.peers for r in plan.runs] == [1, 3]
+    runner = Runner(plan, tmp_path / "out", jobs=1, lock_fd=-1, progress=False)
+    assert runner.eta() == "ETA after the first epoch"
+    runner.done.add("alone")
+    runner.started -= 100
+    assert runner.eta() == "ETA 5m"
 
 
 @pytest.mark.parametrize("body, message", [
@@ -142,6 +162,7 @@ def test_train_flags_give_back_the_settings():
 
 
 # --- running plans ------------------------------------------------------------------------------------
+@pytest.mark.processes  # a dml train process per run
 def test_a_plan_runs_every_run_once_and_reports_them(cifar_root, tmp_path, capsys):
     plan = write_plan(tmp_path, cifar_root, """
 [grid]
@@ -175,6 +196,7 @@ num_nodes = 2
     assert capsys.readouterr().out.count(" done\n") == 4
 
 
+@pytest.mark.processes  # a dml train process per run
 def test_a_changed_plan_is_refused_with_its_differences(cifar_root, tmp_path, capsys):
     plan = write_plan(tmp_path, cifar_root, "[grid]\nseed = [1, 2]", epochs=1)
     out = tmp_path / "out"
@@ -193,6 +215,7 @@ def test_a_changed_plan_is_refused_with_its_differences(cifar_root, tmp_path, ca
     assert main(["experiment", str(plan), "--out-dir", str(out), "--no-progress"]) == 0
 
 
+@pytest.mark.processes  # a dml train process per run
 def test_a_kd_run_waits_for_its_teacher_from_the_same_plan(cifar_root, tmp_path):
     plan = write_plan(tmp_path, cifar_root, """
 [grid]
@@ -210,6 +233,7 @@ label = "teacher"
     assert (out / "teacher" / "metrics.jsonl").stat().st_mtime < (out / "kd" / "metrics.jsonl").stat().st_mtime
 
 
+@pytest.mark.processes  # a dml train process per run
 def test_a_failed_run_is_named_and_the_others_still_run(cifar_root, tmp_path, capsys):
     plan = write_plan(tmp_path, cifar_root, """
 [[run]]

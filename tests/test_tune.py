@@ -31,6 +31,7 @@ def study(out):
     return optuna.load_study(study_name="dml-tune", storage=f"sqlite:///{out / 'study.db'}")
 
 
+@pytest.mark.processes  # a dml train process per run
 def test_three_trials_are_judged_on_validation_and_end_with_a_command(cifar_root, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["tune", str(tune_plan(tmp_path, cifar_root)), "--trials", "3", "--out-dir", str(out),
@@ -62,6 +63,7 @@ def test_three_trials_are_judged_on_validation_and_end_with_a_command(cifar_root
     assert len(study(out).trials) == 3
 
 
+@pytest.mark.processes  # a dml train process per run
 def test_a_trial_far_below_the_others_is_pruned(cifar_root, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

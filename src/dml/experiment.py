@@ -31,7 +31,7 @@ from .runlog import CONFIG_FILE, LAST, METRICS_FILE, RunDir, atomic_write_bytes,
 PLAN_RECORD = "plan.json"
 LOCK_FILE = ".lock"
 LOGS = "logs"
-POLL_SECONDS = 1.0
+POLL_SECONDS = 0.25  # how often a run's process and files are looked at: cheap reads
 
 
 # --- the state of a run, read from its folder -------------------------------------------------------
@@ -221,29 +221,37 @@ class Runner:
         self.running: dict[str, Child] = {}
         self.total_epochs = sum(run.epochs for run in plan.runs)
         self.start_epochs = sum(min(self.saved[r.name] or 0, r.epochs) for r in plan.runs)
+        self.start_peer_epochs = sum(min(self.saved[r.name] or 0, r.epochs) * r.peers for r in plan.runs)
         self.started = time.monotonic()
+        # tqdm's own rate and remaining time would count a 4-peer epoch as one 1-peer epoch: eta() says
         self.bar = tqdm(total=self.total_epochs, initial=self.start_epochs, unit="epoch", desc="plan",
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} epochs [{elapsed}{postfix}]",
                         disable=None if progress else True, dynamic_ncols=True, leave=False)
         self.stop_signal: int | None = None
 
     def log(self, message: str) -> None:
         tqdm.write(message, file=sys.stdout)
+        sys.stdout.flush()  # a log file reads each line as it happens
 
-    def epochs_now(self) -> int:
+    def epochs_now(self, per_peer: bool = False) -> int:
+        """Epochs trained so far over all runs (``per_peer``: each counted once per trained peer)."""
         total = 0
         for run in self.plan.runs:
             if run.name in self.running:
-                total += min(epochs_logged(self.out_dir / run.name), run.epochs)
+                epochs = min(epochs_logged(self.out_dir / run.name), run.epochs)
             else:
-                total += run.epochs if run.name in self.done else min(self.saved[run.name] or 0, run.epochs)
+                epochs = run.epochs if run.name in self.done else min(self.saved[run.name] or 0, run.epochs)
+            total += epochs * (run.peers if per_peer else 1)
         return total
 
-    def eta(self, epochs_now: int) -> str:
-        trained = epochs_now - self.start_epochs
+    def eta(self) -> str:
+        """From this invocation's pace per peer-epoch: a 4-peer run's epoch costs about four 1-peer
+        epochs (a frozen teacher's forward pass is not counted)."""
+        trained = self.epochs_now(per_peer=True) - self.start_peer_epochs
         if trained <= 0:
             return "ETA after the first epoch"
-        seconds = (time.monotonic() - self.started) / trained * (self.total_epochs - epochs_now)
-        return f"ETA {_format_duration(seconds)}"
+        left = sum(run.epochs * run.peers for run in self.plan.runs) - self.epochs_now(per_peer=True)
+        return f"ETA {_format_duration((time.monotonic() - self.started) / trained * left)}"
 
     def _start(self, run: PlannedRun, slot: int) -> None:
         saved = self.saved[run.name]
@@ -262,7 +270,7 @@ class Runner:
         if code == 0 and is_finished(run, self.saved[run.name]):
             self.done.add(run.name)
             self.log(f"[{len(self.done)}/{len(self.plan.runs)} done] {run.name} finished in "
-                     f"{_format_duration(time.monotonic() - child.started)}; {self.eta(self.epochs_now())}")
+                     f"{_format_duration(time.monotonic() - child.started)}; {self.eta()}")
         elif self.stop_signal is None:
             self.failed[run.name] = f"exit status {code}: {last_line(self.out_dir / LOGS / f'{run.name}.log')}"
             self.log(f"{run.name} failed ({self.failed[run.name]})")
@@ -307,7 +315,6 @@ class Runner:
 
     def _show_progress(self) -> None:
         """The bar on a terminal; elsewhere (a log file) a line per epoch a run completes."""
-        now = self.epochs_now()
         logged = {name: epochs_logged(self.out_dir / name) for name in self.running}
         if self.bar.disable:
             for name, epoch in logged.items():
@@ -315,12 +322,12 @@ class Runner:
                 if epoch > child.shown_epoch:
                     child.shown_epoch = epoch
                     self.log(f"[{len(self.done)}/{len(self.plan.runs)} done] {name} epoch {epoch}/{child.run.epochs}; "
-                             f"{self.eta(now)}")
+                             f"{self.eta()}")
             return
-        self.bar.n = now
+        self.bar.n = self.epochs_now()
         parts = [f"runs {len(self.done)}/{len(self.plan.runs)} done"]
         parts += [f"{name} epoch {min(logged[name] + 1, c.run.epochs)}/{c.run.epochs}" for name, c in self.running.items()]
-        self.bar.set_postfix_str("; ".join(parts + [self.eta(now)]), refresh=True)
+        self.bar.set_postfix_str("; ".join(parts + [self.eta()]), refresh=True)
 
     def _handle(self, signum, frame) -> None:
         if self.stop_signal is not None:
@@ -369,8 +376,8 @@ def experiment(plan_path: str, out_dir: str | None = None, jobs: int = 1, dry: b
     try:
         runner = Runner(plan, folder, jobs, lock_fd, progress)
         todo = len(plan.runs) - len(runner.done)
-        print(f"{plan.path}: {len(plan.runs)} runs in {folder}, {len(runner.done)} done, {todo} to run, "
-              f"{jobs} at a time", flush=True)
+        runner.log(f"{plan.path}: {len(plan.runs)} runs in {folder}, {len(runner.done)} done, {todo} to run, "
+                   f"{jobs} at a time")  # above the bar, which already stands
         runner.run()
         try:
             report_path = write_report(plan, folder)

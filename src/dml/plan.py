@@ -62,6 +62,7 @@ class PlannedRun:
     label: str | None  # its row's label
     settings: dict  # TrainConfig field -> value, placeholders filled in
     after: list[str] = field(default_factory=list)  # planned runs whose checkpoints it reads (teachers)
+    peers: int = 1  # the peers it trains (teachers are not trained)
 
     @property
     def epochs(self) -> int:
@@ -151,17 +152,13 @@ def _table(data: dict, key: str, where: str) -> dict:
 def _settings(table: dict, where: str) -> dict:
     """``table`` checked against TrainConfig's fields and types; a single name becomes a list where a
     list is expected (models = "resnet32")."""
-    hints = typing.get_type_hints(TrainConfig)
     out = {}
     for key, value in table.items():
         if key not in SETTINGS:
             hint = " (the plan names its runs and places them in --out-dir)" if key in DECIDED_BY_PLAN else ""
             raise UserError(f"{where}: {key!r} is not a dml train setting{hint}; settings are named as in "
                             f"config.json: {', '.join(SETTINGS)}")
-        hint = hints[key]
-        if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None
-            hint = next(k for k in typing.get_args(hint) if k is not type(None))
-        kind = typing.get_origin(hint) or hint
+        kind = setting_kind(key)
         if kind is list and isinstance(value, str):
             value = [value]
         if kind is list and value == []:
@@ -173,6 +170,15 @@ def _settings(table: dict, where: str) -> dict:
             raise UserError(f"{where}: {key} must be {_kind_name(kind)}, got {value!r}")
         out[key] = float(value) if kind is float else value
     return out
+
+
+def setting_kind(key: str) -> type:
+    """The kind of value the setting ``key`` holds: int, float, bool, str or list (of strings);
+    optional settings (``X | None``) hold X."""
+    hint = typing.get_type_hints(TrainConfig)[key]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(k for k in typing.get_args(hint) if k is not type(None))
+    return typing.get_origin(hint) or hint
 
 
 def setting_value(key: str, value):
@@ -254,14 +260,15 @@ def _find_dependencies(runs: list[PlannedRun], out_dir: Path, where: str) -> Non
 
 def _check_settings(run: PlannedRun, where: str) -> None:
     """Build the run's TrainConfig so that a bad value fails now, not hours into the plan (teachers
-    that earlier runs of the plan will train are left out: they do not exist yet)."""
+    that earlier runs of the plan will train are left out: they do not exist yet); count its peers."""
     settings = dict(run.settings)
     if run.after:
         settings.pop("teacher", None)
     try:
-        TrainConfig(**settings, name=run.name)
+        cfg = TrainConfig(**settings, name=run.name)
     except UserError as exc:
         raise UserError(f"{where}, run {run.name}: {exc}") from None
+    run.peers = cfg.num_nodes - len(cfg.frozen)
 
 
 def differences(old: dict[str, dict], new: dict[str, dict]) -> list[str]:
@@ -294,7 +301,7 @@ def _search(table: dict, where: str) -> dict:
             for value in spec["choices"]:
                 _settings({key: value}, f"{where} [search]")
         else:
-            if SETTINGS[key].type not in ("int", "float", "int | None", "float | None"):
+            if setting_kind(key) not in (int, float):
                 raise UserError(f"{where} [search]: {key} is not a number; give it as {{ choices = [...] }}")
             _settings({key: spec["low"]}, f"{where} [search]")
             _settings({key: spec["high"]}, f"{where} [search]")

@@ -16,7 +16,6 @@ import shlex
 import signal
 import sys
 import time
-import typing
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from .config import TrainConfig, field_default
 from .errors import RunStopped, UserError
 from .experiment import (LOGS, POLL_SECONDS, claim_out_dir, epochs_saved, is_finished, last_line, start_run,
                          train_command)
-from .plan import SETTINGS, Plan, PlannedRun, read_plan, setting_value
+from .plan import SETTINGS, Plan, PlannedRun, read_plan, setting_kind, setting_value
 from .runlog import METRICS_FILE, RunDir
 
 STUDY = "study.db"
@@ -59,12 +58,11 @@ def base_run(plan: Plan) -> PlannedRun:
 
 def suggest(trial, search: dict) -> dict:
     """The trial's values for the [search] settings (whole numbers where the setting is an integer)."""
-    hints = typing.get_type_hints(TrainConfig)
     params = {}
     for key, spec in search.items():
         if "choices" in spec:
             params[key] = setting_value(key, trial.suggest_categorical(key, spec["choices"]))
-        elif int in (hints[key], *typing.get_args(hints[key])):
+        elif setting_kind(key) is int:
             params[key] = trial.suggest_int(key, int(spec["low"]), int(spec["high"]), log=spec.get("log", False))
         else:
             params[key] = trial.suggest_float(key, float(spec["low"]), float(spec["high"]), log=spec.get("log", False))
@@ -114,6 +112,7 @@ class Search:
 
     def log(self, message: str) -> None:
         tqdm.write(message, file=sys.stdout)
+        sys.stdout.flush()  # a log file reads each line as it happens
 
     def run(self) -> None:
         previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -214,7 +213,8 @@ class Search:
             lines.append("| " + " | ".join(cells) + " |")
         if self._any_complete():
             best = self.study.best_trial
-            command = train_command(replace(self.base, settings={**self.base.settings, **best.params}),
+            best_settings = {k: setting_value(k, v) for k, v in best.params.items()}
+            command = train_command(replace(self.base, settings={**self.base.settings, **best_settings}),
                                     Path("runs"), resume=False)
             command[command.index("--name") + 1] = "tuned"
             lines += ["", f"Best: trial {best.number}, validation accuracy {best.value:.2f}% "
@@ -238,7 +238,7 @@ def tune(plan_path: str, trials: int, out_dir: str | None = None, progress: bool
     lock_fd = claim_out_dir(plan, folder)
     try:
         search = Search(plan, folder, trials, lock_fd, progress)
-        print(f"{plan.path}: {search.finished()} of {trials} trials done in {folder}", flush=True)
+        search.log(f"{plan.path}: {search.finished()} of {trials} trials done in {folder}")  # above the bar
         search.run()
         summary = search.summary()
         (folder / "tune.md").write_text(summary)
