@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,6 +159,23 @@ def _die_with_parent():
     return arm
 
 
+@contextmanager
+def signals_to(handler):
+    """SIGINT and SIGTERM go to ``handler`` inside the block (which stops its runs at an epoch boundary)."""
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, earlier in previous.items():
+            signal.signal(sig, earlier)
+
+
+def stopped_by(signum: int, kept: str) -> RunStopped:
+    """The error of work stopped by a signal, with the shell's exit status for it (130, 143)."""
+    return RunStopped(f"stopped by {signal.Signals(signum).name}; {kept}: run the same command again to continue",
+                      exit_code=128 + signum)
+
+
 @dataclass
 class Child:
     run: PlannedRun
@@ -288,30 +306,26 @@ class Runner:
         return ready
 
     def run(self) -> None:
-        previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            while True:
-                if self.stop_signal is None:
-                    free = sorted(set(range(self.jobs)) - {c.slot for c in self.running.values()})
-                    for run, slot in zip(self._ready(), free):
-                        if self.stop_signal is None:
-                            self._start(run, slot)
-                if not self.running:
-                    break
-                time.sleep(POLL_SECONDS)
-                for child in list(self.running.values()):
-                    code = child.process.poll()
-                    if code is not None:
-                        self._finish(child, code)
-                self._show_progress()
-        finally:
-            self.bar.close()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        with signals_to(self._handle):
+            try:
+                while True:
+                    if self.stop_signal is None:
+                        free = sorted(set(range(self.jobs)) - {c.slot for c in self.running.values()})
+                        for run, slot in zip(self._ready(), free):
+                            if self.stop_signal is None:
+                                self._start(run, slot)
+                    if not self.running:
+                        break
+                    time.sleep(POLL_SECONDS)
+                    for child in list(self.running.values()):
+                        code = child.process.poll()
+                        if code is not None:
+                            self._finish(child, code)
+                    self._show_progress()
+            finally:
+                self.bar.close()
         if self.stop_signal is not None:
-            name = signal.Signals(self.stop_signal).name
-            raise RunStopped(f"stopped by {name}; every run keeps its last complete epoch: run the same command "
-                             "again to finish the plan", exit_code=130 if self.stop_signal == signal.SIGINT else 143)
+            raise stopped_by(self.stop_signal, "every run keeps its last complete epoch")
 
     def _show_progress(self) -> None:
         """The bar on a terminal; elsewhere (a log file) a line per epoch a run completes."""

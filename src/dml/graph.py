@@ -35,15 +35,11 @@ import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
 from .errors import UserError
 from .links import COMBINES, Link, Links
 from .models import model_factory
 from .peer import load_checkpoint
+from .tomlfile import read_toml
 
 LABELS = "labels"
 PEER_KEYS = {"name", "model", "checkpoint"}
@@ -76,12 +72,7 @@ def teacher_spec(students: Sequence[str], teachers: Sequence[str], temperature: 
 def read_graph(path: str | Path) -> dict:
     """The spec of a graph file; one UserError line per mistake, naming the file."""
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"graph file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise UserError(f"graph file {path} is not valid TOML ({exc})") from None
+    data = read_toml(path, "graph file")
     where = f"graph file {path}"
     unknown = set(data) - {"peer", "link", "combine"}
     if unknown:

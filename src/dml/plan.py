@@ -37,14 +37,10 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
 from .config import RESUMABLE_CHANGES, TrainConfig, field_default, joined_models
 from .errors import UserError
 from .models import folder_name
+from .tomlfile import read_toml
 
 PLAN_KEYS = {"defaults", "grid", "run", "search", "baseline"}
 # Settings a plan does not give: the plan names its runs and places them in its output directory.
@@ -83,12 +79,7 @@ class Plan:
 def read_plan(path: str | Path, out_dir: Path) -> Plan:
     """The runs of the plan file ``path`` placed in ``out_dir``; one UserError line per mistake."""
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"plan {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise UserError(f"plan {path} is not valid TOML ({exc})") from None
+    data = read_toml(path, "plan")
     where = f"plan {path}"
     unknown = set(data) - PLAN_KEYS
     if unknown:

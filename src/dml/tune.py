@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from .config import TrainConfig, field_default
 from .errors import RunStopped, UserError
-from .experiment import (LOGS, POLL_SECONDS, claim_out_dir, epochs_saved, is_finished, last_line, start_run,
-                         train_command)
+from .experiment import (LOGS, POLL_SECONDS, claim_out_dir, epochs_saved, is_finished, last_line, signals_to,
+                         start_run, stopped_by, train_command)
 from .plan import SETTINGS, Plan, PlannedRun, read_plan, setting_kind, setting_value
 from .runlog import METRICS_FILE, RunDir
 
@@ -115,27 +115,23 @@ class Search:
         sys.stdout.flush()  # a log file reads each line as it happens
 
     def run(self) -> None:
-        previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            running = self.optuna.trial.TrialState.RUNNING
-            # trials a killed search left running continue first, from their last complete epoch
-            # (optuna offers no public handle on a trial that a killed process left running: Trial by its id)
-            for frozen in [t for t in self.study.trials if t.state == running]:
-                if self.stop_signal is None:
-                    self.run_trial(self.optuna.trial.Trial(self.study, frozen._trial_id))
-            while self.finished() < self.trials and self.stop_signal is None:
-                self.run_trial(self.study.ask())
-        except KeyboardInterrupt:  # a second signal
-            raise RunStopped("interrupted; the study is saved: run the same command again to continue",
-                             exit_code=130) from None
-        finally:
-            self.bar.close()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        with signals_to(self._handle):
+            try:
+                running = self.optuna.trial.TrialState.RUNNING
+                # trials a killed search left running continue first, from their last complete epoch
+                # (optuna offers no public handle on a trial that a killed process left running: Trial by its id)
+                for frozen in [t for t in self.study.trials if t.state == running]:
+                    if self.stop_signal is None:
+                        self.run_trial(self.optuna.trial.Trial(self.study, frozen._trial_id))
+                while self.finished() < self.trials and self.stop_signal is None:
+                    self.run_trial(self.study.ask())
+            except KeyboardInterrupt:  # a second signal
+                raise RunStopped("interrupted; the study is saved: run the same command again to continue",
+                                 exit_code=130) from None
+            finally:
+                self.bar.close()
         if self.stop_signal is not None:
-            name = signal.Signals(self.stop_signal).name
-            raise RunStopped(f"stopped by {name}; the study and the trial's last complete epoch are saved: run the "
-                             "same command again to continue", exit_code=130 if self.stop_signal == signal.SIGINT else 143)
+            raise stopped_by(self.stop_signal, "the study and the trial's last complete epoch are saved")
 
     def trial_run(self, trial) -> PlannedRun:
         settings = {**self.base.settings, **suggest(trial, self.plan.search)}

@@ -1,0 +1,22 @@
+"""Reading the TOML files users write (graph files, plans): one error line for any mistake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from .errors import UserError
+
+
+def read_toml(path: Path, what: str) -> dict:
+    """The tables of the TOML file ``path``; ``what`` names it in errors ("plan", "graph file")."""
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise UserError(f"{what} {path} is not valid TOML ({exc})") from None
