@@ -80,6 +80,7 @@ def test_a_trial_far_below_the_others_is_pruned(cifar_root, tmp_path):
     assert third.state.name == "PRUNED"
     epochs = [json.loads(line)["epoch"] for line in (out / "trial002" / "metrics.jsonl").read_text().splitlines()]
     assert max(epochs) < 20 and max(third.intermediate_values) < 20
+    assert max(third.intermediate_values) >= 2  # a first epoch alone never prunes
 
 
 @pytest.mark.processes

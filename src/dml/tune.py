@@ -96,7 +96,8 @@ class Search:
         self.base = base_run(plan)
         self.study = optuna.create_study(
             storage=f"sqlite:///{out_dir / STUDY}", study_name=STUDY_NAME, direction="maximize", load_if_exists=True,
-            pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1))
+            # judged from epoch 2 on: a first epoch says little, least of all in DML's slow start
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2))
         # The sampler's random state is not stored with the study: seeding it with the plan's seed plus
         # the trials so far keeps a resumed search reproducible without repeating its first trials' values.
         seed = self.base.settings.get("seed", field_default(SETTINGS["seed"]))
