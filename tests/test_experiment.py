@@ -352,3 +352,24 @@ def test_a_default_written_out_is_not_a_change_but_another_teacher_is(tmp_path):
     assert differences({"r": {"seed": 1}}, {"r": {"seed": 1, "lr": 0.1, "progress": False}}) == []
     assert differences({"r": {"teacher": ["a/best.pt"]}}, {"r": {"teacher": ["b/best.pt"]}}) == [
         "run r: teacher ['a/best.pt'] -> ['b/best.pt']"]
+
+
+def test_the_plans_in_the_readmes_read_as_documented(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    blocks = {}
+    for readme in (root / "README.md", root / "examples" / "CIFAR100" / "README.md"):
+        for block in readme.read_text().split("```toml\n")[1:]:
+            block = block.split("```", 1)[0]
+            if "[defaults]" in block:
+                blocks[readme.parent.name] = block
+    assert set(blocks) == {root.name, "CIFAR100"}
+    (tmp_path / "main.toml").write_text(blocks[root.name])
+    plan = read_plan(tmp_path / "main.toml", tmp_path / "out")
+    assert [r.name for r in plan.runs] == [f"{label}_s{s}" for label in ("alone", "dml", "kd", "teacher")
+                                           for s in (0, 1, 2)]
+    assert plan.runs[6].after == ["teacher_s0"] and [r.name for r in plan.baseline_runs()] == ["alone_s0", "alone_s1",
+                                                                                                "alone_s2"]
+    (tmp_path / "small.toml").write_text(blocks["CIFAR100"])
+    small = read_plan(tmp_path / "small.toml", tmp_path / "out")
+    assert [(r.name, r.peers, r.epochs) for r in small.runs] == [("alone_s0", 1, 4), ("alone_s1", 1, 4),
+                                                                  ("dml_s0", 2, 4), ("dml_s1", 2, 4)]
