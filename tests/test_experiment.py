@@ -115,10 +115,11 @@ num_nodes = 3
 """), tmp_path / "out")
     assert [r.peers for r in plan.runs] == [1, 3]
     runner = Runner(plan, tmp_path / "out", jobs=1, lock_fd=-1, progress=False)
-    assert runner.eta() == "ETA after the first epoch"
+    assert runner.eta(runner.trained({})[1]) == "ETA after the first epoch"
     runner.done.add("alone")
     runner.started -= 100
-    assert runner.eta() == "ETA 5m"
+    assert runner.trained({}) == (2, 2)
+    assert runner.eta(runner.trained({})[1]) == "ETA 5m"
 
 
 @pytest.mark.parametrize("body, message", [

@@ -176,8 +176,13 @@ class TrainConfig:
         return [k for k, peer in enumerate(peers) if peer["checkpoint"] is not None]
 
     @property
+    def trained_peers(self) -> int:
+        """How many peers learn (teachers do not)."""
+        return self.num_nodes - len(self.frozen)
+
+    @property
     def is_dml(self) -> bool:
-        return self.num_nodes - len(self.frozen) > 1
+        return self.trained_peers > 1
 
     def default_name(self) -> str:
         """A name that says what ran, e.g. dml_n2_resnet32_s42, independent_resnet32_s42,

@@ -238,10 +238,9 @@ class Runner:
         self.failed: dict[str, str] = {}
         self.running: dict[str, Child] = {}
         self.total_epochs = sum(run.epochs for run in plan.runs)
-        self.start_epochs = sum(min(self.saved[r.name] or 0, r.epochs) for r in plan.runs)
-        self.start_peer_epochs = sum(min(self.saved[r.name] or 0, r.epochs) * r.peers for r in plan.runs)
+        self.start_epochs, self.start_peer_epochs = self.trained({})
         self.started = time.monotonic()
-        # tqdm's own rate and remaining time would count a 4-peer epoch as one 1-peer epoch: eta() says
+        # tqdm's own rate and remaining time would count a 4-peer epoch as one 1-peer epoch: eta() counts peers
         self.bar = tqdm(total=self.total_epochs, initial=self.start_epochs, unit="epoch", desc="plan",
                         bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} epochs [{elapsed}{postfix}]",
                         disable=None if progress else True, dynamic_ncols=True, leave=False)
@@ -251,25 +250,29 @@ class Runner:
         tqdm.write(message, file=sys.stdout)
         sys.stdout.flush()  # a log file reads each line as it happens
 
-    def epochs_now(self, per_peer: bool = False) -> int:
-        """Epochs trained so far over all runs (``per_peer``: each counted once per trained peer)."""
-        total = 0
+    def trained(self, logged: dict[str, int]) -> tuple[int, int]:
+        """Epochs trained so far over all runs, plainly and once per trained peer; ``logged``: the
+        epochs the running runs have logged."""
+        epochs = peer_epochs = 0
         for run in self.plan.runs:
             if run.name in self.running:
-                epochs = min(epochs_logged(self.out_dir / run.name), run.epochs)
+                n = min(logged[run.name], run.epochs)
             else:
-                epochs = run.epochs if run.name in self.done else min(self.saved[run.name] or 0, run.epochs)
-            total += epochs * (run.peers if per_peer else 1)
-        return total
+                n = run.epochs if run.name in self.done else min(self.saved[run.name] or 0, run.epochs)
+            epochs, peer_epochs = epochs + n, peer_epochs + n * run.peers
+        return epochs, peer_epochs
 
-    def eta(self) -> str:
+    def eta(self, peer_epochs: int) -> str:
         """From this invocation's pace per peer-epoch: a 4-peer run's epoch costs about four 1-peer
         epochs (a frozen teacher's forward pass is not counted)."""
-        trained = self.epochs_now(per_peer=True) - self.start_peer_epochs
+        trained = peer_epochs - self.start_peer_epochs
         if trained <= 0:
             return "ETA after the first epoch"
-        left = sum(run.epochs * run.peers for run in self.plan.runs) - self.epochs_now(per_peer=True)
+        left = sum(run.epochs * run.peers for run in self.plan.runs) - peer_epochs
         return f"ETA {_format_duration((time.monotonic() - self.started) / trained * left)}"
+
+    def _logged(self) -> dict[str, int]:
+        return {name: epochs_logged(self.out_dir / name) for name in self.running}
 
     def _start(self, run: PlannedRun, slot: int) -> None:
         saved = self.saved[run.name]
@@ -287,8 +290,9 @@ class Runner:
         self.saved[run.name] = epochs_saved(self.out_dir / run.name)
         if code == 0 and is_finished(run, self.saved[run.name]):
             self.done.add(run.name)
-            self.log(f"[{len(self.done)}/{len(self.plan.runs)} done] {run.name} finished in "
-                     f"{_format_duration(time.monotonic() - child.started)}; {self.eta()}")
+            took = _format_duration(time.monotonic() - child.started)
+            self.log(f"[{len(self.done)}/{len(self.plan.runs)} done] {run.name} finished in {took}; "
+                     f"{self.eta(self.trained(self._logged())[1])}")
         elif self.stop_signal is None:
             self.failed[run.name] = f"exit status {code}: {last_line(self.out_dir / LOGS / f'{run.name}.log')}"
             self.log(f"{run.name} failed ({self.failed[run.name]})")
@@ -329,19 +333,20 @@ class Runner:
 
     def _show_progress(self) -> None:
         """The bar on a terminal; elsewhere (a log file) a line per epoch a run completes."""
-        logged = {name: epochs_logged(self.out_dir / name) for name in self.running}
+        logged = self._logged()
+        epochs, peer_epochs = self.trained(logged)
         if self.bar.disable:
             for name, epoch in logged.items():
                 child = self.running[name]
                 if epoch > child.shown_epoch:
                     child.shown_epoch = epoch
                     self.log(f"[{len(self.done)}/{len(self.plan.runs)} done] {name} epoch {epoch}/{child.run.epochs}; "
-                             f"{self.eta()}")
+                             f"{self.eta(peer_epochs)}")
             return
-        self.bar.n = self.epochs_now()
+        self.bar.n = epochs
         parts = [f"runs {len(self.done)}/{len(self.plan.runs)} done"]
         parts += [f"{name} epoch {min(logged[name] + 1, c.run.epochs)}/{c.run.epochs}" for name, c in self.running.items()]
-        self.bar.set_postfix_str("; ".join(parts + [self.eta()]), refresh=True)
+        self.bar.set_postfix_str("; ".join(parts + [self.eta(peer_epochs)]), refresh=True)
 
     def _handle(self, signum, frame) -> None:
         if self.stop_signal is not None:

@@ -259,7 +259,7 @@ def _check_settings(run: PlannedRun, where: str) -> None:
         cfg = TrainConfig(**settings, name=run.name)
     except UserError as exc:
         raise UserError(f"{where}, run {run.name}: {exc}") from None
-    run.peers = cfg.num_nodes - len(cfg.frozen)
+    run.peers = cfg.trained_peers
 
 
 def differences(old: dict[str, dict], new: dict[str, dict]) -> list[str]:

@@ -26,7 +26,7 @@ from .errors import RunStopped, UserError
 from .experiment import (LOGS, POLL_SECONDS, claim_out_dir, epochs_saved, is_finished, last_line, signals_to,
                          start_run, stopped_by, train_command)
 from .plan import SETTINGS, Plan, PlannedRun, read_plan, setting_kind, setting_value
-from .runlog import METRICS_FILE, RunDir
+from .runlog import METRICS_FILE
 
 STUDY = "study.db"
 STUDY_NAME = "dml-tune"
@@ -69,14 +69,13 @@ def suggest(trial, search: dict) -> dict:
     return params
 
 
-def validation_curve(run_dir: Path) -> dict[int, float]:
-    """Epoch -> the training peers' mean validation accuracy, from metrics.jsonl (epochs every
-    training peer has logged)."""
+def validation_curve(run_dir: Path, peers: int) -> dict[int, float]:
+    """Epoch -> the mean validation accuracy of the run's ``peers`` training peers, from metrics.jsonl
+    (epochs every one of them has logged)."""
     by_epoch: dict[int, list[float]] = {}
     try:
-        cfg = RunDir(run_dir, {}).read_config()
         lines = (run_dir / METRICS_FILE).read_text().splitlines()
-    except (OSError, UserError):
+    except OSError:
         return {}  # not started yet
     for line in lines:
         try:
@@ -85,7 +84,6 @@ def validation_curve(run_dir: Path) -> dict[int, float]:
             continue  # a line being written
         if isinstance(record.get("node"), int) and record.get("role") != "teacher" and "val_acc" in record:
             by_epoch.setdefault(record["epoch"], []).append(record["val_acc"])
-    peers = cfg.num_nodes - len(cfg.frozen)
     return {e: sum(v) / len(v) for e, v in sorted(by_epoch.items()) if len(v) == peers}
 
 
@@ -143,7 +141,7 @@ class Search:
         run = self.trial_run(trial)
         folder = self.out_dir / run.name
         try:
-            TrainConfig(**run.settings, name=run.name)
+            peers = TrainConfig(**run.settings, name=run.name).trained_peers
         except UserError as exc:
             self.study.tell(trial, state=states.FAIL)
             self.log(f"trial {trial.number} failed: {exc}")
@@ -155,7 +153,7 @@ class Search:
         pruned = False
         while self.child.poll() is None:
             time.sleep(POLL_SECONDS)
-            curve = validation_curve(folder)
+            curve = validation_curve(folder, peers)
             for epoch, value in curve.items():
                 if epoch not in reported:
                     trial.report(value, epoch)
@@ -168,7 +166,7 @@ class Search:
                 pruned = True
                 self.child.send_signal(signal.SIGTERM)
         code, self.child = self.child.returncode, None
-        curve = validation_curve(folder)
+        curve = validation_curve(folder, peers)
         if self.stop_signal is not None and not pruned:
             return  # the trial stays running in the study and continues next time
         if pruned:
