@@ -17,7 +17,7 @@ KEYS = {"device", "precision", "threads", "processes", "model", "nodes", "engine
 
 def test_bench_writes_a_record_per_cohort_size(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--models", "resnet20", "--nodes", "1,2", "--steps", "2", "--warmup", "1",
+    assert main(["bench", "--models", "resnet20", "--num-nodes", "1,2", "--steps", "2", "--warmup", "1",
                  "--workers", "0", "--precision", "fp32", "--json", str(out)]) == 0
     records = json.loads(out.read_text())
     assert [r["nodes"] for r in records] == [1, 2]
@@ -98,11 +98,11 @@ def test_step_flops_count_forward_and_backward_of_every_local_peer():
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--nodes", "1,x"], "--nodes must be comma-separated integers"),
+    (["--num-nodes", "1,x"], "--num-nodes must be comma-separated integers"),
     (["--steps", "0"], "--steps must be a positive integer"),
-    (["--models", "resnet20", "wrn28_2", "--nodes", "1,2"], "--nodes must be 2"),
+    (["--models", "resnet20", "wrn28_2", "--nodes", "1,2"], "--num-nodes must be 2"),  # the old spelling works
     (["--models", "nope"], "unknown model 'nope'"),
-    (["--nodes", "1,2", "--procs", "2"], "--procs 2 exceeds the smallest cohort"),
+    (["--num-nodes", "1,2", "--procs", "2"], "--procs 2 exceeds the smallest cohort"),
 ])
 def test_bench_user_errors(args, expected, capsys):
     assert main(["bench", *args]) == 2

@@ -121,4 +121,5 @@ def test_search_mistakes_are_one_error_line(cifar_root, tmp_path, capsys, change
 def test_without_optuna_the_error_says_how_to_install_it(cifar_root, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)  # what `import optuna` meets where it is not installed
     assert main(["tune", str(tune_plan(tmp_path, cifar_root)), "--trials", "2", "--out-dir", str(tmp_path)]) == 2
-    assert capsys.readouterr().err == "error: dml tune needs optuna: pip install 'deep-mutual-learning[tune]'\n"
+    assert capsys.readouterr().err == ("error: dml tune needs optuna: pip install optuna "
+                                       "(or, in the project's checkout, pip install -e '.[tune]')\n")

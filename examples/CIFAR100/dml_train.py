@@ -14,7 +14,9 @@ from dml.cli import main
 
 
 def parse(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # no abbreviations: an unknown flag passes through to dml train whole, not taken for one of ours
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--models", nargs="+", default=["resnet32"],
                         help="one name for every peer, or one name per peer")
     parser.add_argument("--num-nodes", type=int, default=2, help="number of peers in the cohort")

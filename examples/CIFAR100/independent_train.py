@@ -13,7 +13,9 @@ from dml.cli import main
 
 
 def parse(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # no abbreviations: an unknown flag passes through to dml train whole, not taken for one of ours
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--model", default="resnet32", help="network to train (see `dml train --help`)")
     parser.add_argument("--lr", type=float, default=0.1, help="initial learning rate")
     parser.add_argument("--wd", type=float, default=5e-4, help="weight decay")

@@ -18,7 +18,9 @@ from dml.models import folder_name
 
 
 def parse(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # no abbreviations: an unknown flag passes through to dml train whole, not taken for one of ours
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--teacher-model", default="wrn28_2", help="the teacher's network")
     parser.add_argument("--student-model", default="resnet32", help="the student's network")
     parser.add_argument("--temperature", type=float, default=2.0, help="softmax temperature T of the KD link")

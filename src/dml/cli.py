@@ -16,10 +16,41 @@ from .models import model_factory
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage mistake as one ``error:`` line (status 2), not a usage dump."""
+    """argparse that reports a usage mistake as one ``error:`` line (status 2), not a usage dump, and takes
+    no abbreviated flags: ``--temp`` meaning ``--temperature`` today would change meaning with a new flag."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise UserError(f"{message} (see '{self.prog} --help')")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            # argparse reports a subcommand's unknown flags from the top parser: name the subcommand's help
+            self._subcommand(parsed).error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+    def _subcommand(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return action.choices.get(getattr(parsed, action.dest, None), self)
+        return self
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help that shows a flag's default as a user would type it (``resnet32``, not ``['resnet32']``) and only
+    where there is one: no ``None``, and no ``True``/``False`` for switches, whose help says what they do."""
+
+    def _get_help_string(self, action):
+        text, default = action.help or "", action.default
+        if (not action.option_strings or default is None or default is argparse.SUPPRESS
+                or isinstance(default, bool) or "%(default)" in text):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"  # the help is %-formatted next
 
 
 def _config_argument(group, f: dataclasses.Field, hint) -> None:
@@ -57,7 +88,7 @@ def _train_parser(sub) -> None:
         "train", help="train a cohort (one peer = independent training, K peers = deep mutual learning)",
         description="Train K peers with deep mutual learning: each minimises cross-entropy plus the mean KL "
                     "divergence from the other peers' predictions. Defaults are the seed recipe on CIFAR-100.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     groups = {g: p.add_argument_group(GROUP_TITLES.get(g, g)) for g in GROUPS}
     _add_config_arguments(p, groups=groups)
@@ -178,19 +209,23 @@ def _bench_parser(sub) -> None:
         description="Throughput (images x peers per second) of dml train's training loop and of a seed-style "
                     "loop (DataLoader with per-image augmentation in worker processes, per-peer backward and "
                     ".item()), on synthetic CIFAR-shaped data, plus MFU against a measured matmul peak.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--models", nargs="+", default=["resnet32"], metavar="NAME",
-                   help="one name for every peer, or one per peer (then --nodes must be that count)")
-    p.add_argument("--nodes", default="1,2,4", help="comma-separated cohort sizes to measure")
+                   help="one name for every peer, or one per peer (then --num-nodes must be that count)")
+    # --num-nodes as in dml train; --nodes, its first spelling, still works
+    p.add_argument("--num-nodes", "--nodes", dest="nodes", default="1,2,4", metavar="SIZES",
+                   help="comma-separated cohort sizes (numbers of peers) to measure")
     p.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before each measurement")
     p.add_argument("--repeats", type=int, default=3,
                    help="timed windows of --steps steps per measurement; the fastest counts")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--update", choices=UPDATES, default="simultaneous")
-    p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto")
+    p.add_argument("--batch-size", type=int, default=64, help="images per step (every peer sees the same batch)")
+    p.add_argument("--update", choices=UPDATES, default="simultaneous",
+                   help="the update mode of the engine, as dml train --update")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA, then MPS, then CPU")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto: bf16 autocast on CPU, bf16 (or fp16) autocast on CUDA; as dml train --precision")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes of the reference loop")
     p.add_argument("--no-reference", dest="reference", action="store_false", help="measure only the engine")
     p.add_argument("--plain", action="store_true",
@@ -206,24 +241,24 @@ def _run_bench(args: argparse.Namespace) -> int:
     try:
         nodes = [int(n) for n in args.nodes.split(",") if n.strip()]
     except ValueError:
-        raise UserError(f"--nodes must be comma-separated integers such as 1,2,4, got {args.nodes!r}") from None
+        raise UserError(f"--num-nodes must be comma-separated integers such as 1,2,4, got {args.nodes!r}") from None
     for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--repeats", args.repeats)):
         if value <= 0:
             raise UserError(f"{flag} must be a positive integer, got {value}")
     if args.warmup < 0 or args.workers < 0:
         raise UserError("--warmup and --workers must not be negative")
     if not nodes or min(nodes) < 1:
-        raise UserError(f"--nodes must list cohort sizes of at least 1, got {args.nodes!r}")
+        raise UserError(f"--num-nodes must list cohort sizes of at least 1, got {args.nodes!r}")
     for name in args.models:
         try:
             model_factory(name)
         except ValueError as exc:
             raise UserError(str(exc)) from None
     if len(args.models) > 1 and any(n != len(args.models) for n in nodes):
-        raise UserError(f"{len(args.models)} models given: --nodes must be {len(args.models)}")
+        raise UserError(f"{len(args.models)} models given: --num-nodes must be {len(args.models)}")
     if args.procs is not None and args.procs > 1:
         if args.procs > min(nodes):
-            raise UserError(f"--procs {args.procs} exceeds the smallest cohort in --nodes ({min(nodes)})")
+            raise UserError(f"--procs {args.procs} exceeds the smallest cohort in --num-nodes ({min(nodes)})")
         from .launch import launch_processes
 
         return launch_processes(args.procs, _without_procs(args.argv))
@@ -274,7 +309,8 @@ def _tune_parser(sub) -> None:
                     "ranges, judged by its best validation accuracy (val_samples must be set) and pruned epoch by "
                     "epoch by optuna's median pruner. The study is stored in OUT_DIR/study.db: the same command "
                     "continues a killed search. Ends with OUT_DIR/tune.md: every trial, and the best settings as a "
-                    "dml train command. Needs optuna: pip install 'deep-mutual-learning[tune]'.",
+                    "dml train command. Needs optuna: pip install optuna (or, in the project's checkout, "
+                    "pip install -e '.[tune]').",
     )
     p.add_argument("plan", metavar="PLAN.toml", help="a plan with [defaults] and [search] (see README: Experiments)")
     p.add_argument("--trials", type=int, required=True, metavar="N",
@@ -307,7 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        if not argv:  # a first look: the commands, not a one-line complaint about the missing one
+            print(parser.format_help(), end="", file=sys.stderr)
+            return 2
+        args = parser.parse_args(argv)
         args.argv = argv
         return args.func(args)
     except UserError as exc:

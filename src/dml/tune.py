@@ -36,7 +36,9 @@ def _optuna():
     try:
         import optuna
     except ImportError:
-        raise UserError("dml tune needs optuna: pip install 'deep-mutual-learning[tune]'") from None
+        # the package is not on PyPI: name what installs it from here
+        raise UserError("dml tune needs optuna: pip install optuna "
+                        "(or, in the project's checkout, pip install -e '.[tune]')") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the search prints its own lines
     return optuna
 
