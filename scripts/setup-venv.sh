@@ -1,15 +1,30 @@
 #!/usr/bin/env bash
 # Create (or refresh) ./.venv and install the package into it with the given extras.
 # Usage: scripts/setup-venv.sh [EXTRAS]   e.g. "test"
-# DML_TORCH_SPEC picks the torch build to install when the venv has none (default: torch>=2.4).
+# DML_TORCH_SPEC: the torch requirement (default: torch>=2.4); an installed torch that meets it is kept.
+# DML_TORCH_INDEX_URL: where torch comes from, e.g. https://download.pytorch.org/whl/cpu for the CPU build
+#   (pip's --index-url for the torch install only; everything else comes from the usual index).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
+extras=${1:-}
+torch_spec=${DML_TORCH_SPEC:-torch>=2.4}
+torch_index=${DML_TORCH_INDEX_URL:-}
+# pip takes about 5 s even when nothing changed: a stamp records what was installed (one per set of extras)
+# and pip runs again only when pyproject.toml, this script, the extras or the torch settings change, or
+# the package or torch cannot be found.
+stamp=".venv/.dml-installed-${extras:-base}"
+wanted=$(printf '%s\n' "extras=$extras" "torch=$torch_spec" "index=$torch_index" \
+    | cat - pyproject.toml scripts/setup-venv.sh | cksum)
+if [ -x .venv/bin/python ] && [ "$(cat "$stamp" 2>/dev/null)" = "$wanted" ] && .venv/bin/python -c \
+    "import importlib.util as u, sys; sys.exit(not (u.find_spec('dml') and u.find_spec('torch')))" 2>/dev/null; then
+    exit 0  # find_spec, not import: importing torch alone takes seconds
+fi
 if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
-if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
-    .venv/bin/python -m pip install -q "${DML_TORCH_SPEC:-torch>=2.4}"
-fi
-extras=${1:-}
+rm -f "$stamp"  # an interrupted install leaves no stamp
+echo "installing into .venv (first use, or pyproject.toml, the extras or DML_TORCH_* changed)" >&2
+.venv/bin/python -m pip install -q ${torch_index:+--index-url "$torch_index"} "$torch_spec"
 .venv/bin/python -m pip install -q -e ".${extras:+[$extras]}"
+echo "$wanted" > "$stamp"
