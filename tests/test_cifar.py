@@ -346,6 +346,35 @@ def test_missing_file_is_named(tmp_path):
     assert str(syn.folder / "test") in str(e.value)
 
 
+@pytest.mark.parametrize("name", ["cifar-100-python", "my-cifar"])
+def test_data_dir_may_be_the_extracted_folder_itself(tmp_path, name):
+    syn = write_cifar_folder(tmp_path)
+    folder = syn.folder.rename(tmp_path / name)
+    data = _load(folder, skip_checksum=True)
+    assert data.train.labels.tolist() == syn.split_labels("train").tolist()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # nothing extracted or created beside it
+    assert not (folder / "cifar-100-python").exists()
+
+
+def test_without_download_a_data_dir_named_like_the_folder_is_the_place_to_fill(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    with pytest.raises(UserError) as e:
+        _load(folder)
+    assert f"place the extracted folder cifar-100-python/ at {folder} or the archive" in str(e.value)
+    assert "cifar-100-python/cifar-100-python" not in str(e.value)
+
+
+def test_download_into_a_data_dir_named_like_the_folder_fills_that_folder(tmp_path):
+    syn, archive, table = _archive_only(tmp_path)
+    folder = tmp_path / "root" / "cifar-100-python"  # neither exists yet
+    with serve_directory(archive.parent) as base:
+        data = _load(folder, download=True, url=base + archive.name, checksums=table)
+    assert data.train.labels.tolist() == syn.split_labels("train").tolist()
+    assert sorted(p.name for p in folder.iterdir()) == ["meta", "test", "train"]
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["cifar-100-python", archive.name]
+    assert len(_load(folder, checksums=table).train) == len(data.train)  # and read from there next time
+
+
 # --- downloading ----------------------------------------------------------------------------
 
 
@@ -389,13 +418,22 @@ def test_unreachable_url_is_a_user_error(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no partial download left behind
 
 
+def test_a_failed_download_leaves_none_of_the_folders_it_created(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "mine.txt").write_text("a user's file")
+    url = f"http://127.0.0.1:{_free_port()}/cifar-100-python.tar.gz"  # nothing listens there
+    with pytest.raises(UserError, match="could not download"):
+        _load(tmp_path / "x" / "y" / "z", download=True, url=url)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["mine.txt", "x"]  # x was there before: kept
+
+
 def test_http_error_is_a_user_error(tmp_path):
     served = tmp_path / "served"
     served.mkdir()
     root = tmp_path / "root"
     with serve_directory(served) as base, pytest.raises(UserError, match="404"):
         _load(root, download=True, url=base + "missing.tar.gz")
-    assert list(root.iterdir()) == []
+    assert not root.exists()  # the folder the download created is gone with it
 
 
 def test_downloaded_archive_md5_mismatch_leaves_nothing(tmp_path):
@@ -405,7 +443,7 @@ def test_downloaded_archive_md5_mismatch_leaves_nothing(tmp_path):
     with serve_directory(archive.parent) as base, pytest.raises(UserError) as e:
         _load(root, download=True, url=base + archive.name, checksums=table)
     assert "--skip-checksum" in str(e.value) and "0" * 32 in str(e.value)
-    assert list(root.iterdir()) == []
+    assert not root.exists()
 
 
 # --- balanced_subset ----------------------------------------------------------------------

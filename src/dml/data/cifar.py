@@ -154,6 +154,8 @@ def load_cifar(
 
     Looks for, in order: the extracted folder (e.g. ``root/cifar-100-python/``), the archive
     (``root/cifar-100-python.tar.gz``), then downloads the archive when ``download`` is true.
+    ``root`` may also be the extracted folder itself (named ``cifar-100-python``, or holding all
+    its files); then the archive is looked for, or downloaded, beside it.
     ``url`` replaces the official URL; when it is None the environment variable
     ``DML_DOWNLOAD_URL`` does. A URL ending in "/" names a mirror folder and gets the archive
     name appended.
@@ -170,6 +172,10 @@ def load_cifar(
     counts = {**_OFFICIAL_COUNTS, **(expected_counts or {})}
     root = Path(root).expanduser()
     folder = root / spec.folder
+    if not folder.is_dir() and _is_extracted_folder(root, spec):
+        # root names the extracted folder itself (--data-dir data/cifar-100-python): read it there,
+        # and extract or download into it, not into a cifar-100-python/ below it
+        root, folder = root.parent, root
     archive = root / spec.archive
 
     if not folder.is_dir():
@@ -186,6 +192,12 @@ def load_cifar(
             )
         _extract(archive, root, spec)
     return _read_folder(folder, dataset, spec, md5_table, counts, skip_checksum)
+
+
+def _is_extracted_folder(path: Path, spec: _Spec) -> bool:
+    """Whether ``path`` is the extracted folder: it bears its name, or holds every one of its files."""
+    names = (spec.meta_file, *spec.train_files, *spec.test_files)
+    return path.name == spec.folder or all((path / name).is_file() for name in names)
 
 
 # --- download and extraction -------------------------------------------------------------
@@ -207,8 +219,33 @@ def _download(
     skip_checksum: bool,
     progress: bool,
 ) -> None:
-    """Download ``url`` to ``dest`` via a temporary file, so a failure never leaves a partial
-    archive that a later run would mistake for a complete one."""
+    """Download ``url`` to ``dest``. A failed download leaves nothing behind: no partial archive
+    (which a later run would mistake for a complete one), and none of the folders it created."""
+    created = []  # the folders above dest that do not exist yet, deepest first
+    folder = dest.parent
+    while not folder.exists() and folder != folder.parent:
+        created.append(folder)
+        folder = folder.parent
+    try:
+        _fetch(url, dest, spec, md5_table, skip_checksum, progress)
+    except BaseException:  # Ctrl-C too
+        for folder in created:
+            try:
+                folder.rmdir()  # only if still empty: never what someone else put there meanwhile
+            except OSError:
+                break
+        raise
+
+
+def _fetch(
+    url: str,
+    dest: Path,
+    spec: _Spec,
+    md5_table: dict[str, str],
+    skip_checksum: bool,
+    progress: bool,
+) -> None:
+    """Download ``url`` to ``dest`` via a temporary file, renamed into place once complete and checked."""
     from tqdm.auto import tqdm  # imported here: only downloads need it
 
     try:
