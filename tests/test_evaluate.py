@@ -164,3 +164,36 @@ def test_evaluating_a_runs_checkpoint_gives_back_its_logged_accuracy(cifar10_roo
     summary = json.loads(out.read_text())
     assert [c["top1"] for c in summary["checkpoints"]] == [r["test_acc"] for r in logged[:2]]
     assert summary["ensemble"]["top1"] == logged[2]["test_acc"]
+
+
+def test_a_damaged_file_is_called_unreadable_not_advised_to_be_deleted(tmp_path, capsys):
+    path = save_best(tmp_path / "best.pt", constant_model([0.0] * 10))
+    path.write_bytes(path.read_bytes()[:1000])
+    assert main(["evaluate", str(path), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: checkpoint {path} is not a readable dml checkpoint: it is truncated, damaged or "
+                          "another kind of file") and err.count("\n") == 1, err
+    assert err.rstrip().endswith("pass another best.pt or last.pt of a dml run") and "delete" not in err
+
+
+@pytest.mark.parametrize("given, suggested", [
+    ("run", ["run/0_resnet20/best.pt", "run/1_resnet20/best.pt"]),  # a run directory: its peers' best.pt
+    ("run/1_resnet20", ["run/1_resnet20/best.pt"]),
+    ("run/2_resnet20", ["run/2_resnet20/last.pt"]),  # no best.pt (written where a peer improves): its last.pt
+    ("run/ensemble", None),
+])
+def test_a_directory_is_called_a_directory_with_the_checkpoints_in_it(tmp_path, capsys, given, suggested):
+    model = constant_model([0.0] * 10)
+    save_best(tmp_path / "run" / "0_resnet20" / "best.pt", model)
+    save_best(tmp_path / "run" / "1_resnet20" / "best.pt", model)
+    save_last(tmp_path / "run" / "1_resnet20" / "last.pt", model)
+    save_last(tmp_path / "run" / "2_resnet20" / "last.pt", model)
+    (tmp_path / "run" / "ensemble").mkdir()
+    assert main(["evaluate", str(tmp_path / given), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: checkpoint {tmp_path / given} is a directory, not a checkpoint file; ") \
+        and err.count("\n") == 1, err
+    if suggested is None:
+        assert err.rstrip().endswith("it holds no best.pt or last.pt; pass another best.pt or last.pt of a dml run")
+    else:
+        assert err.rstrip().endswith("pass a checkpoint file in it: " + " ".join(str(tmp_path / s) for s in suggested))

@@ -216,6 +216,15 @@ def test_missing_teachers_and_graphs_are_one_error_line(cifar_root, tmp_path, ca
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
 
 
+def test_a_run_directory_as_teacher_is_called_a_directory_with_its_checkpoints(cifar_root, tmp_path, teacher, capsys):
+    run = teacher.parent.parent
+    assert _train(cifar_root, tmp_path, "--teacher", str(run)) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: teacher checkpoint {run} is a directory, not a checkpoint file; pass a checkpoint file "
+                   f"in it: {teacher}\n")
+    assert not tmp_path.joinpath("kd_resnet20_from_resnet20_s42").exists()
+
+
 @pytest.mark.processes
 def test_a_teacher_in_another_process(cifar_root, tmp_path, teacher):
     """Two students and a teacher over two processes (the teacher alone in the second) compute

@@ -145,12 +145,23 @@ def test_full_disk_keeps_the_previous_checkpoint_and_resumes(cifar_root, tmp_pat
     _assert_same_run(tmp_path / RUN, straight_run)
 
 
-def test_unwritable_output_directory(cifar_root, tmp_path, capsys):
+def test_an_output_directory_below_a_file_is_called_a_file(cifar_root, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     assert _train(cifar_root, blocker / "runs", "--epochs", "1") == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: cannot write") and err.count("\n") == 1
+    assert err == (f"error: --out-dir {blocker / 'runs'} cannot be created: {blocker} is a file, not a directory; "
+                   "pass a folder as --out-dir (nothing was written)\n")
+
+
+def test_an_out_dir_that_is_a_file_is_called_a_file_not_a_full_disk(cifar_root, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert _train(cifar_root, blocker, "--epochs", "1") == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: --out-dir {blocker} is a file, not a directory; pass a folder as --out-dir "
+                   "(nothing was written)\n")
+    assert blocker.read_text() == "not a folder" and list(tmp_path.iterdir()) == [blocker]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "not-a-checkpoint", "wrong-model"])
@@ -172,6 +183,8 @@ def test_damaged_checkpoint_is_a_clear_error(cifar_root, tmp_path, capsys, damag
     assert _train(cifar_root, tmp_path, "--epochs", "2", "--resume") == 2
     err = capsys.readouterr().err
     assert err.startswith("error: checkpoint") and str(last) in err and err.count("\n") == 1, err
+    # a run's own damaged checkpoint: resuming can fall back to an earlier one
+    assert ("delete it to fall back to an earlier one" in err) == (damage != "wrong-model"), err
 
 
 def test_same_command_same_metrics(cifar_root, tmp_path, straight_run):

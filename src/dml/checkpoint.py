@@ -10,12 +10,13 @@ import torch
 from .cohort import Cohort
 from .config import TrainConfig
 from .errors import RunStopped, UserError
-from .peer import load_checkpoint
+from .peer import RESUME_ADVICE, load_checkpoint
 from .runlog import CONFIG_FILE, LAST_NEXT, RunDir
 
 
 def check_run_dir(cfg: TrainConfig, resume: bool, run: RunDir) -> None:
     """Refuse to overwrite a run, to resume nothing, or to resume with another configuration."""
+    _check_not_a_file(run)
     if resume:
         if not (run.path / CONFIG_FILE).exists():
             raise UserError(f"nothing to resume in {run.path}: it holds no run (no {CONFIG_FILE}); "
@@ -30,6 +31,21 @@ def check_run_dir(cfg: TrainConfig, resume: bool, run: RunDir) -> None:
         raise UserError(
             f"{run.path} already holds a run; pass --resume to continue it, or --name for a new run"
         )
+
+
+def _check_not_a_file(run: RunDir) -> None:
+    """A file where the run directory or its --out-dir should be: said before anything is loaded
+    (writing would fail later with advice meant for a full disk)."""
+    out_dir = run.path.parent
+    existing = next((p for p in (run.path, *run.path.parents) if p.exists()), None)
+    if existing is None or existing.is_dir():
+        return
+    if existing == run.path:
+        raise UserError(f"{run.path} is a file, not a run directory; pass another --name or --out-dir "
+                        "(nothing was written)")
+    where = "" if existing == out_dir else f" cannot be created: {existing}"
+    raise UserError(f"--out-dir {out_dir}{where} is a file, not a directory; pass a folder as --out-dir "
+                    "(nothing was written)")
 
 
 def restore(run: RunDir, cohort: Cohort) -> dict | None:
@@ -48,7 +64,7 @@ def restore(run: RunDir, cohort: Cohort) -> dict | None:
     run_state = {}
     for p in peers:
         path = local_epochs[p.index][epoch]
-        state = load_checkpoint(path, map_location=device)
+        state = load_checkpoint(path, map_location=device, advice=RESUME_ADVICE)
         if state.get("model_name") != p.model_name:
             raise UserError(f"checkpoint {path} holds a {state.get('model_name')!r}, but peer {p.index} is a "
                             f"{p.model_name!r}; resume with the run's own --models")

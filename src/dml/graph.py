@@ -38,7 +38,7 @@ from pathlib import Path
 from .errors import UserError
 from .links import COMBINES, Link, Links
 from .models import model_factory
-from .peer import load_checkpoint
+from .peer import directory_advice, load_checkpoint
 from .tomlfile import read_toml
 
 LABELS = "labels"
@@ -49,6 +49,8 @@ LINK_KEYS = {"source", "target", "temperature", "weight", "gate"}
 def frozen_peer(path: str | Path, name: str) -> dict:
     """A frozen peer from a checkpoint of an earlier run: its model name and a hash of the file."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"teacher checkpoint {path} is a directory, not a checkpoint file; {directory_advice(path)}")
     if not path.is_file():
         raise UserError(f"teacher checkpoint {path} does not exist; train the teacher first (dml train --models "
                         "MODEL) and pass its best.pt or last.pt")

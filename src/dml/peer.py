@@ -114,17 +114,45 @@ def _check_like(fresh, loaded, where: str) -> None:
         raise ValueError(f"{where} should be a {_kind(fresh)}, not a {_kind(loaded)}")
 
 
-def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    """Load a checkpoint written by this library (tensors and plain containers only)."""
+CHECKPOINT_NAMES = ("best.pt", "last.pt")
+# What to do about a checkpoint that cannot be read, where it is one of a run's own (resume).
+RESUME_ADVICE = "delete it to fall back to an earlier one, or start a new run"
+OTHER_FILE_ADVICE = "pass another best.pt or last.pt of a dml run"
+
+
+def checkpoints_in(folder: Path) -> list[Path]:
+    """The best.pt files in ``folder`` and in its subfolders (a peer's folder, a run directory), or
+    their last.pt files where there is no best.pt."""
+    for name in CHECKPOINT_NAMES:
+        found = sorted(p for p in [Path(folder) / name, *Path(folder).glob(f"*/{name}")] if p.is_file())
+        if found:
+            return found
+    return []
+
+
+def directory_advice(folder: Path) -> str:
+    """What to pass instead of a directory given as a checkpoint."""
+    found = checkpoints_in(folder)
+    if not found:
+        return f"it holds no {' or '.join(CHECKPOINT_NAMES)}; {OTHER_FILE_ADVICE}"
+    return f"pass a checkpoint file in it: {' '.join(str(p) for p in found)}"
+
+
+def load_checkpoint(path: Path, map_location="cpu", advice: str = OTHER_FILE_ADVICE) -> dict:
+    """Load a checkpoint written by this library (tensors and plain containers only: loading never
+    runs code). ``advice`` ends the message for a file that cannot be read: resuming a run may
+    fall back to an earlier checkpoint, other uses need another file."""
+    if Path(path).is_dir():
+        raise UserError(f"checkpoint {path} is a directory, not a checkpoint file; {directory_advice(path)}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise UserError(f"checkpoint {path} does not exist") from None
     except Exception as exc:  # torch raises several types for truncated or foreign files
         raise UserError(
-            f"checkpoint {path} is truncated or not a dml checkpoint ({type(exc).__name__}); "
-            "delete it to fall back to an earlier one, or start a new run"
+            f"checkpoint {path} is not a readable dml checkpoint: it is truncated, damaged or another kind of "
+            f"file ({type(exc).__name__}); {advice}"
         ) from None
     if not isinstance(state, dict) or "model" not in state:
-        raise UserError(f"checkpoint {path} is not a dml checkpoint (no model state in it)")
+        raise UserError(f"checkpoint {path} is not a dml checkpoint (no model state in it); {advice}")
     return state

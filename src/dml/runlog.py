@@ -26,7 +26,7 @@ from . import __version__
 from .config import TrainConfig
 from .errors import UserError
 from .models import folder_name
-from .peer import load_checkpoint
+from .peer import RESUME_ADVICE, load_checkpoint
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -75,7 +75,7 @@ def save_checkpoint(state: dict, path: Path) -> None:
 
 def checkpoint_epoch(path: Path) -> int:
     """The epoch a peer's ``last.pt`` was written after."""
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, advice=RESUME_ADVICE)
     epoch = state.get("run", {}).get("epoch") if isinstance(state.get("run"), dict) else None
     if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
         raise UserError(f"checkpoint {path} records no epoch: it is not a resumable dml checkpoint; "
