@@ -31,9 +31,9 @@ def test_every_setting_has_a_flag_and_reaches_the_config():
     assert config == expected
     defaults = TrainConfig()
     changed = {f.name for f in dataclasses.fields(TrainConfig) if getattr(config, f.name) != getattr(defaults, f.name)}
-    # ARGV sets every one of them but the graph's: --teacher and --graph replace --models
-    # (tests/test_graph.py passes them), and graph_spec, which they resolve to, has no flag.
-    graph_settings = {"teacher", "graph", "graph_spec"}
+    # ARGV sets every one of them but the graph's: --teacher (with --teacher-model) and --graph replace
+    # --models (tests/test_graph.py passes them), and graph_spec, which they resolve to, has no flag.
+    graph_settings = {"teacher", "teacher_model", "graph", "graph_spec"}
     assert changed == {f.name for f in dataclasses.fields(TrainConfig)} - graph_settings
 
 

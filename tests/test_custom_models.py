@@ -1,6 +1,7 @@
 """Networks of the user's own from the command line: --models package.module:factory."""
 
 import json
+import sys
 import textwrap
 
 import pytest
@@ -29,6 +30,9 @@ NETS = textwrap.dedent('''
 
     def not_a_module(num_classes):
         return [num_classes]
+
+    from pathlib import Path
+    Path(__file__).with_suffix(".imported").write_text("imported")  # a side effect: proof of an import
 ''')
 
 
@@ -52,8 +56,7 @@ def test_train_resume_and_evaluate_a_mixed_cohort_of_a_users_network(user_packag
         (1, 0, f"{user_package}:tiny"), (1, 1, "resnet20"), (2, 0, f"{user_package}:tiny"), (2, 1, "resnet20")]
     checkpoint = run / f"0_{user_package}-tiny" / "last.pt"
     capsys.readouterr()
-    assert main(["evaluate", str(checkpoint), "--data-dir", str(cifar_root), "--skip-checksum", "--no-download",
-                 "--test-samples", "50"]) == 0
+    assert main(["evaluate", str(checkpoint), "--models", f"{user_package}:tiny", "--test-samples", "50"]) == 0
     assert f"{user_package}:tiny" in capsys.readouterr().out
 
 
@@ -78,3 +81,80 @@ def test_registered_names_and_import_paths_build_alike(user_package):
     assert type(create_model(f"{user_package}:tiny", 7)).__name__ == "Tiny"
     assert create_model("resnet20", 7).fc.out_features == 7
     assert folder_name(f"{user_package}:tiny") == f"{user_package}-tiny"
+
+
+def _train_tiny(user_package, cifar_root, out_dir, *extra):
+    return main(["train", "--models", f"{user_package}:tiny", "--data-dir", str(cifar_root), "--out-dir", str(out_dir),
+                 *TINY, "--epochs", "1", *extra])
+
+
+def _forget(user_package, tmp_path, monkeypatch):
+    """As in a new process: the module not imported yet, its side effect undone."""
+    monkeypatch.delitem(sys.modules, user_package, raising=False)
+    (tmp_path / f"{user_package}.imported").unlink(missing_ok=True)
+
+
+def test_evaluate_imports_a_users_network_only_when_named(user_package, cifar_root, tmp_path, monkeypatch, capsys):
+    assert _train_tiny(user_package, cifar_root, tmp_path / "runs") == 0
+    run = tmp_path / "runs" / f"independent_{user_package}-tiny_s42"
+    checkpoint = run / f"0_{user_package}-tiny" / "best.pt"
+    marker = tmp_path / f"{user_package}.imported"
+    _forget(user_package, tmp_path, monkeypatch)
+    for named, message in (([], f"add --models {user_package}:tiny to import it"),
+                           (["--models", "resnet20"], f"not the 'resnet20' named for it; use --models {user_package}:tiny")):
+        assert main(["evaluate", str(checkpoint), "--test-samples", "50", *named]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: checkpoint {checkpoint} holds ") and err.count("\n") == 1, err
+        assert message in err
+        assert not marker.exists()  # nothing of the module ran
+    assert main(["evaluate", str(checkpoint), "--test-samples", "50", "--models", f"{user_package}:tiny"]) == 0
+    assert marker.exists()
+
+
+def test_evaluate_elsewhere_says_where_training_ran(user_package, cifar_root, tmp_path, monkeypatch, capsys):
+    assert _train_tiny(user_package, cifar_root, tmp_path / "runs") == 0
+    checkpoint = tmp_path / "runs" / f"independent_{user_package}-tiny_s42" / f"0_{user_package}-tiny" / "best.pt"
+    _forget(user_package, tmp_path, monkeypatch)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])  # as a process started elsewhere
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    evaluate = ["evaluate", str(checkpoint), "--test-samples", "50", "--models", f"{user_package}:tiny"]
+    assert main(evaluate) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: checkpoint {checkpoint}: model '{user_package}:tiny': cannot import") \
+        and err.count("\n") == 1, err
+    assert err.rstrip().endswith(f"; run from {tmp_path}, where training ran, or add {tmp_path} to PYTHONPATH")
+    monkeypatch.chdir(tmp_path)
+    assert main(evaluate) == 0
+
+
+@pytest.mark.parametrize("how", ["--teacher", "graph file"])
+def test_a_teachers_network_is_imported_only_when_named(user_package, cifar_root, tmp_path, monkeypatch, capsys, how):
+    assert _train_tiny(user_package, cifar_root, tmp_path / "teacher") == 0
+    teacher = tmp_path / "teacher" / f"independent_{user_package}-tiny_s42" / f"0_{user_package}-tiny" / "best.pt"
+    marker = tmp_path / f"{user_package}.imported"
+    _forget(user_package, tmp_path, monkeypatch)
+    graph = tmp_path / "kd.toml"
+    peers = f'[[peer]]\nname = "student"\nmodel = "resnet20"\n[[peer]]\nname = "t"\ncheckpoint = "{teacher}"\n'
+    link = '[[link]]\nsource = "t"\ntarget = "student"\n'
+    if how == "--teacher":
+        unnamed, named = ["--teacher", str(teacher)], ["--teacher", str(teacher), "--teacher-model", f"{user_package}:tiny"]
+        message = f"error: teacher checkpoint {teacher} holds a network of your own, '{user_package}:tiny', and a " \
+                  f"checkpoint does not import code by itself: add --teacher-model {user_package}:tiny to import it"
+    else:
+        graph.write_text(peers + link)
+        unnamed, named = ["--graph", str(graph)], ["--graph", str(graph)]
+        message = f"error: graph file {graph}: peer 't': checkpoint {teacher} holds a network of your own, " \
+                  f"'{user_package}:tiny', and a checkpoint does not import code by itself: add " \
+                  f"model = \"{user_package}:tiny\" in peer 't' to import it"
+    common = ["--data-dir", str(cifar_root), "--out-dir", str(tmp_path / "runs"), *TINY, "--epochs", "1"]
+    assert main(["train", "--models", "resnet20", *common, *unnamed] if how == "--teacher"
+                else ["train", *common, *unnamed]) == 2
+    err = capsys.readouterr().err
+    assert err == message + "\n"
+    assert not marker.exists() and not (tmp_path / "runs").exists()
+    if how == "graph file":
+        graph.write_text(peers + f'model = "{user_package}:tiny"\n' + link)
+    assert main(["train", "--models", "resnet20", *common, *named] if how == "--teacher"
+                else ["train", *common, *named]) == 0
+    assert marker.exists()

@@ -1,10 +1,13 @@
 """`dml evaluate` on tiny checkpoints and a synthetic CIFAR-10, against accuracies computed here."""
 
 import json
+import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
 from cifar_fixtures import write_cifar_folder
+from test_folder import write_folder
 
 from dml.cli import main
 from dml.peer import derive_seed
@@ -124,9 +127,10 @@ def test_command_prints_table_and_writes_json(cifar10_root, tmp_path, capsys):
                  "--device", "cpu", "--test-samples", str(SAMPLES), "--json", str(tmp_path / "out.json")])
     assert code == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["checkpoint", "model", "epoch", "top-1", "(%)", "top-5", "(%)"]
-    assert out[1].split() == [str(path), "resnet20", "3", "10.00", "50.00"]
-    assert out[2].split()[0] == "ensemble" and out[2].split()[-2:] == ["10.00", "50.00"]
+    assert out[0] == f"data: cifar10 test split from {cifar10_root} (--data-dir; checksum skipped (--skip-checksum))"
+    assert out[1].split() == ["checkpoint", "model", "epoch", "top-1", "(%)", "top-5", "(%)"]
+    assert out[2].split() == [str(path), "resnet20", "3", "10.00", "50.00"]
+    assert out[3].split()[0] == "ensemble" and out[3].split()[-2:] == ["10.00", "50.00"]
     saved = json.loads((tmp_path / "out.json").read_text())
     assert saved["ensemble"]["top1"] == 10.0 and saved["checkpoints"][0]["name"] == str(path)
 
@@ -164,6 +168,84 @@ def test_evaluating_a_runs_checkpoint_gives_back_its_logged_accuracy(cifar10_roo
     summary = json.loads(out.read_text())
     assert [c["top1"] for c in summary["checkpoints"]] == [r["test_acc"] for r in logged[:2]]
     assert summary["ensemble"]["top1"] == logged[2]["test_acc"]
+
+
+@pytest.fixture
+def no_downloads(monkeypatch):
+    """Evaluating a run's checkpoints reads the run's own data: any download attempt fails the test
+    (before a socket opens)."""
+    def refuse(request, *args, **kwargs):
+        pytest.fail(f"dml evaluate tried to download {getattr(request, 'full_url', request)}")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
+def _logged(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_evaluate_reads_the_data_where_the_run_read_it_from_any_directory(cifar_root, tmp_path, monkeypatch, capsys,
+                                                                          no_downloads):
+    """A relative --data-dir is the run's, from where it ran; a resume from elsewhere, with the data
+    elsewhere, moves it; --skip-checksum is the run's choice; the command line overrides."""
+    for folder, link in (("a", "cifar"), ("b", "moved"), ("c", None)):
+        (tmp_path / folder).mkdir()
+        if link:
+            (tmp_path / folder / link).symlink_to(cifar_root)
+    train = ["train", "--models", "resnet20", "--train-samples", "64", "--test-samples", "100", "--batch-size", "32",
+             "--epochs", "2", "--skip-checksum", "--no-download", "--no-progress", "--out-dir", str(tmp_path / "runs")]
+    monkeypatch.chdir(tmp_path / "a")
+    assert main([*train, "--data-dir", "cifar", "--stop-after", "1"]) == 0
+    monkeypatch.chdir(tmp_path / "b")
+    assert main([*train, "--data-dir", "moved", "--resume"]) == 0
+    (tmp_path / "a" / "cifar").unlink()  # the first location is gone: only the resumed one is the run's
+    run = tmp_path / "runs" / "independent_resnet20_s42"
+
+    monkeypatch.chdir(tmp_path / "c")
+    capsys.readouterr()
+    assert main(["evaluate", str(run / "0_resnet20" / "last.pt"), "--test-samples", "100", "--device", "cpu",
+                 "--json", "e.json"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == (f"data: cifar100 test split from {tmp_path / 'b' / 'moved'} (the run's --data-dir; "
+                      "checksum skipped, as the run did)")
+    assert json.loads(Path("e.json").read_text())["checkpoints"][0]["top1"] == _logged(run)[-2]["test_acc"]
+
+    assert main(["evaluate", str(run / "0_resnet20" / "last.pt"), "--test-samples", "100", "--device", "cpu",
+                 "--data-dir", str(cifar_root)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == (f"data: cifar100 test split from {cifar_root} (--data-dir; "
+                                                       "checksum skipped, as the run did)")
+
+
+def test_evaluate_reads_the_runs_image_folder_at_the_runs_image_size(tmp_path, monkeypatch, capsys, no_downloads):
+    (tmp_path / "project").mkdir()
+    write_folder(tmp_path / "project" / "images", size=16)
+    monkeypatch.chdir(tmp_path / "project")
+    assert main(["train", "--dataset", "folder", "--data-dir", "images", "--image-size", "12", "--models", "resnet20",
+                 "--epochs", "1", "--batch-size", "6", "--out-dir", "runs", "--no-progress"]) == 0
+    run = tmp_path / "project" / "runs" / "independent_folder_resnet20_s42"
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["evaluate", str(run / "0_resnet20" / "best.pt"), "--json", "e.json"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == (f"data: folder test split from {tmp_path / 'project' / 'images'} (the run's --data-dir; "
+                      "images resized to 12x12, as the run did)")
+    assert json.loads(Path("e.json").read_text())["checkpoints"][0]["top1"] == _logged(run)[0]["test_acc"]
+
+
+def test_runs_that_read_different_data_need_a_data_dir(cifar10_root, tmp_path, capsys):
+    model = constant_model([0, 0, 0, 9, 8, 7, 6, 5, 0, 0])
+    paths = []
+    for k, data_dir in enumerate((str(cifar10_root), "elsewhere")):
+        paths.append(save_best(tmp_path / f"{k}.pt", model))
+        state = torch.load(paths[-1], weights_only=True)
+        state["config"]["data_dir"], state["working_dir"] = data_dir, str(tmp_path)
+        save_checkpoint(state, paths[-1])
+    common = ["--skip-checksum", "--no-download", "--device", "cpu", "--test-samples", str(SAMPLES)]
+    assert main(["evaluate", *map(str, paths), *common]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the checkpoints' runs differ in --data-dir") and err.count("\n") == 1, err
+    assert f"{paths[1]}: {tmp_path / 'elsewhere'}" in err and "pass --data-dir" in err
+    assert main(["evaluate", *map(str, paths), *common, "--data-dir", str(cifar10_root)]) == 0
 
 
 def test_a_damaged_file_is_called_unreadable_not_advised_to_be_deleted(tmp_path, capsys):

@@ -57,6 +57,11 @@ def test_custom_cli_example_trains_a_users_network_on_a_folder(tmp_path):
     run = tmp_path / "runs" / "dml_n2_folder_mynets-small_cnn_s42"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["model"] for r in records if r["node"] != "ensemble"] == ["mynets:small_cnn"] * 4
+    # the README's evaluation: the run's image folder, the network imported because --models names it
+    proc = subprocess.run([sys.executable, "-m", "dml", "evaluate", *sorted(map(str, run.glob("*/best.pt"))),
+                           "--models", "mynets:small_cnn"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == f"data: folder test split from {tmp_path / 'demo_images'} (the run's --data-dir)"
 
 
 def test_kd_script_refuses_a_missing_teacher(cifar_root, tmp_path):

@@ -188,7 +188,9 @@ def _bad_checkpoint(tmp_path):
      '[[link]]\nsource = "t"\ntarget = "a"\n', "has 10 classes, this run's data 100"),
     ('[[peer]]\nname = "a"\nmodel = "resnet20"\n[[link]]\nsource = "a"\ntarget = "a"\ngate = "maybe"\n', "gate"),
     ('[[peer]]\nname = "a"\nmodel = "resnet20"\ncolour = "red"\n', "unknown key(s) colour"),
-    ('[[peer]]\nname = "a"\nmodel = "resnet20"\ncheckpoint = "{teacher}"\n', "either model"),
+    ('[[peer]]\nname = "a"\nmodel = "resnet32"\ncheckpoint = "{teacher}"\n',
+     "holds a 'resnet20', not the 'resnet32' named for it; use model = \"resnet20\" in peer 'a'"),
+    ('[[peer]]\nname = "a"\n', "needs a model (trainable) or a checkpoint (frozen)"),
     ('[[peer]]\nname = "a"\nmodel = "resnet99"\n', "resnet99"),
     ('[[peer]]\nname = "a"\nmodel = "resnet20"\n[[link]]\nsource = "a"\ntarget = "a"\ntemperature = -1\n',
      "temperature"),
@@ -223,6 +225,17 @@ def test_a_run_directory_as_teacher_is_called_a_directory_with_its_checkpoints(c
     assert err == (f"error: teacher checkpoint {run} is a directory, not a checkpoint file; pass a checkpoint file "
                    f"in it: {teacher}\n")
     assert not tmp_path.joinpath("kd_resnet20_from_resnet20_s42").exists()
+
+
+def test_a_teacher_model_that_is_not_the_checkpoints_is_refused(cifar_root, tmp_path, teacher, capsys):
+    assert _train(cifar_root, tmp_path, "--teacher", str(teacher), "--teacher-model", "resnet32") == 2
+    assert capsys.readouterr().err == (f"error: teacher checkpoint {teacher} holds a 'resnet20', not the 'resnet32' "
+                                       "named for it; use --teacher-model resnet20\n")
+    assert _train(cifar_root, tmp_path, "--teacher", str(teacher), str(teacher), "--teacher-model", "resnet20",
+                  "resnet20", "resnet20") == 2
+    assert "--teacher-model lists 3 names for 2 --teacher checkpoints" in capsys.readouterr().err
+    assert _train(cifar_root, tmp_path, "--teacher-model", "resnet20") == 2
+    assert "pass --teacher too" in capsys.readouterr().err
 
 
 @pytest.mark.processes

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from dml.cli import main
-from dml.models import folder_name
+from dml.models import folder_name, is_import_path
 
 
 def parse(argv=None):
@@ -40,8 +40,13 @@ def teacher_checkpoint(args) -> str:
     return str(Path("runs") / f"independent_{name}_s{args.seed}" / f"0_{name}" / "best.pt")
 
 
+def teacher_model(args) -> list[str]:
+    """A teacher of the user's own is imported only where named: --teacher-model names it to dml train."""
+    return ["--teacher-model", args.teacher_model] if is_import_path(args.teacher_model) else []
+
+
 if __name__ == "__main__":
     args, rest = parse()
     sys.exit(main(["train", "--models", args.student_model, "--teacher", teacher_checkpoint(args),
-                   "--temperature", str(args.temperature), "--lr", str(args.lr), "--wd", str(args.wd),
-                   "--seed", str(args.seed), "--data-dir", "data", "--out-dir", "runs", *rest]))
+                   *teacher_model(args), "--temperature", str(args.temperature), "--lr", str(args.lr),
+                   "--wd", str(args.wd), "--seed", str(args.seed), "--data-dir", "data", "--out-dir", "runs", *rest]))

@@ -5,6 +5,8 @@ or processes never leaves a cohort that cannot resume)."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .cohort import Cohort
@@ -115,7 +117,8 @@ def save_epoch(run: RunDir, epoch: int, cohort: Cohort, records: list[dict], gen
                              "the checkpoint of the last complete epoch is kept; lower --lr and start again")
     run_state = {"epoch": epoch, **_rng_state(generator)}
     by_node = {r["node"]: r for r in records}
-    meta = {"config": cfg.to_dict(), "num_classes": num_classes, "dataset": cfg.dataset}
+    # working_dir: the run's relative paths (its --data-dir) are relative to it; dml evaluate resolves them
+    meta = {"config": cfg.to_dict(), "num_classes": num_classes, "dataset": cfg.dataset, "working_dir": os.getcwd()}
     for p in peers:
         record = by_node[p.index]
         # Chosen on validation accuracy where the run holds a validation split: choosing on the test

@@ -183,10 +183,15 @@ def _evaluate_parser(sub) -> None:
         description="Evaluate best.pt or last.pt checkpoints on the test split: top-1 and top-5 accuracy of "
                     "each and of their ensemble (mean softmax). All checkpoints must be for the same dataset. They are "
                     "evaluated as their run evaluated them during training (its precision; BatchNorm folded unless "
-                    "it ran with --plain), so the numbers match its log.",
+                    "it ran with --plain), so the numbers match its log. The data is the run's own (its "
+                    "dataset, --data-dir, checksum choice and image size) unless given here.",
     )
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="best.pt or last.pt files of dml runs")
-    _add_config_arguments(p, names=DATA_SOURCE)
+    p.add_argument("--models", nargs="+", default=None, metavar="NAME",
+                   help="the network each checkpoint holds (one name for all, or one per checkpoint); needed where "
+                        "it is package.module:factory, which a checkpoint never imports by itself")
+    _add_config_arguments(p, names=DATA_SOURCE + ("image_size",))
+    p.set_defaults(data_dir=None, skip_checksum=None, download=None)  # None: as the checkpoints' run did
     p.add_argument("--dataset", choices=DATASETS, default=None, help="test set (default: the checkpoints' dataset)")
     p.add_argument("--device", choices=DEVICES, default="auto",
                    help="auto (default): CUDA if available, else MPS, else CPU")

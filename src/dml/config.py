@@ -18,7 +18,7 @@ UPDATES = ("simultaneous", "sequential")
 # Settings that may change between a run and its resumption without changing what is computed.
 RESUMABLE_CHANGES = frozenset(
     {"device", "data_dir", "out_dir", "name", "download", "download_url", "skip_checksum", "progress",
-     "check_batches", "graph", "teacher"}  # graph files and teachers are compared through graph_spec
+     "check_batches", "graph", "teacher", "teacher_model"}  # graph files and teachers: compared through graph_spec
 )
 
 
@@ -48,6 +48,11 @@ class TrainConfig:
                                         help="knowledge distillation: frozen teacher(s) from a best.pt or last.pt of "
                                              "an earlier run; every peer of --models learns from them (and from "
                                              "each other) with --temperature and --kl-weight")
+    teacher_model: list[str] | None = setting(group="cohort", nargs="+", metavar="NAME",
+                                              help="the network each --teacher checkpoint holds (one name for "
+                                                   "all, or one per teacher); needed where it is "
+                                                   "package.module:factory, which a checkpoint never imports by "
+                                                   "itself")
     graph: str | None = setting(group="cohort", metavar="FILE",
                                 help="a TOML file of peers (trainable, or frozen from a checkpoint) and links "
                                      "(source, target, temperature, weight, gate); replaces --models, "
@@ -159,15 +164,18 @@ class TrainConfig:
                 f"--train-samples {self.train_samples} is smaller than --batch-size {self.batch_size}: "
                 "no full training batch; raise --train-samples or lower --batch-size"
             )
+        if self.teacher_model and not self.teacher and not self.graph:
+            raise UserError("--teacher-model names the networks of --teacher checkpoints; pass --teacher too")
         if self.name is not None and (not self.name or "/" in self.name or self.name in (".", "..")):
             raise UserError(f"--name {self.name!r} must be a plain folder name (no '/')")
 
     def _resolve_graph(self) -> dict:
-        if self.graph and (self.teacher or self.models != ["resnet32"] or self.num_nodes != 1):
-            raise UserError("--graph gives the peers and links: drop --models, --num-nodes and --teacher")
+        if self.graph and (self.teacher or self.teacher_model or self.models != ["resnet32"] or self.num_nodes != 1):
+            raise UserError("--graph gives the peers and links: drop --models, --num-nodes, --teacher and "
+                            "--teacher-model")
         if self.graph:
             return read_graph(self.graph)
-        return teacher_spec(self.models, self.teacher, self.temperature, self.kl_weight)
+        return teacher_spec(self.models, self.teacher, self.temperature, self.kl_weight, self.teacher_model)
 
     @property
     def frozen(self) -> list[int]:

@@ -79,7 +79,8 @@ def build_peer(cfg: TrainConfig, index: int, num_classes: int, runtime: Runtime)
 def build_frozen_peer(cfg: TrainConfig, index: int, num_classes: int, runtime: Runtime) -> Peer:
     """Peer ``index`` as the graph's checkpoint holds it: a teacher, never trained or saved."""
     spec = cfg.graph_spec["peers"][index]
-    checkpoint = load_model(spec["checkpoint"], runtime.device)
+    # the spec's model is the one the user named (a graph file's model, --teacher-model) or a built-in
+    checkpoint = load_model(spec["checkpoint"], runtime.device, model=spec["model"])
     if checkpoint.num_classes != num_classes:
         raise UserError(f"teacher checkpoint {checkpoint.path} has {checkpoint.num_classes} classes, this run's data "
                         f"{num_classes}; use a teacher trained on the same dataset")

@@ -2,17 +2,20 @@
 
 ``evaluate_models`` is what training logs every epoch, what ``Cohort.evaluate`` returns and what
 ``dml evaluate`` prints for checkpoints (any ``best.pt`` or ``last.pt`` of a run directory: both hold
-the model name, the number of classes, the dataset and the weights), computed the same way: on the
-runtime the run trained with (precision, BatchNorm folding). The ensemble averages the softmax
-outputs of all peers.
+the model name, the number of classes, the run's configuration, the directory it was started in and
+the weights), computed the same way: on the runtime the run trained with (precision, BatchNorm
+folding), on the run's own data unless told otherwise. The ensemble averages the softmax outputs of
+all peers. A checkpoint never imports code by itself: a network of the user's own is built only
+where the caller names it.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,8 +26,8 @@ from .data.cifar import balanced_subset
 from .data.source import load_dataset
 from .distributed import LocalExchange
 from .errors import UserError
-from .models import create_model
-from .peer import derive_seed, load_checkpoint
+from .models import ModelImportError, create_model
+from .peer import check_model_named, derive_seed, load_checkpoint, names_flag, one_or_each
 from .runtime import Runtime, resolve_device
 
 NUM_CLASSES = {"cifar100": 100, "cifar10": 10}
@@ -104,6 +107,8 @@ class Checkpoint:
     precision: str = "auto"  # how the run computed: evaluated the same way
     plain: bool = False
     image_size: int | None = None  # folder datasets: the size the run resized images to
+    config: dict = field(default_factory=dict)  # the run's settings (its data source among them)
+    working_dir: str | None = None  # where the run was started: its relative paths are relative to it
 
 
 @dataclass
@@ -115,15 +120,31 @@ class Accuracy:
     top5: float
 
 
-def load_model(path: Path, device: torch.device) -> Checkpoint:
-    """Build the checkpoint's network from its model name and class count and load its weights."""
-    state = load_checkpoint(path, map_location="cpu")
+def load_model(path: Path, device: torch.device, model: str | None = None) -> Checkpoint:
+    """Build the checkpoint's network from its model name and class count and load its weights.
+
+    A network of the user's own (``package.module:factory``) is imported only where ``model`` names
+    it (and must match what the checkpoint records): loading a checkpoint never runs code by itself.
+    """
+    return _build(Path(path), load_checkpoint(path, map_location="cpu"), device, model)
+
+
+def _recorded_model(path: Path, state: dict) -> tuple[str, int]:
     name, num_classes = state.get("model_name"), state.get("num_classes")
     if not isinstance(name, str) or not isinstance(num_classes, int):
         raise UserError(f"checkpoint {path} does not name a model and class count; it was not written by "
                         "dml train")
+    return name, num_classes
+
+
+def _build(path: Path, state: dict, device: torch.device, named: str | None) -> Checkpoint:
+    name, num_classes = _recorded_model(path, state)
+    check_model_named(f"checkpoint {path}", name, named, f"model={name!r}")
+    working_dir = state.get("working_dir") if isinstance(state.get("working_dir"), str) else None
     try:
-        model = create_model(name, num_classes)  # a network of the user's own is imported as training did
+        model = create_model(name, num_classes)
+    except ModelImportError as exc:
+        raise UserError(f"checkpoint {path}: {exc}{_import_advice(working_dir)}") from None
     except (ValueError, TypeError) as exc:
         raise UserError(f"checkpoint {path}: {exc}") from None
     try:
@@ -134,10 +155,19 @@ def load_model(path: Path, device: torch.device) -> Checkpoint:
             from None
     # best.pt stores the epoch at the top level; last.pt in its run state.
     epoch = state.get("epoch", (state.get("run") or {}).get("epoch"))
-    config = state.get("config") or {}
-    return Checkpoint(Path(path), name, num_classes, state.get("dataset"), epoch, config.get("seed"),
+    config = state.get("config") if isinstance(state.get("config"), dict) else {}
+    return Checkpoint(path, name, num_classes, state.get("dataset"), epoch, config.get("seed"),
                       model.to(device).eval(), config.get("precision", "auto"), bool(config.get("plain", False)),
-                      config.get("image_size"))
+                      config.get("image_size"), config, working_dir)
+
+
+def _import_advice(working_dir: str | None) -> str:
+    """How to make a network of the user's own importable where the module is not found from here."""
+    if working_dir is None:
+        return "; run from the directory training ran in, or add that directory to PYTHONPATH"
+    if Path(working_dir) != Path.cwd():
+        return f"; run from {working_dir}, where training ran, or add {working_dir} to PYTHONPATH"
+    return ""
 
 
 def common_dataset(checkpoints: list[Checkpoint], dataset: str | None) -> str:
@@ -170,21 +200,124 @@ def accuracies(checkpoints: list[Checkpoint], images: torch.Tensor, labels: torc
     return rows
 
 
-def evaluate_checkpoints(paths, data_dir: str = "./data", dataset: str | None = None, device: str = "auto",
-                         skip_checksum: bool = False, download: bool = True,
-                         test_samples: int | None = None, download_url: str | None = None) -> dict:
+@dataclass
+class DataSource:
+    """Where ``dml evaluate`` reads the test split: the run's own source unless the command line says
+    otherwise. ``given`` holds the settings the command line gave."""
+
+    dataset: str
+    data_dir: Path  # absolute
+    skip_checksum: bool
+    download: bool
+    download_url: str | None
+    image_size: int | None
+    given: set[str]
+    relative_to_here: bool = False  # a run's relative data dir with no record of where the run started
+
+    def describe(self) -> str:
+        """One line: what data, from where, and why."""
+        notes = []
+        if "data_dir" in self.given:
+            notes.append("--data-dir")
+        elif self.relative_to_here:
+            notes.append("the run's --data-dir, taken from the current directory: the checkpoint does not "
+                         "record where the run started")
+        else:
+            notes.append("the run's --data-dir")
+        if self.dataset != "folder" and self.skip_checksum:
+            notes.append("checksum skipped" + (" (--skip-checksum)" if "skip_checksum" in self.given
+                                               else ", as the run did"))
+        if self.image_size is not None:
+            notes.append(f"images resized to {self.image_size}x{self.image_size}"
+                         + (" (--image-size)" if "image_size" in self.given else ", as the run did"))
+        return f"data: {self.dataset} test split from {self.data_dir} ({'; '.join(notes)})"
+
+
+def _absolute(path: str | os.PathLike, base: str | os.PathLike) -> Path:
+    return Path(os.path.normpath(Path(base) / Path(path).expanduser()))
+
+
+def data_source(checkpoints: list[Checkpoint], dataset: str, data_dir: str | None = None,
+                skip_checksum: bool | None = None, download: bool | None = None, download_url: str | None = None,
+                image_size: int | None = None) -> DataSource:
+    """The runs' data source (their --data-dir relative to where each run started, checksum choice,
+    image size), each setting overridden where given (not None); the runs must agree on the rest."""
+    given = {k for k, v in (("data_dir", data_dir), ("skip_checksum", skip_checksum), ("image_size", image_size))
+             if v is not None}
+    if image_size is not None:
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
+            raise UserError(f"--image-size must be a positive integer, got {image_size!r}")
+        if dataset != "folder":
+            raise UserError(f"--image-size applies to --dataset folder; {dataset} images are 32x32")
+
+    def common(values: list, flag: str):
+        if len(set(values)) > 1:
+            found = "; ".join(f"{c.path}: {v}" for c, v in zip(checkpoints, values))
+            raise UserError(f"the checkpoints' runs differ in {flag} ({found}); pass {flag}, or evaluate them "
+                            "separately")
+        return values[0]
+
+    here = Path.cwd()
+    relative_to_here = False
+    if data_dir is not None:
+        directory = _absolute(data_dir, here)
+    else:
+        dirs = []
+        for c in checkpoints:
+            run_dir = c.config.get("data_dir", "./data")  # the default of runs that did not record it
+            if not isinstance(run_dir, str):
+                raise UserError(f"checkpoint {c.path} records no readable data directory; pass --data-dir")
+            base = c.working_dir if c.working_dir is not None else here
+            relative_to_here |= c.working_dir is None and not Path(run_dir).expanduser().is_absolute()
+            dirs.append(_absolute(run_dir, base))
+        directory = common(dirs, "--data-dir")
+    if skip_checksum is None:
+        skip_checksum = common([bool(c.config.get("skip_checksum", False)) for c in checkpoints], "--skip-checksum")
+    if image_size is None:
+        image_size = common([c.image_size for c in checkpoints], "--image-size")
+    if download is None:  # where a run was told not to download, neither does its evaluation
+        download = all(c.config.get("download", True) for c in checkpoints)
+    if download_url is None:
+        urls = {c.config.get("download_url") for c in checkpoints}
+        download_url = urls.pop() if len(urls) == 1 and isinstance(next(iter(urls)), str) else None
+    return DataSource(dataset, directory, skip_checksum, download, download_url, image_size, given, relative_to_here)
+
+
+def load_checkpoints(paths, device: torch.device, models: list[str] | None = None) -> list[Checkpoint]:
+    """Checkpoint files as networks; ``models`` (one for all, or one per checkpoint) names what they hold
+    and must, where one holds a network of the user's own: only then is its module imported."""
+    paths = [Path(p) for p in paths]
+    named = one_or_each("--models", models, len(paths), "checkpoint")
+    states = [load_checkpoint(p, map_location="cpu") for p in paths]
+    recorded = [_recorded_model(p, state)[0] for p, state in zip(paths, states)]
+    flag = names_flag("--models", recorded)  # the exact flag to add, for every checkpoint given
+    for p, name, given in zip(paths, recorded, named):
+        check_model_named(f"checkpoint {p}", name, given, flag)
+    return [_build(p, state, device, name) for p, state, name in zip(paths, states, recorded)]
+
+
+def evaluate_checkpoints(paths, data_dir: str | None = None, dataset: str | None = None, device: str = "auto",
+                         skip_checksum: bool | None = None, download: bool | None = None,
+                         test_samples: int | None = None, download_url: str | None = None, *,
+                         models: list[str] | None = None, image_size: int | None = None,
+                         log: Callable[[str], None] | None = None) -> dict:
     """Evaluate checkpoint files on their test split; returns a JSON-ready summary.
 
-    ``test_samples`` takes the seeded, class-balanced subset that training's ``--test-samples``
-    took (same seed as the first checkpoint's run), so the numbers match its log.
+    The data source is the runs' own (see ``data_source``) where an argument is None; ``log`` gets
+    one line saying what data is used. ``test_samples`` takes the seeded, class-balanced subset that
+    training's ``--test-samples`` took (same seed as the first checkpoint's run), so the numbers match
+    its log.
     """
     dev = resolve_device(device)
-    checkpoints = [load_model(Path(p), dev) for p in paths]
+    checkpoints = load_checkpoints(paths, dev, models)
     dataset = common_dataset(checkpoints, dataset)
-    data = load_dataset(dataset, data_dir, image_size=checkpoints[0].image_size, download=download, url=download_url,
-                        skip_checksum=skip_checksum)
+    source = data_source(checkpoints, dataset, data_dir, skip_checksum, download, download_url, image_size)
+    if log is not None:
+        log(source.describe())
+    data = load_dataset(dataset, str(source.data_dir), image_size=source.image_size, download=source.download,
+                        url=source.download_url, skip_checksum=source.skip_checksum)
     if data.num_classes != checkpoints[0].num_classes:
-        raise UserError(f"{data_dir} holds {data.num_classes} classes but the checkpoints have "
+        raise UserError(f"{source.data_dir} holds {data.num_classes} classes but the checkpoints have "
                         f"{checkpoints[0].num_classes}; pass the --data-dir they were trained on")
     test = data.test
     if test_samples is not None:
@@ -203,6 +336,7 @@ def evaluate_checkpoints(paths, data_dir: str = "./data", dataset: str | None = 
     finally:
         runtime.close()
     return {"dataset": dataset, "num_classes": data.num_classes, "test_images": len(test), "device": dev.type,
+            "data_dir": str(source.data_dir), "skip_checksum": source.skip_checksum,
             "checkpoints": [asdict(r) for r in results[:-1]], "ensemble": asdict(results[-1])}
 
 
@@ -222,7 +356,8 @@ def format_table(summary: dict) -> str:
 def evaluate_command(args) -> dict:
     """``dml evaluate``: print the table and, with ``--json``, write the summary."""
     summary = evaluate_checkpoints(args.checkpoints, args.data_dir, args.dataset, args.device, args.skip_checksum,
-                                   args.download, args.test_samples, args.download_url)
+                                   args.download, args.test_samples, args.download_url, models=args.models,
+                                   image_size=args.image_size, log=print)
     print(format_table(summary))
     if args.json is not None:
         try:

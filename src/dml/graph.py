@@ -18,6 +18,8 @@ A graph file::
     [[peer]]
     name = "teacher"
     checkpoint = "runs/independent_wrn28_2_s42/0_wrn28_2/best.pt"   # frozen; its model from the file
+    # model = "mynets:small_cnn"      # with a checkpoint: the network it holds, needed where it is
+                                      # package.module:factory (a checkpoint never imports code by itself)
 
     [[link]]
     source = "teacher"                # a peer's name; "labels" is the self link (cross-entropy)
@@ -38,7 +40,7 @@ from pathlib import Path
 from .errors import UserError
 from .links import COMBINES, Link, Links
 from .models import model_factory
-from .peer import directory_advice, load_checkpoint
+from .peer import check_model_named, directory_advice, load_checkpoint, names_flag, one_or_each
 from .tomlfile import read_toml
 
 LABELS = "labels"
@@ -47,7 +49,10 @@ LINK_KEYS = {"source", "target", "temperature", "weight", "gate"}
 
 
 def frozen_peer(path: str | Path, name: str) -> dict:
-    """A frozen peer from a checkpoint of an earlier run: its model name and a hash of the file."""
+    """A frozen peer from a checkpoint of an earlier run: its model name and a hash of the file.
+
+    The model name is what the checkpoint records; the caller checks it against what the user named
+    (``check_model_named``) before anything builds it."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise UserError(f"teacher checkpoint {path} is a directory, not a checkpoint file; {directory_advice(path)}")
@@ -61,13 +66,20 @@ def frozen_peer(path: str | Path, name: str) -> dict:
     return {"name": name, "model": model, "checkpoint": str(path.resolve()), "sha256": digest}
 
 
-def teacher_spec(students: Sequence[str], teachers: Sequence[str], temperature: float, weight: float) -> dict:
+def teacher_spec(students: Sequence[str], teachers: Sequence[str], temperature: float, weight: float,
+                 teacher_models: Sequence[str] | None = None) -> dict:
     """``--teacher``: the students learn from every teacher (and, two or more, from each other), with
-    the given temperature and weight."""
+    the given temperature and weight. ``teacher_models`` (``--teacher-model``, one for all or one per
+    teacher) names the teachers' networks; a network of the user's own must be named to be imported."""
+    named = one_or_each("--teacher-model", teacher_models, len(teachers), "--teacher checkpoint")
+    frozen = [frozen_peer(path, f"teacher{k}") for k, path in enumerate(teachers)]
+    flag = names_flag("--teacher-model", [peer["model"] for peer in frozen])
+    for path, peer, given in zip(teachers, frozen, named):
+        check_model_named(f"teacher checkpoint {path}", peer["model"], given, flag)
     peers = [{"name": f"{i}_{m}", "model": m, "checkpoint": None, "sha256": None} for i, m in enumerate(students)]
-    peers += [frozen_peer(path, f"teacher{k}") for k, path in enumerate(teachers)]
-    frozen = list(range(len(students), len(peers)))
-    links = Links.mutual(len(peers), temperature, weight, frozen=frozen)
+    peers += frozen
+    frozen_indices = list(range(len(students), len(peers)))
+    links = Links.mutual(len(peers), temperature, weight, frozen=frozen_indices)
     return {"peers": peers, **links.to_dict()}
 
 
@@ -120,11 +132,16 @@ def _peer(entry: dict, k: int, where: str, base: Path) -> dict:
     name = entry.get("name")
     if not isinstance(name, str) or not name:
         raise UserError(f"{where}: peer {k + 1} needs a name")
-    if ("model" in entry) == ("checkpoint" in entry):
-        raise UserError(f"{where}: peer {name!r} needs either model (trainable) or checkpoint (frozen), not both")
+    if "model" not in entry and "checkpoint" not in entry:
+        raise UserError(f"{where}: peer {name!r} needs a model (trainable) or a checkpoint (frozen)")
     if "checkpoint" in entry:
         path = Path(str(entry["checkpoint"])).expanduser()
-        return frozen_peer(path if path.is_absolute() else base / path, name)
+        path = path if path.is_absolute() else base / path
+        peer = frozen_peer(path, name)
+        # beside a checkpoint, model names the network it holds: needed to import a network of the user's own
+        check_model_named(f"{where}: peer {name!r}: checkpoint {path}", peer["model"], entry.get("model"),
+                          f'model = "{peer["model"]}" in peer {name!r}')
+        return peer
     try:
         model_factory(entry["model"])
     except (ValueError, TypeError) as exc:

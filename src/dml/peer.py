@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .models import folder_name
+from .models import folder_name, is_import_path
 
 
 
@@ -136,6 +136,34 @@ def directory_advice(folder: Path) -> str:
     if not found:
         return f"it holds no {' or '.join(CHECKPOINT_NAMES)}; {OTHER_FILE_ADVICE}"
     return f"pass a checkpoint file in it: {' '.join(str(p) for p in found)}"
+
+
+def check_model_named(what: str, recorded: str, named: str | None, naming: str) -> None:
+    """Refuse to build a network of the user's own that a checkpoint records (``package.module:factory``)
+    unless the user named it too: a checkpoint never imports code by itself. ``what`` names the
+    checkpoint in the message; ``naming`` is the setting that names its model, e.g. ``--models x:y``."""
+    if named is not None and named != recorded:
+        raise UserError(f"{what} holds a {recorded!r}, not the {named!r} named for it; use {naming}")
+    if named is None and is_import_path(recorded):
+        raise UserError(f"{what} holds a network of your own, {recorded!r}, and a checkpoint does not import code "
+                        f"by itself: add {naming} to import it")
+
+
+def names_flag(flag: str, names: list[str]) -> str:
+    """``flag`` followed by ``names``, one name where all are the same: e.g. ``--models x:y``."""
+    unique = list(dict.fromkeys(names))
+    return " ".join([flag, *(unique if len(unique) == 1 else names)])
+
+
+def one_or_each(flag: str, named: list[str] | None, count: int, what: str) -> list[str | None]:
+    """The names a flag gives ``count`` of ``what`` (one for all, or one each); None each where not given."""
+    if named is None:
+        return [None] * count
+    if len(named) not in (1, count):
+        things = what if count == 1 else f"{what}s"
+        raise UserError(f"{flag} lists {len(named)} names for {count} {things}; give one name (for all of them) "
+                        f"or one per {what}")
+    return list(named) * count if len(named) == 1 else list(named)
 
 
 def load_checkpoint(path: Path, map_location="cpu", advice: str = OTHER_FILE_ADVICE) -> dict:

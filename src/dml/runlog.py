@@ -91,6 +91,7 @@ def environment_info(device: torch.device) -> dict:
         "device_type": device.type,
         "device_name": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
+        "working_dir": os.getcwd(),  # where relative paths of the configuration (data_dir, out_dir) start
     }
     if device.type == "cuda":
         info["device_name"] = torch.cuda.get_device_name(device)

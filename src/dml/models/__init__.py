@@ -30,6 +30,10 @@ MODELS: dict[str, Callable[[int], nn.Module]] = {
 MODEL_NAMES = tuple(MODELS)
 
 
+class ModelImportError(ValueError):
+    """The module of a ``package.module:factory`` name cannot be imported (not found, or failing)."""
+
+
 def is_import_path(name: str) -> bool:
     return ":" in name
 
@@ -53,7 +57,7 @@ def model_factory(name: str) -> Callable[[int], nn.Module]:
         module = importlib.import_module(module_name)
     except Exception as exc:  # the user's module may fail in any way while importing
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"model {name!r}: cannot import {module_name!r} ({first})") from None
+        raise ModelImportError(f"model {name!r}: cannot import {module_name!r} ({first})") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ValueError(f"model {name!r}: {module_name} has no callable {attr!r}")
