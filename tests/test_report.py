@@ -182,6 +182,38 @@ def test_plots_are_png_files_linked_from_the_report(tmp_path):
         assert f"](plots/{name})" in out.read_text()  # linked relative to the report
 
 
+def test_one_epoch_plots_have_whole_epoch_ticks_and_draw_all_they_name(tmp_path):
+    from dml.report import comparison_figure, run_figure, seed_groups
+
+    run = read_run(write_run(tmp_path, "dml_n2_resnet32_s1", [PEER0[:1], PEER1[:1]]))
+    baseline = [read_run(write_run(tmp_path, "independent_resnet32_s1", [[(50.0, 20.0, 2.5)]]))]
+    for fig in (run_figure(run, baseline), comparison_figure(seed_groups([run]), baseline)):
+        fig.canvas.draw()
+        for ax in fig.axes:
+            low, high = ax.get_xlim()
+            ticks = [t for t in ax.get_xticks() if low <= t <= high]
+            assert ticks == [1.0]  # the one epoch, not 0.945 ... 1.05
+            assert all(label.get_text().lstrip("−-").isdigit() for label in ax.get_xticklabels())
+            named = [text.get_text() for text in ax.get_legend().get_texts()]
+            drawn = [line.get_label() for line in ax.get_lines()
+                     if len(line.get_xdata()) > 1 or line.get_marker() not in (None, "None", "")]
+            assert named == drawn and any(name.startswith("baseline") for name in named)
+
+
+def test_the_summary_counts_a_distilled_runs_students_and_teachers(tmp_path):
+    kd = write_run(tmp_path, "kd_resnet32_from_wrn28_2_s1", [PEER0, PEER1])
+    document = json.loads((kd / "config.json").read_text())
+    document["config"]["graph_spec"] = {"peers": [
+        {"name": "0_resnet32", "model": "resnet32", "checkpoint": None, "sha256": None},
+        {"name": "teacher0", "model": "resnet32", "checkpoint": "/t/best.pt", "sha256": "0" * 64}]}
+    (kd / "config.json").write_text(json.dumps(document))
+    write_run(tmp_path, "dml_n2_resnet32_s1", [PEER0, PEER1])
+    summary = rows(report([tmp_path]), "## Summary")
+    assert summary["Run"][0] == "Nodes"
+    assert summary["kd_resnet32_from_wrn28_2_s1"][0] == "1 student + 1 teacher"
+    assert summary["dml_n2_resnet32_s1"][0] == "2"
+
+
 def test_report_goes_to_stdout_without_out(tmp_path, capsys):
     write_run(tmp_path, "dml_n2_resnet32_s1", [PEER0, PEER1])
     assert main(["report", str(tmp_path)]) == 0

@@ -364,6 +364,15 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
+def _nodes_text(run: Run, long: bool = False) -> str:
+    """The run's peers: ``2`` (``2 nodes`` when ``long``), or with teachers ``1 student + 1 teacher``: a
+    frozen teacher is a node of the graph but learns nothing, so it is not counted as a peer."""
+    nodes, students = run.num_nodes, len(run.students)
+    if students < nodes:
+        return f"{_plural(students, 'student')} + {_plural(nodes - students, 'teacher')}"
+    return _plural(nodes, "node") if long else str(nodes)
+
+
 def _title(group: list[Run], is_baseline: bool = False) -> str:
     nodes, students = group[0].num_nodes, len(group[0].students)
     if is_baseline:
@@ -438,7 +447,7 @@ def summary_table(groups: list[list[Run]], baseline_group: list[Run] | None, bas
         avg_best = _stat([statistics.fmean(p.best()[0] for p in run.students) for run in group])
         final = [run.ensemble.get(run.epochs_done) for run in group]
         name = _escape(group_name(group)) + (" (baseline)" if group is baseline_group else "")
-        cells = [name, str(group[0].num_nodes), _epochs_text(group[0]), ", ".join(str(r.seed) for r in group),
+        cells = [name, _nodes_text(group[0]), _epochs_text(group[0]), ", ".join(str(r.seed) for r in group),
                  avg_test.format()] + ([at_best_val] if with_val else []) + \
                 [avg_best.format(), DASH if None in final else _stat(final).format()]
         if baseline is not None:
@@ -486,6 +495,12 @@ def _figure(width: float, height: float, columns: int = 1):
 def plot_run(run: Run, path: Path, baseline: list[Run] | None = None) -> Path:
     """Test accuracy and train loss per epoch for every peer; the ensemble dotted, the baseline
     (its peer average, and mean over its seeds if several) dashed."""
+    run_figure(run, baseline).savefig(path, dpi=110)
+    return Path(path)
+
+
+def run_figure(run: Run, baseline: list[Run] | None = None):
+    """The figure of :func:`plot_run`."""
     fig, (acc_ax, loss_ax) = _figure(12, 4.5, 2)
     style = _line_style(run.epochs_done)
     for peer in run.peers:
@@ -496,32 +511,42 @@ def plot_run(run: Run, path: Path, baseline: list[Run] | None = None) -> Path:
         acc_ax.plot(epochs, [run.ensemble[e] for e in epochs], ":", color="black", label="ensemble", **style)
     if baseline:
         label = f"baseline: {group_name(baseline)}" + (" (peer average)" if baseline[0].num_nodes > 1 else "")
-        acc_ax.plot(*_group_curve(baseline, "test_acc"), "--", color="gray", label=label)
-        loss_ax.plot(*_group_curve(baseline, "train_loss"), "--", color="gray", label=label)
+        for ax, key in ((acc_ax, "test_acc"), (loss_ax, "train_loss")):
+            _plot_baseline(ax, _group_curve(baseline, key), label)
     _decorate(acc_ax, "Test accuracy", "test accuracy (%)")
     _decorate(loss_ax, "Train loss", "train loss")
     fig.suptitle(f"{run.name}: {_models_text(run.config['models'])} on {run.config.get('dataset', 'cifar100')}, "
                  f"epochs {_epochs_text(run)}")
-    fig.savefig(path, dpi=110)
-    return Path(path)
+    return fig
 
 
 def plot_comparison(groups: list[list[Run]], path: Path, baseline: list[Run] | None = None) -> Path:
     """Average test accuracy of the peers against epoch, one line per run (seed groups averaged
     over their seeds), ordered by node count; the baseline dashed."""
+    comparison_figure(groups, baseline).savefig(path, dpi=110)
+    return Path(path)
+
+
+def comparison_figure(groups: list[list[Run]], baseline: list[Run] | None = None):
+    """The figure of :func:`plot_comparison`."""
     fig, (ax,) = _figure(8, 5)
     for group in sorted(groups, key=lambda g: (g[0].num_nodes, group_name(g))):
         epochs, mean = _group_curve(group, "test_acc")
-        nodes = group[0].num_nodes
-        label = f"{nodes} node{'s' if nodes > 1 else ''}: {group_name(group)}"
+        label = f"{_nodes_text(group[0], long=True)}: {group_name(group)}"
         ax.plot(epochs, mean, label=label + (f" (mean of {len(group)} seeds)" if len(group) > 1 else ""),
                 **_line_style(len(epochs)))
     if baseline:
-        epochs, mean = _group_curve(baseline, "test_acc")
-        ax.plot(epochs, mean, "--", color="gray", label=f"baseline: {group_name(baseline)}")
+        _plot_baseline(ax, _group_curve(baseline, "test_acc"), f"baseline: {group_name(baseline)}")
     _decorate(ax, "Average test accuracy of the peers by number of nodes", "average test accuracy (%)")
-    fig.savefig(path, dpi=110)
-    return Path(path)
+    return fig
+
+
+def _plot_baseline(ax, curve: tuple[list[int], list[float]], label: str) -> None:
+    """The baseline dashed, with markers where its curve is short: a dashed line through one point
+    draws nothing, and the legend would name a line that is not there."""
+    epochs, values = curve
+    if epochs:  # no epoch in common between the baseline's seeds: nothing to draw, nothing to name
+        ax.plot(epochs, values, "--", color="gray", label=label, **_line_style(len(epochs)))
 
 
 def _line_style(points: int) -> dict:
@@ -535,7 +560,9 @@ def _decorate(ax, title: str, ylabel: str) -> None:
     ax.set_title(title)
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+    # epochs are whole numbers; min_n_ticks=1: one epoch spans too few integers for the default 2, and
+    # the locator would then fall back to fractional ticks
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
 
