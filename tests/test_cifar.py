@@ -1,4 +1,5 @@
-"""Tests for dml.data.cifar: reading, checking, extracting, downloading and subsetting.
+"""Tests for reading CIFAR: dml.data.cifar (reading, checking), dml.data.download (checksums,
+extracting, downloading) and dml.data.dataset (subsetting).
 
 Synthetic files keep these fast; the real local copy is used only when DML_DATA_DIR is set.
 Downloads go to a throw-away HTTP server on 127.0.0.1 only.
@@ -30,13 +31,9 @@ from cifar_fixtures import (
     write_pickle,
 )
 
-from dml.data.cifar import (
-    DATASETS,
-    CifarSplit,
-    balanced_subset,
-    load_cifar,
-    md5sum,
-)
+from dml.data.cifar import DATASETS, load_cifar
+from dml.data.dataset import ImageSplit, balanced_subset
+from dml.data.download import md5sum
 from dml.errors import UserError
 
 
@@ -449,13 +446,13 @@ def test_downloaded_archive_md5_mismatch_leaves_nothing(tmp_path):
 # --- balanced_subset ----------------------------------------------------------------------
 
 
-def _split(labels) -> CifarSplit:
+def _split(labels) -> ImageSplit:
     labels = torch.as_tensor(labels, dtype=torch.int64)
     images = torch.arange(len(labels), dtype=torch.int64).remainder(256).to(torch.uint8)
-    return CifarSplit(images.view(-1, 1, 1, 1).expand(-1, 3, 32, 32).contiguous(), labels)
+    return ImageSplit(images.view(-1, 1, 1, 1).expand(-1, 3, 32, 32).contiguous(), labels)
 
 
-def _row_ids(split: CifarSplit) -> list[int]:
+def _row_ids(split: ImageSplit) -> list[int]:
     return split.images[:, 0, 0, 0].tolist()  # image i was filled with i % 256
 
 

@@ -11,7 +11,8 @@ from test_folder import write_folder
 
 from dml.cli import main
 from dml.peer import derive_seed
-from dml.data.cifar import balanced_subset, load_cifar
+from dml.data.cifar import load_cifar
+from dml.data.dataset import balanced_subset
 from dml.evaluate import evaluate_checkpoints, format_table
 from dml.models import create_model
 from dml.runlog import save_checkpoint

@@ -10,7 +10,7 @@ from cifar_fixtures import make_cohort
 from dml.checkpoint import save_epoch
 from dml.cli import main
 from dml.config import TrainConfig
-from dml.data.cifar import CifarSplit, hold_out
+from dml.data.dataset import ImageSplit, hold_out
 from dml.engine import load_data
 from dml.errors import UserError
 from dml.runlog import RunDir
@@ -19,11 +19,11 @@ TINY = ["--train-samples", "256", "--test-samples", "100", "--batch-size", "32",
         "--no-download", "--no-progress", "--precision", "fp32"]
 
 
-def _split(per_class: list[int]) -> CifarSplit:
+def _split(per_class: list[int]) -> ImageSplit:
     labels = torch.cat([torch.full((n,), c) for c, n in enumerate(per_class)])
     labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))]
     images = torch.arange(len(labels), dtype=torch.int64).view(-1, 1, 1, 1)  # each image names its index
-    return CifarSplit(images=images, labels=labels)
+    return ImageSplit(images=images, labels=labels)
 
 
 def test_hold_out_is_a_seeded_class_balanced_partition():

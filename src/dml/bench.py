@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .config import TrainConfig
 from .data.augment import CIFAR100_MEAN, CIFAR100_STD
-from .data.cifar import CifarData, CifarSplit
+from .data.dataset import ImageData, ImageSplit
 from .distributed import make_exchange
 from .engine import StepMetrics, build_cohort, build_feed, build_runtime, train_steps
 from .runtime import resolve_device, resolve_precision
@@ -78,7 +78,7 @@ def measure_engine(settings: BenchSettings, num_nodes: int, exchange) -> tuple[f
     images, labels = synthetic_cifar(settings.batch_size * _total_steps(settings), device, settings.seed)
     try:
         cohort = build_cohort(cfg, exchange, runtime, NUM_CLASSES)
-        data = CifarData("cifar100", NUM_CLASSES, [], CifarSplit(images, labels), CifarSplit(images[:1], labels[:1]),
+        data = ImageData("cifar100", NUM_CLASSES, [], ImageSplit(images, labels), ImageSplit(images[:1], labels[:1]),
                          CIFAR100_MEAN, CIFAR100_STD)
         batch_iter = iter(build_feed(cfg, runtime, data).batches)
         metrics = StepMetrics(len(cohort.peers), device)

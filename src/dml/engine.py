@@ -17,7 +17,7 @@ from .cohort import Cohort, prepare_frozen
 from .config import TrainConfig
 from .data.augment import Normalise
 from .data.batches import TrainBatches, test_batches
-from .data.cifar import CifarData, balanced_subset, hold_out
+from .data.dataset import ImageData, balanced_subset, hold_out
 from .data.source import load_dataset
 from .distributed import make_exchange
 from .errors import RunStopped, UserError
@@ -31,7 +31,7 @@ from .runtime import Runtime, resolve_device
 
 
 # --- the run ------------------------------------------------------------------------------------
-def load_data(cfg: TrainConfig, device: torch.device) -> CifarData:
+def load_data(cfg: TrainConfig, device: torch.device) -> ImageData:
     data = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size, download=cfg.download,
                         url=cfg.download_url, skip_checksum=cfg.skip_checksum, progress=cfg.progress)
     if cfg.val_samples is not None:  # held out first, so that --train-samples draws from the rest
@@ -52,7 +52,7 @@ def load_data(cfg: TrainConfig, device: torch.device) -> CifarData:
     return data
 
 
-def data_summary(data: CifarData) -> dict:
+def data_summary(data: ImageData) -> dict:
     """What config.json records of the data: its classes and the normalisation the run used."""
     return {"dataset": data.dataset, "classes": data.class_names, "train_images": len(data.train),
             "test_images": len(data.test), "val_images": len(data.val) if data.val is not None else 0,
@@ -118,7 +118,7 @@ class Feed:
     batches: TrainBatches
 
 
-def build_feed(cfg: TrainConfig, runtime: Runtime, data: CifarData) -> Feed:
+def build_feed(cfg: TrainConfig, runtime: Runtime, data: ImageData) -> Feed:
     generator = torch.Generator(device=runtime.device)
     generator.manual_seed(derive_seed(cfg.seed, "data"))
     normalise = Normalise(data.mean, data.std, runtime.device, runtime.channels_last)
@@ -153,7 +153,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     return run.path
 
 
-def _train_cohort(cfg: TrainConfig, resume: bool, stop_after: int | None, run: RunDir, data: CifarData,
+def _train_cohort(cfg: TrainConfig, resume: bool, stop_after: int | None, run: RunDir, data: ImageData,
                   cohort: Cohort, feed: Feed) -> None:
     exchange, runtime = cohort.exchange, cohort.runtime
     start_epoch = 1
@@ -296,7 +296,7 @@ class StopSignal:
                              "command and --resume", exit_code=self.EXIT_CODES[self.received])
 
 
-def run_epoch(epoch: int, cohort: Cohort, feed: Feed, data: CifarData, cfg: TrainConfig,
+def run_epoch(epoch: int, cohort: Cohort, feed: Feed, data: ImageData, cfg: TrainConfig,
               stop: StopSignal | None = None) -> list[dict]:
     """Train one epoch and evaluate; return the epoch's records for every peer in the cohort."""
     peers, batches, exchange = cohort.peers, feed.batches, cohort.exchange

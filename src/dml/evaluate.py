@@ -22,7 +22,7 @@ import torch
 
 from .data.augment import Normalise
 from .data.batches import test_batches
-from .data.cifar import balanced_subset
+from .data.dataset import balanced_subset
 from .data.source import load_dataset
 from .distributed import LocalExchange
 from .errors import UserError

@@ -1,28 +1,21 @@
-"""CIFAR-100 / CIFAR-10 in the official "python version" format.
+"""CIFAR-100 / CIFAR-10 in the official "python version" format: the two datasets' specs (files,
+keys, checksums, URLs) and the reading and checking of their files.
 
 ``load_cifar`` finds the data under a root folder (extracted folder, else archive, else a
-download), checks it and returns uint8 image tensors of shape (N, 3, 32, 32) with int64 labels.
+download through download.py), checks it and returns an ``ImageData`` (dataset.py) of uint8
+image tensors of shape (N, 3, 32, 32) with int64 labels.
 
 Safety: the files are pickles, and unpickling can run code. So by default every file's MD5 is
-compared with the official table *before* it is unpickled, and the unpickler only accepts the
-few numpy globals that a CIFAR file needs, which also covers ``skip_checksum=True``.
+compared with the official table *before* it is unpickled, and the unpickler (safe_pickle.py) only
+accepts the few numpy globals that a CIFAR file needs, which also covers ``skip_checksum=True``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import http.client
 import os
-import pickle
 import reprlib
-import shutil
-import tarfile
-import tempfile
-import urllib.error
-import urllib.request
-import zlib
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,40 +23,13 @@ import torch
 
 from ..errors import UserError
 from .augment import NORMALISATION
+from .dataset import ImageData, ImageSplit
+from .download import download_archive, extract_folder, md5sum, resolve_url
+from .safe_pickle import ArrayUnpickler, ForbiddenGlobal
 
 DATASETS = ("cifar100", "cifar10")
 
-#: Environment variable that replaces the default download URL (for mirrors).
-DOWNLOAD_URL_ENV = "DML_DOWNLOAD_URL"
-#: Seconds to wait on the network before giving up (connect and each read).
-DOWNLOAD_TIMEOUT_S = 60.0
-
 _PIXELS = 3 * 32 * 32  # one flat row: 1024 R, 1024 G, 1024 B, each 32x32 row-major
-
-
-@dataclass
-class CifarSplit:
-    """Images as uint8 (N, 3, 32, 32), contiguous, CPU; labels as int64 (N,)."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-
-@dataclass
-class CifarData:
-    """A dataset as uint8 image tensors: CIFAR's official files or an image folder."""
-
-    dataset: str  # "cifar100", "cifar10" or "folder"
-    num_classes: int
-    class_names: list[str]
-    train: CifarSplit
-    test: CifarSplit
-    mean: tuple[float, ...] = ()  # per-channel normalisation of images scaled to [0, 1]
-    std: tuple[float, ...] = ()
-    val: CifarSplit | None = None  # held out of the training images (--val-samples)
 
 
 @dataclass(frozen=True)
@@ -129,16 +95,6 @@ _SPECS = {
 _OFFICIAL_COUNTS = {"train": 50000, "test": 10000}
 
 
-def md5sum(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """Hex MD5 of a file, read in chunks so large files never sit in memory whole."""
-    # usedforsecurity=False: MD5 is an integrity check here, and FIPS builds refuse it otherwise.
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_cifar(
     root: str | os.PathLike,
     dataset: str = "cifar100",
@@ -149,7 +105,7 @@ def load_cifar(
     progress: bool = True,
     checksums: dict[str, str] | None = None,
     expected_counts: dict[str, int] | None = None,
-) -> CifarData:
+) -> ImageData:
     """Load CIFAR-100 or CIFAR-10 from ``root``, extracting or downloading it when needed.
 
     Looks for, in order: the extracted folder (e.g. ``root/cifar-100-python/``), the archive
@@ -183,14 +139,15 @@ def load_cifar(
             if not skip_checksum:
                 _check_md5(archive, md5_table[spec.archive], spec)
         elif download:
-            _download(_resolve_url(url, spec), archive, spec, md5_table, skip_checksum, progress)
+            download_archive(resolve_url(url, spec.url, spec.archive), archive, title=spec.title, folder=spec.folder,
+                             md5=None if skip_checksum else md5_table[spec.archive], progress=progress)
         else:
             raise UserError(
                 f"{spec.title} not found under {root}: place the extracted folder {spec.folder}/ "
                 f"at {folder} or the archive {spec.archive} at {archive} (download it from "
                 f"{spec.url}), or allow downloading"
             )
-        _extract(archive, root, spec)
+        extract_folder(archive, root, spec.folder, kind=f"{spec.title} python-version archive", url=spec.url)
     return _read_folder(folder, dataset, spec, md5_table, counts, skip_checksum)
 
 
@@ -198,167 +155,6 @@ def _is_extracted_folder(path: Path, spec: _Spec) -> bool:
     """Whether ``path`` is the extracted folder: it bears its name, or holds every one of its files."""
     names = (spec.meta_file, *spec.train_files, *spec.test_files)
     return path.name == spec.folder or all((path / name).is_file() for name in names)
-
-
-# --- download and extraction -------------------------------------------------------------
-
-
-def _resolve_url(url: str | None, spec: _Spec) -> str:
-    if url is None:
-        url = os.environ.get(DOWNLOAD_URL_ENV) or spec.url
-    if url.endswith("/"):
-        url += spec.archive
-    return url
-
-
-def _download(
-    url: str,
-    dest: Path,
-    spec: _Spec,
-    md5_table: dict[str, str],
-    skip_checksum: bool,
-    progress: bool,
-) -> None:
-    """Download ``url`` to ``dest``. A failed download leaves nothing behind: no partial archive
-    (which a later run would mistake for a complete one), and none of the folders it created."""
-    created = []  # the folders above dest that do not exist yet, deepest first
-    folder = dest.parent
-    while not folder.exists() and folder != folder.parent:
-        created.append(folder)
-        folder = folder.parent
-    try:
-        _fetch(url, dest, spec, md5_table, skip_checksum, progress)
-    except BaseException:  # Ctrl-C too
-        for folder in created:
-            try:
-                folder.rmdir()  # only if still empty: never what someone else put there meanwhile
-            except OSError:
-                break
-        raise
-
-
-def _fetch(
-    url: str,
-    dest: Path,
-    spec: _Spec,
-    md5_table: dict[str, str],
-    skip_checksum: bool,
-    progress: bool,
-) -> None:
-    """Download ``url`` to ``dest`` via a temporary file, renamed into place once complete and checked."""
-    from tqdm.auto import tqdm  # imported here: only downloads need it
-
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    except OSError as e:
-        raise UserError(f"cannot write the {spec.title} download into {dest.parent}: {e}") from e
-    tmp = Path(tmp_name)
-    try:
-        try:
-            request = urllib.request.Request(url, headers={"User-Agent": "dml-cifar-loader"})
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(
-                request, timeout=DOWNLOAD_TIMEOUT_S
-            ) as response:
-                size = response.headers.get("Content-Length")
-                with tqdm(
-                    total=int(size) if size and size.isdigit() else None,
-                    unit="B",
-                    unit_scale=True,
-                    unit_divisor=1024,
-                    desc=f"downloading {spec.archive}",
-                    disable=not progress,
-                ) as bar:
-                    while chunk := response.read(1 << 20):
-                        out.write(chunk)
-                        bar.update(len(chunk))
-        except (OSError, http.client.HTTPException, ValueError) as e:
-            # OSError covers URLError/HTTPError, refused connections and timeouts;
-            # HTTPException a connection cut mid-body; ValueError a malformed URL.
-            if isinstance(e, urllib.error.HTTPError):
-                reason = f"HTTP {e.code} {e.reason}"
-            else:
-                reason = getattr(e, "reason", None) or e
-            raise UserError(
-                f"could not download {spec.title} from {url} ({reason}); download "
-                f"{spec.archive} yourself and place it at {dest} (or its extracted folder at "
-                f"{dest.parent / spec.folder}), or use --download-url URL to name a mirror"
-            ) from e
-        if not skip_checksum:
-            actual, expected = md5sum(tmp), md5_table[spec.archive]
-            if actual != expected:
-                raise UserError(
-                    f"the archive downloaded from {url} has md5 {actual}, but the official "
-                    f"{spec.archive} has md5 {expected}; the download is damaged, or the mirror "
-                    f"serves a non-official copy, which --skip-checksum accepts"
-                )
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _extract(archive: Path, root: Path, spec: _Spec) -> None:
-    """Extract ``spec.folder`` from ``archive`` into ``root``, refusing unsafe members.
-
-    Members are written one by one instead of via ``extractall`` so the safety checks do not
-    depend on ``tarfile``'s ``filter=`` (missing in older Python 3.10/3.11 patch releases).
-    Everything lands in a temporary folder first and is renamed into place at the end, so an
-    interrupted extraction never leaves a half-filled folder that would be taken as complete.
-    """
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{spec.folder}.", suffix=".extract", dir=root))
-    except OSError as e:
-        raise UserError(f"cannot extract {archive} into {root}: {e}") from e
-    try:
-        staging_resolved = staging.resolve()
-        try:
-            with tarfile.open(archive, "r:*") as tar:
-                for member in tar:
-                    target = staging / _safe_member_path(member, archive)
-                    # Belt and braces: the normalised path must still lie inside staging.
-                    if not target.resolve().is_relative_to(staging_resolved):
-                        raise UserError(f"archive {archive} has an unsafe member {member.name!r}")
-                    if member.isdir():
-                        target.mkdir(parents=True, exist_ok=True)
-                        continue
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    source = tar.extractfile(member)
-                    assert source is not None  # regular file, checked above
-                    with source, open(target, "wb") as out:
-                        shutil.copyfileobj(source, out, 1 << 20)
-            extracted = staging / spec.folder
-            if not extracted.is_dir():
-                raise UserError(
-                    f"archive {archive} does not contain the folder {spec.folder}/; it is not a "
-                    f"{spec.title} python-version archive ({spec.url})"
-                )
-            os.replace(extracted, root / spec.folder)
-        except (tarfile.TarError, EOFError, zlib.error) as e:
-            raise UserError(
-                f"archive {archive} is truncated or corrupt ({e}); delete it and download it again "
-                f"from {spec.url}"
-            ) from e
-        except OSError as e:
-            raise UserError(f"could not extract {archive} into {root}: {e}") from e
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _safe_member_path(member: tarfile.TarInfo, archive: Path) -> PurePosixPath:
-    """The member's relative path; UserError for links, devices, absolute paths or ``..``."""
-    if not (member.isfile() or member.isdir()):
-        # Links could point outside the target; devices and FIFOs never belong in CIFAR.
-        raise UserError(
-            f"archive {archive} has member {member.name!r} that is not a regular file or folder "
-            f"(a link or device); refusing to extract it"
-        )
-    path = PurePosixPath(member.name)
-    if path.is_absolute() or ".." in path.parts or "\\" in member.name or not member.name:
-        raise UserError(
-            f"archive {archive} has member {member.name!r} with an absolute or parent-relative "
-            f"path; refusing to extract it"
-        )
-    return path
 
 
 # --- reading and validating the pickles --------------------------------------------------
@@ -381,7 +177,7 @@ def _read_folder(
     md5_table: dict[str, str],
     counts: dict[str, int],
     skip_checksum: bool,
-) -> CifarData:
+) -> ImageData:
     names = (spec.meta_file, *spec.train_files, *spec.test_files)
     for name in names:
         if not (folder / name).is_file():
@@ -399,36 +195,7 @@ def _read_folder(
     train = _read_split(folder, spec.train_files, counts["train"], spec)
     test = _read_split(folder, spec.test_files, counts["test"], spec)
     mean, std = NORMALISATION[dataset]
-    return CifarData(dataset, spec.num_classes, class_names, train, test, mean, std)
-
-
-class _CifarUnpickler(pickle.Unpickler):
-    """Loads plain containers and numpy arrays only.
-
-    A CIFAR pickle needs nothing else, and refusing every other global means a tampered file
-    cannot call arbitrary functions, even with the checksums skipped.
-    """
-
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),  # numpy < 2 and the official files
-        ("numpy._core.multiarray", "_reconstruct"),  # numpy >= 2
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"),  # pickle protocol 5
-        ("numpy._core.numeric", "_frombuffer"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("_codecs", "encode"),  # how Python 3 writes bytes at protocol <= 2
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in self._ALLOWED:
-            raise _ForbiddenGlobal(f"{module}.{name}")
-        return super().find_class(module, name)
-
-
-class _ForbiddenGlobal(pickle.UnpicklingError):
-    pass
+    return ImageData(dataset, spec.num_classes, class_names, train, test, mean, std)
 
 
 def _unpickle(path: Path) -> Any:
@@ -436,8 +203,8 @@ def _unpickle(path: Path) -> Any:
         with open(path, "rb") as f:
             # encoding="bytes": the official files come from Python 2; their str keys arrive as
             # bytes (b"data"), while copies written by Python 3 keep str keys. _get accepts both.
-            return _CifarUnpickler(f, encoding="bytes").load()
-    except _ForbiddenGlobal as e:
+            return ArrayUnpickler(f, encoding="bytes").load()
+    except ForbiddenGlobal as e:
         raise UserError(
             f"file {path} refers to {e}, which a CIFAR file never holds; refusing to load it "
             f"(replace it with a copy from the official archive)"
@@ -489,7 +256,7 @@ def _class_names(meta: Any, path: Path, spec: _Spec) -> list[str]:
     return out
 
 
-def _read_split(folder: Path, files: tuple[str, ...], expected: int, spec: _Spec) -> CifarSplit:
+def _read_split(folder: Path, files: tuple[str, ...], expected: int, spec: _Spec) -> ImageSplit:
     # A split spread over several equal batches (CIFAR-10's data_batch_1..5) is checked per file.
     per_file = expected // len(files) if expected % len(files) == 0 else None
     datas, labels = [], []
@@ -508,7 +275,7 @@ def _read_split(folder: Path, files: tuple[str, ...], expected: int, spec: _Spec
         data = np.array(data, order="C")  # torch.from_numpy wants a writable, dense array
     # Each row is 1024 R, 1024 G, 1024 B values, each plane 32x32 row-major: a plain reshape.
     images = torch.from_numpy(data).reshape(-1, 3, 32, 32)
-    return CifarSplit(images=images, labels=torch.from_numpy(np.concatenate(labels)))
+    return ImageSplit(images=images, labels=torch.from_numpy(np.concatenate(labels)))
 
 
 def _read_batch(path: Path, spec: _Spec, expected: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -538,68 +305,3 @@ def _read_batch(path: Path, spec: _Spec, expected: int | None) -> tuple[np.ndarr
             f"{labels.min()}..{labels.max()}"
         )
     return data, labels.astype(np.int64)
-
-
-# --- subsets -------------------------------------------------------------------------------
-
-
-def balanced_subset(split: CifarSplit, n: int, seed: int, num_classes: int) -> CifarSplit:
-    """A seeded, class-balanced subset of ``n`` samples, in the split's original order.
-
-    Each class gets ``n // num_classes`` samples; the remainder goes one each to the first
-    classes of a seeded random class order. A class with too few samples gives all it has and
-    the shortfall is spread the same way over the classes that still have samples. With
-    ``n == len(split)`` the split itself is returned.
-    """
-    if n == len(split.labels) and n >= 1:
-        return split
-    return _take(split, _balanced_indices(split, n, seed, num_classes))
-
-
-def hold_out(split: CifarSplit, n: int, seed: int, num_classes: int) -> tuple[CifarSplit, CifarSplit]:
-    """(the rest, the held-out part): ``n`` samples chosen as :func:`balanced_subset` chooses them,
-    and every other sample, each in the split's original order."""
-    total = len(split.labels)
-    if not 1 <= n < total:
-        raise UserError(f"cannot hold out {n} of {total} training samples; choose between 1 and {total - 1}")
-    held = _balanced_indices(split, n, seed, num_classes)
-    keep = torch.ones(total, dtype=torch.bool)
-    keep[held] = False
-    return _take(split, keep.nonzero().flatten()), _take(split, held)
-
-
-def _take(split: CifarSplit, index: torch.Tensor) -> CifarSplit:
-    return CifarSplit(images=split.images[index].contiguous(), labels=split.labels[index])
-
-
-def _balanced_indices(split: CifarSplit, n: int, seed: int, num_classes: int) -> torch.Tensor:
-    """Sorted indices of the seeded, class-balanced choice of ``n`` samples (see balanced_subset)."""
-    total = len(split.labels)
-    if not 1 <= n <= total:
-        raise UserError(f"a subset of {n} samples is impossible; choose between 1 and {total}")
-    labels = split.labels
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(f"labels lie outside 0..{num_classes - 1}")
-
-    g = torch.Generator().manual_seed(seed)
-    class_order = torch.randperm(num_classes, generator=g).tolist()
-    # Shuffle each class's indices once; the first `quota[c]` of them are taken.
-    pools = []
-    for c in range(num_classes):
-        members = (labels == c).nonzero().flatten()
-        pools.append(members[torch.randperm(len(members), generator=g)])
-    available = [len(p) for p in pools]
-
-    # Water-filling: share what is left equally among classes that still have samples.
-    quota = [0] * num_classes
-    remaining = n
-    active = [c for c in class_order if available[c] > 0]
-    while remaining > 0:
-        share, extra = divmod(remaining, len(active))
-        for i, c in enumerate(active):
-            give = min(share + (1 if i < extra else 0), available[c] - quota[c])
-            quota[c] += give
-            remaining -= give
-        active = [c for c in active if quota[c] < available[c]]
-
-    return torch.cat([pools[c][: quota[c]] for c in range(num_classes)]).sort().values

@@ -16,13 +16,21 @@ import torch
 from tqdm import tqdm
 
 from ..errors import UserError
-from .cifar import CifarData, CifarSplit
+from .dataset import ImageData, ImageSplit
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SPLITS = ("train", "test")
 
 
-def load_image_folder(root: str | Path, image_size: int | None = None, progress: bool = True) -> CifarData:
+def load_image_folder(root: str | Path, image_size: int | None = None, progress: bool = True) -> ImageData:
+    """Read ``root/train/<class>/*`` and ``root/test/<class>/*`` into an ``ImageData`` (dml.data.dataset).
+
+    Its ``train`` and ``test`` are each an ``ImageSplit``: ``images`` uint8 (N, 3, H, W), ``labels``
+    int64 (N,), the index of the class in ``class_names`` (the sorted folder names). ``dataset`` is
+    "folder", ``num_classes`` the number of classes, and ``mean`` / ``std`` the per-channel statistics
+    of the training images scaled to [0, 1]. ``image_size`` resizes every image to a square of that
+    side; ``progress`` shows a progress bar while decoding. A problem with the folder is a ``UserError``.
+    """
     root = Path(root).expanduser()
     files = {split: _list_split(root, split) for split in SPLITS}
     classes = {split: sorted(files[split]) for split in SPLITS}
@@ -41,7 +49,7 @@ def load_image_folder(root: str | Path, image_size: int | None = None, progress:
         raise UserError(f"{root}: training images are {_size(shapes['train'])} but test images "
                         f"{_size(shapes['test'])}; pass --image-size to resize both")
     mean, std = channel_stats(splits["train"].images)
-    return CifarData("folder", len(names), names, splits["train"], splits["test"], mean, std)
+    return ImageData("folder", len(names), names, splits["train"], splits["test"], mean, std)
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -78,7 +86,7 @@ def _list_split(root: Path, split: str) -> dict[str, list[Path]]:
     return classes
 
 
-def _decode_split(files: dict[str, list[Path]], names: list[str], image_size: int | None, bar) -> CifarSplit:
+def _decode_split(files: dict[str, list[Path]], names: list[str], image_size: int | None, bar) -> ImageSplit:
     images, labels = [], []
     first: tuple[Path, tuple[int, int]] | None = None
     for label, name in enumerate(names):
@@ -93,7 +101,7 @@ def _decode_split(files: dict[str, list[Path]], names: list[str], image_size: in
             labels.append(label)
             bar.update()
     array = np.stack(images).transpose(0, 3, 1, 2)  # (N, H, W, 3) -> (N, 3, H, W)
-    return CifarSplit(torch.from_numpy(np.ascontiguousarray(array)), torch.tensor(labels, dtype=torch.int64))
+    return ImageSplit(torch.from_numpy(np.ascontiguousarray(array)), torch.tensor(labels, dtype=torch.int64))
 
 
 def _decode(path: Path, image_size: int | None) -> np.ndarray:
