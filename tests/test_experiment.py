@@ -153,6 +153,35 @@ def test_plan_mistakes_are_one_error_line(tmp_path, capsys, body, message):
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
 
 
+def test_set_gives_a_setting_to_every_run_in_place_of_the_plans(tmp_path):
+    from dml.plan import parse_overrides
+
+    path = tmp_path / "p.toml"
+    path.write_text("""
+[defaults]
+data_dir = "data"
+[grid]
+seed = [0, 1]
+lr = [0.1, 0.05]
+[[run]]
+label = "alone"
+[[run]]
+label = "dml"
+num_nodes = 2
+nesterov = false
+""")
+    overrides = parse_overrides(["data_dir=/data/my cifar", "lr=0.02", "nesterov=true", 'models=["resnet20"]'])
+    assert overrides == {"data_dir": "/data/my cifar", "lr": 0.02, "nesterov": True, "models": ["resnet20"]}
+    plan = read_plan(path, tmp_path / "out", overrides)
+    assert [r.name for r in plan.runs] == ["alone_s0", "alone_s1", "dml_s0", "dml_s1"]  # lr no longer varies
+    assert all(r.settings["data_dir"] == "/data/my cifar" and r.settings["lr"] == 0.02 and r.settings["nesterov"]
+               and r.settings["models"] == ["resnet20"] for r in plan.runs)
+    assert plan.overrides == overrides
+    # text settings stay text even where TOML would read a number; a bare name becomes a list where one is due
+    assert parse_overrides(["data_dir=2024", "models=resnet20"]) == {"data_dir": "2024", "models": "resnet20"}
+    assert read_plan(path, tmp_path / "out", {"models": "resnet20"}).runs[0].settings["models"] == ["resnet20"]
+
+
 def test_train_flags_give_back_the_settings():
     from dml.cli import build_parser, config_from_args
 
@@ -214,6 +243,21 @@ def test_a_changed_plan_is_refused_with_its_differences(cifar_root, tmp_path, ca
     plan.write_text(plan.read_text().replace("seed = [1, 2, 3]", "seed = [1, 2]").replace("epochs = 2", "epochs = 1")
                     .replace("[defaults]", "[defaults]\nprogress = false"))
     assert main(["experiment", str(plan), "--out-dir", str(out), "--no-progress"]) == 0
+
+
+@pytest.mark.processes  # a dml train process per run
+def test_a_run_stopped_before_its_first_epoch_was_saved_is_said_to_start_again(cifar_root, tmp_path, capsys):
+    plan = write_plan(tmp_path, cifar_root, "", epochs=1)
+    out = tmp_path / "out"
+    assert main(["experiment", str(plan), "--out-dir", str(out), "--no-progress"]) == 0
+    for path in [*(out / "plan").glob("*/*.pt"), out / "plan" / "metrics.jsonl"]:
+        path.unlink()  # what a kill in its first epoch leaves: config.json, no checkpoint
+    capsys.readouterr()
+    assert main(["experiment", str(plan), "--out-dir", str(out), "--dry-run"]) == 0
+    assert "interrupted in epoch 1 of 1" in capsys.readouterr().out
+    assert main(["experiment", str(plan), "--out-dir", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "plan starts again (no epoch was saved)" in text and "after epoch 0" not in text
 
 
 @pytest.mark.processes  # a dml train process per run

@@ -83,6 +83,43 @@ def test_a_trial_far_below_the_others_is_pruned(cifar_root, tmp_path):
     assert max(third.intermediate_values) >= 2  # a first epoch alone never prunes
 
 
+def _strong_trials(out, epochs):
+    """A study in ``out`` that already holds two finished trials at 99 % in every epoch."""
+    out.mkdir()
+    earlier = optuna.create_study(study_name="dml-tune", storage=f"sqlite:///{out / 'study.db'}", direction="maximize")
+    distributions = {"lr": optuna.distributions.FloatDistribution(0.01, 0.2, log=True),
+                     "temperature": optuna.distributions.CategoricalDistribution([1.0, 2.0, 4.0])}
+    curve = {e: 99.0 for e in range(1, epochs + 1)}
+    for lr in (0.05, 0.1):
+        earlier.add_trial(optuna.trial.create_trial(params={"lr": lr, "temperature": 2.0}, distributions=distributions,
+                                                    value=99.0, intermediate_values=curve))
+
+
+@pytest.mark.processes  # a dml train process per run
+def test_a_trial_that_trained_all_its_epochs_completes_however_far_below_it_is(cifar_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    _strong_trials(out, 2)  # the pruner would stop the third at epoch 2: its last
+    assert main(["tune", str(tune_plan(tmp_path, cifar_root, epochs=2)), "--trials", "3", "--out-dir", str(out),
+                 "--no-progress"]) == 0
+    third = study(out).trials[2]
+    assert third.state.name == "COMPLETE" and sorted(third.intermediate_values) == [1, 2]
+    assert third.value == max(third.intermediate_values.values())
+    assert "pruned" not in capsys.readouterr().out
+
+
+def _best_command(out):
+    return (out / "tune.md").read_text().split("```bash\n")[1].split("\n```")[0].split()
+
+
+def test_the_best_command_keeps_its_progress_bars(cifar_root, tmp_path):
+    out = tmp_path / "out"
+    _strong_trials(out, 2)  # --trials 2: nothing left to run, only tune.md to write
+    assert main(["tune", str(tune_plan(tmp_path, cifar_root)), "--trials", "2", "--out-dir", str(out),
+                 "--no-progress"]) == 0
+    command = _best_command(out)
+    assert command[:2] == ["dml", "train"] and "--no-progress" not in command  # for a person at a terminal
+
+
 @pytest.mark.processes
 def test_a_search_killed_with_sigkill_continues_its_trial(cifar_root, tmp_path):
     out = tmp_path / "out"

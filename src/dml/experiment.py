@@ -1,7 +1,8 @@
 """``dml experiment``: every run of a plan, one after another or ``--jobs`` at a time, each its own
 ``dml train`` process; then the report of the whole plan.
 
-The output directory holds the runs, ``plan.json`` (the runs' settings, to refuse a changed plan),
+The output directory holds the runs, ``plan.json`` (the runs' settings and ``--set`` overrides, to
+refuse a changed plan),
 ``logs/<run>.log`` (each run's console output) and ``report.md`` with ``plots/``. The state of a run
 is read from its checkpoints, never from a record of our own: a plan killed at any moment (kill -9
 included) is finished by the same command, skipping finished runs and resuming interrupted ones
@@ -76,6 +77,8 @@ def is_finished(run: PlannedRun, saved: int | None) -> bool:
 def status_text(run: PlannedRun, saved: int | None) -> str:
     if saved is None:
         return "new"
+    if saved == 0:  # started, but stopped before its first epoch was saved
+        return f"interrupted in epoch 1 of {run.epochs}"
     return "done" if is_finished(run, saved) else f"interrupted after epoch {saved} of {run.epochs}"
 
 
@@ -109,7 +112,7 @@ def claim_out_dir(plan: Plan, out_dir: Path) -> int:
     try:
         check_plan(plan, out_dir)
         record = {"plan": str(plan.path.resolve()), "runs": {run.name: run.settings for run in plan.runs},
-                  "search": plan.search}
+                  "search": plan.search, "set": plan.overrides}
         if not (out_dir / PLAN_RECORD).exists():
             atomic_write_bytes(out_dir / PLAN_RECORD, lambda f: f.write(json.dumps(record, indent=2).encode() + b"\n"))
             atomic_write_bytes(out_dir / "plan.toml", lambda f: f.write(plan.path.read_bytes()))
@@ -129,12 +132,23 @@ def check_plan(plan: Plan, out_dir: Path) -> None:
         changed = differences(recorded["runs"], {run.name: run.settings for run in plan.runs})
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UserError(f"{path} is unreadable ({exc}); it was not written by dml experiment") from None
+    # --set is not in the plan file, so nothing else would notice it missing (a data_dir back to the plan's)
+    if recorded.get("set", {}) != plan.overrides:
+        raise UserError(f"{out_dir} was started with {set_text(recorded.get('set', {}))}, not "
+                        f"{set_text(plan.overrides)}; continue it with the same --set, or use another --out-dir")
     if recorded.get("search", {}) != plan.search:
         changed.append(f"[search] {recorded.get('search', {})!r} -> {plan.search!r}")
     if changed:
         shown = "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
         raise UserError(f"the plan differs from the one that started {out_dir} ({shown}); run the original plan "
                         "there, or this one with another --out-dir")
+
+
+def set_text(overrides: dict) -> str:
+    """``--set`` overrides as typed: ``--set data_dir=/data --set lr=0.05`` (``no --set`` for none)."""
+    if not overrides:
+        return "no --set"
+    return " ".join(f"--set {k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in overrides.items())
 
 
 # --- running ----------------------------------------------------------------------------------------
@@ -281,7 +295,8 @@ class Runner:
         self.running[run.name] = Child(run, process, time.monotonic(), slot, saved or 0)
         if self.stop_signal is not None:  # a signal that came while it started
             process.send_signal(signal.SIGTERM)
-        how = "starts" if saved is None else f"resumes after epoch {saved}"
+        how = "starts" if saved is None else "starts again (no epoch was saved)" if saved == 0 else \
+            f"resumes after epoch {saved}"
         self.log(f"[{len(self.done)}/{len(self.plan.runs)} done] {run.name} {how} (log: {log_path})")
 
     def _finish(self, child: Child, code: int) -> None:
@@ -382,12 +397,13 @@ def dry_run(plan: Plan, out_dir: Path) -> None:
 
 
 def experiment(plan_path: str, out_dir: str | None = None, jobs: int = 1, dry: bool = False,
-               progress: bool = True) -> int:
-    """Run the plan (``dry``: list its runs and their state); returns the exit status."""
+               progress: bool = True, overrides: dict | None = None) -> int:
+    """Run the plan, with the settings ``overrides`` (``--set``) in every run (``dry``: list its runs and
+    their state); returns the exit status."""
     if jobs < 1:
         raise UserError(f"--jobs must be a positive integer, got {jobs}")
     folder = Path(out_dir if out_dir is not None else Path("runs") / Path(plan_path).stem).resolve()
-    plan = read_plan(plan_path, folder)
+    plan = read_plan(plan_path, folder, overrides)
     if dry:
         dry_run(plan, folder)
         return 0

@@ -23,6 +23,9 @@ A plan::
     lr = { low = 0.01, high = 0.2, log = true }
     temperature = { choices = [1.0, 2.0, 4.0] }
 
+Overrides (``dml experiment --set KEY=VALUE``) replace a setting in every run: in [defaults], every
+[[run]] row and [grid] (one value then).
+
 A run's name is its row's label (or the row settings that differ between rows) followed by the grid
 settings that vary, e.g. ``kd_s1`` or ``lr0.05_s0``. Paths are relative to the working directory, as
 on the command line.
@@ -40,7 +43,7 @@ from pathlib import Path
 from .config import RESUMABLE_CHANGES, TrainConfig, field_default, joined_models
 from .errors import UserError
 from .models import folder_name
-from .tomlfile import read_toml
+from .tomlfile import read_toml, toml_value
 
 PLAN_KEYS = {"defaults", "grid", "run", "search", "baseline"}
 # Settings a plan does not give: the plan names its runs and places them in its output directory.
@@ -71,13 +74,15 @@ class Plan:
     runs: list[PlannedRun]
     baseline: str | None  # a row label
     search: dict  # setting -> {"low", "high", "log"} or {"choices"}
+    overrides: dict = field(default_factory=dict)  # --set: setting -> value, in every run
 
     def baseline_runs(self) -> list[PlannedRun]:
         return [run for run in self.runs if run.label == self.baseline]
 
 
-def read_plan(path: str | Path, out_dir: Path) -> Plan:
-    """The runs of the plan file ``path`` placed in ``out_dir``; one UserError line per mistake."""
+def read_plan(path: str | Path, out_dir: Path, overrides: dict | None = None) -> Plan:
+    """The runs of the plan file ``path`` placed in ``out_dir``, with the settings ``overrides`` (``--set``)
+    in every run in place of the plan's; one UserError line per mistake."""
     path = Path(path)
     data = read_toml(path, "plan")
     where = f"plan {path}"
@@ -101,6 +106,11 @@ def read_plan(path: str | Path, out_dir: Path) -> Plan:
                             f"got {label!r}")
     rows = [_settings({k: v for k, v in row.items() if k != "label"}, f"{where} [[run]] {k + 1}")
             for k, row in enumerate(rows)]
+    overrides = _settings(overrides or {}, "--set")
+    defaults.update(overrides)
+    for key in overrides:
+        grid.pop(key, None)
+    rows = [{k: v for k, v in row.items() if k not in overrides} for row in rows]
     for key in set(grid) & (set(defaults) | {k for row in rows for k in row}):
         raise UserError(f"{where}: {key} is both in [grid] and in [defaults] or a [[run]]; give it in one place")
 
@@ -130,7 +140,7 @@ def read_plan(path: str | Path, out_dir: Path) -> Plan:
     if baseline is not None and set(varying_grid_keys) - {"seed"}:
         raise UserError(f"{where}: a baseline compares with one configuration over seeds, but the grid also varies "
                         f"{', '.join(k for k in varying_grid_keys if k != 'seed')}; drop baseline or make those rows")
-    return Plan(path, runs, baseline, _search(_table(data, "search", where), where))
+    return Plan(path, runs, baseline, _search(_table(data, "search", where), where), overrides)
 
 
 def _table(data: dict, key: str, where: str) -> dict:
@@ -160,6 +170,26 @@ def _settings(table: dict, where: str) -> dict:
         if not ok:
             raise UserError(f"{where}: {key} must be {_kind_name(kind)}, got {value!r}")
         out[key] = float(value) if kind is float else value
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``--set KEY=VALUE`` arguments as settings: each value read as in a plan's TOML (``0.05``, ``true``,
+    ``["a", "b"]``), or as text where it is not TOML or where the setting holds text (``data_dir=2024``).
+    The settings are checked by ``read_plan``."""
+    out: dict = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key, text = key.strip(), text.strip()
+        if not sep or not key:
+            raise UserError(f"--set takes KEY=VALUE with a dml train setting as named in config.json, e.g. "
+                            f"--set data_dir=/data/cifar; got {item!r}")
+        if key in out:
+            raise UserError(f"--set {key} is given twice; give it once")
+        value = toml_value(text)
+        if key in SETTINGS and setting_kind(key) in (str, list) and not isinstance(value, (str, list)):
+            value = text
+        out[key] = value
     return out
 
 

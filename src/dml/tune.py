@@ -51,6 +51,8 @@ def base_run(plan: Plan) -> PlannedRun:
     if not plan.search:
         raise UserError(f"plan {plan.path} has no [search] table: give the ranges to search, e.g. "
                         "lr = { low = 0.01, high = 0.2, log = true }")
+    for key in plan.overrides.keys() & plan.search.keys():
+        raise UserError(f"--set {key}: the plan's [search] varies {key}; drop it from --set or from [search]")
     run = plan.runs[0]
     if not run.settings.get("val_samples"):
         raise UserError(f"plan {plan.path}: dml tune chooses on validation accuracy, never on the test set; set "
@@ -152,32 +154,40 @@ class Search:
         if self.stop_signal is not None:  # a signal that came while it started
             self.child.send_signal(signal.SIGTERM)
         reported = set(next(t for t in self.study.trials if t.number == trial.number).intermediate_values)
-        pruned = False
-        while self.child.poll() is None:
-            time.sleep(POLL_SECONDS)
-            curve = validation_curve(folder, peers)
+
+        def report(curve: dict[int, float]) -> None:
             for epoch, value in curve.items():
                 if epoch not in reported:
                     trial.report(value, epoch)
                     reported.add(epoch)
+
+        pruned = False
+        while self.child.poll() is None:
+            time.sleep(POLL_SECONDS)
+            curve = validation_curve(folder, peers)
+            report(curve)
             if curve:
                 best = f", best {self.study.best_value:.2f}%" if self._any_complete() else ""
                 self.bar.set_postfix_str(f"trial {trial.number} epoch {max(curve)}/{run.epochs}, val "
                                          f"{curve[max(curve)]:.2f}%{best}")
-            if not pruned and self.stop_signal is None and curve and trial.should_prune():
+            # after its last epoch a trial has nothing left to save by stopping it: it completes
+            if not pruned and self.stop_signal is None and curve and max(curve) < run.epochs and trial.should_prune():
                 pruned = True
                 self.child.send_signal(signal.SIGTERM)
         code, self.child = self.child.returncode, None
         curve = validation_curve(folder, peers)
+        finished = is_finished(run, epochs_saved(folder))
         if self.stop_signal is not None and not pruned:
             return  # the trial stays running in the study and continues next time
-        if pruned:
-            self.study.tell(trial, state=states.PRUNED)
-            self.log(f"trial {trial.number} pruned after epoch {max(curve)}: val {curve[max(curve)]:.2f}%")
-        elif code == 0 and is_finished(run, epochs_saved(folder)):
+        if finished and (code == 0 or pruned):  # a stop that came after its last epoch: it completed all the same
+            report(curve)
             self.study.tell(trial, max(curve.values()))
             self.log(f"trial {trial.number}: best val {max(curve.values()):.2f}% "
                      f"(best trial so far: {self.study.best_trial.number}, {self.study.best_value:.2f}%)")
+        elif pruned:
+            self.study.tell(trial, state=states.PRUNED)
+            self.log(f"trial {trial.number} pruned after epoch {max(curve)} of {run.epochs}: "
+                     f"val {curve[max(curve)]:.2f}%")
         else:
             self.study.tell(trial, state=states.FAIL)
             self.log(f"trial {trial.number} failed (exit status {code}: "
@@ -214,6 +224,7 @@ class Search:
             command = train_command(replace(self.base, settings={**self.base.settings, **best_settings}),
                                     Path("runs"), resume=False)
             command[command.index("--name") + 1] = "tuned"
+            command.remove("--no-progress")  # trials run without bars; a command for a person keeps them
             lines += ["", f"Best: trial {best.number}, validation accuracy {best.value:.2f}% "
                           f"({', '.join(f'{k} = {_short(v)}' for k, v in best.params.items())}). Its settings:",
                       "", "```bash", shlex.join(command), "```"]
@@ -224,13 +235,15 @@ def _short(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def tune(plan_path: str, trials: int, out_dir: str | None = None, progress: bool = True) -> int:
-    """Run the search until the study holds ``trials`` finished trials; returns the exit status."""
+def tune(plan_path: str, trials: int, out_dir: str | None = None, progress: bool = True,
+         overrides: dict | None = None) -> int:
+    """Run the search until the study holds ``trials`` finished trials, with the settings ``overrides``
+    (``--set``) in place of the plan's; returns the exit status."""
     if trials < 1:
         raise UserError(f"--trials must be a positive integer, got {trials}")
     _optuna()
     folder = Path(out_dir if out_dir is not None else Path("runs") / f"{Path(plan_path).stem}-tune").resolve()
-    plan = read_plan(plan_path, folder)
+    plan = read_plan(plan_path, folder, overrides)
     base_run(plan)
     lock_fd = claim_out_dir(plan, folder)
     try:
