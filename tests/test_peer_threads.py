@@ -136,6 +136,9 @@ def test_when_peers_run_side_by_side():
         assert runner.workers == 2
     finally:
         runner.close()
-    assert isinstance(peer_runner(1, CPU), SerialPeers)
-    assert isinstance(peer_runner(2, CPU, allowed=False), SerialPeers)
-    assert isinstance(peer_runner(2, torch.device("meta")), SerialPeers)
+    for runner in (peer_runner(1, CPU, threads=1), peer_runner(2, CPU, side_by_side=False, threads=1),
+                   peer_runner(2, torch.device("meta"))):
+        try:
+            assert isinstance(runner, SerialPeers)
+        finally:
+            runner.close()

@@ -51,6 +51,7 @@ class BenchSettings:
     workers: int = 2
     reference: bool = True
     plain: bool = False  # measure dml train --plain instead of its default path
+    threads: int | None = None  # intra-op threads per peer; None: as dml train decides
     seed: int = 0
 
 
@@ -67,13 +68,15 @@ def _sync(device: torch.device) -> None:
 
 
 # --- (a) the engine ------------------------------------------------------------------------------
-def measure_engine(settings: BenchSettings, num_nodes: int, exchange) -> tuple[float, float]:
-    """Images x peers per second of ``dml train``'s loop, and the model FLOPs of one step."""
+def measure_engine(settings: BenchSettings, num_nodes: int, exchange) -> tuple[float, float, int]:
+    """Images x peers per second of ``dml train``'s loop, the model FLOPs of one step and the
+    intra-op threads each peer computed with."""
     models = settings.models if len(settings.models) == num_nodes else settings.models[:1] * num_nodes
     cfg = TrainConfig(models=models, num_nodes=num_nodes, batch_size=settings.batch_size, device=settings.device,
                       precision=settings.precision, update=settings.update, seed=settings.seed, progress=False,
-                      plain=settings.plain)
+                      plain=settings.plain, threads=settings.threads)
     runtime = build_runtime(cfg, exchange)
+    threads = runtime.runner.threads_per_worker
     device = runtime.device
     images, labels = synthetic_cifar(settings.batch_size * _total_steps(settings), device, settings.seed)
     try:
@@ -97,7 +100,7 @@ def measure_engine(settings: BenchSettings, num_nodes: int, exchange) -> tuple[f
         runtime.close()
     peers = cohort.peers
     img_s = settings.steps * settings.batch_size * num_nodes / seconds
-    return img_s, step_flops(peers, settings.batch_size, device)
+    return img_s, step_flops(peers, settings.batch_size, device), threads
 
 
 def step_flops(peers, batch_size: int, device: torch.device) -> float:
@@ -206,7 +209,7 @@ def run_benchmark(settings: BenchSettings, echo=print) -> list[dict]:
     exchange = None
     for num_nodes in settings.nodes:
         exchange = make_exchange(num_nodes, device.type)  # joins the process group once, then reuses it
-        engine_img_s, flops = measure_engine(settings, num_nodes, exchange)
+        engine_img_s, flops, threads = measure_engine(settings, num_nodes, exchange)
         if peak is None:
             peak = matmul_peak_gflops(exchange.select_device(device), precision)
         # Every process reports its peers' FLOPs; the rate is the cohort's, the peak the machine's share.
@@ -217,7 +220,7 @@ def run_benchmark(settings: BenchSettings, echo=print) -> list[dict]:
         if settings.reference and exchange.world_size == 1:
             reference_img_s = measure_reference(settings, num_nodes)
         record = {
-            "device": _device_name(device), "precision": precision, "threads": torch.get_num_threads(),
+            "device": _device_name(device), "precision": precision, "threads": threads,
             "processes": exchange.world_size, "model": "+".join(sorted(set(settings.models))), "nodes": num_nodes,
             "engine_img_s": round(engine_img_s, 1),
             "reference_img_s": None if reference_img_s is None else round(reference_img_s, 1),

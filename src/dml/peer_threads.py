@@ -19,20 +19,32 @@ from typing import TypeVar
 
 import torch
 
+from .threads import environment_fixes_threads, fastest_thread_count
+
 T = TypeVar("T")
 R = TypeVar("R")
 
 
 class SerialPeers:
-    """Every peer in turn on the calling thread."""
+    """Every peer in turn on the calling thread, with ``threads`` intra-op threads until ``close``
+    (None: torch's count as it is)."""
 
     workers = 1
+    share, measured = 1, False  # the most threads a peer may take; whether the count was measured
+
+    def __init__(self, threads: int | None = None):
+        self._caller_threads = torch.get_num_threads()
+        self.set_threads(threads or self._caller_threads)
+
+    def set_threads(self, threads: int) -> None:
+        self.threads_per_worker = threads
+        torch.set_num_threads(threads)
 
     def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
         return [fn(item) for item in items]
 
     def close(self) -> None:
-        pass
+        torch.set_num_threads(self._caller_threads)
 
 
 class ThreadedPeers:
@@ -43,6 +55,8 @@ class ThreadedPeers:
     small, and an idle team of its threads would spin on the cores the workers use (that took
     the whole gain).
     """
+
+    share, measured = 1, False
 
     def __init__(self, workers: int, threads_per_worker: int):
         self._caller_threads = torch.get_num_threads()
@@ -56,6 +70,12 @@ class ThreadedPeers:
             pool.submit(lambda: None).result()  # start the thread now, so its settings are in place
         torch.set_num_threads(1)
         self._seen: set = set()
+
+    def set_threads(self, threads: int) -> None:
+        """Every worker computes with ``threads`` intra-op threads from its next task on."""
+        for pool in self._pools:
+            pool.submit(torch.set_num_threads, threads).result()
+        self.threads_per_worker = threads
 
     def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
         code = _code_of(fn)
@@ -95,14 +115,24 @@ def flushes_denormals() -> bool:
     return (torch.tensor([1e-39]) * 2.0).item() == 0.0
 
 
-def peer_runner(num_peers: int, device: torch.device, allowed: bool = True) -> SerialPeers | ThreadedPeers:
-    """Threads for two or more peers on a CPU with two or more threads; the calling thread otherwise.
+def peer_runner(num_peers: int, device: torch.device, side_by_side: bool = True,
+                threads: int | None = None) -> SerialPeers | ThreadedPeers:
+    """Threads for two or more peers side by side on a CPU with two or more threads; the calling
+    thread otherwise.
 
-    The cores are shared out among min(peers, threads) workers. On a GPU the peers' kernels queue
-    on one device and threads gain nothing.
+    The cores are shared out among min(peers, cores) workers. Each worker computes with ``threads``
+    intra-op threads; None: its share of the cores, or fewer where other programs keep them busy
+    (measured once here, see threads.py; not where OMP_NUM_THREADS fixes the count). On a GPU the
+    peers' kernels queue on one device and threads gain nothing.
     """
-    threads = torch.get_num_threads()
-    if not allowed or device.type != "cpu" or num_peers < 2 or threads < 2:
-        return SerialPeers()
-    workers = min(num_peers, threads)
-    return ThreadedPeers(workers, threads // workers)
+    cores = torch.get_num_threads()
+    if device.type != "cpu":
+        return SerialPeers(threads)
+    workers = min(num_peers, cores) if side_by_side and num_peers >= 2 and cores >= 2 else 1
+    share = max(1, cores // workers)
+    measured = threads is None and share > 1 and not environment_fixes_threads()
+    if threads is None:
+        threads = fastest_thread_count(share) if measured else share
+    runner = SerialPeers(threads) if workers == 1 else ThreadedPeers(workers, threads)
+    runner.share, runner.measured = share, measured  # what Runtime.rethink_threads measures again
+    return runner

@@ -11,6 +11,7 @@ import torch
 
 from .errors import UserError
 from .peer_threads import SerialPeers, ThreadedPeers, flushes_denormals, peer_runner
+from .threads import fastest_thread_count
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -80,11 +81,13 @@ class Runtime:
     - evaluation through copies with BatchNorm folded into the convolutions where a model offers
       ``folded()`` (about 10 % faster evaluation on CPU),
     - peers side by side on worker threads on CPU when ``side_by_side`` (4 to 11 % faster for 2
-      and 4 x ResNet-32 on 2 cores).
+      and 4 x ResNet-32 on 2 cores),
+    - ``threads`` intra-op threads per peer on CPU (None: measured, fewer than the cores where
+      other programs keep them busy; see threads.py).
     """
 
     def __init__(self, device: str | torch.device = "auto", precision: str = "auto", plain: bool = False,
-                 num_peers: int = 1, side_by_side: bool = True):
+                 num_peers: int = 1, side_by_side: bool = True, threads: int | None = None):
         self.device = resolve_device(device)
         self.precision = Precision(resolve_precision(precision, self.device, plain), self.device)
         self.plain = plain
@@ -93,7 +96,10 @@ class Runtime:
         self._restore_flush = flushes_denormals()
         if self.device.type == "cpu" and not plain:
             torch.set_flush_denormal(True)  # before the runner: its workers copy the setting
-        self.runner: SerialPeers | ThreadedPeers = peer_runner(num_peers, self.device, allowed=side_by_side and not plain)
+        if plain and threads is None:
+            threads = torch.get_num_threads()  # PyTorch's own count, not measured
+        self.runner: SerialPeers | ThreadedPeers = peer_runner(num_peers, self.device, side_by_side and not plain,
+                                                               threads)
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         """A batch of inputs on the device, in the memory format the models use."""
@@ -113,6 +119,23 @@ class Runtime:
         if self.fold_batchnorm and hasattr(model, "folded"):
             return model.folded()
         return model.eval()
+
+    @property
+    def threads(self) -> int:
+        """Intra-op threads each peer computes with."""
+        return self.runner.threads_per_worker
+
+    def rethink_threads(self) -> int:
+        """Measure the thread count again where it was measured at the start (between epochs: other
+        programs may have started or ended since); returns the count now in force."""
+        if self.runner.measured:
+            self.runner.set_threads(fastest_thread_count(self.runner.share))
+        return self.threads
+
+    def use_threads(self, threads: int) -> None:
+        """Compute with ``threads`` per peer (a resumed run's saved count) where it was to be measured."""
+        if self.runner.measured:
+            self.runner.set_threads(threads)
 
     def close(self) -> None:
         """Stop the peer threads and give torch back the settings it had before."""
