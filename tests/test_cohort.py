@@ -136,6 +136,82 @@ def test_mistakes_are_value_errors():
         dml.Cohort([], [])
 
 
+def test_peers_whose_logits_do_not_fit_are_named_before_any_step():
+    models = [TinyNet(5), TinyNet(7)]
+    before = [_params(m) for m in models]
+    x, y = _batches(1)[0]
+    with _cohort(models) as cohort, pytest.raises(ValueError) as caught:
+        cohort.step(x, y)
+    assert str(caught.value) == ("peer 1_tinynet returns logits of shape (2, 7) for a batch of 2 inputs; expected "
+                                 "logits of shape (2, 5), as peer 0_tinynet returns")
+    assert isinstance(caught.value, dml.cohort.PeerOutputError) and caught.value.index == 1
+    assert all(torch.equal(b, _params(m)) for b, m in zip(before, models))  # nothing was trained
+
+    class Pair(TinyNet):
+        def forward(self, x):
+            return super().forward(x), x
+
+    with _cohort([Pair()], names=["pair"]) as cohort, pytest.raises(ValueError, match=(
+            r"^peer 0_pair returns a tuple, not a tensor of logits for a batch of 2 inputs; expected logits of "
+            r"shape \(2, classes\)$")):
+        cohort.step(x, y)
+    with _cohort([TinyNet(5)]) as cohort, pytest.raises(ValueError, match=r"returns logits of shape \(2, 5\) .*"
+                                                                           r"expected logits of shape \(2, 10\)$"):
+        cohort.check_batch(x, num_classes=10)
+
+
+@pytest.mark.parametrize("labels, found", [([0, 1, 5], "from 0 to 5"), ([-1, 0, 4], "from -1 to 4")])
+def test_labels_out_of_range_are_a_value_error_not_a_device_assert(labels, found):
+    model = TinyNet(5)
+    before = _params(model)
+    with _cohort([model, TinyNet(5, seed=1)]) as cohort, pytest.raises(ValueError) as caught:
+        cohort.step(torch.randn(3, 3, 8, 8), torch.tensor(labels))
+    assert str(caught.value) == \
+        f"labels must be class indices in 0..4 (the peers return 5 logits), found labels {found}"
+    assert torch.equal(before, _params(model))
+    with _cohort([TinyNet(5)]) as cohort, pytest.raises(ValueError, match=r"labels of shape \(3, 1\) for a batch of 3 "
+                                                                          r"inputs; expected \(3,\)"):
+        cohort.step(torch.randn(3, 3, 8, 8), torch.zeros(3, 1, dtype=torch.long))
+
+
+class NoisyNet(TinyNet):
+    """BatchNorm statistics and dropout: what a careless shape check would move or draw from."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__(seed=seed)
+        self.bn = nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.fc(self.drop(F.relu(self.bn(self.conv(x))).mean((2, 3))))
+
+
+def test_the_shape_check_changes_nothing_training_computes():
+    model = NoisyNet()
+    model.bn.eval()  # a module the user keeps in evaluation mode stays so
+    reference = copy.deepcopy(model)
+    with _cohort([model]) as cohort:
+        x, y = _batches(1)[0]
+        rng = torch.get_rng_state()
+        assert cohort.check_batch(x, y) == 5
+        assert torch.equal(torch.get_rng_state(), rng)
+        assert [m.training for m in model.modules()] == [m.training for m in reference.modules()]
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+    # the check a first step makes leaves training bit-identical to a loop without it
+    model, reference = NoisyNet(seed=3), NoisyNet(seed=3)
+    ref_opt = _sgd(reference)
+    torch.manual_seed(11)
+    with _cohort([model], plain=True) as cohort:
+        for x, y in _batches():
+            cohort.step(x, y)
+    torch.manual_seed(11)
+    for x, y in _batches():
+        ref_opt.zero_grad()
+        F.cross_entropy(reference(x), y).backward()
+        ref_opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+
+
 TORCHRUN_SCRIPT = '''
 import os, sys
 import torch
@@ -183,3 +259,33 @@ def test_cohort_under_torchrun_matches_one_process(tmp_path):
         for index, params in rank["params"].items():
             for key, value in params.items():
                 assert torch.equal(value, one["params"][index][key]), (index, key)
+
+
+def test_the_library_computes_in_the_models_own_precision_unless_asked():
+    """A cohort of the user's models does not autocast them behind their back: fp32 in, fp32 out."""
+    models = [TinyNet(), TinyNet()]
+    with dml.Cohort(models, [_sgd(m) for m in models], device="cpu") as cohort:
+        out = cohort.step(torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,)))
+        assert all(z.dtype == torch.float32 for z in out.logits)
+    with dml.Cohort(models, [_sgd(m) for m in models], device="cpu", precision="auto") as cohort:
+        out = cohort.step(torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,)))
+        assert all(z.dtype == torch.bfloat16 for z in out.logits)  # the fast path, as dml train runs
+
+
+def test_what_the_readme_promises_of_step_and_evaluate():
+    models = [TinyNet(seed=1), TinyNet(seed=2)]
+    optimizers = [_sgd(m) for m in models]
+    schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5) for o in optimizers]
+    with dml.Cohort(models, optimizers, device="cpu", schedulers=schedulers) as cohort:
+        cohort.step(torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,)))
+        assert [o.param_groups[0]["lr"] for o in optimizers] == [0.1, 0.1]  # schedulers are the caller's to step
+        assert [s.last_epoch for s in schedulers] == [0, 0]
+        models[1].eval()
+        cohort.evaluate([(torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,)))])
+        assert [m.training for m in models] == [True, False]  # each left in the mode it was in
+
+
+def test_the_public_names_are_importable_from_dml():
+    for name in dml.__all__:
+        assert getattr(dml, name) is not None
+    assert dml.load_image_folder.__module__ == "dml.data.folder"

@@ -31,6 +31,18 @@ NETS = textwrap.dedent('''
     def not_a_module(num_classes):
         return [num_classes]
 
+    def ten(num_classes):  # ignores the data's classes
+        return Tiny(10)
+
+    def thousand(num_classes):
+        return Tiny(1000)
+
+    def no_args():
+        return Tiny(100)
+
+    def two_args(num_classes, width):
+        return Tiny(num_classes)
+
     from pathlib import Path
     Path(__file__).with_suffix(".imported").write_text("imported")  # a side effect: proof of an import
 ''')
@@ -75,6 +87,34 @@ def test_a_bad_import_path_is_one_error_line(user_package, cifar_root, tmp_path,
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert message in err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.parametrize("factory, classes", [("ten", 10), ("thousand", 1000)])
+def test_a_network_whose_logits_do_not_fit_the_data_is_one_error_line(user_package, cifar_root, tmp_path, capsys,
+                                                                       factory, classes):
+    out = tmp_path / "runs"
+    common = ["--data-dir", str(cifar_root), "--out-dir", str(out), *TINY, "--epochs", "1", "--num-nodes", "2"]
+    assert main(["train", "--models", "resnet20", f"{user_package}:{factory}", *common]) == 2
+    assert capsys.readouterr().err == (
+        f"error: peer 1 (--models {user_package}:{factory}) returns logits of shape (2, {classes}) for a batch of 2 "
+        "images; expected (2, 100): one logit for each of the 100 classes of cifar100; its factory must build the "
+        "network for the num_classes it is called with (nothing was written)\n")
+    assert not out.exists()
+    # the same with a network that fits trains in the same place
+    assert main(["train", "--models", "resnet20", f"{user_package}:tiny", *common,
+                 "--name", f"dml_n2_resnet20-{user_package}-{factory}_s42"]) == 0
+
+
+@pytest.mark.parametrize("factory, signature", [("no_args", "()"), ("two_args", "(num_classes, width)")])
+def test_a_factory_that_cannot_take_num_classes_is_one_error_line(user_package, cifar_root, tmp_path, capsys,
+                                                                  factory, signature):
+    assert main(["train", "--models", f"{user_package}:{factory}", "--data-dir", str(cifar_root),
+                 "--out-dir", str(tmp_path / "runs"), *TINY]) == 2
+    assert capsys.readouterr().err == (
+        f"error: model '{user_package}:{factory}': {user_package}.{factory}{signature} cannot be called as "
+        "factory(num_classes) -> nn.Module: a factory takes one argument, the number of classes, and returns the "
+        "network\n")
+    assert not (tmp_path / "runs").exists()
 
 
 def test_registered_names_and_import_paths_build_alike(user_package):

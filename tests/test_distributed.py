@@ -157,3 +157,31 @@ def test_more_processes_than_peers_is_a_user_error(cifar_root, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: --procs must be between 1 and --num-nodes (2)")
     assert not dist.is_initialized()
+
+
+def _catches_sigterm(pid):
+    """Whether the process has a SIGTERM handler: dml train sets one as its first epoch starts."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            caught = next(int(line.split()[1], 16) for line in status if line.startswith("SigCgt:"))
+    except OSError:
+        return False
+    return bool(caught & (1 << (signal.SIGTERM - 1)))
+
+
+def test_a_signal_to_the_launcher_in_the_first_epoch_says_nothing_was_saved(cifar_root, tmp_path):
+    cmd = [sys.executable, "-m", "dml", "train", "--data-dir", str(cifar_root), "--out-dir", str(tmp_path), *TINY,
+           "--models", "resnet20", "--num-nodes", "2", "--epochs", "1", "--procs", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not ((workers := _children(proc.pid)) and len(workers) == 2 and all(map(_catches_sigterm, workers))):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # a scheduler's time limit: to the launcher, which stops the processes
+    _, stderr = proc.communicate(timeout=90)
+    assert proc.returncode == 143
+    assert stderr.strip().splitlines()[-1] == "error: stopped by SIGTERM; nothing was saved; run the same command again"
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert [(r["epoch"], r["node"]) for r in _metrics(tmp_path / "dml_n2_resnet20_s42")] == [
+        (1, 0), (1, 1), (1, "ensemble")]

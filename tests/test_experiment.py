@@ -182,6 +182,28 @@ nesterov = false
     assert read_plan(path, tmp_path / "out", {"models": "resnet20"}).runs[0].settings["models"] == ["resnet20"]
 
 
+@pytest.mark.parametrize("given, message", [
+    (["lr"], "--set takes KEY=VALUE"),
+    (["=3"], "--set takes KEY=VALUE"),
+    (["learning_rate=0.1"], "--set: 'learning_rate' is not a dml train setting"),
+    (["name=x"], "the plan names its runs"),
+    (["lr=fast"], "--set: lr must be a number, got 'fast'"),
+    (["epochs=2.5"], "--set: epochs must be an integer"),
+    (["lr=0.1", "lr=0.2"], "--set lr is given twice"),
+    (["lr=-1"], "--lr must be a positive finite number"),
+])
+def test_set_mistakes_are_one_error_line(tmp_path, capsys, given, message):
+    path = tmp_path / "p.toml"
+    path.write_text("[defaults]\nepochs = 1\n")
+    argv = ["experiment", str(path), "--out-dir", str(tmp_path / "out"), "--dry-run"]
+    for item in given:
+        argv += ["--set", item]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_train_flags_give_back_the_settings():
     from dml.cli import build_parser, config_from_args
 
@@ -243,6 +265,27 @@ def test_a_changed_plan_is_refused_with_its_differences(cifar_root, tmp_path, ca
     plan.write_text(plan.read_text().replace("seed = [1, 2, 3]", "seed = [1, 2]").replace("epochs = 2", "epochs = 1")
                     .replace("[defaults]", "[defaults]\nprogress = false"))
     assert main(["experiment", str(plan), "--out-dir", str(out), "--no-progress"]) == 0
+
+
+@pytest.mark.processes  # a dml train process per run
+def test_set_is_recorded_so_that_only_the_same_set_continues_the_output_directory(cifar_root, tmp_path, capsys):
+    plan = write_plan(tmp_path, cifar_root, "", epochs=1)
+    plan.write_text(plan.read_text().replace(f'data_dir = "{cifar_root}"', 'data_dir = "data"'))  # as shipped
+    out = tmp_path / "out"
+    given = ["--set", f"data_dir={cifar_root}", "--set", "lr=0.05"]
+    assert main(["experiment", str(plan), "--out-dir", str(out), "--no-progress", *given]) == 0
+    config = json.loads((out / "plan" / "config.json").read_text())["config"]
+    assert config["data_dir"] == str(cifar_root) and config["lr"] == 0.05
+    assert json.loads((out / "plan.json").read_text())["set"] == {"data_dir": str(cifar_root), "lr": 0.05}
+    capsys.readouterr()
+    for other in ([], ["--set", f"data_dir={cifar_root}"], ["--set", "data_dir=/elsewhere", "--set", "lr=0.05"]):
+        assert main(["experiment", str(plan), "--out-dir", str(out), "--no-progress", *other]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {out} was started with --set data_dir={cifar_root} --set lr=0.05, not ")
+        assert err.endswith("continue it with the same --set, or use another --out-dir\n") and err.count("\n") == 1
+    assert main(["experiment", str(plan), "--out-dir", str(out), "--no-progress", *given]) == 0
+    assert "1 done, 0 to run" in capsys.readouterr().out
+    assert len(commands(out / "logs" / "plan.log")) == 1  # trained once
 
 
 @pytest.mark.processes  # a dml train process per run

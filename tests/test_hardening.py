@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,6 +91,113 @@ def test_signal_stops_with_a_resumable_checkpoint(cifar_root, tmp_path, straight
 
 def _train(cifar_root, out, *args):
     return main(["train", "--data-dir", str(cifar_root), "--out-dir", str(out), *TINY, *args])
+
+
+def _catches_sigterm(pid):
+    """Whether the process has a SIGTERM handler: dml train sets one as its first epoch starts."""
+    with open(f"/proc/{pid}/status") as status:
+        caught = next(int(line.split()[1], 16) for line in status if line.startswith("SigCgt:"))
+    return bool(caught & (1 << (signal.SIGTERM - 1)))
+
+
+@pytest.mark.processes
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads signal handlers from /proc")
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_in_the_first_epoch_says_nothing_was_saved_and_the_same_command_starts_over(cifar_root, tmp_path,
+                                                                                              sig, code):
+    command = _cmd(cifar_root, tmp_path, "--epochs", "1")
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not _catches_sigterm(proc.pid):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code
+    assert err == (f"error: stopped by {signal.Signals(sig).name} in epoch 1, before any epoch was complete: nothing "
+                   "was saved; run the same command again to start over\n")
+    assert sorted(p.name for p in (tmp_path / RUN).iterdir()) == ["0_resnet20", "1_resnet20", "config.json", "ensemble"]
+    again = subprocess.run(command, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert {r["epoch"] for r in _metrics(tmp_path / RUN)} == {1}
+
+
+def _interrupt_at_step(monkeypatch, step):
+    """Ctrl-C as a KeyboardInterrupt (where no signal handler could be set) at the given step of this process."""
+    real_step = dml.step.STEPS["simultaneous"]
+    calls = []
+
+    def interrupted_step(cohort, *args):
+        calls.append(1)
+        if len(calls) == step:
+            raise KeyboardInterrupt
+        return real_step(cohort, *args)
+
+    monkeypatch.setitem(dml.step.STEPS, "simultaneous", interrupted_step)
+
+
+def _header_only_event_file(folder):
+    from torch.utils.tensorboard import SummaryWriter
+
+    SummaryWriter(str(folder)).close()  # a writer that logged no epoch
+
+
+def test_an_interrupted_first_epoch_leaves_a_folder_that_any_rerun_starts_over(cifar_root, tmp_path, monkeypatch,
+                                                                               capsys):
+    _interrupt_at_step(monkeypatch, 3)
+    assert _train(cifar_root, tmp_path, "--epochs", "1") == 130
+    assert capsys.readouterr().err == ("error: stopped by SIGINT in epoch 1, before any epoch was complete: nothing "
+                                       "was saved; run the same command again to start over\n")
+    monkeypatch.undo()
+    run = tmp_path / RUN
+    _header_only_event_file(run / "ensemble")
+    (run / ".config.json.k3j_9x2a.tmp").write_text("{")  # an atomic write cut short
+    # anything more than dml train writes before a first epoch is complete: the folder is a run, kept as it is
+    logged = '{"epoch": 1, "node": "ensemble", "test_acc": 1.0, "seconds": 1.0}\n'
+    additions = {"notes.txt": "a user's notes", "0_resnet20/best.pt": "a saved best.pt", "metrics.jsonl": logged,
+                 "ensemble/events.out.tfevents.1.host": None, "config.json": "a file dml train did not write"}
+    for n, (name, text) in enumerate(additions.items()):
+        out = tmp_path / str(n)
+        shutil.copytree(run, out / RUN)
+        if text is None:  # an event file that logged an epoch
+            from torch.utils.tensorboard import SummaryWriter
+
+            with SummaryWriter(str(out / RUN / "ensemble")) as writer:
+                writer.add_scalar("test_acc", 1.0, 1)
+        else:
+            (out / RUN / name).write_text(text)
+        kept = {p: p.read_bytes() for p in (out / RUN).rglob("*") if p.is_file()}
+        capsys.readouterr()
+        assert _train(cifar_root, out, "--epochs", "1") == 2, name
+        assert capsys.readouterr().err == (f"error: {out / RUN} already holds a run; pass --resume to continue it, "
+                                           "or --name for a new run\n"), name
+        assert {p: p.read_bytes() for p in (out / RUN).rglob("*") if p.is_file()} == kept
+    # with another configuration too ("lower --lr and start again"): the folder holds nothing to lose
+    assert _train(cifar_root, tmp_path, "--epochs", "1", "--lr", "0.05") == 0
+    assert json.loads((run / "config.json").read_text())["config"]["lr"] == 0.05
+    assert {r["epoch"] for r in _metrics(run)} == {1}
+
+
+def test_an_interrupt_after_a_saved_epoch_names_it(cifar_root, tmp_path, monkeypatch, capsys):
+    batches = 512 // 32
+    _interrupt_at_step(monkeypatch, batches + 3)
+    assert _train(cifar_root, tmp_path, "--epochs", "2") == 130
+    assert capsys.readouterr().err == ("error: stopped by SIGINT in epoch 2; epoch 1 is saved: continue with the same "
+                                       "command and --resume\n")
+    monkeypatch.undo()
+    assert _train(cifar_root, tmp_path, "--epochs", "2") == 2  # it holds a run now
+    assert _train(cifar_root, tmp_path, "--epochs", "2", "--resume") == 0
+
+
+def test_an_interrupt_before_training_says_nothing_was_saved(cifar_root, tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dml.engine, "load_data", interrupted)
+    assert _train(cifar_root, tmp_path, "--epochs", "1") == 130
+    assert capsys.readouterr().err == ("error: interrupted before training started; nothing was saved; run the same "
+                                       "command again\n")
+    assert not (tmp_path / RUN).exists()
 
 
 def test_divergence_names_peer_and_step_and_keeps_the_last_good_checkpoint(cifar_root, tmp_path, monkeypatch, capsys):
@@ -185,6 +293,30 @@ def test_damaged_checkpoint_is_a_clear_error(cifar_root, tmp_path, capsys, damag
     assert err.startswith("error: checkpoint") and str(last) in err and err.count("\n") == 1, err
     # a run's own damaged checkpoint: resuming can fall back to an earlier one
     assert ("delete it to fall back to an earlier one" in err) == (damage != "wrong-model"), err
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_what_a_run_writes_honours_the_umask(cifar_root, tmp_path, capsys, umask):
+    """Colleagues on a shared filesystem read runs where the umask lets them (022), and nobody else where it
+    does not (077): checkpoints and rewritten files too, not only TensorBoard's."""
+    out = tmp_path / "out"
+    previous = os.umask(umask)
+    try:
+        assert _train(cifar_root, out, "--epochs", "2", "--stop-after", "1") == 0
+        assert _train(cifar_root, out, "--epochs", "2", "--resume") == 0  # metrics.jsonl rewritten on resume
+        assert main(["report", str(out / RUN), "--out", str(out / "report.md"), "--plots", str(out / "plots")]) == 0
+        assert main(["evaluate", str(out / RUN / "0_resnet20" / "best.pt"), "--test-samples", "50",
+                     "--json", str(out / "evaluate.json")]) == 0
+    finally:
+        os.umask(previous)
+    files = {p.relative_to(out) for p in out.rglob("*") if p.is_file()}
+    assert {RUN + "/config.json", RUN + "/metrics.jsonl", RUN + "/0_resnet20/last.pt", RUN + "/1_resnet20/best.pt",
+            "report.md", "evaluate.json"} <= {str(p) for p in files}
+    assert any(p.name.startswith("events.out.tfevents") for p in files) and any(p.suffix == ".png" for p in files)
+    modes = {str(p): oct((out / p).stat().st_mode & 0o777) for p in files}
+    assert modes == {p: oct(0o666 & ~umask) for p in modes}
+    folders = {str(p.relative_to(out)): oct(p.stat().st_mode & 0o777) for p in out.rglob("*") if p.is_dir()}
+    assert folders == {p: oct(0o777 & ~umask) for p in folders}
 
 
 def test_same_command_same_metrics(cifar_root, tmp_path, straight_run):

@@ -1,5 +1,6 @@
 """End-to-end `dml train` runs on a small subset: outputs, resume equivalence, user errors."""
 
+import io
 import json
 import subprocess
 import sys
@@ -160,3 +161,80 @@ def test_missing_data_without_download_says_where_to_put_it(tmp_path):
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert "cifar-100-python" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+TINY_NET = """
+import torch
+from torch import nn
+
+
+class Tiny(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def tiny(num_classes):
+    return Tiny(num_classes)
+"""
+
+
+@pytest.fixture
+def tiny_net(tmp_path, monkeypatch):
+    """package.module:factory of a small network of the user's own, importable from the current directory."""
+    name = f"consolenets_{abs(hash(str(tmp_path))) % 10**8}"
+    (tmp_path / f"{name}.py").write_text(TINY_NET)
+    monkeypatch.chdir(tmp_path)
+    return f"{name}:tiny"
+
+
+def test_the_console_spells_a_peer_as_its_folder(cifar_root, tmp_path, capsys, tiny_net):
+    assert _train(cifar_root, tmp_path / "runs", "--models", tiny_net, "--epochs", "1") == 0
+    folder = tiny_net.replace(":", "-")
+    assert (tmp_path / "runs" / f"independent_{folder}_s42" / f"0_{folder}").is_dir()
+    out = capsys.readouterr().out
+    assert f"epoch 1/1 0_{folder} " in out and f"0_{tiny_net}" not in out
+
+
+def test_the_console_shows_a_graph_files_names_for_its_peers(cifar_root, tmp_path, capsys, tiny_net):
+    graph = tmp_path / "pair.toml"
+    graph.write_text(f"""
+[[peer]]
+name = "left"
+model = "{tiny_net}"
+
+[[peer]]
+name = "right"
+model = "{tiny_net}"
+
+[[link]]
+source = "right"
+target = "left"
+""")
+    assert _train(cifar_root, tmp_path / "runs", "--graph", str(graph), "--epochs", "1") == 0
+    folder = tiny_net.replace(":", "-")
+    out = capsys.readouterr().out
+    assert f"epoch 1/1 0_{folder} (left) " in out and f"epoch 1/1 1_{folder} (right) " in out
+    run = tmp_path / "runs" / f"graph-pair_{folder}_s42"
+    assert sorted(p.name for p in run.glob("*_*") if p.is_dir()) == [f"0_{folder}", f"1_{folder}"]  # folders as ever
+
+
+class _Terminal(io.StringIO):
+    """stderr as a terminal, where progress bars are drawn."""
+
+    def isatty(self):
+        return True
+
+
+def test_a_short_epochs_progress_bar_shows_its_loss_and_speed(cifar_root, tmp_path, monkeypatch, tiny_net):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    args = [a for a in TINY if a != "--no-progress"]  # 256 images in batches of 32: 8 steps an epoch
+    assert main(["train", "--data-dir", str(cifar_root), "--out-dir", str(tmp_path / "runs"), *args,
+                 "--models", tiny_net, "--epochs", "1"]) == 0
+    shown = terminal.getvalue()
+    assert "epoch 1/1" in shown and "loss=" in shown and "img_s=" in shown

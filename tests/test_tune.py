@@ -120,6 +120,25 @@ def test_the_best_command_keeps_its_progress_bars(cifar_root, tmp_path):
     assert command[:2] == ["dml", "train"] and "--no-progress" not in command  # for a person at a terminal
 
 
+def test_set_settings_reach_the_trials_and_the_best_command(cifar_root, tmp_path):
+    out = tmp_path / "out"
+    _strong_trials(out, 2)
+    plan = tune_plan(tmp_path, cifar_root)
+    plan.write_text(plan.read_text().replace(f'data_dir = "{cifar_root}"', 'data_dir = "elsewhere"'))
+    assert main(["tune", str(plan), "--trials", "2", "--out-dir", str(out), "--no-progress",
+                 "--set", f"data_dir={cifar_root}"]) == 0
+    command = _best_command(out)
+    assert command[command.index("--data-dir") + 1] == str(cifar_root)
+
+
+def test_a_set_setting_that_the_search_varies_is_refused(cifar_root, tmp_path, capsys):
+    assert main(["tune", str(tune_plan(tmp_path, cifar_root)), "--trials", "2", "--out-dir", str(tmp_path / "out"),
+                 "--set", "lr=0.05"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --set lr: the plan's [search] varies lr; drop it from --set or from [search]\n"
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.processes
 def test_a_search_killed_with_sigkill_continues_its_trial(cifar_root, tmp_path):
     out = tmp_path / "out"

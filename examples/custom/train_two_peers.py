@@ -9,12 +9,11 @@ from pathlib import Path
 import torch
 
 import dml
-from dml.data.folder import load_image_folder
 from make_images import make_images
 from mynets import small_cnn
 
 root = Path(sys.argv[1]) if len(sys.argv) > 1 else make_images(Path("demo_images"))
-data = load_image_folder(root)  # uint8 tensors, classes from the folder names, mean/std of the training images
+data = dml.load_image_folder(root)  # uint8 tensors, classes from the folder names, mean/std of the training images
 mean, std = torch.tensor(data.mean).view(1, 3, 1, 1), torch.tensor(data.std).view(1, 3, 1, 1)
 
 

@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "Cohort": "cohort", "StepOutput": "cohort", "MutualLoss": "loss", "mutual_loss": "loss",
     "Evaluation": "evaluate", "create_model": "models", "Link": "links", "Links": "links",
-    "load_model": "evaluate",
+    "load_model": "evaluate", "load_image_folder": "data.folder",
 }
 __all__ = list(_PUBLIC)
 

@@ -17,7 +17,8 @@ from .runlog import CONFIG_FILE, LAST_NEXT, RunDir
 
 
 def check_run_dir(cfg: TrainConfig, resume: bool, run: RunDir) -> None:
-    """Refuse to overwrite a run, to resume nothing, or to resume with another configuration."""
+    """Refuse to overwrite a run, to resume nothing, or to resume with another configuration. A folder
+    holding only the start of a run that never completed an epoch is no run: it is started over."""
     _check_not_a_file(run)
     if resume:
         if not (run.path / CONFIG_FILE).exists():
@@ -29,10 +30,25 @@ def check_run_dir(cfg: TrainConfig, resume: bool, run: RunDir) -> None:
                 f"--resume with a configuration that differs from the run in {run.path} "
                 f"({'; '.join(differences)}); repeat the original command with --resume"
             )
-    elif (run.path / CONFIG_FILE).exists() or run.has_checkpoints():
+    elif ((run.path / CONFIG_FILE).exists() or run.has_checkpoints()) and not run.holds_no_epoch():
+        # A run stopped before its first epoch was complete holds nothing to lose: it starts over
+        # (with this configuration, which may differ: "lower --lr and start again").
         raise UserError(
             f"{run.path} already holds a run; pass --resume to continue it, or --name for a new run"
         )
+
+
+def what_is_saved(run: RunDir) -> str:
+    """What a run that stopped somewhere unknown holds, and how to go on (the end of an error line)."""
+    try:
+        epoch = run.resume_point({i: set(run.checkpoint_epochs(i)) for i in run.peer_names})
+    except UserError:  # a damaged checkpoint: --resume says which
+        return "the last complete epoch is saved: continue with the same command and --resume"
+    if epoch:
+        return f"epoch {epoch} is saved: continue with the same command and --resume"
+    if not (run.path / CONFIG_FILE).exists() or run.holds_no_epoch():
+        return "nothing was saved; run the same command again"
+    return "no epoch was saved; run the same command with --resume to start over"  # epoch 1 logged, not saved
 
 
 def _check_not_a_file(run: RunDir) -> None:
@@ -115,7 +131,9 @@ def save_epoch(run: RunDir, epoch: int, cohort: Cohort, records: list[dict], gen
         if not all(torch.isfinite(t).all() for t in p.model.state_dict().values() if t.is_floating_point()):
             raise RunStopped(f"peer {p.label} diverged: its parameters are not finite after epoch {epoch}; "
                              "the checkpoint of the last complete epoch is kept; lower --lr and start again")
-    run_state = {"epoch": epoch, **_rng_state(generator)}
+    # threads: the count the next epoch computes with (it orders floating-point sums): a resumed run
+    # continues with it, exactly as the run would have
+    run_state = {"epoch": epoch, "threads": cohort.runtime.threads, **_rng_state(generator)}
     by_node = {r["node"]: r for r in records}
     # working_dir: the run's relative paths (its --data-dir) are relative to it; dml evaluate resolves them
     meta = {"config": cfg.to_dict(), "num_classes": num_classes, "dataset": cfg.dataset, "working_dir": os.getcwd()}

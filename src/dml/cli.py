@@ -8,6 +8,7 @@ import dataclasses
 import typing
 import os
 import sys
+from pathlib import Path
 
 from . import __version__
 from .config import DATASETS, DEVICES, GROUPS, PRECISIONS, UPDATES, TrainConfig, field_default, flag_of
@@ -117,10 +118,12 @@ def _run_train(args: argparse.Namespace) -> int:
         if not 1 <= args.procs <= cfg.num_nodes:
             raise UserError(f"--procs must be between 1 and --num-nodes ({cfg.num_nodes}), got {args.procs}")
         if args.procs > 1:
+            from .checkpoint import what_is_saved
             from .launch import launch_processes
+            from .runlog import RunDir
 
-            return launch_processes(args.procs, _without_procs(args.argv),
-                                    "; the last complete epoch is saved: continue with the same command and --resume")
+            run = RunDir(Path(cfg.out_dir) / cfg.name, {i: m for i, m in enumerate(cfg.models) if i not in cfg.frozen})
+            return launch_processes(args.procs, _without_procs(args.argv), lambda: what_is_saved(run))
 
     import torch.distributed as dist
 
@@ -236,6 +239,8 @@ def _bench_parser(sub) -> None:
     p.add_argument("--plain", action="store_true",
                    help="measure dml train --plain (fp32 unless --precision says otherwise, contiguous memory, one "
                         "thread for all peers) instead of the default path")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="intra-op threads per peer, as dml train --threads (default: as dml train decides)")
     p.add_argument("--procs", type=int, default=None, metavar="P",
                    help="spread each cohort's peers over P local processes (the reference loop is skipped)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the records as JSON")
@@ -247,7 +252,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         nodes = [int(n) for n in args.nodes.split(",") if n.strip()]
     except ValueError:
         raise UserError(f"--num-nodes must be comma-separated integers such as 1,2,4, got {args.nodes!r}") from None
-    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--repeats", args.repeats)):
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--repeats", args.repeats),
+                        ("--threads", args.threads or 1)):
         if value <= 0:
             raise UserError(f"{flag} must be a positive integer, got {value}")
     if args.warmup < 0 or args.workers < 0:
@@ -274,7 +280,7 @@ def _run_bench(args: argparse.Namespace) -> int:
                              repeats=args.repeats,
                              batch_size=args.batch_size, device=args.device, precision=args.precision,
                              update=args.update, workers=args.workers, reference=args.reference,
-                             plain=args.plain)
+                             plain=args.plain, threads=args.threads)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only process 0 prints
         print(" | ".join(HEADER))
     records = run_benchmark(settings)
@@ -297,14 +303,24 @@ def _experiment_parser(sub) -> None:
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="runs at a time: one per GPU where there are several; on CPU they share the cores")
     p.add_argument("--dry-run", action="store_true", help="list the runs, their state and commands; train nothing")
+    _set_argument(p)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=_run_experiment)
 
 
+def _set_argument(p) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a dml train setting, named as in config.json, for every run in place of the plan's "
+                        "(repeatable), e.g. --set data_dir=/data/cifar; VALUE is read as in the plan (0.05, true, "
+                        "[\"a\", \"b\"]) or else as text. OUT_DIR records it: continue there with the same --set")
+
+
 def _run_experiment(args: argparse.Namespace) -> int:
     from .experiment import experiment  # imported here so that --help and argument errors stay fast
+    from .plan import parse_overrides
 
-    return experiment(args.plan, args.out_dir, args.jobs, args.dry_run, args.progress)
+    return experiment(args.plan, args.out_dir, args.jobs, args.dry_run, args.progress,
+                      parse_overrides(args.overrides))
 
 
 def _tune_parser(sub) -> None:
@@ -322,14 +338,16 @@ def _tune_parser(sub) -> None:
                    help="finished trials (complete, pruned or failed) the study should hold")
     p.add_argument("--out-dir", default=None, metavar="DIR", help="where trials and the study go "
                                                                    "(default: runs/<plan name>-tune)")
+    _set_argument(p)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=_run_tune)
 
 
 def _run_tune(args: argparse.Namespace) -> int:
+    from .plan import parse_overrides
     from .tune import tune  # imported here so that --help and argument errors stay fast
 
-    return tune(args.plan, args.trials, args.out_dir, args.progress)
+    return tune(args.plan, args.trials, args.out_dir, args.progress, parse_overrides(args.overrides))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -364,7 +382,6 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `dml experiment plan.toml --dry-run | head`: the reader has gone
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0 if argv[:1] == ["report"] or "--dry-run" in argv else 1  # work that was cut short failed
-    except KeyboardInterrupt:
-        print("error: interrupted; the last complete epoch is saved: continue with the same command and --resume",
-              file=sys.stderr)
+    except KeyboardInterrupt:  # dml train says what it saved itself (RunStopped); nothing else saves partial work
+        print("error: interrupted", file=sys.stderr)
         return 130

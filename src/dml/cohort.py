@@ -27,6 +27,18 @@ from .runtime import Runtime, resolve_device
 from .step import STEPS
 
 
+PROBE_INPUTS = 2  # inputs the shape check forwards: enough to tell the batch dimension, cheap on any network
+
+
+class PeerOutputError(ValueError):
+    """A peer's output is not the (batch, classes) logits a step needs. ``index`` is the peer's,
+    ``found`` says what it returned, ``expected`` the shape it should have (classes None: unknown)."""
+
+    def __init__(self, message: str, index: int, found: str, expected: tuple[int, int | None]):
+        super().__init__(message)
+        self.index, self.found, self.expected = index, found, expected
+
+
 @dataclass
 class StepOutput:
     """What one step computed for each local peer, still on the device (reading them syncs)."""
@@ -45,17 +57,19 @@ class Cohort:
     is None is frozen: a teacher in evaluation mode that no link may lead into. Models may be any
     ``nn.Module`` mapping a batch of inputs to logits; they are moved to the device (and to
     channels_last unless ``plain``) in place, so optimizers built on their parameters stay valid. ``update``: "simultaneous" (all peers step on the same predictions) or "sequential".
-    ``precision``: "auto" (bf16 autocast on CPU and CUDA), "fp32", "bf16", "fp16" (CUDA).
-    ``plain`` keeps PyTorch's defaults (see ``Runtime``). Under torchrun (WORLD_SIZE > 1) each process
+    ``precision``: "fp32" (default: your models compute and return logits in their own dtype), or the
+    fast path "auto" (bf16 autocast on CPU and CUDA, as ``dml train``), "bf16", "fp16" (CUDA).
+    ``plain`` keeps PyTorch's defaults (see ``Runtime``). ``threads``: intra-op threads per peer on
+    CPU (None: the peer's share of the cores, fewer where other programs keep them busy). Under torchrun (WORLD_SIZE > 1) each process
     keeps its own contiguous share of the peers and the cohort exchanges logits between processes.
 
     Call ``close()`` (or use ``with``) when done: it stops the peer threads and restores torch's settings.
     """
 
     def __init__(self, models: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer],
-                 loss: MutualLoss | Links | None = None, *, update: str = "simultaneous", precision: str = "auto",
+                 loss: MutualLoss | Links | None = None, *, update: str = "simultaneous", precision: str = "fp32",
                  device: str | torch.device = "auto", schedulers: Sequence | None = None,
-                 names: Sequence[str] | None = None, plain: bool = False):
+                 names: Sequence[str] | None = None, plain: bool = False, threads: int | None = None):
         if not models:
             raise ValueError("a cohort needs at least one model")
         if len(optimizers) != len(models) or (schedulers is not None and len(schedulers) != len(models)):
@@ -70,7 +84,8 @@ class Cohort:
         runtime = None
         try:
             runtime = Runtime(exchange.select_device(where), precision, plain,
-                              num_peers=len(exchange.local_indices), side_by_side=update == "simultaneous")
+                              num_peers=len(exchange.local_indices), side_by_side=update == "simultaneous",
+                              threads=threads)
             peers = [Peer(i, names[i], _prepare(runtime, models[i], frozen=i in frozen), optimizers[i],
                           None if schedulers is None else schedulers[i]) for i in exchange.local_indices]
         except BaseException:  # give back the threads, torch's settings and the process group
@@ -100,6 +115,7 @@ class Cohort:
         self.num_peers = num_peers  # in the whole cohort; ``peers`` holds this process's
         self._step = STEPS[update]
         self._owns_exchange = False
+        self._checked = False  # whether check_batch has passed (step runs it on its first batch)
 
     @property
     def device(self) -> torch.device:
@@ -112,8 +128,61 @@ class Cohort:
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         """Train every local peer on one batch of inputs ``x`` and labels ``y``; no host sync."""
         x, y = self.runtime.to_device(x), y.to(self.runtime.device, non_blocking=True)
+        if not self._checked:  # the first batch only: it waits for the device once
+            self.check_batch(x, y)
         losses, logits = self._step(self, x, y)
         return StepOutput(losses, logits)
+
+    def check_batch(self, x: torch.Tensor, y: torch.Tensor | None = None, num_classes: int | None = None) -> int:
+        """Check that every peer maps inputs like ``x`` to logits of shape (batch, classes), with the same
+        classes for all peers (``num_classes`` where given), and that integer labels ``y`` (where given)
+        are one class index per input within range; returns the number of classes.
+
+        Every peer forwards the first ``PROBE_INPUTS`` inputs once, without gradients, in evaluation
+        mode (each module's mode restored after) and with the global RNG restored after, so training is
+        the same with or without it. ``step`` runs it on its first batch; a cohort that passed it is not
+        checked again. PeerOutputError (a ValueError) names the first peer whose output does not fit;
+        ValueError for labels.
+        """
+        probe = self.runtime.to_device(x)[:PROBE_INPUTS]
+        n = probe.shape[0]
+        local = [(p.index, p.label, self._output_shape(p, probe)) for p in self.peers]
+        classes, source = num_classes, None
+        for index, label, shape in sorted(entry for part in self.exchange.gather_objects(local) for entry in part):
+            if classes is None and isinstance(shape, tuple) and len(shape) == 2 and shape[0] == n:
+                classes, source = shape[1], label  # the first peer with logits sets the classes
+            if shape != (n, classes):
+                found = f"logits of shape {shape}" if isinstance(shape, tuple) else f"a {shape}, not a tensor of logits"
+                like = f", as peer {source} returns" if source not in (None, label) else ""
+                raise PeerOutputError(f"peer {label} returns {found} for a batch of {n} inputs; expected logits of "
+                                      f"shape ({n}, {classes if classes is not None else 'classes'}){like}",
+                                      index, found, (n, classes))
+        if y is not None and not y.is_floating_point():  # floating labels are probabilities: the loss checks them
+            if tuple(y.shape) != (x.shape[0],):
+                raise ValueError(f"labels of shape {tuple(y.shape)} for a batch of {x.shape[0]} inputs; expected "
+                                 f"({x.shape[0]},): one class index per input")
+            if y.numel():
+                low, high = torch.stack(torch.aminmax(y)).tolist()  # one wait for the device
+                if low < 0 or high >= classes:
+                    raise ValueError(f"labels must be class indices in 0..{classes - 1} (the peers return {classes} "
+                                     f"logits), found labels from {low} to {high}")
+        self._checked = True
+        return classes
+
+    def _output_shape(self, peer: Peer, x: torch.Tensor) -> tuple[int, ...] | str:
+        """The shape of ``peer``'s output for ``x`` (its type's name where it is no tensor), leaving the peer,
+        its BatchNorm statistics and the global RNG as they were."""
+        modes = [(module, module.training) for module in peer.model.modules()]
+        rng_devices = [self.device] if self.device.type in ("cuda", "mps") else []
+        with torch.random.fork_rng(rng_devices, device_type=self.device.type if rng_devices else "cuda"), \
+                torch.no_grad(), self.runtime.precision.autocast():
+            peer.model.eval()  # no running statistics moved, no dropout drawn
+            try:
+                out = peer.model(x)
+            finally:
+                for module, training in modes:
+                    module.training = training
+        return tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
 
     def evaluate(self, batches: Iterable) -> Evaluation:
         """Top-1 / top-5 accuracy (%) of every local peer and of the whole cohort's mean-softmax ensemble."""

@@ -18,7 +18,7 @@ UPDATES = ("simultaneous", "sequential")
 # Settings that may change between a run and its resumption without changing what is computed.
 RESUMABLE_CHANGES = frozenset(
     {"device", "data_dir", "out_dir", "name", "download", "download_url", "skip_checksum", "progress",
-     "check_batches", "graph", "teacher", "teacher_model"}  # graph files and teachers: compared through graph_spec
+     "check_batches", "graph", "teacher", "teacher_model", "threads"}  # graph files and teachers: compared through graph_spec
 )
 
 
@@ -82,6 +82,10 @@ class TrainConfig:
                           help="PyTorch's plain path: fp32 unless --precision says otherwise, contiguous memory, "
                                "denormals kept, peers on one thread, BatchNorm kept at evaluation (slower; a "
                                "reference for numerics)")
+    threads: int | None = setting(group="run", metavar="N",
+                                  help="intra-op threads per peer on CPU (default: the peer's share of the cores, or "
+                                       "fewer when other programs keep them busy, measured at start and recorded in "
+                                       "config.json; a resumed run keeps its count)")
     train_samples: int | None = setting(group="data", metavar="N",
                                         help="train on a seeded, class-balanced subset of N images (quick runs)")
     test_samples: int | None = setting(group="data", metavar="N",
@@ -136,6 +140,8 @@ class TrainConfig:
                 raise UserError(str(exc)) from None
         _positive_int("--epochs", self.epochs)
         _positive_int("--batch-size", self.batch_size)
+        if self.threads is not None:
+            _positive_int("--threads", self.threads)
         _positive_float("--lr", self.lr)
         _positive_float("--temperature", self.temperature)
         _non_negative_float("--wd", self.wd)

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import check_run_dir, restore, save_epoch, set_rng_state
-from .cohort import Cohort, prepare_frozen
+from .checkpoint import check_run_dir, restore, save_epoch, set_rng_state, what_is_saved
+from .cohort import PROBE_INPUTS, Cohort, PeerOutputError, prepare_frozen
 from .config import TrainConfig
 from .data.augment import Normalise
 from .data.batches import TrainBatches, test_batches
@@ -24,9 +24,9 @@ from .errors import RunStopped, UserError
 from .evaluate import EVAL_BATCH_SIZE, load_model
 from .graph import links_of
 from .links import Links
-from .models import create_model
+from .models import create_model, is_import_path
 from .peer import Peer, derive_seed
-from .runlog import RunDir, environment_info
+from .runlog import RunDir, environment_info, peer_dir_name
 from .runtime import Runtime, resolve_device
 
 
@@ -99,7 +99,7 @@ def build_runtime(cfg: TrainConfig, exchange, device: torch.device | None = None
     only where they are independent within a step."""
     device = device or exchange.select_device(resolve_device(cfg.device))
     return Runtime(device, cfg.precision, cfg.plain, num_peers=len(exchange.local_indices),
-                   side_by_side=cfg.update == "simultaneous")
+                   side_by_side=cfg.update == "simultaneous", threads=cfg.threads)
 
 
 def build_cohort(cfg: TrainConfig, exchange, runtime: Runtime, num_classes: int) -> Cohort:
@@ -107,6 +107,27 @@ def build_cohort(cfg: TrainConfig, exchange, runtime: Runtime, num_classes: int)
     build = {i: build_frozen_peer for i in cfg.frozen}
     peers = [build.get(i, build_peer)(cfg, i, num_classes, runtime) for i in exchange.local_indices]
     return Cohort.from_peers(peers, cohort_links(cfg), cfg.update, runtime, exchange, cfg.num_nodes)
+
+
+def check_outputs(cfg: TrainConfig, cohort: Cohort, feed: Feed, data: ImageData) -> None:
+    """Every peer returns one logit per class of the data for each image: one forward pass of two
+    training images that changes nothing (Cohort.check_batch). The data's labels were checked when read."""
+    try:
+        cohort.check_batch(feed.normalise(data.train.images[:PROBE_INPUTS]), num_classes=data.num_classes)
+    except PeerOutputError as exc:
+        peer = cfg.graph_spec["peers"][exc.index] if cfg.graph_spec is not None else None
+        if peer is not None and peer["checkpoint"] is not None:
+            named = f"the teacher {peer['checkpoint']}"
+        elif peer is not None and not cfg.teacher:
+            named = f"graph peer {peer['name']!r}, model {peer['model']}"
+        else:
+            named = f"--models {cfg.models[exc.index]}"
+        n, classes = exc.expected
+        advice = ("; its factory must build the network for the num_classes it is called with"
+                  if is_import_path(cfg.models[exc.index]) else "")
+        raise UserError(f"peer {exc.index} ({named}) returns {exc.found} for a batch of {n} images; expected "
+                        f"({n}, {classes}): one logit for each of the {classes} classes of {data.dataset}{advice} "
+                        "(nothing was written)") from None
 
 
 @dataclass
@@ -134,6 +155,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     """
     device = resolve_device(cfg.device)
     exchange = exchange or make_exchange(cfg.num_nodes, device.type)
+    run = None
     try:
         device = exchange.select_device(device)
         trainable = {i: m for i, m in enumerate(cfg.models) if i not in cfg.frozen}
@@ -145,9 +167,13 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
         try:
             cohort = build_cohort(cfg, exchange, runtime, data.num_classes)
             feed = build_feed(cfg, runtime, data)
+            check_outputs(cfg, cohort, feed, data)  # before anything is written to the run directory
             _train_cohort(cfg, resume, stop_after, run, data, cohort, feed)
         finally:
             runtime.close()  # back to torch's settings for the rest of the process
+    except KeyboardInterrupt:  # Ctrl-C before training started (loading the data, building the peers)
+        kept = what_is_saved(run) if run is not None else "nothing was saved; run the same command again"
+        raise RunStopped(f"interrupted before training started; {kept}", exit_code=130) from None
     finally:
         exchange.close()
     return run.path
@@ -160,10 +186,11 @@ def _train_cohort(cfg: TrainConfig, resume: bool, stop_after: int | None, run: R
     state = restore(run, cohort) if resume and run.has_checkpoints() else None
     if state is not None:
         set_rng_state(feed.generator, state)
+        runtime.use_threads(state.get("threads") or run.recorded_threads() or runtime.threads)
         start_epoch = state["epoch"] + 1
         run.truncate_metrics(state["epoch"])
     else:  # a new run, or one stopped before its first epoch was complete
-        run.create(cfg, {**environment_info(runtime.device), "data": data_summary(data)})
+        run.create(cfg, {**environment_info(runtime), "data": data_summary(data)})
         run.truncate_metrics(0)
     exchange.barrier()
 
@@ -171,23 +198,44 @@ def _train_cohort(cfg: TrainConfig, resume: bool, stop_after: int | None, run: R
     if start_epoch > cfg.epochs:
         log(f"{run.path}: all {cfg.epochs} epochs are done; nothing to resume")
     else:
-        side_by_side = f", {runtime.runner.workers} peer threads" if runtime.runner.workers > 1 else ""
+        runner = runtime.runner
+        side_by_side = f", {runner.workers} peer threads" if runner.workers > 1 else ""
+        if runtime.device.type == "cpu":
+            side_by_side += f", {runner.threads_per_worker} thread{'s' if runner.threads_per_worker > 1 else ''} per peer"
         val_images = f" / {len(data.val)} validation" if data.val is not None else ""
         log(f"{run.path}: {cfg.num_nodes} peer(s) {', '.join(cfg.models)} on {runtime.device} "
             f"({runtime.precision.name}{side_by_side}), {data.train.images.shape[0]} train / "
             f"{data.test.images.shape[0]} test{val_images} images, epoch {start_epoch} of {cfg.epochs}")
     try:
         last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch - 1 + stop_after)
-        with StopSignal() as stop:
-            for epoch in range(start_epoch, last_epoch + 1):
-                records = run_epoch(epoch, cohort, feed, data, cfg, stop)
-                run.log_epoch(records)
-                for record in records:
-                    log(_summary_line(record, cfg.epochs))
-                save_epoch(run, epoch, cohort, records, feed.generator, cfg, data.num_classes)
-                stop.check()  # a signal during the epoch's last step or its saving stops here
+        labels = peer_labels(cfg)
+        with StopSignal(saved=start_epoch - 1) as stop:
+            try:
+                for epoch in range(start_epoch, last_epoch + 1):
+                    records = run_epoch(epoch, cohort, feed, data, cfg, stop)
+                    run.log_epoch(records)
+                    for record in records:
+                        log(_summary_line(record, cfg.epochs, labels))
+                    if epoch < cfg.epochs:
+                        _rethink_threads(runtime, epoch, log)
+                    stop.saving = epoch
+                    save_epoch(run, epoch, cohort, records, feed.generator, cfg, data.num_classes)
+                    stop.saved, stop.saving = epoch, None
+                    stop.check()  # a signal during the epoch's last step or its saving stops here
+            except KeyboardInterrupt:  # a second signal, or Ctrl-C where no handler could be set
+                raise stop.stopped() from None
     finally:
         run.close()
+
+
+def _rethink_threads(runtime: Runtime, epoch: int, log) -> None:
+    """Between epochs, measure again how many threads a peer gains from: a program that started
+    beside the run would otherwise slow every step of it (see threads.py)."""
+    before = runtime.threads
+    now = runtime.rethink_threads()
+    if now != before:
+        why = "other programs keep the cores busy" if now < before else "cores are free again"
+        log(f"{why}: {now} thread{'s' if now > 1 else ''} per peer from epoch {epoch + 1} (was {before})")
 
 
 class StepMetrics:
@@ -265,14 +313,16 @@ class StopSignal:
     """SIGINT / SIGTERM ask training to stop before its next step; a second signal stops at once.
 
     The run then holds the checkpoint of its last complete epoch (an epoch boundary), from which
-    ``--resume`` continues exactly.
+    ``--resume`` continues exactly, or, stopped in its first epoch, nothing (a rerun starts it over).
     """
 
     EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
-    def __init__(self):
+    def __init__(self, saved: int = 0):
         self.received: int | None = None
         self._previous = {}
+        self.saved = saved  # the last epoch the run directory holds (0: none), for the message
+        self.saving: int | None = None  # the epoch being saved, where a second signal may cut its commit
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():  # handlers can only live there
@@ -291,9 +341,20 @@ class StopSignal:
 
     def check(self) -> None:
         if self.received is not None:
-            name = signal.Signals(self.received).name
-            raise RunStopped(f"stopped by {name}; the last complete epoch is saved: continue with the same "
-                             "command and --resume", exit_code=self.EXIT_CODES[self.received])
+            raise self.stopped()
+
+    def stopped(self) -> RunStopped:
+        """What a stop leaves, said as it is: the epoch to --resume after, or nothing saved."""
+        signum = self.received or signal.SIGINT  # none received: a KeyboardInterrupt (Ctrl-C elsewhere)
+        stopped = f"stopped by {signal.Signals(signum).name} in epoch {self.saved + 1}"
+        if self.saving is not None:  # resuming completes the commit, or falls back to the epoch before
+            message = f"{stopped}; epoch {self.saving} was being saved: continue with the same command and --resume"
+        elif self.saved:
+            message = f"{stopped}; epoch {self.saved} is saved: continue with the same command and --resume"
+        else:
+            message = (f"{stopped}, before any epoch was complete: nothing was saved; run the same command again "
+                       "to start over")
+        return RunStopped(message, exit_code=self.EXIT_CODES[signum])
 
 
 def run_epoch(epoch: int, cohort: Cohort, feed: Feed, data: ImageData, cfg: TrainConfig,
@@ -307,10 +368,13 @@ def run_epoch(epoch: int, cohort: Cohort, feed: Feed, data: ImageData, cfg: Trai
     # disable=None: no bar when stderr is not a terminal (log files stay readable).
     bar = tqdm(total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}", unit="step", leave=False,
                disable=None if cfg.progress and exchange.is_writer else True, dynamic_ncols=True)
+    # reading the loss syncs with the device: so every 50 steps on long epochs, but about ten times on
+    # short ones, which would otherwise end before their first reading
+    every = max(1, min(50, len(batches) // 10))
 
     def show_progress(n: int) -> None:
         bar.update()
-        if n % 50 == 0 and not bar.disable:  # reading the loss syncs with the device: not every step
+        if n % every == 0 and not bar.disable:
             rate = n * cfg.batch_size * len(peers) / (time.perf_counter() - started)
             bar.set_postfix(loss=f"{metrics.mean_loss():.3f}", img_s=f"{rate:.0f}")
 
@@ -343,11 +407,22 @@ def batch_fingerprint(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x.flatten(1).double().sum(1) * position).sum() + (y.double() * position).sum()
 
 
-def _summary_line(record: dict, epochs: int) -> str:
+def peer_labels(cfg: TrainConfig) -> dict[int, str]:
+    """How the console names each peer: as its folder (``0_mynets-small_cnn``), with a graph file's name
+    for it beside (``0_resnet32 (student)``); the folders keep ``<index>_<model>`` so that runs stay
+    readable by earlier versions and by the tools that find checkpoints by folder."""
+    names = [peer["name"] for peer in cfg.graph_spec["peers"]] if cfg.graph else [None] * len(cfg.models)
+    labels = {i: peer_dir_name(i, model) + (f" ({name})" if name else "")
+              for i, (model, name) in enumerate(zip(cfg.models, names))}
+    width = max(12, *map(len, labels.values()))  # the columns after it line up
+    return {i: label.ljust(width) for i, label in labels.items()}
+
+
+def _summary_line(record: dict, epochs: int, labels: dict[int, str]) -> str:
     val = f"val_acc {record['val_acc']:6.2f}% " if "val_acc" in record else ""
     if record["node"] == "ensemble":
         return f"epoch {record['epoch']}/{epochs} ensemble     {val}test_acc {record['test_acc']:6.2f}%"
     lr = "teacher   " if record.get("role") == "teacher" else f"lr {record['lr']:.5f}"
-    return (f"epoch {record['epoch']}/{epochs} {record['node']}_{record['model']:<10} {lr} "
+    return (f"epoch {record['epoch']}/{epochs} {labels[record['node']]} {lr} "
             f"train_loss {record['train_loss']:.4f} train_acc {record['train_acc']:6.2f}% "
             f"{val}test_acc {record['test_acc']:6.2f}% ({record['seconds']:.1f}s)")

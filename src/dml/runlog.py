@@ -14,10 +14,12 @@ new file, never a torn one. The peers' ``last.pt`` files of one epoch are commit
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
-import tempfile
+import re
+import secrets
 from pathlib import Path
 
 import torch
@@ -46,6 +48,23 @@ def write_failed(path: Path, exc: OSError) -> UserError:
     )
 
 
+def create_temp_file(path: Path, suffix: str) -> tuple[int, Path]:
+    """A new, empty file beside ``path`` to write and then rename over it: (descriptor, path).
+
+    Created as ``open()`` would create ``path`` itself (mode 0o666 less the umask, default ACLs
+    applied), not owner-only like ``tempfile.mkstemp``: colleagues on a shared filesystem read runs.
+    """
+    path = Path(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}{suffix}"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no unused temporary file name", str(path.parent))
+
+
 def atomic_write_bytes(path: Path, write) -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, fsync, then rename over ``path``.
 
@@ -53,7 +72,7 @@ def atomic_write_bytes(path: Path, write) -> None:
     """
     path = Path(path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = create_temp_file(path, ".tmp")
     except OSError as exc:
         raise write_failed(path, exc) from None
     try:
@@ -83,19 +102,43 @@ def checkpoint_epoch(path: Path) -> int:
     return epoch
 
 
-def environment_info(device: torch.device) -> dict:
+def environment_info(runtime) -> dict:
+    """What config.json records of the software and of how ``runtime`` computes."""
+    device = runtime.device
     info = {
         "dml_version": __version__,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "device_type": device.type,
         "device_name": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
+        "threads": runtime.runner.threads_per_worker,  # intra-op threads per peer (resume keeps them)
         "working_dir": os.getcwd(),  # where relative paths of the configuration (data_dir, out_dir) start
     }
     if device.type == "cuda":
         info["device_name"] = torch.cuda.get_device_name(device)
     return info
+
+
+# the temporary file of an atomic write of one of the run's files (see create_temp_file)
+TORN_WRITE = re.compile(r"\.(%s)\.[0-9a-z_]+\.tmp"
+                        % "|".join(map(re.escape, (CONFIG_FILE, METRICS_FILE, LAST_NEXT, BEST))))
+
+
+def _is_torn_write(path: Path) -> bool:
+    """A temporary file of an atomic write that never completed."""
+    return path.is_file() and TORN_WRITE.fullmatch(path.name) is not None
+
+
+def _events_without_epochs(path: Path) -> bool:
+    """A TensorBoard event file with at most its header record: its writer logged no epoch."""
+    if not (path.is_file() and path.name.startswith("events.out.tfevents.")):
+        return False
+    data = path.read_bytes()
+    records, offset = 0, 0
+    while offset + 12 <= len(data):  # a record: length (8 bytes), its CRC (4), the data, the data's CRC (4)
+        offset += 12 + int.from_bytes(data[offset:offset + 8], "little") + 4
+        records += 1
+    return records <= 1
 
 
 class RunDir:
@@ -113,6 +156,42 @@ class RunDir:
     # --- configuration -------------------------------------------------------------------
     def has_checkpoints(self) -> bool:
         return any((self.peer_path(i) / name).exists() for i in self.peer_names for name in (LAST, LAST_NEXT))
+
+    def recorded_threads(self) -> int | None:
+        """The intra-op threads per peer the run started with (None where config.json has none)."""
+        try:
+            threads = json.loads((self.path / CONFIG_FILE).read_text()).get("threads")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return threads if isinstance(threads, int) and threads >= 1 else None
+
+    def holds_no_epoch(self) -> bool:
+        """Whether the folder holds nothing but what ``dml train`` writes before a first epoch is complete
+        (config.json, an empty metrics.jsonl, the peers' and the ensemble's folders with at most TensorBoard
+        event files of no epoch, torn temporary files): starting it over loses nothing."""
+        try:
+            started = self.read_config()
+        except UserError:  # a config.json dml train did not write (or none): not a start of its own
+            return False
+        # the peer folders of the configuration it was started with, which may differ from this one
+        folders = {"ensemble", *(self.peer_path(i).name for i in self.peer_names),
+                   *(peer_dir_name(i, m) for i, m in enumerate(started.models) if i not in started.frozen)}
+        try:
+            for entry in self.path.iterdir():
+                if entry.is_symlink():
+                    return False
+                if (entry.name == CONFIG_FILE and entry.is_file()) or _is_torn_write(entry):
+                    continue
+                if entry.name == METRICS_FILE and entry.is_file() and not entry.read_text().strip():
+                    continue
+                if entry.name in folders and entry.is_dir() and all(
+                        not f.is_symlink() and (_is_torn_write(f) or _events_without_epochs(f))
+                        for f in entry.iterdir()):
+                    continue
+                return False
+        except (OSError, UnicodeDecodeError):
+            return False
+        return True
 
     def read_config(self) -> TrainConfig:
         path = self.path / CONFIG_FILE

@@ -8,6 +8,7 @@ directory or PYTHONPATH.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import re
 import sys
@@ -61,13 +62,29 @@ def model_factory(name: str) -> Callable[[int], nn.Module]:
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ValueError(f"model {name!r}: {module_name} has no callable {attr!r}")
+    _check_signature(name, factory)
     return factory
+
+
+def _check_signature(name: str, factory: Callable) -> None:
+    """A factory is called with one argument, the class count: say so before a run starts, not as a
+    TypeError from deep inside it."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # some builtins have none to read: calling them will tell
+        return
+    try:
+        signature.bind(100)
+    except TypeError:
+        raise ValueError(f"model {name!r}: {name.replace(':', '.')}{signature} cannot be called as "
+                         "factory(num_classes) -> nn.Module: a factory takes one argument, the number of classes, "
+                         "and returns the network") from None
 
 
 def create_model(name: str, num_classes: int = 100) -> nn.Module:
     """Build the network ``name`` (registered, or ``package.module:factory``) with a ``num_classes``-way
-    classifier. ValueError for an unknown name or a failed import; TypeError where a factory does not
-    return an ``nn.Module``."""
+    classifier. ValueError for an unknown name, a failed import or a factory that cannot take
+    ``num_classes``; TypeError where a factory does not return an ``nn.Module``."""
     model = model_factory(name)(num_classes)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model {name!r}: the factory returned a {type(model).__name__}, not a torch.nn.Module")
