@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dml.cli import main
+from test_custom_models import NETS  # pytest puts the tests folder on sys.path
 
 TINY = ["--train-samples", "256", "--test-samples", "100", "--batch-size", "32", "--skip-checksum",
         "--no-download", "--no-progress", "--precision", "fp32"]
@@ -163,31 +164,11 @@ def test_missing_data_without_download_says_where_to_put_it(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-TINY_NET = """
-import torch
-from torch import nn
-
-
-class Tiny(nn.Module):
-    def __init__(self, num_classes):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.fc = nn.Linear(8, num_classes)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
-
-
-def tiny(num_classes):
-    return Tiny(num_classes)
-"""
-
-
 @pytest.fixture
 def tiny_net(tmp_path, monkeypatch):
     """package.module:factory of a small network of the user's own, importable from the current directory."""
     name = f"consolenets_{abs(hash(str(tmp_path))) % 10**8}"
-    (tmp_path / f"{name}.py").write_text(TINY_NET)
+    (tmp_path / f"{name}.py").write_text(NETS)  # the user networks of test_custom_models
     monkeypatch.chdir(tmp_path)
     return f"{name}:tiny"
 
