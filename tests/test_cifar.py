@@ -386,6 +386,19 @@ def test_download_from_url(tmp_path, capsys):
     assert file_md5(root / archive.name) == table[archive.name]
 
 
+def test_the_downloaded_archive_and_its_folder_honour_the_umask(tmp_path):
+    _, archive, table = _archive_only(tmp_path)
+    root = tmp_path / "root"
+    previous = os.umask(0o022)
+    try:
+        with serve_directory(archive.parent) as base:
+            _load(root, download=True, url=base + archive.name, checksums=table)
+    finally:
+        os.umask(previous)
+    assert oct((root / archive.name).stat().st_mode & 0o777) == oct(0o644)  # readable by colleagues
+    assert oct((root / "cifar-100-python").stat().st_mode & 0o777) == oct(0o755)
+
+
 @pytest.mark.parametrize("as_folder", [False, True], ids=["file-url", "folder-url"])
 def test_download_url_from_environment(tmp_path, monkeypatch, capsys, as_folder):
     _, archive, table = _archive_only(tmp_path, "cifar10")

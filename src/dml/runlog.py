@@ -14,12 +14,10 @@ new file, never a torn one. The peers' ``last.pt`` files of one epoch are commit
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import platform
 import re
-import secrets
 from pathlib import Path
 
 import torch
@@ -27,6 +25,7 @@ import torch
 from . import __version__
 from .config import TrainConfig
 from .errors import UserError
+from .files import create_temp_file
 from .models import folder_name
 from .peer import RESUME_ADVICE, load_checkpoint
 
@@ -46,23 +45,6 @@ def write_failed(path: Path, exc: OSError) -> UserError:
         f"cannot write {path} ({exc.strerror or exc}); free disk space or fix the folder's permissions, "
         "then continue with --resume: the previous checkpoint is kept"
     )
-
-
-def create_temp_file(path: Path, suffix: str) -> tuple[int, Path]:
-    """A new, empty file beside ``path`` to write and then rename over it: (descriptor, path).
-
-    Created as ``open()`` would create ``path`` itself (mode 0o666 less the umask, default ACLs
-    applied), not owner-only like ``tempfile.mkstemp``: colleagues on a shared filesystem read runs.
-    """
-    path = Path(path)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    for _ in range(100):
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}{suffix}"
-        try:
-            return os.open(tmp, flags, 0o666), tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(errno.EEXIST, "no unused temporary file name", str(path.parent))
 
 
 def atomic_write_bytes(path: Path, write) -> None:

@@ -21,6 +21,7 @@ import zlib
 from pathlib import Path, PurePosixPath
 
 from ..errors import UserError
+from ..files import create_temp_file
 
 #: Environment variable that replaces the default download URL (for mirrors).
 DOWNLOAD_URL_ENV = "DML_DOWNLOAD_URL"
@@ -76,7 +77,7 @@ def _fetch(url: str, dest: Path, title: str, folder: str, md5: str | None, progr
 
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+        fd, tmp_name = create_temp_file(dest, ".part")
     except OSError as e:
         raise UserError(f"cannot write the {title} download into {dest.parent}: {e}") from e
     tmp = Path(tmp_name)
