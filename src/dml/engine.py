@@ -151,8 +151,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     """Train the cohort ``cfg`` describes; returns the run directory.
 
     ``stop_after`` ends this invocation after that many epochs (for time-limited jobs); the run
-    continues with ``resume=True`` exactly as if it had not stopped.
+    continues with ``resume=True`` exactly as if it had not stopped. A ``--graph`` or ``--teacher``
+    not yet resolved is read here (``TrainConfig.resolved``).
     """
+    cfg = cfg.resolved()
     device = resolve_device(cfg.device)
     exchange = exchange or make_exchange(cfg.num_nodes, device.type)
     run = None

@@ -18,7 +18,6 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import RESUMABLE_CHANGES
 from .errors import UserError
 from .runlog import CONFIG_FILE, METRICS_FILE, peer_dir_name
 
@@ -214,12 +213,20 @@ def _read_metrics(path: Path) -> list[tuple[int, dict]]:
 
 
 # --- grouping and statistics ---------------------------------------------------------------------
+# Settings of config.json that do not make a run a different experimental condition: runs that differ
+# only in them are seeds of one group (graph files and teachers are compared through graph_spec).
+NOT_AN_EXPERIMENTAL_CONDITION = frozenset(
+    {"seed", "device", "data_dir", "out_dir", "name", "download", "download_url", "skip_checksum", "progress",
+     "check_batches", "graph", "teacher", "teacher_model", "threads"}
+)
+
+
 def seed_groups(runs: list[Run]) -> list[list[Run]]:
     """Runs that differ only in seed (and settings that do not change results), in first-seen order.
 
     Runs that stopped at different epochs are kept apart: their final numbers are not comparable.
     """
-    ignored = set(RESUMABLE_CHANGES) | {"seed"}
+    ignored = NOT_AN_EXPERIMENTAL_CONDITION
     groups: dict[str, list[Run]] = {}
     for run in runs:
         key = {k: v for k, v in run.config.items() if k not in ignored}
