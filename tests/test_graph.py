@@ -271,3 +271,54 @@ def test_the_example_graph_files_and_the_readme_graph_are_valid(teacher, tmp_pat
     assert [p["name"] for p in spec["peers"]] == ["a", "b", "teacher"]
     assert {(lk["source"], lk["target"], lk["gate"]) for lk in spec["links"]} == {
         (0, 0, "through"), (2, 0, "correct"), (0, 1, "linear"), (1, 1, "through")}
+
+
+def test_a_config_reads_no_file_until_resolved(tmp_path):
+    """Constructing a TrainConfig with --teacher or --graph opens nothing; resolving reads the files
+    and says in one line what is missing."""
+    from dml.config import TrainConfig
+    from dml.errors import UserError
+
+    missing = tmp_path / "missing" / "best.pt"
+    for cfg, message in ((TrainConfig(teacher=[str(missing)]), f"teacher checkpoint {missing} does not exist"),
+                         (TrainConfig(graph=str(tmp_path / "g.toml")), f"graph file {tmp_path / 'g.toml'} does not exist")):
+        assert cfg.unresolved and cfg.graph_spec is None and cfg.name is None
+        with pytest.raises(ValueError, match="resolved"):
+            cfg.frozen
+        with pytest.raises(UserError) as exc:
+            cfg.resolved()
+        assert message in str(exc.value) and "\n" not in str(exc.value)
+    plain = TrainConfig(models=["resnet20"])
+    assert plain.resolved() is plain and plain.name == "independent_resnet20_s42"
+
+
+def test_counting_a_plans_trained_peers_opens_no_checkpoint(teacher, tmp_path, monkeypatch):
+    from dml import graph
+    from dml.config import TrainConfig
+
+    path = _graph(tmp_path, f"""
+        [[peer]]
+        name = "a"
+        model = "resnet20"
+        [[peer]]
+        name = "b"
+        model = "resnet20"
+        [[peer]]
+        name = "t"
+        checkpoint = "{teacher}"
+    """)
+    kd = TrainConfig(models=["resnet20"], num_nodes=2, teacher=[str(teacher)])
+    by_graph = TrainConfig(graph=str(path))
+    resolved = kd.resolved()
+    assert resolved.name == "kd_resnet20_from_resnet20_s42" and resolved.frozen == [2]
+    assert resolved.graph_spec["peers"][2]["sha256"] == _digest(teacher)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a checkpoint was opened")
+
+    monkeypatch.setattr(graph, "load_checkpoint", refuse)
+    monkeypatch.setattr(graph.hashlib, "sha256", refuse)
+    assert kd.count_trained_peers() == 2 and by_graph.count_trained_peers() == 2
+    assert resolved.count_trained_peers() == 2
+    with pytest.raises(AssertionError):
+        by_graph.resolved()

@@ -17,7 +17,9 @@ Knowledge distillation from a frozen teacher (no optimizer), or any graph of lin
 
 __version__ = "0.1.0"
 
-# Loaded on first use, so that `dml --help` answers without importing torch.
+# Loaded on first use, so that `import dml` does not import torch until a name is used. The command
+# line still imports it (even for --help): its flags come from TrainConfig, whose module imports the
+# models and the runtime.
 _PUBLIC = {
     "Cohort": "cohort", "StepOutput": "cohort", "MutualLoss": "loss", "mutual_loss": "loss",
     "Evaluation": "evaluate", "create_model": "models", "Link": "links", "Links": "links",

@@ -134,11 +134,11 @@ def save_epoch(run: RunDir, epoch: int, cohort: Cohort, records: list[dict], gen
     # threads: the count the next epoch computes with (it orders floating-point sums): a resumed run
     # continues with it, exactly as the run would have
     run_state = {"epoch": epoch, "threads": cohort.runtime.threads, **_rng_state(generator)}
-    by_node = {r["node"]: r for r in records}
+    by_peer = {r["node"]: r for r in records}
     # working_dir: the run's relative paths (its --data-dir) are relative to it; dml evaluate resolves them
     meta = {"config": cfg.to_dict(), "num_classes": num_classes, "dataset": cfg.dataset, "working_dir": os.getcwd()}
     for p in peers:
-        record = by_node[p.index]
+        record = by_peer[p.index]
         # Chosen on validation accuracy where the run holds a validation split: choosing on the test
         # set would make the test accuracy of best.pt an optimistic estimate.
         selected_on = "val_acc" if "val_acc" in record else "test_acc"

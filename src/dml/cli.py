@@ -111,7 +111,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
+    cfg = config_from_args(args).resolved()  # graph file and teacher checkpoints read here, once
     if args.stop_after is not None and args.stop_after <= 0:
         raise UserError(f"--stop-after must be a positive integer, got {args.stop_after}")
     if args.procs is not None:

@@ -93,19 +93,20 @@ class Cohort:
                 runtime.close()
             exchange.close()
             raise
-        self._init(peers, links, update, runtime, exchange, len(models))
-        self._owns_exchange = True  # it joined the process group: it leaves it on close
+        # it joined the process group: it leaves it on close
+        self._assemble(peers, links, update, runtime, exchange, len(models), owns_exchange=True)
 
     @classmethod
     def from_peers(cls, peers: list[Peer], links: Links, update: str, runtime: Runtime,
                    exchange: LocalExchange, num_peers: int) -> Cohort:
         """A cohort of this process's ``peers`` (already on the runtime's device; frozen ones prepared
-        by ``prepare_frozen``) of ``num_peers`` in all."""
+        by ``prepare_frozen``) of ``num_peers`` in all; the caller keeps the runtime's exchange (closes it)."""
         cohort = cls.__new__(cls)
-        cohort._init(peers, links, update, runtime, exchange, num_peers)
+        cohort._assemble(peers, links, update, runtime, exchange, num_peers, owns_exchange=False)
         return cohort
 
-    def _init(self, peers, links, update, runtime, exchange, num_peers) -> None:
+    def _assemble(self, peers, links, update, runtime, exchange, num_peers, owns_exchange: bool) -> None:
+        """Where both constructors end: the one place that sets a cohort's fields."""
         self.peers = peers
         self.links = links
         self.progress: float | None = None  # the linear gates' factor, set by set_epoch
@@ -114,7 +115,7 @@ class Cohort:
         self.exchange = exchange
         self.num_peers = num_peers  # in the whole cohort; ``peers`` holds this process's
         self._step = STEPS[update]
-        self._owns_exchange = False
+        self._owns_exchange = owns_exchange
         self._checked = False  # whether check_batch has passed (step runs it on its first batch)
 
     @property
@@ -126,7 +127,9 @@ class Cohort:
         self.progress = linear_ramp(epoch, epochs)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
-        """Train every local peer on one batch of inputs ``x`` and labels ``y``; no host sync."""
+        """Train every local peer on one batch of inputs ``x`` and labels ``y``. It does not wait for the
+        device, except on the first batch (``check_batch`` reads the labels' range once) and under fp16,
+        where the GradScaler reads whether a gradient overflowed once per peer per step."""
         x, y = self.runtime.to_device(x), y.to(self.runtime.device, non_blocking=True)
         if not self._checked:  # the first batch only: it waits for the device once
             self.check_batch(x, y)

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from .errors import UserError
@@ -15,10 +15,11 @@ from .runtime import DEVICES, PRECISIONS
 DATASETS = ("cifar100", "cifar10", "folder")
 UPDATES = ("simultaneous", "sequential")
 
-# Settings that may change between a run and its resumption without changing what is computed.
-RESUMABLE_CHANGES = frozenset(
+# Settings that may change between a run and its ``--resume`` without changing what is computed
+# (config.differences). Graph files and teachers are compared through graph_spec, their contents.
+RESUME_MAY_CHANGE = frozenset(
     {"device", "data_dir", "out_dir", "name", "download", "download_url", "skip_checksum", "progress",
-     "check_batches", "graph", "teacher", "teacher_model", "threads"}  # graph files and teachers: compared through graph_spec
+     "check_batches", "graph", "teacher", "teacher_model", "threads"}
 )
 
 
@@ -113,17 +114,40 @@ class TrainConfig:
     graph_spec: dict | None = field(default=None, metadata={"group": None})
 
     def __post_init__(self) -> None:
+        """Checks every setting and reads no file: the peers and links of --graph or --teacher stay
+        unresolved (graph_spec None, name None unless given) until ``resolved()``."""
         self.models = list(self.models)
         if len(self.models) == 1 and self.num_nodes > 1:
             self.models = self.models * self.num_nodes
         self.validate()
-        if self.graph_spec is None and (self.graph or self.teacher):
-            self.graph_spec = self._resolve_graph()  # with the settings it uses already checked
         if self.graph_spec is not None:
             self.models = [peer["model"] for peer in self.graph_spec["peers"]]
             self.num_nodes = len(self.models)
-        if self.name is None:
+        if self.name is None and not self.unresolved:
             self.name = self.default_name()
+
+    @property
+    def unresolved(self) -> bool:
+        """True where --graph or --teacher names files whose peers are not read yet (see ``resolved``)."""
+        return self.graph_spec is None and bool(self.graph or self.teacher)
+
+    def resolved(self) -> TrainConfig:
+        """This configuration with the graph file or teacher checkpoints of --graph / --teacher read
+        into graph_spec (each checkpoint loaded for its model name and hashed), its peers and default
+        name: a step of ``dml train`` (config.json stores the result, --resume compares it). Itself
+        where there is nothing to resolve."""
+        if not self.unresolved:
+            return self
+        return replace(self, graph_spec=self._read_graph(open_checkpoints=True))
+
+    def count_trained_peers(self) -> int:
+        """How many peers learn, opening no checkpoint: from graph_spec once resolved; otherwise the
+        students of --teacher, or the peers of the --graph file that name no checkpoint. A graph file is
+        read and checked, and every teacher checkpoint checked to exist (what a plan validates)."""
+        if not self.unresolved:
+            return self.trained_peers
+        spec = self._read_graph(open_checkpoints=False)
+        return sum(peer["checkpoint"] is None for peer in spec["peers"])
 
     def validate(self) -> None:
         if self.num_nodes < 1:
@@ -174,18 +198,22 @@ class TrainConfig:
             raise UserError("--teacher-model names the networks of --teacher checkpoints; pass --teacher too")
         if self.name is not None and (not self.name or "/" in self.name or self.name in (".", "..")):
             raise UserError(f"--name {self.name!r} must be a plain folder name (no '/')")
-
-    def _resolve_graph(self) -> dict:
-        if self.graph and (self.teacher or self.teacher_model or self.models != ["resnet32"] or self.num_nodes != 1):
+        if self.graph_spec is None and self.graph and (
+                self.teacher or self.teacher_model or self.models != ["resnet32"] or self.num_nodes != 1):
             raise UserError("--graph gives the peers and links: drop --models, --num-nodes, --teacher and "
                             "--teacher-model")
+
+    def _read_graph(self, open_checkpoints: bool) -> dict:
         if self.graph:
-            return read_graph(self.graph)
-        return teacher_spec(self.models, self.teacher, self.temperature, self.kl_weight, self.teacher_model)
+            return read_graph(self.graph, open_checkpoints)
+        return teacher_spec(self.models, self.teacher, self.temperature, self.kl_weight, self.teacher_model,
+                            open_checkpoints)
 
     @property
     def frozen(self) -> list[int]:
-        """Indices of the frozen peers (teachers)."""
+        """Indices of the frozen peers (teachers); known once resolved."""
+        if self.unresolved:
+            raise ValueError("the peers of --graph / --teacher are not read yet: use cfg.resolved()")
         peers = self.graph_spec["peers"] if self.graph_spec else []
         return [k for k, peer in enumerate(peers) if peer["checkpoint"] is not None]
 
@@ -228,7 +256,7 @@ class TrainConfig:
         return [
             f"{k}: {theirs[k]!r} -> {mine[k]!r}"
             for k in mine
-            if k not in RESUMABLE_CHANGES and mine[k] != theirs[k]
+            if k not in RESUME_MAY_CHANGE and mine[k] != theirs[k]
         ]
 
 

@@ -151,8 +151,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     """Train the cohort ``cfg`` describes; returns the run directory.
 
     ``stop_after`` ends this invocation after that many epochs (for time-limited jobs); the run
-    continues with ``resume=True`` exactly as if it had not stopped.
+    continues with ``resume=True`` exactly as if it had not stopped. A ``--graph`` or ``--teacher``
+    not yet resolved is read here (``TrainConfig.resolved``).
     """
+    cfg = cfg.resolved()
     device = resolve_device(cfg.device)
     exchange = exchange or make_exchange(cfg.num_nodes, device.type)
     run = None
@@ -168,7 +170,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
             cohort = build_cohort(cfg, exchange, runtime, data.num_classes)
             feed = build_feed(cfg, runtime, data)
             check_outputs(cfg, cohort, feed, data)  # before anything is written to the run directory
-            _train_cohort(cfg, resume, stop_after, run, data, cohort, feed)
+            Training(cfg, run, data, cohort, feed).train(resume, stop_after)
         finally:
             runtime.close()  # back to torch's settings for the rest of the process
     except KeyboardInterrupt:  # Ctrl-C before training started (loading the data, building the peers)
@@ -179,53 +181,126 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     return run.path
 
 
-def _train_cohort(cfg: TrainConfig, resume: bool, stop_after: int | None, run: RunDir, data: ImageData,
-                  cohort: Cohort, feed: Feed) -> None:
-    exchange, runtime = cohort.exchange, cohort.runtime
-    start_epoch = 1
-    state = restore(run, cohort) if resume and run.has_checkpoints() else None
-    if state is not None:
-        set_rng_state(feed.generator, state)
-        runtime.use_threads(state.get("threads") or run.recorded_threads() or runtime.threads)
-        start_epoch = state["epoch"] + 1
-        run.truncate_metrics(state["epoch"])
-    else:  # a new run, or one stopped before its first epoch was complete
-        run.create(cfg, {**environment_info(runtime), "data": data_summary(data)})
-        run.truncate_metrics(0)
-    exchange.barrier()
+@dataclass
+class Training:
+    """One run of ``dml train``: what it trains (cohort, data, the feed of batches), where it writes
+    (run), what it follows (config), and the epoch loop over them."""
 
-    log = (lambda msg: tqdm.write(msg, file=sys.stdout)) if exchange.is_writer else (lambda msg: None)
-    if start_epoch > cfg.epochs:
-        log(f"{run.path}: all {cfg.epochs} epochs are done; nothing to resume")
-    else:
+    config: TrainConfig
+    run: RunDir
+    data: ImageData
+    cohort: Cohort
+    feed: Feed
+
+    def log(self, message: str) -> None:
+        if self.cohort.exchange.is_writer:
+            tqdm.write(message, file=sys.stdout)
+
+    def start(self, resume: bool) -> int:
+        """Restore the last complete epoch (``resume`` where there is one) or create the run directory;
+        returns the first epoch to train."""
+        cfg, run, runtime = self.config, self.run, self.cohort.runtime
+        state = restore(run, self.cohort) if resume and run.has_checkpoints() else None
+        if state is not None:
+            set_rng_state(self.feed.generator, state)
+            runtime.use_threads(state.get("threads") or run.recorded_threads() or runtime.threads)
+            run.truncate_metrics(state["epoch"])
+        else:  # a new run, or one stopped before its first epoch was complete
+            run.create(cfg, {**environment_info(runtime), "data": data_summary(self.data)})
+            run.truncate_metrics(0)
+        self.cohort.exchange.barrier()
+        return 1 if state is None else state["epoch"] + 1
+
+    def describe(self, start_epoch: int) -> str:
+        cfg, data, runtime = self.config, self.data, self.cohort.runtime
+        if start_epoch > cfg.epochs:
+            return f"{self.run.path}: all {cfg.epochs} epochs are done; nothing to resume"
         runner = runtime.runner
         side_by_side = f", {runner.workers} peer threads" if runner.workers > 1 else ""
         if runtime.device.type == "cpu":
             side_by_side += f", {runner.threads_per_worker} thread{'s' if runner.threads_per_worker > 1 else ''} per peer"
         val_images = f" / {len(data.val)} validation" if data.val is not None else ""
-        log(f"{run.path}: {cfg.num_nodes} peer(s) {', '.join(cfg.models)} on {runtime.device} "
-            f"({runtime.precision.name}{side_by_side}), {data.train.images.shape[0]} train / "
-            f"{data.test.images.shape[0]} test{val_images} images, epoch {start_epoch} of {cfg.epochs}")
-    try:
-        last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch - 1 + stop_after)
-        labels = peer_labels(cfg)
-        with StopSignal(saved=start_epoch - 1) as stop:
-            try:
-                for epoch in range(start_epoch, last_epoch + 1):
-                    records = run_epoch(epoch, cohort, feed, data, cfg, stop)
-                    run.log_epoch(records)
-                    for record in records:
-                        log(_summary_line(record, cfg.epochs, labels))
-                    if epoch < cfg.epochs:
-                        _rethink_threads(runtime, epoch, log)
-                    stop.saving = epoch
-                    save_epoch(run, epoch, cohort, records, feed.generator, cfg, data.num_classes)
-                    stop.saved, stop.saving = epoch, None
-                    stop.check()  # a signal during the epoch's last step or its saving stops here
-            except KeyboardInterrupt:  # a second signal, or Ctrl-C where no handler could be set
-                raise stop.stopped() from None
-    finally:
-        run.close()
+        return (f"{self.run.path}: {cfg.num_nodes} peer(s) {', '.join(cfg.models)} on {runtime.device} "
+                f"({runtime.precision.name}{side_by_side}), {data.train.images.shape[0]} train / "
+                f"{data.test.images.shape[0]} test{val_images} images, epoch {start_epoch} of {cfg.epochs}")
+
+    def train(self, resume: bool, stop_after: int | None) -> None:
+        """Every epoch from the start (or the resumed one) to the last, or ``stop_after`` of them."""
+        cfg, run = self.config, self.run
+        start_epoch = self.start(resume)
+        self.log(self.describe(start_epoch))
+        try:
+            last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch - 1 + stop_after)
+            labels = peer_labels(cfg)
+            with StopSignal(saved=start_epoch - 1) as stop:
+                try:
+                    for epoch in range(start_epoch, last_epoch + 1):
+                        records = self.train_epoch(epoch, stop)
+                        run.log_epoch(records)
+                        for record in records:
+                            self.log(_summary_line(record, cfg.epochs, labels))
+                        if epoch < cfg.epochs:
+                            _rethink_threads(self.cohort.runtime, epoch, self.log)
+                        stop.saving = epoch
+                        self.save(epoch, records)
+                        stop.saved, stop.saving = epoch, None
+                        stop.check()  # a signal during the epoch's last step or its saving stops here
+                except KeyboardInterrupt:  # a second signal, or Ctrl-C where no handler could be set
+                    raise stop.stopped() from None
+        finally:
+            run.close()
+
+    def train_epoch(self, epoch: int, stop: StopSignal | None = None) -> list[dict]:
+        """Train one epoch and evaluate; return the epoch's records for every peer in the cohort."""
+        cfg, cohort, batches = self.config, self.cohort, self.feed.batches
+        peers = cohort.peers
+        started = time.perf_counter()
+        cohort.set_epoch(epoch, cfg.epochs)
+        lrs = [p.lr for p in peers]
+        metrics = StepMetrics(len(peers), cohort.device)
+        # disable=None: no bar when stderr is not a terminal (log files stay readable).
+        bar = tqdm(total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}", unit="step", leave=False,
+                   disable=None if cfg.progress and cohort.exchange.is_writer else True, dynamic_ncols=True)
+        # reading the loss syncs with the device: so every 50 steps on long epochs, but about ten times on
+        # short ones, which would otherwise end before their first reading
+        every = max(1, min(50, len(batches) // 10))
+
+        def show_progress(n: int) -> None:
+            bar.update()
+            if n % every == 0 and not bar.disable:
+                rate = n * cfg.batch_size * len(peers) / (time.perf_counter() - started)
+                bar.set_postfix(loss=f"{metrics.mean_loss():.3f}", img_s=f"{rate:.0f}")
+
+        try:
+            train_steps(cohort, batches, metrics, show_progress, f"epoch {epoch}, ", stop, cfg.check_batches)
+        finally:
+            bar.close()
+        for p in cohort.trainable:
+            p.scheduler.step()
+        train_loss, train_acc = metrics.read()
+        test, val = self.evaluate()
+        seconds = time.perf_counter() - started
+        local = [
+            {"epoch": epoch, "node": p.index, "model": p.model_name, "lr": lrs[k], "train_loss": train_loss[k],
+             "train_acc": train_acc[k], **({"val_acc": val.top1[k]} if val else {}), "test_acc": test.top1[k],
+             "seconds": seconds, **({"role": "teacher"} if p.frozen else {})}
+            for k, p in enumerate(peers)
+        ]
+        records = sorted((r for part in cohort.exchange.gather_objects(local) for r in part), key=lambda r: r["node"])
+        records.append({"epoch": epoch, "node": "ensemble", **({"val_acc": val.ensemble_top1} if val else {}),
+                        "test_acc": test.ensemble_top1, "seconds": seconds})
+        return records
+
+    def evaluate(self):
+        """The cohort on the test split, and on the validation split where the run holds one (else None)."""
+        data, normalise = self.data, self.feed.normalise
+        test = self.cohort.evaluate(test_batches(data.test.images, data.test.labels, EVAL_BATCH_SIZE, normalise))
+        val = None if data.val is None else self.cohort.evaluate(
+            test_batches(data.val.images, data.val.labels, EVAL_BATCH_SIZE, normalise))
+        return test, val
+
+    def save(self, epoch: int, records: list[dict]) -> None:
+        save_epoch(self.run, epoch, self.cohort, records, self.feed.generator, self.config, self.data.num_classes)
 
 
 def _rethink_threads(runtime: Runtime, epoch: int, log) -> None:
@@ -355,50 +430,6 @@ class StopSignal:
             message = (f"{stopped}, before any epoch was complete: nothing was saved; run the same command again "
                        "to start over")
         return RunStopped(message, exit_code=self.EXIT_CODES[signum])
-
-
-def run_epoch(epoch: int, cohort: Cohort, feed: Feed, data: ImageData, cfg: TrainConfig,
-              stop: StopSignal | None = None) -> list[dict]:
-    """Train one epoch and evaluate; return the epoch's records for every peer in the cohort."""
-    peers, batches, exchange = cohort.peers, feed.batches, cohort.exchange
-    started = time.perf_counter()
-    cohort.set_epoch(epoch, cfg.epochs)
-    lrs = [p.lr for p in peers]
-    metrics = StepMetrics(len(peers), cohort.device)
-    # disable=None: no bar when stderr is not a terminal (log files stay readable).
-    bar = tqdm(total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}", unit="step", leave=False,
-               disable=None if cfg.progress and exchange.is_writer else True, dynamic_ncols=True)
-    # reading the loss syncs with the device: so every 50 steps on long epochs, but about ten times on
-    # short ones, which would otherwise end before their first reading
-    every = max(1, min(50, len(batches) // 10))
-
-    def show_progress(n: int) -> None:
-        bar.update()
-        if n % every == 0 and not bar.disable:
-            rate = n * cfg.batch_size * len(peers) / (time.perf_counter() - started)
-            bar.set_postfix(loss=f"{metrics.mean_loss():.3f}", img_s=f"{rate:.0f}")
-
-    try:
-        train_steps(cohort, batches, metrics, show_progress, f"epoch {epoch}, ", stop, cfg.check_batches)
-    finally:
-        bar.close()
-    for p in cohort.trainable:
-        p.scheduler.step()
-    train_loss, train_acc = metrics.read()
-    result = cohort.evaluate(test_batches(data.test.images, data.test.labels, EVAL_BATCH_SIZE, feed.normalise))
-    val = None if data.val is None else cohort.evaluate(
-        test_batches(data.val.images, data.val.labels, EVAL_BATCH_SIZE, feed.normalise))
-    seconds = time.perf_counter() - started
-    local = [
-        {"epoch": epoch, "node": p.index, "model": p.model_name, "lr": lrs[k], "train_loss": train_loss[k],
-         "train_acc": train_acc[k], **({"val_acc": val.top1[k]} if val else {}), "test_acc": result.top1[k],
-         "seconds": seconds, **({"role": "teacher"} if p.frozen else {})}
-        for k, p in enumerate(peers)
-    ]
-    records = sorted((r for part in exchange.gather_objects(local) for r in part), key=lambda r: r["node"])
-    records.append({"epoch": epoch, "node": "ensemble", **({"val_acc": val.ensemble_top1} if val else {}),
-                    "test_acc": result.ensemble_top1, "seconds": seconds})
-    return records
 
 
 def batch_fingerprint(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -94,7 +94,7 @@ def evaluate_models(models: list[torch.nn.Module], batches: Iterable, runtime: R
 
 
 @dataclass
-class Checkpoint:
+class LoadedCheckpoint:
     """A loaded checkpoint: its network in eval mode and what it says about itself."""
 
     path: Path
@@ -120,7 +120,7 @@ class Accuracy:
     top5: float
 
 
-def load_model(path: Path, device: torch.device, model: str | None = None) -> Checkpoint:
+def load_model(path: Path, device: torch.device, model: str | None = None) -> LoadedCheckpoint:
     """Build the checkpoint's network from its model name and class count and load its weights.
 
     A network of the user's own (``package.module:factory``) is imported only where ``model`` names
@@ -137,7 +137,7 @@ def _recorded_model(path: Path, state: dict) -> tuple[str, int]:
     return name, num_classes
 
 
-def _build(path: Path, state: dict, device: torch.device, named: str | None) -> Checkpoint:
+def _build(path: Path, state: dict, device: torch.device, named: str | None) -> LoadedCheckpoint:
     name, num_classes = _recorded_model(path, state)
     check_model_named(f"checkpoint {path}", name, named, f"model={name!r}")
     working_dir = state.get("working_dir") if isinstance(state.get("working_dir"), str) else None
@@ -156,7 +156,7 @@ def _build(path: Path, state: dict, device: torch.device, named: str | None) -> 
     # best.pt stores the epoch at the top level; last.pt in its run state.
     epoch = state.get("epoch", (state.get("run") or {}).get("epoch"))
     config = state.get("config") if isinstance(state.get("config"), dict) else {}
-    return Checkpoint(path, name, num_classes, state.get("dataset"), epoch, config.get("seed"),
+    return LoadedCheckpoint(path, name, num_classes, state.get("dataset"), epoch, config.get("seed"),
                       model.to(device).eval(), config.get("precision", "auto"), bool(config.get("plain", False)),
                       config.get("image_size"), config, working_dir)
 
@@ -170,7 +170,7 @@ def _import_advice(working_dir: str | None) -> str:
     return ""
 
 
-def common_dataset(checkpoints: list[Checkpoint], dataset: str | None) -> str:
+def common_dataset(checkpoints: list[LoadedCheckpoint], dataset: str | None) -> str:
     """The dataset every checkpoint was trained for (or ``dataset``, if their classes fit it)."""
     classes = {c.num_classes for c in checkpoints}
     datasets = {c.dataset for c in checkpoints if c.dataset is not None}
@@ -188,7 +188,7 @@ def common_dataset(checkpoints: list[Checkpoint], dataset: str | None) -> str:
     return dataset
 
 
-def accuracies(checkpoints: list[Checkpoint], images: torch.Tensor, labels: torch.Tensor,
+def accuracies(checkpoints: list[LoadedCheckpoint], images: torch.Tensor, labels: torch.Tensor,
                normalise: Normalise, runtime: Runtime) -> list[Accuracy]:
     """Top-1/top-5 accuracy (%) of every checkpoint, then of their mean-softmax ensemble."""
     result = evaluate_models([c.model for c in checkpoints], test_batches(images, labels, EVAL_BATCH_SIZE, normalise),
@@ -237,7 +237,7 @@ def _absolute(path: str | os.PathLike, base: str | os.PathLike) -> Path:
     return Path(os.path.normpath(Path(base) / Path(path).expanduser()))
 
 
-def data_source(checkpoints: list[Checkpoint], dataset: str, data_dir: str | None = None,
+def data_source(checkpoints: list[LoadedCheckpoint], dataset: str, data_dir: str | None = None,
                 skip_checksum: bool | None = None, download: bool | None = None, download_url: str | None = None,
                 image_size: int | None = None) -> DataSource:
     """The runs' data source (their --data-dir relative to where each run started, checksum choice,
@@ -283,7 +283,7 @@ def data_source(checkpoints: list[Checkpoint], dataset: str, data_dir: str | Non
     return DataSource(dataset, directory, skip_checksum, download, download_url, image_size, given, relative_to_here)
 
 
-def load_checkpoints(paths, device: torch.device, models: list[str] | None = None) -> list[Checkpoint]:
+def load_checkpoints(paths, device: torch.device, models: list[str] | None = None) -> list[LoadedCheckpoint]:
     """Checkpoint files as networks; ``models`` (one for all, or one per checkpoint) names what they hold
     and must, where one holds a network of the user's own: only then is its module imported."""
     paths = [Path(p) for p in paths]

@@ -48,17 +48,20 @@ PEER_KEYS = {"name", "model", "checkpoint"}
 LINK_KEYS = {"source", "target", "temperature", "weight", "gate"}
 
 
-def frozen_peer(path: str | Path, name: str) -> dict:
+def frozen_peer(path: str | Path, name: str, open_checkpoint: bool = True) -> dict:
     """A frozen peer from a checkpoint of an earlier run: its model name and a hash of the file.
 
     The model name is what the checkpoint records; the caller checks it against what the user named
-    (``check_model_named``) before anything builds it."""
+    (``check_model_named``) before anything builds it. With ``open_checkpoint`` False the file is only
+    checked to exist (model and sha256 None): enough to count the peers of a planned run."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise UserError(f"teacher checkpoint {path} is a directory, not a checkpoint file; {directory_advice(path)}")
     if not path.is_file():
         raise UserError(f"teacher checkpoint {path} does not exist; train the teacher first (dml train --models "
                         "MODEL) and pass its best.pt or last.pt")
+    if not open_checkpoint:
+        return {"name": name, "model": None, "checkpoint": str(path.resolve()), "sha256": None}
     model = load_checkpoint(path).get("model_name")
     if not isinstance(model, str):
         raise UserError(f"checkpoint {path} does not name its model; it was not written by dml train")
@@ -67,15 +70,17 @@ def frozen_peer(path: str | Path, name: str) -> dict:
 
 
 def teacher_spec(students: Sequence[str], teachers: Sequence[str], temperature: float, weight: float,
-                 teacher_models: Sequence[str] | None = None) -> dict:
+                 teacher_models: Sequence[str] | None = None, open_checkpoints: bool = True) -> dict:
     """``--teacher``: the students learn from every teacher (and, two or more, from each other), with
     the given temperature and weight. ``teacher_models`` (``--teacher-model``, one for all or one per
-    teacher) names the teachers' networks; a network of the user's own must be named to be imported."""
+    teacher) names the teachers' networks; a network of the user's own must be named to be imported.
+    With ``open_checkpoints`` False the teachers are only checked to exist (see ``frozen_peer``)."""
     named = one_or_each("--teacher-model", teacher_models, len(teachers), "--teacher checkpoint")
-    frozen = [frozen_peer(path, f"teacher{k}") for k, path in enumerate(teachers)]
-    flag = names_flag("--teacher-model", [peer["model"] for peer in frozen])
-    for path, peer, given in zip(teachers, frozen, named):
-        check_model_named(f"teacher checkpoint {path}", peer["model"], given, flag)
+    frozen = [frozen_peer(path, f"teacher{k}", open_checkpoints) for k, path in enumerate(teachers)]
+    if open_checkpoints:
+        flag = names_flag("--teacher-model", [peer["model"] for peer in frozen])
+        for path, peer, given in zip(teachers, frozen, named):
+            check_model_named(f"teacher checkpoint {path}", peer["model"], given, flag)
     peers = [{"name": f"{i}_{m}", "model": m, "checkpoint": None, "sha256": None} for i, m in enumerate(students)]
     peers += frozen
     frozen_indices = list(range(len(students), len(peers)))
@@ -83,8 +88,9 @@ def teacher_spec(students: Sequence[str], teachers: Sequence[str], temperature: 
     return {"peers": peers, **links.to_dict()}
 
 
-def read_graph(path: str | Path) -> dict:
-    """The spec of a graph file; one UserError line per mistake, naming the file."""
+def read_graph(path: str | Path, open_checkpoints: bool = True) -> dict:
+    """The spec of a graph file; one UserError line per mistake, naming the file. With
+    ``open_checkpoints`` False its checkpoints are only checked to exist (see ``frozen_peer``)."""
     path = Path(path)
     data = read_toml(path, "graph file")
     where = f"graph file {path}"
@@ -94,7 +100,7 @@ def read_graph(path: str | Path) -> dict:
     combine = data.get("combine", "mean")
     if combine not in COMBINES:
         raise UserError(f"{where}: combine {combine!r} is not one of: {', '.join(COMBINES)}")
-    peers = [_peer(entry, k, where, path.parent) for k, entry in enumerate(_tables(data, "peer", where))]
+    peers = [_peer(entry, k, where, path.parent, open_checkpoints) for k, entry in enumerate(_tables(data, "peer", where))]
     if not peers:
         raise UserError(f"{where} defines no [[peer]]")
     index = {}
@@ -124,7 +130,7 @@ def _tables(data: dict, key: str, where: str) -> list[dict]:
     return entries
 
 
-def _peer(entry: dict, k: int, where: str, base: Path) -> dict:
+def _peer(entry: dict, k: int, where: str, base: Path, open_checkpoint: bool) -> dict:
     unknown = set(entry) - PEER_KEYS
     if unknown:
         raise UserError(f"{where}: peer {k + 1} has unknown key(s) {', '.join(sorted(unknown))}; "
@@ -137,7 +143,9 @@ def _peer(entry: dict, k: int, where: str, base: Path) -> dict:
     if "checkpoint" in entry:
         path = Path(str(entry["checkpoint"])).expanduser()
         path = path if path.is_absolute() else base / path
-        peer = frozen_peer(path, name)
+        peer = frozen_peer(path, name, open_checkpoint)
+        if not open_checkpoint:
+            return peer
         # beside a checkpoint, model names the network it holds: needed to import a network of the user's own
         check_model_named(f"{where}: peer {name!r}: checkpoint {path}", peer["model"], entry.get("model"),
                           f'model = "{peer["model"]}" in peer {name!r}')

@@ -40,7 +40,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .config import RESUMABLE_CHANGES, TrainConfig, field_default, joined_models
+from .config import TrainConfig, field_default, joined_models
 from .errors import UserError
 from .models import folder_name
 from .tomlfile import read_toml, toml_value
@@ -49,6 +49,13 @@ PLAN_KEYS = {"defaults", "grid", "run", "search", "baseline"}
 # Settings a plan does not give: the plan names its runs and places them in its output directory.
 DECIDED_BY_PLAN = {"name", "out_dir", "graph_spec"}
 SETTINGS = {f.name: f for f in fields(TrainConfig) if f.name not in DECIDED_BY_PLAN}
+# Settings whose change between two versions of a plan does not change what its runs compute (the
+# output directory continues). Unlike --resume, a run's teacher or graph path counts: it names what the
+# run learns from (dml train then compares their contents).
+PLAN_MAY_CHANGE = frozenset(
+    {"device", "data_dir", "out_dir", "name", "download", "download_url", "skip_checksum", "progress",
+     "check_batches", "teacher_model", "threads"}
+)
 LABEL = re.compile(r"[A-Za-z0-9._+-]+")
 PLACEHOLDER = re.compile(r"\{((?:run:)?[A-Za-z0-9._+-]+)\}")
 # Names a run folder cannot take: the output directory's own files.
@@ -281,23 +288,23 @@ def _find_dependencies(runs: list[PlannedRun], out_dir: Path, where: str) -> Non
 
 def _check_settings(run: PlannedRun, where: str) -> None:
     """Build the run's TrainConfig so that a bad value fails now, not hours into the plan (teachers
-    that earlier runs of the plan will train are left out: they do not exist yet); count its peers."""
+    that earlier runs of the plan will train are left out: they do not exist yet); count its trained
+    peers. Its graph file is read and its teacher checkpoints checked to exist, none opened: dml train
+    loads and checks them."""
     settings = dict(run.settings)
     if run.after:
         settings.pop("teacher", None)
     try:
-        cfg = TrainConfig(**settings, name=run.name)
+        run.peers = TrainConfig(**settings, name=run.name).count_trained_peers()
     except UserError as exc:
         raise UserError(f"{where}, run {run.name}: {exc}") from None
-    run.peers = cfg.trained_peers
 
 
 def differences(old: dict[str, dict], new: dict[str, dict]) -> list[str]:
     """What changed between two plans (run name -> settings) in ways that change what runs compute."""
     out = [f"run {name} is not in the new plan" for name in old if name not in new]
     out += [f"run {name} is new" for name in new if name not in old]
-    # A plan's teacher or graph path names what its run learns from (dml train compares their contents).
-    compared = set(SETTINGS) - (RESUMABLE_CHANGES - {"teacher", "graph"})
+    compared = set(SETTINGS) - PLAN_MAY_CHANGE
     for name in old.keys() & new.keys():
         before, after = ({k: v.get(k, field_default(SETTINGS[k])) for k in compared} for v in (old[name], new[name]))
         out += [f"run {name}: {k} {before[k]!r} -> {after[k]!r}" for k in sorted(compared) if before[k] != after[k]]

@@ -18,7 +18,6 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import RESUMABLE_CHANGES
 from .errors import UserError
 from .runlog import CONFIG_FILE, METRICS_FILE, peer_dir_name
 
@@ -69,7 +68,7 @@ class Run:
         return str(self.config.get("name") or self.path.name)
 
     @property
-    def num_nodes(self) -> int:
+    def num_peers(self) -> int:
         return len(self.peers)
 
     @property
@@ -136,16 +135,16 @@ def read_run(path: Path) -> Run:
     by_epoch: dict[int, dict] = {}
     for line_no, record in records:
         try:
-            epoch, node = int(record["epoch"]), record["node"]
+            epoch, peer = int(record["epoch"]), record["node"]
             val = float(record["val_acc"]) if "val_acc" in record else None
-            if node == "ensemble":
+            if peer == "ensemble":
                 by_epoch.setdefault(epoch, {})["ensemble"] = (float(record["test_acc"]), val)
-            elif isinstance(node, int) and 0 <= node < len(models):
+            elif isinstance(peer, int) and 0 <= peer < len(models):
                 # A later record of the same epoch and peer (a re-run epoch) replaces the earlier one.
-                by_epoch.setdefault(epoch, {})[node] = (float(record["train_loss"]), float(record["train_acc"]),
+                by_epoch.setdefault(epoch, {})[peer] = (float(record["train_loss"]), float(record["train_acc"]),
                                                         float(record["test_acc"]), val)
             else:
-                raise ValueError(f"node {node!r} is not one of the {len(models)} peers in {CONFIG_FILE}")
+                raise ValueError(f"node {peer!r} is not one of the {len(models)} peers in {CONFIG_FILE}")
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"{path / METRICS_FILE} line {line_no} is not a dml metrics record ({exc})") from None
     ensemble, ensemble_val = {}, {}
@@ -214,12 +213,20 @@ def _read_metrics(path: Path) -> list[tuple[int, dict]]:
 
 
 # --- grouping and statistics ---------------------------------------------------------------------
+# Settings of config.json that do not make a run a different experimental condition: runs that differ
+# only in them are seeds of one group (graph files and teachers are compared through graph_spec).
+NOT_AN_EXPERIMENTAL_CONDITION = frozenset(
+    {"seed", "device", "data_dir", "out_dir", "name", "download", "download_url", "skip_checksum", "progress",
+     "check_batches", "graph", "teacher", "teacher_model", "threads"}
+)
+
+
 def seed_groups(runs: list[Run]) -> list[list[Run]]:
     """Runs that differ only in seed (and settings that do not change results), in first-seen order.
 
     Runs that stopped at different epochs are kept apart: their final numbers are not comparable.
     """
-    ignored = set(RESUMABLE_CHANGES) | {"seed"}
+    ignored = NOT_AN_EXPERIMENTAL_CONDITION
     groups: dict[str, list[Run]] = {}
     for run in runs:
         key = {k: v for k, v in run.config.items() if k not in ignored}
@@ -298,7 +305,7 @@ def results_table(group: list[Run], baseline: float | None = None) -> str:
             cells = [f"**{c}**" if c != DASH else c for c in cells]
         rows.append(cells)
 
-    for i in range(group[0].num_nodes):
+    for i in range(group[0].num_peers):
         history = [run.peers[i] for run in group]
         best = [h.best() for h in history]
         chosen = [h.at_best_val() for h in history] if with_val else []
@@ -364,25 +371,25 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def _nodes_text(run: Run, long: bool = False) -> str:
+def _peers_text(run: Run, long: bool = False) -> str:
     """The run's peers: ``2`` (``2 nodes`` when ``long``), or with teachers ``1 student + 1 teacher``: a
     frozen teacher is a node of the graph but learns nothing, so it is not counted as a peer."""
-    nodes, students = run.num_nodes, len(run.students)
-    if students < nodes:
-        return f"{_plural(students, 'student')} + {_plural(nodes - students, 'teacher')}"
-    return _plural(nodes, "node") if long else str(nodes)
+    peers, students = run.num_peers, len(run.students)
+    if students < peers:
+        return f"{_plural(students, 'student')} + {_plural(peers - students, 'teacher')}"
+    return _plural(peers, "node") if long else str(peers)
 
 
 def _title(group: list[Run], is_baseline: bool = False) -> str:
-    nodes, students = group[0].num_nodes, len(group[0].students)
+    peers, students = group[0].num_peers, len(group[0].students)
     if is_baseline:
         kind = "Baseline"
-    elif students < nodes:
-        kind = f"Knowledge distillation into {_plural(students, 'peer')} from {_plural(nodes - students, 'teacher')}"
+    elif students < peers:
+        kind = f"Knowledge distillation into {_plural(students, 'peer')} from {_plural(peers - students, 'teacher')}"
     elif group[0].config.get("graph_spec"):
-        kind = f"Knowledge-transfer graph of {nodes} nodes"
+        kind = f"Knowledge-transfer graph of {peers} nodes"
     else:
-        kind = "Independent training" if nodes == 1 else f"DML with {nodes} nodes"
+        kind = "Independent training" if peers == 1 else f"DML with {peers} nodes"
     seeds = f" ({len(group)} seeds)" if len(group) > 1 else ""
     return f"{kind}: {_escape(group_name(group))}{seeds}"
 
@@ -403,7 +410,7 @@ def group_section(group: list[Run], baseline: tuple[str, float] | None, images: 
         lines.append("- Runs: " + ", ".join(f"`{run.path}`" for run in group))
     lines += [
         f"- Models: {_models_text(cfg['models'])} on {cfg.get('dataset', 'cifar100')}"
-        + (f", {cfg.get('update', 'simultaneous')} updates" if first.num_nodes > 1 else ""),
+        + (f", {cfg.get('update', 'simultaneous')} updates" if first.num_peers > 1 else ""),
         f"- Epochs: {_epochs_text(first)}",
         f"- Seed{'s' if len(group) > 1 else ''}: {seeds}" + (f" (n = {len(group)})" if len(group) > 1 else ""),
         "", "**Results**:", "", results_table(group, baseline[1] if baseline else None), "",
@@ -417,7 +424,7 @@ def group_section(group: list[Run], baseline: tuple[str, float] | None, images: 
                  "best.pt holds), an unbiased choice, unlike Best Test.")
     if len(group) > 1:
         note += f" Values are mean ± sample standard deviation over n = {len(group)} seeds."
-    if first.num_nodes > 1:
+    if first.num_peers > 1:
         note += " Ensemble: the peers' mean softmax."
     if baseline:
         note += (f" Improvement: final test accuracy minus the baseline's ({_escape(baseline[0])}: "
@@ -447,7 +454,7 @@ def summary_table(groups: list[list[Run]], baseline_group: list[Run] | None, bas
         avg_best = _stat([statistics.fmean(p.best()[0] for p in run.students) for run in group])
         final = [run.ensemble.get(run.epochs_done) for run in group]
         name = _escape(group_name(group)) + (" (baseline)" if group is baseline_group else "")
-        cells = [name, _nodes_text(group[0]), _epochs_text(group[0]), ", ".join(str(r.seed) for r in group),
+        cells = [name, _peers_text(group[0]), _epochs_text(group[0]), ", ".join(str(r.seed) for r in group),
                  avg_test.format()] + ([at_best_val] if with_val else []) + \
                 [avg_best.format(), DASH if None in final else _stat(final).format()]
         if baseline is not None:
@@ -510,7 +517,7 @@ def run_figure(run: Run, baseline: list[Run] | None = None):
         epochs = sorted(run.ensemble)
         acc_ax.plot(epochs, [run.ensemble[e] for e in epochs], ":", color="black", label="ensemble", **style)
     if baseline:
-        label = f"baseline: {group_name(baseline)}" + (" (peer average)" if baseline[0].num_nodes > 1 else "")
+        label = f"baseline: {group_name(baseline)}" + (" (peer average)" if baseline[0].num_peers > 1 else "")
         for ax, key in ((acc_ax, "test_acc"), (loss_ax, "train_loss")):
             _plot_baseline(ax, _group_curve(baseline, key), label)
     _decorate(acc_ax, "Test accuracy", "test accuracy (%)")
@@ -530,9 +537,9 @@ def plot_comparison(groups: list[list[Run]], path: Path, baseline: list[Run] | N
 def comparison_figure(groups: list[list[Run]], baseline: list[Run] | None = None):
     """The figure of :func:`plot_comparison`."""
     fig, (ax,) = _figure(8, 5)
-    for group in sorted(groups, key=lambda g: (g[0].num_nodes, group_name(g))):
+    for group in sorted(groups, key=lambda g: (g[0].num_peers, group_name(g))):
         epochs, mean = _group_curve(group, "test_acc")
-        label = f"{_nodes_text(group[0], long=True)}: {group_name(group)}"
+        label = f"{_peers_text(group[0], long=True)}: {group_name(group)}"
         ax.plot(epochs, mean, label=label + (f" (mean of {len(group)} seeds)" if len(group) > 1 else ""),
                 **_line_style(len(epochs)))
     if baseline:

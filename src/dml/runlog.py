@@ -4,7 +4,8 @@ Layout of ``<out-dir>/<name>/``::
 
     config.json          every setting, versions, device
     metrics.jsonl        one object per epoch and peer, plus one per epoch for the ensemble
-    <i>_<model>/         TensorBoard events of peer i; last.pt (every epoch), best.pt (best test_acc)
+    <i>_<model>/         TensorBoard events of peer i; last.pt (every epoch), best.pt (best val_acc where
+                         the run holds a validation split, else best test_acc)
     ensemble/            TensorBoard events of the cohort's ensemble
 
 Checkpoints are written to a temporary file and renamed, so a crash leaves either the old or the

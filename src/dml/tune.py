@@ -145,7 +145,7 @@ class Search:
         run = self.trial_run(trial)
         folder = self.out_dir / run.name
         try:
-            peers = TrainConfig(**run.settings, name=run.name).trained_peers
+            peers = TrainConfig(**run.settings, name=run.name).count_trained_peers()
         except UserError as exc:
             self.study.tell(trial, state=states.FAIL)
             self.log(f"trial {trial.number} failed: {exc}")
