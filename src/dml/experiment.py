@@ -28,7 +28,7 @@ from tqdm import tqdm
 from .config import train_flags
 from .errors import RunStopped, UserError
 from .plan import Plan, PlannedRun, differences, read_plan
-from .runlog import CONFIG_FILE, LAST, METRICS_FILE, RunDir, atomic_write_bytes, checkpoint_epoch
+from .runlog import CONFIG_FILE, LAST, RunDir, atomic_write_bytes, checkpoint_epoch
 
 PLAN_RECORD = "plan.json"
 LOCK_FILE = ".lock"
@@ -44,8 +44,7 @@ def epochs_saved(path: Path) -> int | None:
     if not (path / CONFIG_FILE).exists():
         return None
     try:
-        cfg = RunDir(path, {}).read_config()
-        run = RunDir(path, {i: m for i, m in enumerate(cfg.models) if i not in cfg.frozen})
+        run = RunDir.open(path)
         lasts = [run.peer_path(i) / LAST for i in run.peer_names]
         return min(checkpoint_epoch(p) if p.exists() else 0 for p in lasts)
     except UserError:
@@ -53,20 +52,9 @@ def epochs_saved(path: Path) -> int | None:
 
 
 def epochs_logged(path: Path) -> int:
-    """The last epoch in the run's metrics.jsonl (for progress only: it can run one epoch ahead of
-    the checkpoints)."""
-    try:
-        lines = (path / METRICS_FILE).read_text().splitlines()
-    except OSError:
-        return 0
-    last = 0
-    for line in lines:
-        if '"ensemble"' in line:
-            try:
-                last = max(last, int(json.loads(line)["epoch"]))
-            except (ValueError, KeyError, TypeError):
-                pass  # a line being written
-    return last
+    """The last complete epoch in the run's metrics.jsonl (for progress only: it can run one epoch ahead
+    of the checkpoints); a UserError where the file is damaged."""
+    return RunDir(path, {}, writer=False).last_completed_epoch()
 
 
 def is_finished(run: PlannedRun, saved: int | None) -> bool:
@@ -286,7 +274,13 @@ class Runner:
         return f"ETA {_format_duration((time.monotonic() - self.started) / trained * left)}"
 
     def _logged(self) -> dict[str, int]:
-        return {name: epochs_logged(self.out_dir / name) for name in self.running}
+        logged = {}
+        for name in self.running:
+            try:
+                logged[name] = epochs_logged(self.out_dir / name)
+            except UserError:  # a damaged metrics.jsonl: its run's dml train or the report says what is wrong
+                logged[name] = 0
+        return logged
 
     def _start(self, run: PlannedRun, slot: int) -> None:
         saved = self.saved[run.name]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .config import RESUMABLE_CHANGES
 from .errors import UserError
-from .runlog import CONFIG_FILE, METRICS_FILE, peer_dir_name
+from .runlog import CONFIG_FILE, ENSEMBLE, METRICS_FILE, RunDir, peer_dir_name
 
 DASH = "–"  # an empty cell: the value does not exist for this row
 
@@ -128,43 +128,43 @@ def read_run(path: Path) -> Run:
     """Read one run directory; every missing or malformed file is a UserError naming it."""
     path = Path(path)
     config = _read_config(path / CONFIG_FILE)
-    records = _read_metrics(path / METRICS_FILE)
     models = config["models"]
     teachers = {k for k, peer in enumerate((config.get("graph_spec") or {}).get("peers", []))
                 if isinstance(peer, dict) and peer.get("checkpoint")}
     peers = [PeerHistory(i, name, i in teachers) for i, name in enumerate(models)]
-    by_epoch: dict[int, dict] = {}
-    for line_no, record in records:
+    run_dir = RunDir(path, {p.index: p.model for p in peers if not p.teacher}, writer=False)
+    records = run_dir.records()
+    for record in records:
         try:
-            epoch, node = int(record["epoch"]), record["node"]
-            val = float(record["val_acc"]) if "val_acc" in record else None
-            if node == "ensemble":
-                by_epoch.setdefault(epoch, {})["ensemble"] = (float(record["test_acc"]), val)
-            elif isinstance(node, int) and 0 <= node < len(models):
-                # A later record of the same epoch and peer (a re-run epoch) replaces the earlier one.
-                by_epoch.setdefault(epoch, {})[node] = (float(record["train_loss"]), float(record["train_acc"]),
-                                                        float(record["test_acc"]), val)
+            if record.node == ENSEMBLE:
+                float(record.data["test_acc"])
+            elif 0 <= record.node < len(models):
+                for key in ("train_loss", "train_acc", "test_acc"):
+                    float(record.data[key])
             else:
-                raise ValueError(f"node {node!r} is not one of the {len(models)} peers in {CONFIG_FILE}")
+                raise ValueError(f"node {record.node!r} is not one of the {len(models)} peers in {CONFIG_FILE}")
+            if "val_acc" in record.data:
+                float(record.data["val_acc"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"{path / METRICS_FILE} line {line_no} is not a dml metrics record ({exc})") from None
+            raise UserError(f"{path / METRICS_FILE} line {record.line} is not a dml metrics record ({exc})") from None
     ensemble, ensemble_val = {}, {}
-    for epoch in sorted(by_epoch):
-        entry = by_epoch[epoch]
-        if not all(i in entry for i in range(len(models))):
-            continue  # an epoch whose records were cut off by a crash: not complete for every peer
+    for epoch, entry in run_dir.completed_epochs(records).items():
+        missing = [i for i in range(len(models)) if i not in entry]
+        if missing:
+            raise UserError(f"{path / METRICS_FILE} has no record of peer {missing[0]} in epoch {epoch}, which is "
+                            "complete; it was not written by dml train")
         for peer in peers:
-            loss, train_acc, test_acc, val_acc = entry[peer.index]
+            record = entry[peer.index].data
             peer.epochs.append(epoch)
-            peer.train_loss.append(loss)
-            peer.train_acc.append(train_acc)
-            peer.test_acc.append(test_acc)
-            if val_acc is not None:
-                peer.val_acc.append(val_acc)
-        if "ensemble" in entry:
-            ensemble[epoch], val = entry["ensemble"]
-            if val is not None:
-                ensemble_val[epoch] = val
+            peer.train_loss.append(float(record["train_loss"]))
+            peer.train_acc.append(float(record["train_acc"]))
+            peer.test_acc.append(float(record["test_acc"]))
+            if "val_acc" in record:
+                peer.val_acc.append(float(record["val_acc"]))
+        record = entry[ENSEMBLE].data
+        ensemble[epoch] = float(record["test_acc"])
+        if "val_acc" in record:
+            ensemble_val[epoch] = float(record["val_acc"])
     if not peers[0].epochs:
         raise UserError(f"{path / METRICS_FILE} holds no epoch completed by every peer; report the run after its "
                         "first epoch")
@@ -185,32 +185,6 @@ def _read_config(path: Path) -> dict:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{path} is unreadable ({type(exc).__name__}: {exc}); it was not written by dml train") \
             from None
-
-
-def _read_metrics(path: Path) -> list[tuple[int, dict]]:
-    """(line number, record) for every complete line. A last line without its newline is a write
-    that a crash (or the running trainer) has not finished: it is skipped, not an error."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing: the run has not completed an epoch yet") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is unreadable ({exc})") from None
-    lines = text.split("\n")
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            if number == len(lines):  # the unterminated last line
-                continue
-            raise UserError(f"{path} line {number} is not valid JSON; the file is damaged") from None
-        if not isinstance(record, dict):
-            raise UserError(f"{path} line {number} is not a dml metrics record (not a JSON object)")
-        records.append((number, record))
-    return records
 
 
 # --- grouping and statistics ---------------------------------------------------------------------
