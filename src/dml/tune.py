@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from .config import TrainConfig, field_default
 from .errors import RunStopped, UserError
+from .markdown import table
 from .experiment import (LOGS, POLL_SECONDS, claim_out_dir, epochs_saved, is_finished, last_line, signals_to,
                          start_run, stopped_by, train_command)
 from .plan import SETTINGS, Plan, PlannedRun, read_plan, setting_kind, setting_value
@@ -202,14 +203,15 @@ class Search:
         header = ["Trial", "State", *keys, "Epochs", "Best Val Accuracy (%)"]
         lines = [f"# Search: {self.plan.path}", "",
                  f"{len(self.study.trials)} trials in `{self.out_dir / STUDY}`, chosen on validation accuracy "
-                 f"({self.base.settings['val_samples']} held-out training images), never on the test set.", "",
-                 "| " + " | ".join(header) + " |", "|" + "|".join("-" * (len(h) + 2) for h in header) + "|"]
+                 f"({self.base.settings['val_samples']} held-out training images), never on the test set.", ""]
+        rows = []
         for t in self.study.trials:
             curve = t.intermediate_values
             value = f"{t.value:.2f}" if t.value is not None else (f"{max(curve.values()):.2f}" if curve else "–")
             cells = [str(t.number), t.state.name.lower(), *(_short(t.params.get(k, "–")) for k in keys),
                      str(max(curve) if curve else 0), value]
-            lines.append("| " + " | ".join(cells) + " |")
+            rows.append(cells)
+        lines.append(table(header, rows))
         if self._any_complete():
             best = self.study.best_trial
             best_settings = {k: setting_value(k, v) for k, v in best.params.items()}
