@@ -23,8 +23,8 @@ from tqdm import tqdm
 from .config import TrainConfig, field_default
 from .errors import RunStopped, UserError
 from .markdown import table
-from .experiment import (LOGS, POLL_SECONDS, claim_out_dir, epochs_saved, is_finished, last_line, signals_to,
-                         start_run, stopped_by, train_command)
+from .orchestrate import (LOGS, POLL_SECONDS, claim_out_dir, epochs_saved, is_finished, last_line, signals_to,
+                          start_run, stopped_by, train_command)
 from .plan import SETTINGS, Plan, PlannedRun, read_plan, setting_kind, setting_value
 from .runlog import RunDir
 
