@@ -5,7 +5,7 @@ import json
 import pytest
 
 from dml.errors import UserError
-from dml.experiment import epochs_logged
+from dml.orchestrate import epochs_logged
 from dml.runlog import METRICS_FILE, RunDir
 
 
