@@ -8,7 +8,6 @@ import dataclasses
 import typing
 import os
 import sys
-from pathlib import Path
 
 from . import __version__
 from .config import DATASETS, DEVICES, GROUPS, PRECISIONS, UPDATES, TrainConfig, field_default, flag_of
@@ -122,7 +121,7 @@ def _run_train(args: argparse.Namespace) -> int:
             from .launch import launch_processes
             from .runlog import RunDir
 
-            run = RunDir(Path(cfg.out_dir) / cfg.name, {i: m for i, m in enumerate(cfg.models) if i not in cfg.frozen})
+            run = RunDir.of(cfg)
             return launch_processes(args.procs, _without_procs(args.argv), lambda: what_is_saved(run))
 
     import torch.distributed as dist

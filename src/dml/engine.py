@@ -160,8 +160,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     run = None
     try:
         device = exchange.select_device(device)
-        trainable = {i: m for i, m in enumerate(cfg.models) if i not in cfg.frozen}
-        run = RunDir(Path(cfg.out_dir) / cfg.name, trainable, writer=exchange.is_writer)
+        run = RunDir.of(cfg, writer=exchange.is_writer)
         check_run_dir(cfg, resume, run)
         data = load_data(cfg, device)
         exchange.barrier()  # every process has checked the run directory before rank 0 writes to it

@@ -3,7 +3,7 @@
 Layout of ``<out-dir>/<name>/``::
 
     config.json          every setting, versions, device
-    metrics.jsonl        one object per epoch and peer, plus one per epoch for the ensemble
+    metrics.jsonl        one object per epoch and peer, then one for the ensemble: the last of its epoch
     <i>_<model>/         TensorBoard events of peer i; last.pt (every epoch), best.pt (best val_acc where
                          the run holds a validation split, else best test_acc)
     ensemble/            TensorBoard events of the cohort's ensemble
@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -124,14 +125,53 @@ def _events_without_epochs(path: Path) -> bool:
     return records <= 1
 
 
+def trained_peers(cfg: TrainConfig) -> dict[int, str]:
+    """Index -> model name of the peers that learn (teachers apart): the peers with a folder and checkpoints."""
+    return {i: m for i, m in enumerate(cfg.models) if i not in cfg.frozen}
+
+
+ENSEMBLE = "ensemble"  # the node of the record that ends an epoch
+
+
+@dataclass(frozen=True)
+class Record:
+    """One line of metrics.jsonl: the object as written, and where it stands (for error messages)."""
+
+    line: int
+    data: dict
+
+    @property
+    def epoch(self) -> int:
+        return self.data["epoch"]
+
+    @property
+    def node(self) -> int | str:
+        """A peer's index, or ``"ensemble"``."""
+        return self.data["node"]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class RunDir:
     """Reads and writes one run directory. Only the writer process writes shared files."""
 
     def __init__(self, path: Path, peer_names: dict[int, str], writer: bool = True):
         self.path = Path(path)
-        self.peer_names = peer_names  # index -> model name, for every peer of the cohort
+        self.peer_names = peer_names  # index -> model name, for every peer of the cohort that trains
         self.writer = writer
         self._tensorboard: dict[str, object] = {}
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, writer: bool = True) -> RunDir:
+        """The run directory of ``cfg`` (``<out_dir>/<name>``), with its trained peers."""
+        return cls(Path(cfg.out_dir) / cfg.name, trained_peers(cfg), writer)
+
+    @classmethod
+    def open(cls, path: Path) -> RunDir:
+        """A run directory as its config.json describes it, for reading (a UserError where that is unreadable)."""
+        return cls(path, trained_peers(cls(path, {}).read_config()), writer=False)
 
     def peer_path(self, index: int) -> Path:
         return self.path / peer_dir_name(index, self.peer_names[index])
@@ -199,12 +239,64 @@ class RunDir:
         atomic_write_bytes(self.path / CONFIG_FILE, lambda f: f.write(text.encode()))
 
     # --- metrics -------------------------------------------------------------------------
+    def records(self, missing_ok: bool = False) -> list[Record]:
+        """Every record of metrics.jsonl, in file order; none where it does not exist yet and ``missing_ok``.
+
+        A last line without its newline that does not parse is a write that a crash (or the running trainer)
+        has not finished: it is left out, not an error. Any other line that is not a JSON object with an integer ``epoch`` and
+        a ``node`` (a peer's index or ``"ensemble"``) is a UserError naming it.
+        """
+        path = self.path / METRICS_FILE
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            if missing_ok:
+                return []
+            raise UserError(f"{path} is missing: the run has not completed an epoch yet") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"{path} is unreadable ({exc})") from None
+        lines = text.split("\n")
+        records = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                if number == len(lines):  # the unterminated last line
+                    continue
+                raise UserError(f"{path} line {number} is not valid JSON; the file is damaged") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path} line {number} is not a dml metrics record (not a JSON object)")
+            epoch, node = record.get("epoch"), record.get("node")
+            if not _is_int(epoch) or not (_is_int(node) or node == ENSEMBLE):
+                raise UserError(f"{path} line {number} is not a dml metrics record (epoch {epoch!r}, node {node!r})")
+            records.append(Record(number, record))
+        return records
+
+    def completed_epochs(self, records: list[Record] | None = None) -> dict[int, dict[int | str, Record]]:
+        """Epoch -> its records by node, for every complete epoch, in epoch order.
+
+        An epoch is complete once its ensemble record is written: dml train writes it after those of
+        all the peers (teachers included), in the same write. A later record of the same epoch and node
+        (an epoch run again) replaces the earlier one. ``records``: those of :meth:`records`, when read.
+        """
+        by_epoch: dict[int, dict[int | str, Record]] = {}
+        for record in self.records(missing_ok=True) if records is None else records:
+            by_epoch.setdefault(record.epoch, {})[record.node] = record
+        return {epoch: by_epoch[epoch] for epoch in sorted(by_epoch) if ENSEMBLE in by_epoch[epoch]}
+
+    def last_completed_epoch(self) -> int:
+        """The last complete epoch that metrics.jsonl holds (0: none). It can be one ahead of the checkpoints."""
+        return max(self.completed_epochs(), default=0)
+
     def truncate_metrics(self, last_epoch: int) -> None:
-        """Drop records of epochs after ``last_epoch`` (written before a crash, not checkpointed)."""
+        """Drop records of epochs after ``last_epoch`` (written before a crash, not checkpointed), and an
+        unfinished last line."""
         path = self.path / METRICS_FILE
         if not self.writer or not path.exists():
             return
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= last_epoch]
+        kept = [json.dumps(r.data) for r in self.records() if r.epoch <= last_epoch]
         text = "".join(line + "\n" for line in kept)
         atomic_write_bytes(path, lambda f: f.write(text.encode()))
 
@@ -220,8 +312,8 @@ class RunDir:
         except OSError as exc:
             raise write_failed(self.path / METRICS_FILE, exc) from None
         for record in records:
-            ensemble = record["node"] == "ensemble"
-            folder = "ensemble" if ensemble else peer_dir_name(record["node"], record["model"])
+            ensemble = record["node"] == ENSEMBLE
+            folder = ENSEMBLE if ensemble else peer_dir_name(record["node"], record["model"])
             keys = ("val_acc", "test_acc") if ensemble else ("lr", "train_loss", "train_acc", "val_acc", "test_acc")
             for key in keys:
                 if key in record:

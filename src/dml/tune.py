@@ -10,7 +10,6 @@ the same command, its interrupted trial continuing from its last complete epoch.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import signal
@@ -23,10 +22,11 @@ from tqdm import tqdm
 
 from .config import TrainConfig, field_default
 from .errors import RunStopped, UserError
-from .experiment import (LOGS, POLL_SECONDS, claim_out_dir, epochs_saved, is_finished, last_line, signals_to,
-                         start_run, stopped_by, train_command)
+from .markdown import table
+from .orchestrate import (LOGS, POLL_SECONDS, claim_out_dir, epochs_saved, is_finished, last_line, signals_to,
+                          start_run, stopped_by, train_command)
 from .plan import SETTINGS, Plan, PlannedRun, read_plan, setting_kind, setting_value
-from .runlog import METRICS_FILE
+from .runlog import RunDir
 
 STUDY = "study.db"
 STUDY_NAME = "dml-tune"
@@ -73,22 +73,15 @@ def suggest(trial, search: dict) -> dict:
     return params
 
 
-def validation_curve(run_dir: Path, peers: int) -> dict[int, float]:
-    """Epoch -> the mean validation accuracy of the run's ``peers`` training peers, from metrics.jsonl
-    (epochs every one of them has logged)."""
-    by_epoch: dict[int, list[float]] = {}
+def validation_curve(run_dir: Path) -> dict[int, float]:
+    """Epoch -> the mean validation accuracy of the run's training peers, for its complete epochs in
+    metrics.jsonl (none before its config.json is written)."""
     try:
-        lines = (run_dir / METRICS_FILE).read_text().splitlines()
-    except OSError:
+        run = RunDir.open(run_dir)
+    except UserError:
         return {}  # not started yet
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a line being written
-        if isinstance(record.get("node"), int) and record.get("role") != "teacher" and "val_acc" in record:
-            by_epoch.setdefault(record["epoch"], []).append(record["val_acc"])
-    return {e: sum(v) / len(v) for e, v in sorted(by_epoch.items()) if len(v) == peers}
+    return {epoch: sum(entry[i].data["val_acc"] for i in run.peer_names) / len(run.peer_names)
+            for epoch, entry in run.completed_epochs().items()}
 
 
 class Search:
@@ -145,7 +138,7 @@ class Search:
         run = self.trial_run(trial)
         folder = self.out_dir / run.name
         try:
-            peers = TrainConfig(**run.settings, name=run.name).count_trained_peers()
+            TrainConfig(**run.settings, name=run.name)  # settings dml train would refuse: the trial fails here
         except UserError as exc:
             self.study.tell(trial, state=states.FAIL)
             self.log(f"trial {trial.number} failed: {exc}")
@@ -164,7 +157,7 @@ class Search:
         pruned = False
         while self.child.poll() is None:
             time.sleep(POLL_SECONDS)
-            curve = validation_curve(folder, peers)
+            curve = validation_curve(folder)
             report(curve)
             if curve:
                 best = f", best {self.study.best_value:.2f}%" if self._any_complete() else ""
@@ -175,7 +168,7 @@ class Search:
                 pruned = True
                 self.child.send_signal(signal.SIGTERM)
         code, self.child = self.child.returncode, None
-        curve = validation_curve(folder, peers)
+        curve = validation_curve(folder)
         finished = is_finished(run, epochs_saved(folder))
         if self.stop_signal is not None and not pruned:
             return  # the trial stays running in the study and continues next time
@@ -210,14 +203,15 @@ class Search:
         header = ["Trial", "State", *keys, "Epochs", "Best Val Accuracy (%)"]
         lines = [f"# Search: {self.plan.path}", "",
                  f"{len(self.study.trials)} trials in `{self.out_dir / STUDY}`, chosen on validation accuracy "
-                 f"({self.base.settings['val_samples']} held-out training images), never on the test set.", "",
-                 "| " + " | ".join(header) + " |", "|" + "|".join("-" * (len(h) + 2) for h in header) + "|"]
+                 f"({self.base.settings['val_samples']} held-out training images), never on the test set.", ""]
+        rows = []
         for t in self.study.trials:
             curve = t.intermediate_values
             value = f"{t.value:.2f}" if t.value is not None else (f"{max(curve.values()):.2f}" if curve else "–")
             cells = [str(t.number), t.state.name.lower(), *(_short(t.params.get(k, "–")) for k in keys),
                      str(max(curve) if curve else 0), value]
-            lines.append("| " + " | ".join(cells) + " |")
+            rows.append(cells)
+        lines.append(table(header, rows))
         if self._any_complete():
             best = self.study.best_trial
             best_settings = {k: setting_value(k, v) for k, v in best.params.items()}

@@ -1,0 +1,66 @@
+"""``dml report`` itself: read the runs, draw the plots, write report.md."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from ..errors import UserError
+from .document import build_markdown
+from .plots import plot_comparison, plot_run
+from .runs import find_runs, read_run
+from .stats import seed_groups, without
+
+
+def _file_stem(name: str, taken: set[str]) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "run"
+    unique, n = stem, 2
+    while unique in taken:
+        unique, n = f"{stem}-{n}", n + 1
+    taken.add(unique)
+    return unique
+
+
+def report(run_paths, baseline: str | os.PathLike | list | None = None, out: str | os.PathLike | None = None,
+           plots: str | os.PathLike | None = None) -> str:
+    """Read the runs, draw the plots (when ``plots`` names a folder) and return the Markdown;
+    with ``out`` it is also written there, with image links relative to it."""
+    runs = [read_run(p) for p in find_runs(run_paths)]
+    baseline_runs = None
+    if baseline is not None:
+        baseline_runs = [read_run(p) for p in find_runs(baseline if isinstance(baseline, list) else [baseline])]
+        if len(seed_groups(baseline_runs)) > 1:
+            raise UserError(f"--baseline {baseline} holds runs with different settings; name one run, "
+                            "or a folder whose runs differ only in seed")
+    images: dict[str, str] = {}
+    comparison = None
+    if plots is not None:
+        folder = Path(plots)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create the plot folder {folder} ({exc})") from None
+        link_base = Path(out).parent if out is not None else Path.cwd()
+
+        def link(path: Path) -> str:
+            return Path(os.path.relpath(path, link_base)).as_posix()
+
+        taken: set[str] = set()
+        shown = without(runs, baseline_runs or [])
+        for run in baseline_runs or []:
+            target = folder / f"{_file_stem(run.name, taken)}.png"
+            images[str(run.path)] = link(plot_run(run, target))
+        for run in shown:
+            target = folder / f"{_file_stem(run.name, taken)}.png"
+            images[str(run.path)] = link(plot_run(run, target, baseline_runs))
+        comparison_path = folder / f"{_file_stem('comparison', taken)}.png"
+        plot_comparison(seed_groups(shown), comparison_path, baseline_runs)
+        comparison = link(comparison_path)
+    markdown = build_markdown(runs, baseline_runs, images, comparison)
+    if out is not None:
+        try:
+            Path(out).write_text(markdown)
+        except OSError as exc:
+            raise UserError(f"cannot write the report to {out} ({exc})") from None
+    return markdown

@@ -1,0 +1,210 @@
+"""report.md: the summary table, a section per run or seed group, its results table and legend."""
+
+from __future__ import annotations
+
+import statistics
+
+from ..markdown import escape, table
+from .runs import Run
+from .stats import Stat, baseline_accuracy, best_epoch, group_name, seed_groups, stat, without
+
+DASH = "–"  # an empty cell: the value does not exist for this row
+
+HEADER = ["Model ID", "Train Accuracy (%)", "Test Accuracy (%)", "Best Test Accuracy (%)", "Train Loss"]
+VAL_HEADER = ["Model ID", "Train Accuracy (%)", "Val Accuracy (%)", "Test Accuracy (%)", "Test at Best Val (%)",
+              "Best Test Accuracy (%)", "Train Loss"]
+IMPROVEMENT = "Improvement vs Baseline (pp)"
+
+
+def results_table(group: list[Run], baseline: float | None = None) -> str:
+    """The seed-style table of one run (or seed group): a row per peer, then Average and Ensemble.
+
+    Train/Test Accuracy and Train Loss are those of the last epoch; Best Test Accuracy is the
+    highest test accuracy over the epochs run. With a validation split, Val Accuracy (last epoch)
+    and Test at Best Val (test accuracy at the epoch of highest validation accuracy, the epoch of
+    best.pt) are added. With one peer the Average and Ensemble rows would repeat its row, so they
+    are left out (as in the seed's baseline table).
+    """
+    with_val = group[0].has_val
+    header = (VAL_HEADER if with_val else HEADER) + ([IMPROVEMENT] if baseline is not None else [])
+    rows = []
+
+    def row(label, train_acc, val_acc, test_acc, at_best_val, best, loss, bold=False, teacher=False):
+        cells = [label, train_acc.format()] + ([val_acc.format(), test_acc.format(), at_best_val.format()]
+                                               if with_val else [test_acc.format()]) + [best.format(), loss.format(3)]
+        if baseline is not None:
+            cells.append(DASH if teacher else Stat([v - baseline for v in test_acc.values]).format(signed=True))
+        if bold:
+            cells = [f"**{c}**" if c != DASH else c for c in cells]
+        rows.append(cells)
+
+    for i in range(group[0].num_peers):
+        history = [run.peers[i] for run in group]
+        best = [h.best() for h in history]
+        chosen = [h.at_best_val() for h in history] if with_val else []
+        row(escape(history[0].label), stat([h.train_acc[-1] for h in history]),
+            with_val and stat([h.val_acc[-1] for h in history]), stat([h.test_acc[-1] for h in history]),
+            with_val and stat([c[0] for c in chosen], [c[1] for c in chosen]),
+            stat([b[0] for b in best], [b[1] for b in best]), stat([h.train_loss[-1] for h in history]),
+            teacher=history[0].teacher)
+    if len(group[0].students) > 1:
+        def mean_over_peers(value):
+            return stat([statistics.fmean(value(p) for p in run.students) for run in group])
+
+        row("Average", mean_over_peers(lambda p: p.train_acc[-1]), with_val and mean_over_peers(lambda p: p.val_acc[-1]),
+            mean_over_peers(lambda p: p.test_acc[-1]), with_val and mean_over_peers(lambda p: p.at_best_val()[0]),
+            mean_over_peers(lambda p: p.best()[0]), mean_over_peers(lambda p: p.train_loss[-1]), bold=True)
+        rows.append(_ensemble_row(group, baseline is not None))
+    return table(header, rows)
+
+
+def _ensemble_row(group: list[Run], with_improvement: bool) -> list[str]:
+    """Ensemble (mean softmax of the training peers): only test (and validation) accuracies exist for it."""
+    with_val = group[0].has_val
+    final = [run.ensemble.get(run.epochs_done) for run in group]
+    if any(v is None for v in final):
+        cells = [DASH] * (3 if with_val else 1) + [DASH]
+    else:
+        best_epochs = [best_epoch(run.ensemble) for run in group]
+        best = stat([run.ensemble[e] for run, e in zip(group, best_epochs)], best_epochs).format()
+        cells = [stat(final).format(), best]
+        if with_val:
+            chosen = [best_epoch(run.ensemble_val) for run in group]
+            at_best_val = stat([run.ensemble[e] for run, e in zip(group, chosen)], chosen).format()
+            val = stat([run.ensemble_val[run.epochs_done] for run in group]).format()
+            cells = [val, cells[0], at_best_val, best]
+    cells = ["Ensemble", DASH] + cells + [DASH] + ([DASH] if with_improvement else [])
+    return [f"*{c}*" if c != DASH else c for c in cells]
+
+
+def models_text(models: list[str]) -> str:
+    unique = list(dict.fromkeys(models))
+    if len(models) == 1:
+        return models[0]
+    return f"{len(models)}×{unique[0]}" if len(unique) == 1 else " + ".join(models)
+
+
+def epochs_text(run: Run) -> str:
+    text = f"{run.epochs_done}/{run.epochs_planned}"
+    return text + " (interrupted)" if run.interrupted else text
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def peers_text(run: Run, long: bool = False) -> str:
+    """The run's peers: ``2`` (``2 nodes`` when ``long``), or with teachers ``1 student + 1 teacher``: a
+    frozen teacher is a node of the graph but learns nothing, so it is not counted as a peer."""
+    peers, students = run.num_peers, len(run.students)
+    if students < peers:
+        return f"{plural(students, 'student')} + {plural(peers - students, 'teacher')}"
+    return plural(peers, "node") if long else str(peers)
+
+
+def _title(group: list[Run], is_baseline: bool = False) -> str:
+    peers, students = group[0].num_peers, len(group[0].students)
+    if is_baseline:
+        kind = "Baseline"
+    elif students < peers:
+        kind = f"Knowledge distillation into {plural(students, 'peer')} from {plural(peers - students, 'teacher')}"
+    elif group[0].config.get("graph_spec"):
+        kind = f"Knowledge-transfer graph of {peers} nodes"
+    else:
+        kind = "Independent training" if peers == 1 else f"DML with {peers} nodes"
+    seeds = f" ({len(group)} seeds)" if len(group) > 1 else ""
+    return f"{kind}: {escape(group_name(group))}{seeds}"
+
+
+def group_section(group: list[Run], baseline: tuple[str, float] | None, images: dict[str, str] | None = None,
+                  is_baseline: bool = False) -> str:
+    """One run's (or seed group's) section: configuration bullets, the table, its legend, plots.
+
+    ``baseline`` is (name, final test accuracy) of the baseline; ``images`` maps run paths to plots.
+    """
+    first = group[0]
+    cfg = first.config
+    seeds = ", ".join(str(run.seed) for run in group)
+    lines = [f"## {_title(group, is_baseline)}", ""]
+    if len(group) == 1:
+        lines.append(f"- Run: `{first.path}`")
+    else:
+        lines.append("- Runs: " + ", ".join(f"`{run.path}`" for run in group))
+    lines += [
+        f"- Models: {models_text(cfg['models'])} on {cfg.get('dataset', 'cifar100')}"
+        + (f", {cfg.get('update', 'simultaneous')} updates" if first.num_peers > 1 else ""),
+        f"- Epochs: {epochs_text(first)}",
+        f"- Seed{'s' if len(group) > 1 else ''}: {seeds}" + (f" (n = {len(group)})" if len(group) > 1 else ""),
+        "", "**Results**:", "", results_table(group, baseline[1] if baseline else None), "",
+    ]
+    note = (f"Train Accuracy, Test Accuracy and Train Loss at the last epoch ({first.epochs_done}); "
+            f"Best Test Accuracy is the highest over the {plural(first.epochs_done, 'epoch')} run")
+    note += " (its epoch in parentheses)." if len(group) == 1 else "."
+    if first.has_val:
+        note += (f" Val Accuracy is on the {cfg.get('val_samples')} training images held out for validation; "
+                 "Test at Best Val is the test accuracy at the epoch of highest validation accuracy (the epoch "
+                 "best.pt holds), an unbiased choice, unlike Best Test.")
+    if len(group) > 1:
+        note += f" Values are mean ± sample standard deviation over n = {len(group)} seeds."
+    if first.num_peers > 1:
+        note += " Ensemble: the peers' mean softmax."
+    if baseline:
+        note += (f" Improvement: final test accuracy minus the baseline's ({escape(baseline[0])}: "
+                 f"{baseline[1]:.2f}% at its last epoch), in percentage points")
+        # An interrupted run is compared with a baseline that may have trained far longer: say so.
+        note += f", although this run stopped at epoch {first.epochs_done}." if first.interrupted else "."
+    lines += [note, ""]
+    links = [(run.name, images[str(run.path)]) for run in group if images and str(run.path) in images]
+    lines += [f"![Learning curves of {escape(name)}]({link})" for name, link in links]
+    if links:
+        lines.append("")
+    return "\n".join(lines)
+
+
+def summary_table(groups: list[list[Run]], baseline_group: list[Run] | None, baseline: float | None) -> str:
+    """One line per run or seed group: the averages that compare node counts at a glance."""
+    everything = ([baseline_group] if baseline_group else []) + groups
+    with_val = any(group[0].has_val for group in everything)
+    header = ["Run", "Nodes", "Epochs", "Seeds", "Avg Test Accuracy (%)"] + \
+        (["Avg Test at Best Val (%)"] if with_val else []) + \
+        ["Avg Best Test Accuracy (%)", "Ensemble Test Accuracy (%)"] + ([IMPROVEMENT] if baseline is not None else [])
+    rows = []
+    for group in everything:
+        avg_test = stat([statistics.fmean(p.test_acc[-1] for p in run.students) for run in group])
+        at_best_val = (stat([statistics.fmean(p.at_best_val()[0] for p in run.students) for run in group]).format()
+                       if group[0].has_val else DASH)
+        avg_best = stat([statistics.fmean(p.best()[0] for p in run.students) for run in group])
+        final = [run.ensemble.get(run.epochs_done) for run in group]
+        name = escape(group_name(group)) + (" (baseline)" if group is baseline_group else "")
+        cells = [name, peers_text(group[0]), epochs_text(group[0]), ", ".join(str(r.seed) for r in group),
+                 avg_test.format()] + ([at_best_val] if with_val else []) + \
+                [avg_best.format(), DASH if None in final else stat(final).format()]
+        if baseline is not None:
+            cells.append(DASH if group is baseline_group else
+                         Stat([v - baseline for v in avg_test.values]).format(signed=True))
+        rows.append(cells)
+    return table(header, rows)
+
+
+def build_markdown(runs: list[Run], baseline_runs: list[Run] | None = None,
+                   images: dict[str, str] | None = None, comparison_image: str | None = None) -> str:
+    """The whole report. ``images`` maps a run's path (str) to the link of its plot."""
+    images = images or {}
+    baseline_group = None
+    baseline = None
+    if baseline_runs:
+        baseline_group = baseline_runs
+        baseline = (group_name(baseline_group), baseline_accuracy(baseline_group))
+        runs = without(runs, baseline_runs)  # the baseline is shown once, in its own section
+    groups = seed_groups(runs)
+    parts = ["# Training report", "",
+             "Accuracies in %. Test accuracy is given at the last epoch run and, as Best, at the epoch "
+             "where it was highest: publications report either, so both are shown.", "",
+             "## Summary", "", summary_table(groups, baseline_group, baseline[1] if baseline else None), ""]
+    if comparison_image:
+        parts += [f"![Average test accuracy by number of nodes]({comparison_image})", ""]
+    if baseline_group:
+        parts.append(group_section(baseline_group, None, images, is_baseline=True))
+    for group in groups:
+        parts.append(group_section(group, baseline, images))
+    return "\n".join(parts).rstrip("\n") + "\n"

@@ -1,0 +1,94 @@
+"""The report's figures (matplotlib on the Agg canvas): a run's learning curves, the runs compared."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .document import epochs_text, models_text, peers_text
+from .runs import Run
+from .stats import group_curve, group_name
+
+
+def _figure(width: float, height: float, columns: int = 1):
+    """A matplotlib figure on the Agg canvas, without pyplot's global state."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # imported late: slow, and only plots need it
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(1, columns, squeeze=False)[0]
+
+
+def plot_run(run: Run, path: Path, baseline: list[Run] | None = None) -> Path:
+    """Test accuracy and train loss per epoch for every peer; the ensemble dotted, the baseline
+    (its peer average, and mean over its seeds if several) dashed."""
+    run_figure(run, baseline).savefig(path, dpi=110)
+    return Path(path)
+
+
+def run_figure(run: Run, baseline: list[Run] | None = None):
+    """The figure of :func:`plot_run`."""
+    fig, (acc_ax, loss_ax) = _figure(12, 4.5, 2)
+    style = _line_style(run.epochs_done)
+    for peer in run.peers:
+        acc_ax.plot(peer.epochs, peer.test_acc, label=peer.label, **style)
+        loss_ax.plot(peer.epochs, peer.train_loss, label=peer.label, **style)
+    if len(run.students) > 1 and run.ensemble:
+        epochs = sorted(run.ensemble)
+        acc_ax.plot(epochs, [run.ensemble[e] for e in epochs], ":", color="black", label="ensemble", **style)
+    if baseline:
+        label = f"baseline: {group_name(baseline)}" + (" (peer average)" if baseline[0].num_peers > 1 else "")
+        for ax, key in ((acc_ax, "test_acc"), (loss_ax, "train_loss")):
+            _plot_baseline(ax, group_curve(baseline, key), label)
+    _decorate(acc_ax, "Test accuracy", "test accuracy (%)")
+    _decorate(loss_ax, "Train loss", "train loss")
+    fig.suptitle(f"{run.name}: {models_text(run.config['models'])} on {run.config.get('dataset', 'cifar100')}, "
+                 f"epochs {epochs_text(run)}")
+    return fig
+
+
+def plot_comparison(groups: list[list[Run]], path: Path, baseline: list[Run] | None = None) -> Path:
+    """Average test accuracy of the peers against epoch, one line per run (seed groups averaged
+    over their seeds), ordered by node count; the baseline dashed."""
+    comparison_figure(groups, baseline).savefig(path, dpi=110)
+    return Path(path)
+
+
+def comparison_figure(groups: list[list[Run]], baseline: list[Run] | None = None):
+    """The figure of :func:`plot_comparison`."""
+    fig, (ax,) = _figure(8, 5)
+    for group in sorted(groups, key=lambda g: (g[0].num_peers, group_name(g))):
+        epochs, mean = group_curve(group, "test_acc")
+        label = f"{peers_text(group[0], long=True)}: {group_name(group)}"
+        ax.plot(epochs, mean, label=label + (f" (mean of {len(group)} seeds)" if len(group) > 1 else ""),
+                **_line_style(len(epochs)))
+    if baseline:
+        _plot_baseline(ax, group_curve(baseline, "test_acc"), f"baseline: {group_name(baseline)}")
+    _decorate(ax, "Average test accuracy of the peers by number of nodes", "average test accuracy (%)")
+    return fig
+
+
+def _plot_baseline(ax, curve: tuple[list[int], list[float]], label: str) -> None:
+    """The baseline dashed, with markers where its curve is short: a dashed line through one point
+    draws nothing, and the legend would name a line that is not there."""
+    epochs, values = curve
+    if epochs:  # no epoch in common between the baseline's seeds: nothing to draw, nothing to name
+        ax.plot(epochs, values, "--", color="gray", label=label, **_line_style(len(epochs)))
+
+
+def _line_style(points: int) -> dict:
+    """Markers on short curves, so that a run of one or a few epochs still shows its points."""
+    return {"marker": "o", "markersize": 3} if points <= 30 else {}
+
+
+def _decorate(ax, title: str, ylabel: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_title(title)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    # epochs are whole numbers; min_n_ticks=1: one epoch spans too few integers for the default 2, and
+    # the locator would then fall back to fractional ticks
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")

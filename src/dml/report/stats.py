@@ -1,0 +1,90 @@
+"""Grouping runs by seed and the statistics over a group: mean ± sample standard deviation."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from dataclasses import dataclass
+
+from .runs import Run
+
+
+# Settings of config.json that do not make a run a different experimental condition: runs that differ
+# only in them are seeds of one group (graph files and teachers are compared through graph_spec).
+NOT_AN_EXPERIMENTAL_CONDITION = frozenset(
+    {"seed", "device", "data_dir", "out_dir", "name", "download", "download_url", "skip_checksum", "progress",
+     "check_batches", "graph", "teacher", "teacher_model", "threads"}
+)
+
+
+def seed_groups(runs: list[Run]) -> list[list[Run]]:
+    """Runs that differ only in seed (and settings that do not change results), in first-seen order.
+
+    Runs that stopped at different epochs are kept apart: their final numbers are not comparable.
+    """
+    ignored = NOT_AN_EXPERIMENTAL_CONDITION
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        key = {k: v for k, v in run.config.items() if k not in ignored}
+        key["__epochs_done"] = run.epochs_done
+        groups.setdefault(json.dumps(key, sort_keys=True), []).append(run)
+    return list(groups.values())
+
+
+def group_name(group: list[Run]) -> str:
+    """The common name of a group's runs: their name without the ``_s<seed>`` suffix."""
+    if len(group) == 1:
+        return group[0].name
+    stripped = {re.sub(r"_s-?\d+$", "", run.name) for run in group}
+    return stripped.pop() if len(stripped) == 1 else ", ".join(run.name for run in group)
+
+
+def baseline_accuracy(group: list[Run]) -> float:
+    """The baseline's final test accuracy: mean over its peers (and over its seeds, if several)."""
+    return statistics.fmean(statistics.fmean(p.test_acc[-1] for p in run.students) for run in group)
+
+
+@dataclass
+class Stat:
+    """A value over a group's seeds: shown plain for one seed, as mean ± std for several."""
+
+    values: list[float]
+    epoch: int | None = None  # for the best test accuracy of a single run
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
+
+    def format(self, digits: int = 2, signed: bool = False) -> str:
+        text = f"{self.mean:+.{digits}f}" if signed else f"{self.mean:.{digits}f}"
+        if len(self.values) > 1:
+            text += f" ± {self.std:.{digits}f}"
+        elif self.epoch is not None:
+            text += f" (ep {self.epoch})"
+        return text
+
+
+def stat(values: list[float], epochs: list[int] | None = None) -> Stat:
+    return Stat(values, epochs[0] if epochs and len(values) == 1 else None)
+
+
+def best_epoch(curve: dict[int, float]) -> int:
+    """The first epoch of the highest value."""
+    return -max((value, -epoch) for epoch, value in curve.items())[1]
+
+
+def group_curve(group: list[Run], key: str) -> tuple[list[int], list[float]]:
+    """Per epoch, the peer average of ``key``, averaged over the group's runs (common epochs)."""
+    curves = [dict(zip(*run.average_curve(key))) for run in group]
+    epochs = sorted(set.intersection(*(set(c) for c in curves)))
+    return epochs, [statistics.fmean(c[e] for c in curves) for e in epochs]
+
+
+def without(runs: list[Run], excluded: list[Run]) -> list[Run]:
+    known = {run.path.resolve() for run in excluded}
+    return [run for run in runs if run.path.resolve() not in known]

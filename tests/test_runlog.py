@@ -1,0 +1,86 @@
+"""RunDir as the one reader of metrics.jsonl: records, a torn last line, complete epochs."""
+
+import json
+
+import pytest
+
+from dml.errors import UserError
+from dml.orchestrate import epochs_logged
+from dml.runlog import METRICS_FILE, RunDir
+
+
+def peer(epoch, node, acc=50.0):
+    return {"epoch": epoch, "node": node, "model": "resnet20", "lr": 0.1, "train_loss": 1.0, "train_acc": acc,
+            "val_acc": acc, "test_acc": acc, "seconds": 1.0}
+
+
+def ensemble(epoch):
+    return {"epoch": epoch, "node": "ensemble", "val_acc": 60.0, "test_acc": 60.0, "seconds": 1.0}
+
+
+def epochs(*numbers):
+    return [r for e in numbers for r in (peer(e, 0), peer(e, 1), ensemble(e))]
+
+
+def write(path, records, tail=""):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in records) + tail)
+    return RunDir(path, {0: "resnet20", 1: "resnet20"})
+
+
+def test_log_epoch_ends_each_epoch_with_the_ensemble_record(tmp_path):
+    run = RunDir(tmp_path, {0: "resnet20", 1: "resnet20"})
+    run.log_epoch(epochs(1))
+    run.log_epoch(epochs(2)[:2])  # the peers of epoch 2 without the ensemble: not complete
+    try:
+        assert [r.node for r in run.records()] == [0, 1, "ensemble", 0, 1]
+        assert list(run.completed_epochs()) == [1] and run.last_completed_epoch() == 1
+    finally:
+        run.close()
+
+
+@pytest.mark.parametrize("torn", [
+    json.dumps(peer(3, 1))[:25],  # in a peer's record
+    json.dumps(ensemble(3))[:-1],  # in the ensemble record, one character short
+])
+def test_a_torn_last_line_is_left_out_and_completes_no_epoch(tmp_path, torn):
+    run = write(tmp_path, epochs(1, 2) + [peer(3, 0), peer(3, 1)][:1 + ("ensemble" in torn)], torn)
+    assert [r.line for r in run.records()] == list(range(1, 7 + ("ensemble" in torn) + 1))
+    assert list(run.completed_epochs()) == [1, 2]
+    assert epochs_logged(tmp_path) == 2
+
+
+def test_an_epoch_is_complete_when_its_ensemble_record_is_written(tmp_path):
+    run = write(tmp_path, epochs(1) + [peer(2, 0), peer(2, 1)])  # every peer of epoch 2, no ensemble
+    assert list(run.completed_epochs()) == [1]
+    run = write(tmp_path, epochs(1) + [peer(2, 0), peer(2, 1), ensemble(2)])
+    assert list(run.completed_epochs()) == [1, 2]
+    assert sorted(run.completed_epochs()[2], key=str) == [0, 1, "ensemble"]
+
+
+def test_a_record_written_again_replaces_the_earlier_one(tmp_path):
+    run = write(tmp_path, epochs(1) + [peer(2, 0, acc=1.0)] + epochs(2))
+    assert run.completed_epochs()[2][0].data["test_acc"] == 50.0
+
+
+def test_a_damaged_line_in_the_middle_is_one_error(tmp_path):
+    run = write(tmp_path, epochs(1)[:1])
+    (tmp_path / METRICS_FILE).write_text('{"epoch": 1, "no\n' + (tmp_path / METRICS_FILE).read_text())
+    with pytest.raises(UserError, match=r"metrics.jsonl line 1 is not valid JSON; the file is damaged"):
+        run.records()
+    write(tmp_path, [{"epoch": "one", "node": 0}], "")
+    with pytest.raises(UserError, match=r"line 1 is not a dml metrics record"):
+        run.records()
+
+
+def test_missing_metrics(tmp_path):
+    run = RunDir(tmp_path, {})
+    assert run.records(missing_ok=True) == [] and run.completed_epochs() == {} and run.last_completed_epoch() == 0
+    with pytest.raises(UserError, match="is missing"):
+        run.records()
+
+
+def test_truncate_keeps_the_checkpointed_epochs_and_drops_a_torn_line(tmp_path):
+    run = write(tmp_path, epochs(1, 2), json.dumps(peer(3, 0))[:30])
+    run.truncate_metrics(1)
+    assert (tmp_path / METRICS_FILE).read_text() == "".join(json.dumps(r) + "\n" for r in epochs(1))
