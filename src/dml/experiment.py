@@ -28,7 +28,8 @@ from tqdm import tqdm
 from .config import train_flags
 from .errors import RunStopped, UserError
 from .plan import Plan, PlannedRun, differences, read_plan
-from .runlog import CONFIG_FILE, LAST, METRICS_FILE, RunDir, atomic_write_bytes, checkpoint_epoch
+from .checkpoint import checkpoint_epoch
+from .runlog import CONFIG_FILE, LAST, METRICS_FILE, RunDir, atomic_write_bytes
 
 PLAN_RECORD = "plan.json"
 LOCK_FILE = ".lock"
