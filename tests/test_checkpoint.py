@@ -228,3 +228,18 @@ def test_a_module_a_checkpoint_names_is_never_imported_unless_the_user_names_it(
         err = _one_error_line(capsys)
         assert "holds a network of your own, 'ckpt_payload_net:net', and a checkpoint does not import code" in err, err
         assert not marker.exists() and "ckpt_payload_net" not in sys.modules
+
+
+def test_checkpoint_py_is_the_only_code_that_loads_a_file_with_torch_and_always_weights_only():
+    import ast
+    from pathlib import Path
+
+    calls = {}
+    for path in sorted(Path(dml.checkpoint.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+                weights_only = [k.value for k in node.keywords if k.arg == "weights_only"]
+                calls.setdefault(path.name, []).append(
+                    len(weights_only) == 1 and isinstance(weights_only[0], ast.Constant) and weights_only[0].value is True)
+    assert calls == {"checkpoint.py": [True]}
