@@ -15,7 +15,7 @@ from dml.data.cifar import load_cifar
 from dml.data.dataset import balanced_subset
 from dml.evaluate import evaluate_checkpoints, format_table
 from dml.models import create_model
-from dml.runlog import save_checkpoint
+from dml.checkpoint import write_checkpoint
 
 CIFAR10_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
 CIFAR10_STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
@@ -62,18 +62,18 @@ def constant_model(bias):
 def save_best(path, model, num_classes=10, dataset="cifar10", epoch=3):
     """A checkpoint in the best.pt format of `dml train`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint({"model": model.state_dict(), "model_name": "resnet20", "index": 0, "epoch": epoch,
-                     "test_acc": 10.0, "config": {"seed": SEED, "dataset": dataset, "plain": True}, "num_classes": num_classes,
-                     "dataset": dataset}, path)
+    write_checkpoint(path, {"model": model.state_dict(), "model_name": "resnet20", "index": 0, "epoch": epoch,
+                            "test_acc": 10.0, "config": {"seed": SEED, "dataset": dataset, "plain": True},
+                            "num_classes": num_classes, "dataset": dataset})
     return path
 
 
 def save_last(path, model, epoch=5):
     """A checkpoint in the last.pt format: the epoch lives in the run state."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint({"model": model.state_dict(), "optimizer": {}, "scheduler": {}, "model_name": "resnet20",
-                     "index": 1, "best_acc": 10.0, "best_epoch": 1, "run": {"epoch": epoch},
-                     "config": {"seed": SEED, "plain": True}, "num_classes": 10, "dataset": "cifar10"}, path)
+    write_checkpoint(path, {"model": model.state_dict(), "optimizer": {}, "scheduler": {}, "model_name": "resnet20",
+                            "index": 1, "best_acc": 10.0, "best_epoch": 1, "run": {"epoch": epoch},
+                            "config": {"seed": SEED, "plain": True}, "num_classes": 10, "dataset": "cifar10"})
     return path
 
 
@@ -240,7 +240,7 @@ def test_runs_that_read_different_data_need_a_data_dir(cifar10_root, tmp_path, c
         paths.append(save_best(tmp_path / f"{k}.pt", model))
         state = torch.load(paths[-1], weights_only=True)
         state["config"]["data_dir"], state["working_dir"] = data_dir, str(tmp_path)
-        save_checkpoint(state, paths[-1])
+        write_checkpoint(paths[-1], state)
     common = ["--skip-checksum", "--no-download", "--device", "cpu", "--test-samples", str(SAMPLES)]
     assert main(["evaluate", *map(str, paths), *common]) == 2
     err = capsys.readouterr().err

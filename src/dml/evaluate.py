@@ -3,7 +3,7 @@
 ``evaluate_models`` is what training logs every epoch, what ``Cohort.evaluate`` returns and what
 ``dml evaluate`` prints for checkpoints (any ``best.pt`` or ``last.pt`` of a run directory: both hold
 the model name, the number of classes, the run's configuration, the directory it was started in and
-the weights), computed the same way: on the runtime the run trained with (precision, BatchNorm
+the weights; checkpoint.py reads them), computed the same way: on the runtime the run trained with (precision, BatchNorm
 folding), on the run's own data unless told otherwise. The ensemble averages the softmax outputs of
 all peers. A checkpoint never imports code by itself: a network of the user's own is built only
 where the caller names it.
@@ -27,7 +27,8 @@ from .data.source import load_dataset
 from .distributed import LocalExchange
 from .errors import UserError
 from .models import ModelImportError, create_model
-from .peer import check_model_named, derive_seed, load_checkpoint, names_flag, one_or_each
+from .checkpoint import EVALUATE, SavedPeer, check_model_named, read_checkpoint
+from .peer import derive_seed, names_flag, one_or_each
 from .runtime import Runtime, resolve_device
 
 NUM_CLASSES = {"cifar100": 100, "cifar10": 10}
@@ -126,21 +127,12 @@ def load_model(path: Path, device: torch.device, model: str | None = None) -> Lo
     A network of the user's own (``package.module:factory``) is imported only where ``model`` names
     it (and must match what the checkpoint records): loading a checkpoint never runs code by itself.
     """
-    return _build(Path(path), load_checkpoint(path, map_location="cpu"), device, model)
+    return _build(read_checkpoint(path, EVALUATE), device, model)
 
 
-def _recorded_model(path: Path, state: dict) -> tuple[str, int]:
-    name, num_classes = state.get("model_name"), state.get("num_classes")
-    if not isinstance(name, str) or not isinstance(num_classes, int):
-        raise UserError(f"checkpoint {path} does not name a model and class count; it was not written by "
-                        "dml train")
-    return name, num_classes
-
-
-def _build(path: Path, state: dict, device: torch.device, named: str | None) -> LoadedCheckpoint:
-    name, num_classes = _recorded_model(path, state)
+def _build(saved: SavedPeer, device: torch.device, named: str | None) -> LoadedCheckpoint:
+    path, name, num_classes, working_dir = saved.path, saved.model_name, saved.num_classes, saved.working_dir
     check_model_named(f"checkpoint {path}", name, named, f"model={name!r}")
-    working_dir = state.get("working_dir") if isinstance(state.get("working_dir"), str) else None
     try:
         model = create_model(name, num_classes)
     except ModelImportError as exc:
@@ -148,15 +140,13 @@ def _build(path: Path, state: dict, device: torch.device, named: str | None) -> 
     except (ValueError, TypeError) as exc:
         raise UserError(f"checkpoint {path}: {exc}") from None
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(saved.weights)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise UserError(f"checkpoint {path}: the weights do not fit a {name} with {num_classes} classes ({first})") \
             from None
-    # best.pt stores the epoch at the top level; last.pt in its run state.
-    epoch = state.get("epoch", (state.get("run") or {}).get("epoch"))
-    config = state.get("config") if isinstance(state.get("config"), dict) else {}
-    return LoadedCheckpoint(path, name, num_classes, state.get("dataset"), epoch, config.get("seed"),
+    config = saved.config
+    return LoadedCheckpoint(path, name, num_classes, saved.dataset, saved.epoch, config.get("seed"),
                       model.to(device).eval(), config.get("precision", "auto"), bool(config.get("plain", False)),
                       config.get("image_size"), config, working_dir)
 
@@ -288,12 +278,11 @@ def load_checkpoints(paths, device: torch.device, models: list[str] | None = Non
     and must, where one holds a network of the user's own: only then is its module imported."""
     paths = [Path(p) for p in paths]
     named = one_or_each("--models", models, len(paths), "checkpoint")
-    states = [load_checkpoint(p, map_location="cpu") for p in paths]
-    recorded = [_recorded_model(p, state)[0] for p, state in zip(paths, states)]
-    flag = names_flag("--models", recorded)  # the exact flag to add, for every checkpoint given
-    for p, name, given in zip(paths, recorded, named):
-        check_model_named(f"checkpoint {p}", name, given, flag)
-    return [_build(p, state, device, name) for p, state, name in zip(paths, states, recorded)]
+    saved = [read_checkpoint(p, EVALUATE) for p in paths]
+    flag = names_flag("--models", [s.model_name for s in saved])  # the exact flag to add, for every checkpoint given
+    for s, given in zip(saved, named):
+        check_model_named(f"checkpoint {s.path}", s.model_name, given, flag)
+    return [_build(s, device, s.model_name) for s in saved]
 
 
 def evaluate_checkpoints(paths, data_dir: str | None = None, dataset: str | None = None, device: str = "auto",

@@ -33,14 +33,14 @@ Every trainable peer gets a self link (weight 1, through) unless the file gives 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import UserError
 from .links import COMBINES, Link, Links
 from .models import model_factory
-from .peer import check_model_named, directory_advice, load_checkpoint, names_flag, one_or_each
+from .checkpoint import TEACHER, check_model_named, file_digest, read_checkpoint, teacher_path
+from .peer import names_flag, one_or_each
 from .tomlfile import read_toml
 
 LABELS = "labels"
@@ -54,19 +54,11 @@ def frozen_peer(path: str | Path, name: str, open_checkpoint: bool = True) -> di
     The model name is what the checkpoint records; the caller checks it against what the user named
     (``check_model_named``) before anything builds it. With ``open_checkpoint`` False the file is only
     checked to exist (model and sha256 None): enough to count the peers of a planned run."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise UserError(f"teacher checkpoint {path} is a directory, not a checkpoint file; {directory_advice(path)}")
-    if not path.is_file():
-        raise UserError(f"teacher checkpoint {path} does not exist; train the teacher first (dml train --models "
-                        "MODEL) and pass its best.pt or last.pt")
     if not open_checkpoint:
-        return {"name": name, "model": None, "checkpoint": str(path.resolve()), "sha256": None}
-    model = load_checkpoint(path).get("model_name")
-    if not isinstance(model, str):
-        raise UserError(f"checkpoint {path} does not name its model; it was not written by dml train")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return {"name": name, "model": model, "checkpoint": str(path.resolve()), "sha256": digest}
+        return {"name": name, "model": None, "checkpoint": str(teacher_path(path).resolve()), "sha256": None}
+    saved = read_checkpoint(path, TEACHER)
+    return {"name": name, "model": saved.model_name, "checkpoint": str(saved.path.resolve()),
+            "sha256": file_digest(saved.path)}
 
 
 def teacher_spec(students: Sequence[str], teachers: Sequence[str], temperature: float, weight: float,

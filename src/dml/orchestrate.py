@@ -19,7 +19,8 @@ from pathlib import Path
 from .config import train_flags
 from .errors import RunStopped, UserError
 from .plan import Plan, PlannedRun, differences
-from .runlog import CONFIG_FILE, LAST, RunDir, atomic_write_bytes, checkpoint_epoch
+from .checkpoint import checkpoint_epoch
+from .runlog import CONFIG_FILE, LAST, RunDir, atomic_write_bytes
 
 PLAN_RECORD = "plan.json"
 LOCK_FILE = ".lock"

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import UserError
-from .models import folder_name, is_import_path
-
+from .models import folder_name
 
 
 def derive_seed(seed: int, *purpose: object) -> int:
@@ -114,41 +112,6 @@ def _check_like(fresh, loaded, where: str) -> None:
         raise ValueError(f"{where} should be a {_kind(fresh)}, not a {_kind(loaded)}")
 
 
-CHECKPOINT_NAMES = ("best.pt", "last.pt")
-# What to do about a checkpoint that cannot be read, where it is one of a run's own (resume).
-RESUME_ADVICE = "delete it to fall back to an earlier one, or start a new run"
-OTHER_FILE_ADVICE = "pass another best.pt or last.pt of a dml run"
-
-
-def checkpoints_in(folder: Path) -> list[Path]:
-    """The best.pt files in ``folder`` and in its subfolders (a peer's folder, a run directory), or
-    their last.pt files where there is no best.pt."""
-    for name in CHECKPOINT_NAMES:
-        found = sorted(p for p in [Path(folder) / name, *Path(folder).glob(f"*/{name}")] if p.is_file())
-        if found:
-            return found
-    return []
-
-
-def directory_advice(folder: Path) -> str:
-    """What to pass instead of a directory given as a checkpoint."""
-    found = checkpoints_in(folder)
-    if not found:
-        return f"it holds no {' or '.join(CHECKPOINT_NAMES)}; {OTHER_FILE_ADVICE}"
-    return f"pass a checkpoint file in it: {' '.join(str(p) for p in found)}"
-
-
-def check_model_named(what: str, recorded: str, named: str | None, naming: str) -> None:
-    """Refuse to build a network of the user's own that a checkpoint records (``package.module:factory``)
-    unless the user named it too: a checkpoint never imports code by itself. ``what`` names the
-    checkpoint in the message; ``naming`` is the setting that names its model, e.g. ``--models x:y``."""
-    if named is not None and named != recorded:
-        raise UserError(f"{what} holds a {recorded!r}, not the {named!r} named for it; use {naming}")
-    if named is None and is_import_path(recorded):
-        raise UserError(f"{what} holds a network of your own, {recorded!r}, and a checkpoint does not import code "
-                        f"by itself: add {naming} to import it")
-
-
 def names_flag(flag: str, names: list[str]) -> str:
     """``flag`` followed by ``names``, one name where all are the same: e.g. ``--models x:y``."""
     unique = list(dict.fromkeys(names))
@@ -164,23 +127,3 @@ def one_or_each(flag: str, named: list[str] | None, count: int, what: str) -> li
         raise UserError(f"{flag} lists {len(named)} names for {count} {things}; give one name (for all of them) "
                         f"or one per {what}")
     return list(named) * count if len(named) == 1 else list(named)
-
-
-def load_checkpoint(path: Path, map_location="cpu", advice: str = OTHER_FILE_ADVICE) -> dict:
-    """Load a checkpoint written by this library (tensors and plain containers only: loading never
-    runs code). ``advice`` ends the message for a file that cannot be read: resuming a run may
-    fall back to an earlier checkpoint, other uses need another file."""
-    if Path(path).is_dir():
-        raise UserError(f"checkpoint {path} is a directory, not a checkpoint file; {directory_advice(path)}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"checkpoint {path} does not exist") from None
-    except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise UserError(
-            f"checkpoint {path} is not a readable dml checkpoint: it is truncated, damaged or another kind of "
-            f"file ({type(exc).__name__}); {advice}"
-        ) from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise UserError(f"checkpoint {path} is not a dml checkpoint (no model state in it); {advice}")
-    return state

@@ -8,9 +8,9 @@ Layout of ``<out-dir>/<name>/``::
                          the run holds a validation split, else best test_acc)
     ensemble/            TensorBoard events of the cohort's ensemble
 
-Checkpoints are written to a temporary file and renamed, so a crash leaves either the old or the
-new file, never a torn one. The peers' ``last.pt`` files of one epoch are committed in two phases
-(all ``last.next.pt`` first, then the renames), so resuming finds an epoch that every peer reached.
+Files are written to a temporary file and renamed, so a crash leaves either the old or the new file,
+never a torn one. What a checkpoint holds, and its writing and reading, belong to checkpoint.py; here
+are its file names and the rename that publishes a staged ``last.next.pt`` as ``last.pt``.
 """
 
 from __future__ import annotations
@@ -21,15 +21,17 @@ import platform
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import __version__
-from .config import TrainConfig
 from .errors import UserError
 from .files import create_temp_file
 from .models import folder_name
-from .peer import RESUME_ADVICE, load_checkpoint
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -70,20 +72,6 @@ def atomic_write_bytes(path: Path, write) -> None:
         if isinstance(exc, OSError):
             raise write_failed(path, exc) from None
         raise
-
-
-def save_checkpoint(state: dict, path: Path) -> None:
-    atomic_write_bytes(path, lambda f: torch.save(state, f))
-
-
-def checkpoint_epoch(path: Path) -> int:
-    """The epoch a peer's ``last.pt`` was written after."""
-    state = load_checkpoint(path, advice=RESUME_ADVICE)
-    epoch = state.get("run", {}).get("epoch") if isinstance(state.get("run"), dict) else None
-    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
-        raise UserError(f"checkpoint {path} records no epoch: it is not a resumable dml checkpoint; "
-                        "start a new run with another --name")
-    return epoch
 
 
 def environment_info(runtime) -> dict:
@@ -217,6 +205,10 @@ class RunDir:
         return True
 
     def read_config(self) -> TrainConfig:
+        # imported here: config imports graph, which reads teacher checkpoints through checkpoint.py,
+        # which imports this module
+        from .config import TrainConfig
+
         path = self.path / CONFIG_FILE
         try:
             data = json.loads(path.read_text())
@@ -334,28 +326,12 @@ class RunDir:
         self._tensorboard.clear()
 
     # --- checkpoints ---------------------------------------------------------------------
-    def save_best(self, index: int, state: dict) -> None:
-        save_checkpoint(state, self.peer_path(index) / BEST)
-
-    def stage_last(self, index: int, state: dict) -> None:
-        """Phase 1 of an epoch's commit: write the peer's new state beside its current one."""
-        save_checkpoint(state, self.peer_path(index) / LAST_NEXT)
-
     def publish_last(self, index: int) -> None:
-        """Phase 2: make the staged state the peer's ``last.pt``."""
+        """Phase 2 of an epoch's commit (checkpoint.save_epoch): make the staged state the peer's ``last.pt``."""
         try:
             os.replace(self.peer_path(index) / LAST_NEXT, self.peer_path(index) / LAST)
         except OSError as exc:
             raise write_failed(self.peer_path(index) / LAST, exc) from None
-
-    def checkpoint_epochs(self, index: int) -> dict[int, Path]:
-        """Epochs this peer has a complete checkpoint for (last.pt and a staged last.next.pt)."""
-        found = {}
-        for name in (LAST, LAST_NEXT):
-            path = self.peer_path(index) / name
-            if path.exists():
-                found[checkpoint_epoch(path)] = path
-        return found
 
     def resume_point(self, epochs_by_peer: dict[int, set[int]]) -> int:
         """The newest epoch every peer of the cohort has a checkpoint for; 0 where some peer has
