@@ -8,6 +8,12 @@ from pathlib import Path
 import pytest
 from cifar_fixtures import write_cifar_folder  # pytest puts this folder on sys.path (rootdir conftest)
 
+# Tests compare runs started at different moments (resumed against uninterrupted, one process against
+# two) bit for bit. The thread count a peer computes with orders floating-point sums, and by default it
+# is measured against the machine's load (threads.py): here every peer takes its share of the cores,
+# as the environment of a reproducible run would say. tests/test_threads.py measures, with it removed.
+os.environ["DML_MEASURE_THREADS"] = "0"
+
 REAL_DATA_DIR = os.environ.get("DML_DATA_DIR")
 needs_real_data = pytest.mark.skipif(
     not REAL_DATA_DIR, reason="set DML_DATA_DIR to a folder holding cifar-100-python/ to run real-data tests"

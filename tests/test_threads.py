@@ -13,13 +13,20 @@ import torch
 from dml.cli import main
 from dml.peer_threads import SerialPeers, peer_runner
 from dml.runtime import Runtime
-from dml.threads import CLEAR_GAIN, candidate_counts, fastest, fastest_thread_count
+from dml.threads import CLEAR_GAIN, MEASURE_ENV, candidate_counts, fastest, fastest_thread_count
 
 CPU = torch.device("cpu")
 TINY = ["--models", "resnet20", "--train-samples", "128", "--test-samples", "100", "--batch-size", "32",
         "--skip-checksum", "--no-download", "--no-progress", "--precision", "fp32"]
 needs_two_cores = pytest.mark.skipif(torch.get_num_threads() < 2,
                                      reason="PyTorch has one thread here: there is no team size to choose")
+
+
+@pytest.fixture(autouse=True)
+def measured(monkeypatch):
+    """The default: the thread count measured (conftest fixes it for the rest of the suite)."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv(MEASURE_ENV, raising=False)
 
 
 def test_candidates_halve_down_to_one():
@@ -48,7 +55,6 @@ def _busy_processes(count: int, seconds: float) -> list[subprocess.Popen]:
 @pytest.mark.processes
 @needs_two_cores
 def test_one_peer_beside_busy_processes_computes_with_one_thread(monkeypatch):
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     cores = torch.get_num_threads()
     busy = _busy_processes(os.cpu_count() or cores, seconds=30)
     try:
@@ -69,13 +75,16 @@ def test_one_peer_beside_busy_processes_computes_with_one_thread(monkeypatch):
             assert torch.get_num_threads() == runtime.threads
         finally:
             runtime.close()
-        # OMP_NUM_THREADS is the user's word: not measured, not changed
-        monkeypatch.setenv("OMP_NUM_THREADS", str(cores))
-        runtime = Runtime(CPU, "fp32", num_peers=1)
-        try:
-            assert runtime.runner.threads_per_worker == cores
-        finally:
-            runtime.close()
+        # OMP_NUM_THREADS or DML_MEASURE_THREADS=0 is the user's word: not measured, not changed
+        for variable, value in (("OMP_NUM_THREADS", str(cores)), (MEASURE_ENV, "0")):
+            monkeypatch.setenv(variable, value)
+            runtime = Runtime(CPU, "fp32", num_peers=1)
+            try:
+                assert runtime.runner.threads_per_worker == cores and not runtime.runner.measured
+                assert runtime.rethink_threads() == cores
+            finally:
+                runtime.close()
+            monkeypatch.delenv(variable)
     finally:
         for p in busy:
             p.kill()
@@ -101,7 +110,6 @@ def test_a_given_thread_count_is_used_and_given_back():
 # Both counts: whatever the load, a new measurement would contradict one of them.
 @pytest.mark.parametrize("threads", [1, pytest.param(2, marks=needs_two_cores)])
 def test_a_given_count_is_recorded_and_kept_on_resume(cifar_root, tmp_path, capsys, monkeypatch, threads):
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     common = ["train", "--data-dir", str(cifar_root), "--out-dir", str(tmp_path), *TINY, "--epochs", "2"]
     said = f"{threads} thread{'s' if threads > 1 else ''} per peer"
     assert main([*common, "--threads", str(threads), "--stop-after", "1"]) == 0
@@ -117,7 +125,6 @@ def test_a_given_count_is_recorded_and_kept_on_resume(cifar_root, tmp_path, caps
 def test_a_measured_count_continues_from_the_checkpoint(cifar_root, tmp_path, capsys, monkeypatch, threads):
     """The count an epoch's checkpoint names is the one the next epoch computes with, as the
     uninterrupted run did: the resumed run does not measure again."""
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     common = ["train", "--data-dir", str(cifar_root), "--out-dir", str(tmp_path), *TINY, "--epochs", "2"]
     assert main([*common, "--stop-after", "1"]) == 0
     last = tmp_path / "independent_resnet20_s42" / "0_resnet20" / "last.pt"
