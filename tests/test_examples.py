@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_run import tiny_flags  # pytest puts the tests folder on sys.path
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "CIFAR100"
-TINY = ["--train-samples", "128", "--test-samples", "100", "--batch-size", "32", "--epochs", "1",
-        "--skip-checksum", "--no-download", "--no-progress"]
+TINY = tiny_flags("--epochs", "1", train=128)
 
 
 @pytest.mark.parametrize(

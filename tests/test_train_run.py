@@ -4,26 +4,17 @@ import io
 import json
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
 
 from dml.cli import main
 from test_custom_models import NETS  # pytest puts the tests folder on sys.path
+from tiny_run import metrics as _metrics, tiny_flags, train
 
-TINY = ["--train-samples", "256", "--test-samples", "100", "--batch-size", "32", "--skip-checksum",
-        "--no-download", "--no-progress", "--precision", "fp32"]
-
-
-def _train(cifar_root, out_dir, *args):
-    return main(["train", "--data-dir", str(cifar_root), "--out-dir", str(out_dir), *TINY, *args])
-
-
-def _metrics(run_dir):
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    for r in records:
-        r.pop("seconds")
-    return records
+TINY = tiny_flags("--precision", "fp32")
+_train = partial(train, tiny=TINY)
 
 
 def _state(run_dir, peer):
