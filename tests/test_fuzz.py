@@ -394,6 +394,7 @@ def test_resume_with_one_wrong_value_is_one_error_line_or_runs(cifar_root, stopp
             assert all(math.isfinite(r["train_loss"]) for r in records if "train_loss" in r)
 
 
+@pytest.mark.processes  # a dml train process
 @pytest.mark.parametrize("damage", ["random-bytes", "truncated"])
 def test_resume_with_damaged_checkpoint_in_a_real_process(cifar_root, stopped_run, last_pt, tmp_path, damage):
     shutil.copytree(stopped_run, tmp_path / RUN)

@@ -307,6 +307,7 @@ def test_what_a_run_writes_honours_the_umask(cifar_root, tmp_path, capsys, umask
     assert folders == {p: oct(0o777 & ~umask) for p in folders}
 
 
+@pytest.mark.processes  # dml train processes (this one and straight_run's)
 def test_same_command_same_metrics(cifar_root, tmp_path, straight_run):
     again = subprocess.run(_cmd(cifar_root, tmp_path, "--epochs", "3"), capture_output=True, text=True)
     assert again.returncode == 0, again.stderr

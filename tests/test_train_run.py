@@ -143,6 +143,7 @@ def test_user_errors_are_one_line_with_status_2(cifar_root, tmp_path, capsys, ar
     assert not any(tmp_path.iterdir())  # nothing written for a refused run
 
 
+@pytest.mark.processes  # a dml train process
 def test_missing_data_without_download_says_where_to_put_it(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "dml", "train", "--data-dir", str(tmp_path / "nodata"), "--no-download",
