@@ -44,6 +44,7 @@ def test_bench_of_the_plain_path_leaves_the_thread_settings_as_they_were(tmp_pat
     assert torch.get_num_threads() == threads  # peer threads give the caller's threads back
 
 
+@pytest.mark.processes  # --procs 2: two benchmark processes
 def test_bench_over_two_processes(tmp_path):
     out = tmp_path / "bench.json"
     environment = dict(os.environ)

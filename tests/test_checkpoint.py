@@ -4,6 +4,7 @@ files of another format, and files that would run code (every load path refuses 
 import re
 import shutil
 import sys
+from functools import partial
 
 import pytest
 import torch
@@ -14,14 +15,13 @@ from dml.checkpoint import EVALUATE, FORMAT_KEY, FORMAT_VERSION, PURPOSES, RESUM
 from dml.cli import main
 from dml.errors import UserError
 from dml.models import create_model
+from tiny_run import tiny_flags, train  # pytest puts the tests folder on sys.path
 
-TINY = ["--train-samples", "256", "--test-samples", "100", "--batch-size", "32", "--skip-checksum",
-        "--no-download", "--no-progress", "--models", "resnet20"]
+TINY = tiny_flags("--models", "resnet20")
 RUN = "independent_resnet20_s42"
 
 
-def _train(cifar_root, out_dir, *args) -> int:
-    return main(["train", "--data-dir", str(cifar_root), "--out-dir", str(out_dir), *TINY, *args])
+_train = partial(train, tiny=TINY)
 
 
 @pytest.fixture(scope="module")

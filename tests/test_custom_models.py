@@ -8,9 +8,9 @@ import pytest
 
 from dml.cli import main
 from dml.models import create_model, folder_name
+from tiny_run import tiny_flags, train  # pytest puts the tests folder on sys.path
 
-TINY = ["--train-samples", "64", "--test-samples", "50", "--batch-size", "32", "--skip-checksum", "--no-download",
-        "--no-progress"]
+TINY = tiny_flags(train=64, test=50)
 
 NETS = textwrap.dedent('''
     import torch
@@ -124,8 +124,7 @@ def test_registered_names_and_import_paths_build_alike(user_package):
 
 
 def _train_tiny(user_package, cifar_root, out_dir, *extra):
-    return main(["train", "--models", f"{user_package}:tiny", "--data-dir", str(cifar_root), "--out-dir", str(out_dir),
-                 *TINY, "--epochs", "1", *extra])
+    return train(cifar_root, out_dir, "--models", f"{user_package}:tiny", "--epochs", "1", *extra, tiny=TINY)
 
 
 def _forget(user_package, tmp_path, monkeypatch):

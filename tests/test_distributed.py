@@ -15,27 +15,19 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dml.distributed import TorchExchange, peers_of_rank
+from tiny_run import metrics as _metrics, tiny_flags, train_command  # the tests folder is on sys.path
 
 pytestmark = pytest.mark.processes  # every test here starts processes (gloo groups, torchrun)
 
-TINY = ["--train-samples", "256", "--test-samples", "100", "--batch-size", "32", "--skip-checksum",
-        "--no-download", "--no-progress", "--precision", "fp32"]
+TINY = tiny_flags("--precision", "fp32")
 
 
 def _dml(cifar_root, out_dir, *args, launcher=(), threads=None, **kwargs):
     env = dict(os.environ)
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    cmd = [sys.executable, *launcher, "-m", "dml", "train", "--data-dir", str(cifar_root), "--out-dir", str(out_dir),
-           *TINY, *args]
+    cmd = train_command(cifar_root, out_dir, *args, tiny=TINY, launcher=launcher)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, **kwargs)
-
-
-def _metrics(run):
-    out = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    for r in out:
-        r.pop("seconds")
-    return out
 
 
 def _assert_same_parameters(run_a, run_b, peers):

@@ -7,12 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_run import tiny_flags  # pytest puts the tests folder on sys.path
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "CIFAR100"
-TINY = ["--train-samples", "128", "--test-samples", "100", "--batch-size", "32", "--epochs", "1",
-        "--skip-checksum", "--no-download", "--no-progress"]
+TINY = tiny_flags("--epochs", "1", train=128)
 
 
+@pytest.mark.processes  # runs an example script in its own process
 @pytest.mark.parametrize(
     "script, flags, run_name, peers",
     [
@@ -36,6 +37,7 @@ def test_example_script_runs_with_the_seed_flags(cifar_root, tmp_path, script, f
 CUSTOM = Path(__file__).resolve().parents[1] / "examples" / "custom"
 
 
+@pytest.mark.processes  # runs an example script in its own process
 def test_custom_library_example_trains_two_peers_of_a_users_network(tmp_path):
     proc = subprocess.run([sys.executable, str(CUSTOM / "train_two_peers.py")], cwd=tmp_path, capture_output=True,
                           text=True, env={**__import__("os").environ, "PYTHONPATH": str(CUSTOM)})
@@ -46,6 +48,7 @@ def test_custom_library_example_trains_two_peers_of_a_users_network(tmp_path):
     assert last > 60.0  # 3 classes: chance is 33 %; the example reaches 90 % or more
 
 
+@pytest.mark.processes  # runs an example script in its own process
 def test_custom_cli_example_trains_a_users_network_on_a_folder(tmp_path):
     env = {**__import__("os").environ, "PYTHONPATH": str(CUSTOM)}
     subprocess.run([sys.executable, str(CUSTOM / "make_images.py"), "demo_images"], cwd=tmp_path, check=True, env=env)
@@ -64,6 +67,7 @@ def test_custom_cli_example_trains_a_users_network_on_a_folder(tmp_path):
     assert proc.stdout.splitlines()[0] == f"data: folder test split from {tmp_path / 'demo_images'} (the run's --data-dir)"
 
 
+@pytest.mark.processes  # runs an example script in its own process
 def test_kd_script_refuses_a_missing_teacher(cifar_root, tmp_path):
     proc = subprocess.run([sys.executable, str(EXAMPLES / "kd_train.py"), "--teacher-model", "resnet20",
                            "--student-model", "resnet20", *TINY, "--data-dir", str(cifar_root)],
@@ -74,6 +78,7 @@ def test_kd_script_refuses_a_missing_teacher(cifar_root, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.processes  # runs an example script in its own process
 def test_kd_script_distils_the_independent_run_of_the_teacher(cifar_root, tmp_path):
     data = ["--data-dir", str(cifar_root), *TINY]
     subprocess.run([sys.executable, str(EXAMPLES / "independent_train.py"), "--model", "resnet20", *data],

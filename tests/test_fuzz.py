@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ import torch
 # hypothesis is not among the `test` extra's requirements: skip this file where it is missing.
 pytest.importorskip("hypothesis")
 from cifar_fixtures import LAYOUTS, write_cifar_folder, write_pickle
+from tiny_run import tiny_flags, train_argv
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -229,12 +231,8 @@ def test_cifar_reader_survives_deep_nesting(small_cifar, name, content):
 # --- the checkpoint loader ------------------------------------------------------------------
 
 RUN = "independent_resnet20_s42"
-TINY = ["--train-samples", "64", "--test-samples", "100", "--batch-size", "32", "--models", "resnet20",
-        "--skip-checksum", "--no-download", "--no-progress", "--epochs", "2"]
-
-
-def _train_args(cifar_root: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--data-dir", str(cifar_root), "--out-dir", str(out), *TINY, *extra]
+TINY = tiny_flags("--models", "resnet20", "--epochs", "2", train=64)
+_train_args = partial(train_argv, tiny=TINY)
 
 
 def run_main(args: list[str]) -> int:
@@ -396,6 +394,7 @@ def test_resume_with_one_wrong_value_is_one_error_line_or_runs(cifar_root, stopp
             assert all(math.isfinite(r["train_loss"]) for r in records if "train_loss" in r)
 
 
+@pytest.mark.processes  # a dml train process
 @pytest.mark.parametrize("damage", ["random-bytes", "truncated"])
 def test_resume_with_damaged_checkpoint_in_a_real_process(cifar_root, stopped_run, last_pt, tmp_path, damage):
     shutil.copytree(stopped_run, tmp_path / RUN)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -16,22 +17,14 @@ from dml.cli import main
 from dml.graph import links_of, read_graph
 from dml.links import Links
 from dml.models import create_model
+from tiny_run import metrics as _metrics, tiny_flags, train  # pytest puts the tests folder on sys.path
 
-TINY = ["--train-samples", "64", "--test-samples", "50", "--batch-size", "32", "--skip-checksum", "--no-download",
-        "--no-progress"]
+TINY = tiny_flags(train=64, test=50)
 KD_RUN = "kd_resnet20_from_resnet20_s42"
 GRAPHS = Path(__file__).resolve().parents[1] / "examples" / "graphs"
 
 
-def _train(cifar_root, out_dir, *args):
-    return main(["train", "--data-dir", str(cifar_root), "--out-dir", str(out_dir), *TINY, *args])
-
-
-def _metrics(run):
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    for r in records:
-        r.pop("seconds")
-    return records
+_train = partial(train, tiny=TINY)
 
 
 def _digest(path):

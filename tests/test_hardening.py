@@ -6,8 +6,8 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
+from functools import partial
 
 import pytest
 import torch
@@ -16,22 +16,14 @@ import dml.engine
 import dml.step
 import dml.runlog
 from dml.cli import main
+from tiny_run import metrics as _metrics, tiny_flags, train, train_command  # the tests folder is on sys.path
 
-TINY = ["--train-samples", "512", "--test-samples", "100", "--batch-size", "32", "--skip-checksum",
-        "--no-download", "--no-progress", "--models", "resnet20", "--num-nodes", "2"]
+TINY = tiny_flags("--models", "resnet20", "--num-nodes", "2", train=512)  # 16 batches an epoch
 RUN = "dml_n2_resnet20_s42"
 
 
-def _cmd(cifar_root, out_dir, *args):
-    return [sys.executable, "-m", "dml", "train", "--data-dir", str(cifar_root), "--out-dir", str(out_dir),
-            *TINY, *args]
-
-
-def _metrics(run):
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    for r in records:
-        r.pop("seconds")
-    return records
+_cmd = partial(train_command, tiny=TINY)
+_train = partial(train, tiny=TINY)
 
 
 def _assert_same_run(a, b):
@@ -87,10 +79,6 @@ def test_signal_stops_with_a_resumable_checkpoint(cifar_root, tmp_path, straight
     resumed = subprocess.run(_cmd(cifar_root, tmp_path, "--epochs", "3", "--resume"), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     _assert_same_run(tmp_path / RUN, straight_run)
-
-
-def _train(cifar_root, out, *args):
-    return main(["train", "--data-dir", str(cifar_root), "--out-dir", str(out), *TINY, *args])
 
 
 def _catches_sigterm(pid):
@@ -319,6 +307,7 @@ def test_what_a_run_writes_honours_the_umask(cifar_root, tmp_path, capsys, umask
     assert folders == {p: oct(0o777 & ~umask) for p in folders}
 
 
+@pytest.mark.processes  # dml train processes (this one and straight_run's)
 def test_same_command_same_metrics(cifar_root, tmp_path, straight_run):
     again = subprocess.run(_cmd(cifar_root, tmp_path, "--epochs", "3"), capture_output=True, text=True)
     assert again.returncode == 0, again.stderr

@@ -14,10 +14,10 @@ from dml.cli import main
 from dml.peer_threads import SerialPeers, peer_runner
 from dml.runtime import Runtime
 from dml.threads import CLEAR_GAIN, MEASURE_ENV, candidate_counts, fastest, fastest_thread_count
+from tiny_run import tiny_flags, train_argv  # pytest puts the tests folder on sys.path
 
 CPU = torch.device("cpu")
-TINY = ["--models", "resnet20", "--train-samples", "128", "--test-samples", "100", "--batch-size", "32",
-        "--skip-checksum", "--no-download", "--no-progress", "--precision", "fp32"]
+TINY = tiny_flags("--models", "resnet20", "--precision", "fp32", train=128)
 needs_two_cores = pytest.mark.skipif(torch.get_num_threads() < 2,
                                      reason="PyTorch has one thread here: there is no team size to choose")
 
@@ -110,7 +110,7 @@ def test_a_given_thread_count_is_used_and_given_back():
 # Both counts: whatever the load, a new measurement would contradict one of them.
 @pytest.mark.parametrize("threads", [1, pytest.param(2, marks=needs_two_cores)])
 def test_a_given_count_is_recorded_and_kept_on_resume(cifar_root, tmp_path, capsys, monkeypatch, threads):
-    common = ["train", "--data-dir", str(cifar_root), "--out-dir", str(tmp_path), *TINY, "--epochs", "2"]
+    common = train_argv(cifar_root, tmp_path, "--epochs", "2", tiny=TINY)
     said = f"{threads} thread{'s' if threads > 1 else ''} per peer"
     assert main([*common, "--threads", str(threads), "--stop-after", "1"]) == 0
     assert said in capsys.readouterr().out
@@ -125,7 +125,7 @@ def test_a_given_count_is_recorded_and_kept_on_resume(cifar_root, tmp_path, caps
 def test_a_measured_count_continues_from_the_checkpoint(cifar_root, tmp_path, capsys, monkeypatch, threads):
     """The count an epoch's checkpoint names is the one the next epoch computes with, as the
     uninterrupted run did: the resumed run does not measure again."""
-    common = ["train", "--data-dir", str(cifar_root), "--out-dir", str(tmp_path), *TINY, "--epochs", "2"]
+    common = train_argv(cifar_root, tmp_path, "--epochs", "2", tiny=TINY)
     assert main([*common, "--stop-after", "1"]) == 0
     last = tmp_path / "independent_resnet20_s42" / "0_resnet20" / "last.pt"
     state = torch.load(last, weights_only=True)

@@ -4,26 +4,17 @@ import io
 import json
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
 
 from dml.cli import main
 from test_custom_models import NETS  # pytest puts the tests folder on sys.path
+from tiny_run import metrics as _metrics, tiny_flags, train
 
-TINY = ["--train-samples", "256", "--test-samples", "100", "--batch-size", "32", "--skip-checksum",
-        "--no-download", "--no-progress", "--precision", "fp32"]
-
-
-def _train(cifar_root, out_dir, *args):
-    return main(["train", "--data-dir", str(cifar_root), "--out-dir", str(out_dir), *TINY, *args])
-
-
-def _metrics(run_dir):
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    for r in records:
-        r.pop("seconds")
-    return records
+TINY = tiny_flags("--precision", "fp32")
+_train = partial(train, tiny=TINY)
 
 
 def _state(run_dir, peer):
@@ -152,6 +143,7 @@ def test_user_errors_are_one_line_with_status_2(cifar_root, tmp_path, capsys, ar
     assert not any(tmp_path.iterdir())  # nothing written for a refused run
 
 
+@pytest.mark.processes  # a dml train process
 def test_missing_data_without_download_says_where_to_put_it(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "dml", "train", "--data-dir", str(tmp_path / "nodata"), "--no-download",

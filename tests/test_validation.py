@@ -8,15 +8,14 @@ import torch
 from cifar_fixtures import make_cohort
 
 from dml.checkpoint import save_epoch
-from dml.cli import main
 from dml.config import TrainConfig
 from dml.data.dataset import ImageSplit, hold_out
 from dml.engine import load_data
 from dml.errors import UserError
 from dml.runlog import RunDir
+from tiny_run import tiny_flags, train  # pytest puts the tests folder on sys.path
 
-TINY = ["--train-samples", "256", "--test-samples", "100", "--batch-size", "32", "--skip-checksum",
-        "--no-download", "--no-progress", "--precision", "fp32"]
+TINY = tiny_flags("--precision", "fp32")
 
 
 def _split(per_class: list[int]) -> ImageSplit:
@@ -77,8 +76,8 @@ def test_best_checkpoint_follows_validation_accuracy_not_test_accuracy(tmp_path)
 
 
 def test_a_run_with_validation_logs_and_selects_on_it(cifar_root, tmp_path, capsys):
-    assert main(["train", "--data-dir", str(cifar_root), "--out-dir", str(tmp_path), *TINY, "--models", "resnet20",
-                 "--num-nodes", "2", "--epochs", "3", "--val-samples", "200"]) == 0
+    assert train(cifar_root, tmp_path, "--models", "resnet20", "--num-nodes", "2", "--epochs", "3", "--val-samples", "200",
+                 tiny=TINY) == 0
     run = tmp_path / "dml_n2_resnet20_s42"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all("val_acc" in r for r in records)  # peers and ensemble
@@ -99,8 +98,7 @@ def test_a_run_with_validation_logs_and_selects_on_it(cifar_root, tmp_path, caps
 
 
 def test_validation_larger_than_the_training_set_is_one_error_line(cifar_root, tmp_path, capsys):
-    code = main(["train", "--data-dir", str(cifar_root), "--out-dir", str(tmp_path), *TINY, "--epochs", "1",
-                 "--val-samples", "50000"])
+    code = train(cifar_root, tmp_path, "--epochs", "1", "--val-samples", "50000", tiny=TINY)
     assert code == 2
     assert capsys.readouterr().err.strip() == ("error: --val-samples 50000 leaves 0 of the 50000 training images, "
                                                "fewer than --batch-size 32 or --train-samples 256; hold out fewer")
