@@ -309,8 +309,10 @@ def test_counting_a_plans_trained_peers_opens_no_checkpoint(teacher, tmp_path, m
     def refuse(*args, **kwargs):
         raise AssertionError("a checkpoint was opened")
 
-    monkeypatch.setattr(graph, "load_checkpoint", refuse)
-    monkeypatch.setattr(graph.hashlib, "sha256", refuse)
+    from dml import checkpoint
+
+    monkeypatch.setattr(checkpoint, "_load", refuse)  # the one torch.load of a checkpoint
+    monkeypatch.setattr(graph, "file_digest", refuse)
     assert kd.count_trained_peers() == 2 and by_graph.count_trained_peers() == 2
     assert resolved.count_trained_peers() == 2
     with pytest.raises(AssertionError):
