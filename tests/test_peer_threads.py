@@ -136,9 +136,12 @@ def test_when_peers_run_side_by_side():
         assert runner.workers == 2
     finally:
         runner.close()
-    for runner in (peer_runner(1, CPU, threads=1), peer_runner(2, CPU, side_by_side=False, threads=1),
-                   peer_runner(2, torch.device("meta"))):
+    before = torch.get_num_threads()
+    for make in (lambda: peer_runner(1, CPU, threads=1), lambda: peer_runner(2, CPU, side_by_side=False, threads=1),
+                 lambda: peer_runner(2, torch.device("meta"))):
+        runner = make()  # one at a time: each gives back the count it found
         try:
             assert isinstance(runner, SerialPeers)
         finally:
             runner.close()
+    assert torch.get_num_threads() == before
