@@ -125,6 +125,35 @@ def test_default_path_restores_torchs_settings_when_closed():
     assert (torch.get_num_threads(), flushes_denormals()) == (threads, flush)
 
 
+def test_a_cohort_closes_what_it_made_and_leaves_what_it_was_given():
+    from dml.distributed import LocalExchange
+    from dml.runtime import Runtime
+
+    runtime, exchange = Runtime("cpu", "fp32", plain=True, num_peers=2), LocalExchange(2)
+    models, runner = [TinyNet(), TinyNet(seed=1)], runtime.runner
+    with dml.Cohort(models, [_sgd(m) for m in models], runtime=runtime, exchange=exchange) as cohort:
+        assert cohort.runtime is runtime and cohort.exchange is exchange
+        cohort.step(*_batches(1)[0])
+    assert runtime.runner is runner  # not closed: still the caller's
+    runtime.close()
+
+
+def test_entries_of_peers_another_process_holds_may_be_none():
+    from dml.distributed import LocalExchange
+
+    class SecondOfTwo(LocalExchange):  # this process holds peer 1 only
+        def __init__(self):
+            super().__init__(2)
+            self.local_indices = [1]
+
+    model = TinyNet()
+    with dml.Cohort([None, model], [None, _sgd(model)], loss=dml.Links.mutual(2), device="cpu",
+                    exchange=SecondOfTwo()) as cohort:
+        assert [p.index for p in cohort.peers] == [1] and cohort.peers[0].model is model
+    with pytest.raises(TypeError, match="model 1 is a NoneType"):
+        dml.Cohort([model, None], [_sgd(model), None], loss=dml.Links.mutual(2), device="cpu")
+
+
 def test_mistakes_are_value_errors():
     with pytest.raises(ValueError, match="2 models need as many optimizers"):
         dml.Cohort([TinyNet(), TinyNet()], [_sgd(TinyNet())], device="cpu")

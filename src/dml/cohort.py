@@ -56,20 +56,27 @@ class Cohort:
     (and ``schedulers``, optional, not stepped by the cohort) are one per peer; a peer whose optimizer
     is None is frozen: a teacher in evaluation mode that no link may lead into. Models may be any
     ``nn.Module`` mapping a batch of inputs to logits; they are moved to the device (and to
-    channels_last unless ``plain``) in place, so optimizers built on their parameters stay valid. ``update``: "simultaneous" (all peers step on the same predictions) or "sequential".
+    channels_last unless ``plain``) in place, so optimizers built on their parameters stay valid.
+    ``update``: "simultaneous" (all peers step on the same predictions) or "sequential".
     ``precision``: "fp32" (default: your models compute and return logits in their own dtype), or the
     fast path "auto" (bf16 autocast on CPU and CUDA, as ``dml train``), "bf16", "fp16" (CUDA).
     ``plain`` keeps PyTorch's defaults (see ``Runtime``). ``threads``: intra-op threads per peer on
-    CPU (None: the peer's share of the cores, fewer where other programs keep them busy). Under torchrun (WORLD_SIZE > 1) each process
-    keeps its own contiguous share of the peers and the cohort exchanges logits between processes.
+    CPU (None: the peer's share of the cores, fewer where other programs keep them busy). Under torchrun
+    (WORLD_SIZE > 1) each process keeps its own contiguous share of the peers and the cohort exchanges
+    logits between processes; the entries of the peers other processes hold may be None (model and
+    optimizer) where ``loss`` is ``Links``, which names the frozen peers.
 
-    Call ``close()`` (or use ``with``) when done: it stops the peer threads and restores torch's settings.
+    ``runtime`` and ``exchange`` (a ``Runtime`` and an exchange from distributed.py) replace the
+    device, precision, plain and threads settings and the process group the cohort would make; ``dml
+    train`` passes its own. Call ``close()`` (or use ``with``) when done: it stops the peer threads,
+    restores torch's settings and leaves the process group, of what the cohort made itself.
     """
 
-    def __init__(self, models: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer],
+    def __init__(self, models: Sequence[nn.Module | None], optimizers: Sequence[torch.optim.Optimizer | None],
                  loss: MutualLoss | Links | None = None, *, update: str = "simultaneous", precision: str = "fp32",
                  device: str | torch.device = "auto", schedulers: Sequence | None = None,
-                 names: Sequence[str] | None = None, plain: bool = False, threads: int | None = None):
+                 names: Sequence[str] | None = None, plain: bool = False, threads: int | None = None,
+                 runtime: Runtime | None = None, exchange: LocalExchange | None = None):
         if not models:
             raise ValueError("a cohort needs at least one model")
         if len(optimizers) != len(models) or (schedulers is not None and len(schedulers) != len(models)):
@@ -77,46 +84,37 @@ class Cohort:
         if update not in STEPS:
             raise ValueError(f"update {update!r} is not one of: {', '.join(STEPS)}")
         names = list(names) if names is not None else [type(m).__name__.lower() for m in models]
-        frozen = [i for i, opt in enumerate(optimizers) if opt is None]
-        links = as_links(loss or MutualLoss(), len(models), frozen)  # checked before threads and groups exist
-        where = resolve_device(device)
-        exchange = make_exchange(len(models), where.type)
-        runtime = None
-        try:
-            runtime = Runtime(exchange.select_device(where), precision, plain,
-                              num_peers=len(exchange.local_indices), side_by_side=update == "simultaneous",
-                              threads=threads)
-            peers = [Peer(i, names[i], _prepare(runtime, models[i], frozen=i in frozen), optimizers[i],
-                          None if schedulers is None else schedulers[i]) for i in exchange.local_indices]
-        except BaseException:  # give back the threads, torch's settings and the process group
-            if runtime is not None:
-                runtime.close()
-            exchange.close()
-            raise
-        # it joined the process group: it leaves it on close
-        self._assemble(peers, links, update, runtime, exchange, len(models), owns_exchange=True)
-
-    @classmethod
-    def from_peers(cls, peers: list[Peer], links: Links, update: str, runtime: Runtime,
-                   exchange: LocalExchange, num_peers: int) -> Cohort:
-        """A cohort of this process's ``peers`` (already on the runtime's device; frozen ones prepared
-        by ``prepare_frozen``) of ``num_peers`` in all; the caller keeps the runtime's exchange (closes it)."""
-        cohort = cls.__new__(cls)
-        cohort._assemble(peers, links, update, runtime, exchange, num_peers, owns_exchange=False)
-        return cohort
-
-    def _assemble(self, peers, links, update, runtime, exchange, num_peers, owns_exchange: bool) -> None:
-        """Where both constructors end: the one place that sets a cohort's fields."""
-        self.peers = peers
-        self.links = links
+        frozen = sorted(loss.frozen) if isinstance(loss, Links) else [i for i, o in enumerate(optimizers) if o is None]
+        self.links = as_links(loss or MutualLoss(), len(models), frozen)  # checked before threads and groups exist
+        self.update, self._step = update, STEPS[update]
+        self.num_peers = len(models)  # in the whole cohort; ``peers`` holds this process's
         self.progress: float | None = None  # the linear gates' factor, set by set_epoch
-        self.update = update
-        self.runtime = runtime
-        self.exchange = exchange
-        self.num_peers = num_peers  # in the whole cohort; ``peers`` holds this process's
-        self._step = STEPS[update]
-        self._owns_exchange = owns_exchange
         self._checked = False  # whether check_batch has passed (step runs it on its first batch)
+        # what the cohort makes it closes; a runtime or exchange passed in stays the caller's
+        self._made = [] if exchange is not None else ["exchange"]
+        self._made += [] if runtime is not None else ["runtime"]
+        where = runtime.device if runtime is not None else resolve_device(device)  # resolved once
+        self.exchange = exchange or make_exchange(len(models), where.type)
+        self.runtime = runtime
+        try:
+            self.runtime = runtime or Runtime(self.exchange.select_device(where), precision, plain,
+                                              num_peers=len(self.exchange.local_indices),
+                                              side_by_side=update == "simultaneous", threads=threads)
+            self.peers = [self._peer(i, names[i], models[i], optimizers[i],
+                                     None if schedulers is None else schedulers[i]) for i in self.exchange.local_indices]
+        except BaseException:  # give back the threads, torch's settings and the process group
+            self.close()
+            raise
+
+    def _peer(self, index: int, name: str, model: nn.Module | None, optimizer, scheduler) -> Peer:
+        """Peer ``index`` on the runtime's device (in place: optimizers stay valid); a frozen one as a teacher computes."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model {index} is a {type(model).__name__}, not a torch.nn.Module")
+        if (optimizer is None) != (index in self.links.frozen):
+            raise ValueError(f"peer {index}: the links say it is {'' if index in self.links.frozen else 'not '}frozen, "
+                             f"but its optimizer is {'not ' if optimizer is not None else ''}None")
+        model = self.runtime.prepare(model)
+        return Peer(index, name, prepare_frozen(self.runtime, model) if optimizer is None else model, optimizer, scheduler)
 
     @property
     def device(self) -> torch.device:
@@ -209,10 +207,12 @@ class Cohort:
         self.runtime.precision.scaler.load_state_dict(state["scaler"])
 
     def close(self) -> None:
-        self.runtime.close()
-        if self._owns_exchange:
+        """Close the runtime and the exchange where the cohort made them (once)."""
+        if "runtime" in self._made and self.runtime is not None:
+            self.runtime.close()
+        if "exchange" in self._made:
             self.exchange.close()
-            self._owns_exchange = False
+        self._made = []
 
     def __enter__(self) -> Cohort:
         return self
@@ -227,15 +227,9 @@ def as_links(loss: MutualLoss | Links, num_peers: int, frozen: list[int]) -> Lin
         return Links.mutual(num_peers, loss.temperature, loss.kl_weight, frozen=frozen)
     if not isinstance(loss, Links):
         raise TypeError(f"loss must be a dml.MutualLoss or dml.Links, not {type(loss).__name__}")
-    if loss.num_peers != num_peers or loss.frozen != frozenset(frozen):
-        raise ValueError(f"the links are for {loss.num_peers} peers with frozen {sorted(loss.frozen)}; the cohort "
-                         f"has {num_peers} with frozen {frozen} (the peers whose optimizer is None)")
+    if loss.num_peers != num_peers:
+        raise ValueError(f"the links are for {loss.num_peers} peers; the cohort has {num_peers} models")
     return loss
-
-
-def _prepare(runtime: Runtime, model: nn.Module, frozen: bool) -> nn.Module:
-    model = runtime.prepare(model)
-    return prepare_frozen(runtime, model) if frozen else model
 
 
 def prepare_frozen(runtime: Runtime, model: nn.Module) -> nn.Module:

@@ -60,31 +60,30 @@ def data_summary(data: ImageData) -> dict:
             "mean": list(data.mean), "std": list(data.std)}
 
 
-def build_peer(cfg: TrainConfig, index: int, num_classes: int, runtime: Runtime) -> Peer:
+def build_peer(cfg: TrainConfig, index: int, num_classes: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:
     """Peer ``index`` of the recipe: its model drawn from its own seed, SGD, per-epoch cosine schedule."""
-    name = cfg.models[index]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, "init", index))
         try:
-            model = runtime.prepare(create_model(name, num_classes))
+            model = create_model(cfg.models[index], num_classes)
         except (ValueError, TypeError) as exc:  # a user's factory that fails to import or to return a module
             raise UserError(str(exc)) from None
     # foreach: one multi-tensor update instead of a Python loop over ~100 parameters (a few % on CPU).
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd,
                                 nesterov=cfg.nesterov, foreach=not cfg.plain)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs, eta_min=0.0)
-    return Peer(index, name, model, optimizer, scheduler)
+    return model, optimizer, scheduler
 
 
-def build_frozen_peer(cfg: TrainConfig, index: int, num_classes: int, runtime: Runtime) -> Peer:
+def build_frozen_peer(cfg: TrainConfig, index: int, num_classes: int) -> tuple[torch.nn.Module, None, None]:
     """Peer ``index`` as the graph's checkpoint holds it: a teacher, never trained or saved."""
     spec = cfg.graph_spec["peers"][index]
     # the spec's model is the one the user named (a graph file's model, --teacher-model) or a built-in
-    checkpoint = load_model(spec["checkpoint"], runtime.device, model=spec["model"])
+    checkpoint = load_model(spec["checkpoint"], torch.device("cpu"), model=spec["model"])
     if checkpoint.num_classes != num_classes:
         raise UserError(f"teacher checkpoint {checkpoint.path} has {checkpoint.num_classes} classes, this run's data "
                         f"{num_classes}; use a teacher trained on the same dataset")
-    return Peer(index, checkpoint.model_name, prepare_frozen(runtime, runtime.prepare(checkpoint.model)), None)
+    return checkpoint.model, None, None
 
 
 def cohort_links(cfg: TrainConfig) -> Links:
@@ -103,10 +102,13 @@ def build_runtime(cfg: TrainConfig, exchange, device: torch.device | None = None
 
 
 def build_cohort(cfg: TrainConfig, exchange, runtime: Runtime, num_classes: int) -> Cohort:
-    """This process's peers as ``dml train`` runs them (``dml bench`` measures exactly this)."""
+    """This process's peers as ``dml train`` runs them (``dml bench`` measures exactly this); the
+    other processes' peers are not built. The runtime and the exchange stay the caller's to close."""
     build = {i: build_frozen_peer for i in cfg.frozen}
-    peers = [build.get(i, build_peer)(cfg, i, num_classes, runtime) for i in exchange.local_indices]
-    return Cohort.from_peers(peers, cohort_links(cfg), cfg.update, runtime, exchange, cfg.num_nodes)
+    parts = {i: build.get(i, build_peer)(cfg, i, num_classes) for i in exchange.local_indices}
+    models, optimizers, schedulers = zip(*(parts.get(i, (None, None, None)) for i in range(cfg.num_nodes)))
+    return Cohort(models, optimizers, cohort_links(cfg), update=cfg.update, schedulers=schedulers, names=cfg.models,
+                  runtime=runtime, exchange=exchange)
 
 
 def check_outputs(cfg: TrainConfig, cohort: Cohort, feed: Feed, data: ImageData) -> None:
