@@ -17,9 +17,10 @@ SEED_CURVE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "see
 def test_independent_resnet32_follows_the_seed_curve(tmp_path):
     if not SEED_CURVE.exists():
         pytest.skip(f"the seed's curve is not at {SEED_CURVE}")
-    # 3 of 200 epochs: the cosine schedule keeps T_max = 200, as in the seed's run. Only training is
-    # compared: 1,000 test images (a subset drawn from its own seed) leave training as it is.
-    code = main(["train", "--models", "resnet32", "--num-nodes", "1", "--epochs", "200", "--stop-after", "3",
+    # 2 of 200 epochs: the cosine schedule keeps T_max = 200, as in the seed's run. Only training is
+    # compared: 1,000 test images (a subset drawn from its own seed) leave training as it is. A third
+    # epoch cost about 2 minutes of CI; it agreed as closely (27.17 % against 27.26 %, ../shared/reference).
+    code = main(["train", "--models", "resnet32", "--num-nodes", "1", "--epochs", "200", "--stop-after", "2",
                  "--test-samples", "1000", "--data-dir", REAL_DATA_DIR, "--skip-checksum", "--no-download",
                  "--out-dir", str(tmp_path), "--no-progress"])
     assert code == 0
@@ -28,11 +29,11 @@ def test_independent_resnet32_follows_the_seed_curve(tmp_path):
     with open(SEED_CURVE) as f:
         seed = {int(row["epoch"]): row for row in csv.DictReader(f)}
     report = []
-    for epoch in (1, 2, 3):
+    for epoch in (1, 2):
         report.append(f"epoch {epoch}: train_acc {ours[epoch]['train_acc']:.2f} vs {seed[epoch]['train_acc']}, "
                       f"train_loss {ours[epoch]['train_loss']:.3f} vs {seed[epoch]['train_loss']}")
     print("\n".join(report))
-    for epoch in (1, 2, 3):
+    for epoch in (1, 2):
         assert ours[epoch]["lr"] == pytest.approx(float(seed[epoch]["lr"]), rel=1e-5)
         assert abs(ours[epoch]["train_acc"] - float(seed[epoch]["train_acc"])) <= 2.0, report
         assert abs(ours[epoch]["train_loss"] - float(seed[epoch]["train_loss"])) <= 0.10, report
