@@ -43,6 +43,9 @@ def test_peers_are_split_in_contiguous_groups():
     assert [peers_of_rank(3, 2, r) for r in range(2)] == [[0, 1], [2]]
     assert [peers_of_rank(5, 3, r) for r in range(3)] == [[0, 1], [2, 3], [4]]
     assert [peers_of_rank(2, 2, r) for r in range(2)] == [[0], [1]]
+    # a temporal mean (index -> its source) lives with its source: the cohort order is not the ranks' order
+    assert [peers_of_rank(4, 2, r, {2: 0, 3: 1}) for r in range(2)] == [[0, 2], [1, 3]]
+    assert [peers_of_rank(5, 2, r, {4: 0}) for r in range(2)] == [[0, 1, 4], [2, 3]]
 
 
 @pytest.mark.parametrize("update", ["simultaneous", "sequential"])

@@ -125,6 +125,24 @@ def test_seed_table_plan_runs_every_row_on_a_small_scale(cifar_root, tmp_path):
     assert "## Knowledge distillation into 1 peer from 1 teacher: kd_resnet32_from_wrn28_2" in report
 
 
+def test_online_distillation_plan_holds_the_five_methods(monkeypatch):
+    """examples/CIFAR100/online-distillation.toml as it stands (read from its folder, as its header says),
+    and its graph files the method examples of examples/graphs with ResNet-20 peers."""
+    from dml.plan import read_plan
+
+    monkeypatch.chdir(EXAMPLES)
+    plan = read_plan(EXAMPLES / "online-distillation.toml", EXAMPLES / "runs" / "never-written")
+    assert [(r.name, r.peers) for r in plan.runs] == [
+        ("independent_resnet20", 1), ("dml_resnet20", 2), ("dml_sigmoid_ramp_resnet20", 2), ("kdcl_resnet20", 2),
+        ("pcl_resnet20", 2)]
+    assert {r.settings["epochs"] for r in plan.runs} == {15} and {r.settings["seed"] for r in plan.runs} == {42}
+    graphs = EXAMPLES.parent / "graphs"
+    for name in ("kdcl", "pcl"):
+        assert (EXAMPLES / "online" / f"{name}_resnet20.toml").read_text() == \
+            (graphs / f"{name}.toml").read_text().replace("resnet32", "resnet20")
+    assert not (EXAMPLES / "runs" / "never-written").exists()
+
+
 def test_example_scripts_pass_an_abbreviated_flag_through_whole():
     # dml train refuses abbreviations (their meaning shifts as flags are added); the script must not take
     # --temp for its own --temperature either, but hand it on for dml train to refuse

@@ -461,3 +461,23 @@ def test_the_plans_in_the_readmes_read_as_documented(tmp_path):
     small = read_plan(tmp_path / "small.toml", tmp_path / "out")
     assert [(r.name, r.peers, r.epochs) for r in small.runs] == [("alone_s0", 1, 4), ("alone_s1", 1, 4),
                                                                   ("dml_s0", 2, 4), ("dml_s1", 2, 4)]
+
+
+def test_a_ramps_length_and_a_temporal_means_graph_are_searchable(cifar_root, tmp_path):
+    """dml tune's [search]: the ramp length is a number range; the decay of a temporal mean is in its
+    graph file, so graph files are the choices."""
+    from dml.plan import read_plan
+
+    graphs = Path(__file__).resolve().parents[1] / "examples" / "graphs"
+    choices = []
+    for decay in ("0.99", "0.999"):
+        choices.append(tmp_path / f"pcl_{decay}.toml")
+        choices[-1].write_text((graphs / "pcl.toml").read_text().replace("decay = 0.999", f"decay = {decay}"))
+    ramp = read_plan(write_plan(tmp_path, cifar_root, 'num_nodes = 2\nkd_ramp = "sigmoid"\n'
+                                "[search]\nkd_ramp_epochs = { low = 0.5, high = 2.0 }\n", name="ramp.toml"),
+                     tmp_path / "out")
+    assert ramp.search == {"kd_ramp_epochs": {"low": 0.5, "high": 2.0}}
+    listed = ", ".join(f'"{path}"' for path in choices)
+    means = read_plan(write_plan(tmp_path, cifar_root, f"[search]\ngraph = {{ choices = [{listed}] }}\n",
+                                 name="means.toml"), tmp_path / "out")
+    assert means.search == {"graph": {"choices": [str(path) for path in choices]}}

@@ -15,7 +15,7 @@ import torch
 
 from dml.cli import main
 from dml.graph import links_of, read_graph
-from dml.links import Links
+from dml.links import ENSEMBLE, Link, Links
 from dml.models import create_model
 from tiny_run import metrics as _metrics, tiny_flags, train  # pytest puts the tests folder on sys.path
 
@@ -183,10 +183,36 @@ def _bad_checkpoint(tmp_path):
     ('[[peer]]\nname = "a"\nmodel = "resnet20"\ncolour = "red"\n', "unknown key(s) colour"),
     ('[[peer]]\nname = "a"\nmodel = "resnet32"\ncheckpoint = "{teacher}"\n',
      "holds a 'resnet20', not the 'resnet32' named for it; use model = \"resnet20\" in peer 'a'"),
-    ('[[peer]]\nname = "a"\n', "needs a model (trainable) or a checkpoint (frozen)"),
+    ('[[peer]]\nname = "a"\n', "needs a model (trainable), a checkpoint (frozen) or ema_of"),
     ('[[peer]]\nname = "a"\nmodel = "resnet99"\n', "resnet99"),
     ('[[peer]]\nname = "a"\nmodel = "resnet20"\n[[link]]\nsource = "a"\ntarget = "a"\ntemperature = -1\n',
      "temperature"),
+    ('[[peer]]\nname = "a"\nmodel = "resnet20"\n[[link]]\nsource = "a"\ntarget = "a"\ngate = "sigmoid_ramp"\n'
+     'ramp_epochs = 0\n', "ramp_epochs must be a positive number of epochs, got 0.0"),
+    ('[[peer]]\nname = "a"\nmodel = "resnet20"\n[[link]]\nsource = "a"\ntarget = "a"\ngate = "cosine_ramp"\n',
+     "gate 'cosine_ramp' is not one of"),
+    ('[[peer]]\nname = "a"\nmodel = "resnet20"\n[[link]]\nsource = "a"\ntarget = "a"\nramp_epochs = 3\n',
+     "ramp_epochs is the length of a ramp gate"),
+    ('[[peer]]\nname = "a"\nmodel = "resnet20"\n[[link]]\nsource = "labels"\ntarget = "a"\nstandardize = true\n',
+     "not to the self link"),
+    ('[[peer]]\nname = "a"\nmodel = "resnet20"\n[[link]]\nsource = "ensemble"\ntarget = "a"\nstandardize = "yes"\n',
+     "standardize must be true or false"),
+    ('[[peer]]\nname = "ensemble"\nmodel = "resnet20"\n', "peer name 'ensemble' is used twice or is reserved"),
+    ('[[peer]]\nname = "t"\ncheckpoint = "{teacher}"\n[[link]]\nsource = "ensemble"\ntarget = "t"\n',
+     "leads into a frozen peer"),
+    ('[[peer]]\nname = "a"\nmodel = "resnet20"\n[[peer]]\nname = "m"\nema_of = "z"\n', "ema_of 'z' is not a peer"),
+    ('[[peer]]\nname = "a"\nmodel = "resnet20"\n[[peer]]\nname = "m"\nema_of = "m"\n', "which is itself"),
+    ('[[peer]]\nname = "a"\nmodel = "resnet20"\n[[peer]]\nname = "t"\ncheckpoint = "{teacher}"\n'
+     '[[peer]]\nname = "m"\nema_of = "t"\n', "the mean of 't', which is frozen"),
+    ('[[peer]]\nname = "a"\nmodel = "resnet20"\n[[peer]]\nname = "m"\nema_of = "a"\n[[peer]]\nname = "mm"\n'
+     'ema_of = "m"\n', "the mean of 'm', which is a temporal mean"),
+    ('[[peer]]\nname = "a"\nmodel = "resnet20"\n[[peer]]\nname = "m"\nema_of = "a"\ndecay = 1.0\n',
+     "decay must be a number between 0 and 1"),
+    ('[[peer]]\nname = "a"\nmodel = "resnet20"\n[[peer]]\nname = "m"\nema_of = "a"\nmodel = "resnet20"\n',
+     "no model or checkpoint of its own"),
+    ('[[peer]]\nname = "a"\nmodel = "resnet20"\ndecay = 0.9\n', "decay belongs to a temporal mean"),
+    ('[[peer]]\nname = "a"\nmodel = "resnet20"\n[[peer]]\nname = "m"\nema_of = "a"\n[[link]]\nsource = "a"\n'
+     'target = "m"\n', "leads into a frozen peer (a teacher or a temporal mean)"),
     ("[[peer]\n", "not valid TOML"),
     ("", "defines no [[peer]]"),
 ])
@@ -204,6 +230,10 @@ def test_each_mistake_in_a_graph_file_is_one_error_line(cifar_root, tmp_path, te
     (["--teacher", "missing/best.pt"], "teacher checkpoint missing/best.pt does not exist"),
     (["--graph", "missing.toml"], "graph file missing.toml does not exist"),
     (["--graph", "g.toml", "--models", "resnet20"], "--graph gives the peers and links"),
+    (["--num-nodes", "2", "--kd-ramp", "sigmoid", "--kd-ramp-epochs", "0"], "--kd-ramp-epochs must be a positive"),
+    (["--num-nodes", "2", "--kd-ramp-epochs", "5"], "pass --kd-ramp linear or sigmoid too"),
+    (["--graph", "g.toml", "--kd-ramp", "linear"], "--kd-ramp applies to DML and --teacher"),
+    (["--num-nodes", "2", "--kd-ramp", "cosine"], "invalid choice: 'cosine'"),
 ])
 def test_missing_teachers_and_graphs_are_one_error_line(cifar_root, tmp_path, capsys, args, message):
     assert _train(cifar_root, tmp_path, *args) == 2
@@ -231,20 +261,28 @@ def test_a_teacher_model_that_is_not_the_checkpoints_is_refused(cifar_root, tmp_
     assert "pass --teacher too" in capsys.readouterr().err
 
 
+def _one_process_and_two(cifar_root, tmp_path, *args: str) -> tuple[Path, Path]:
+    """``dml train ARGS`` for one epoch in one process (one thread per peer) and over ``--procs 2``;
+    the two output folders."""
+    argv = [sys.executable, "-m", "dml", "train", "--data-dir", str(cifar_root), *TINY, *args, "--epochs", "1",
+            "--precision", "fp32"]
+    single = subprocess.run([*argv, "--out-dir", str(tmp_path / "single")], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr
+    spread = subprocess.run([*argv, "--out-dir", str(tmp_path / "spread"), "--procs", "2"], capture_output=True,
+                            text=True)
+    assert spread.returncode == 0, spread.stderr
+    return tmp_path / "single", tmp_path / "spread"
+
+
 @pytest.mark.processes
 def test_a_teacher_in_another_process(cifar_root, tmp_path, teacher):
     """Two students and a teacher over two processes (the teacher alone in the second) compute
     what one process computes with the same threads per peer."""
-    args = [sys.executable, "-m", "dml", "train", "--data-dir", str(cifar_root), *TINY, "--models", "resnet20",
-            "--num-nodes", "2", "--teacher", str(teacher), "--epochs", "1", "--precision", "fp32"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([*args, "--out-dir", str(tmp_path / "single")], env=env, capture_output=True, text=True)
-    assert single.returncode == 0, single.stderr
-    spread = subprocess.run([*args, "--out-dir", str(tmp_path / "spread"), "--procs", "2"], capture_output=True,
-                            text=True)
-    assert spread.returncode == 0, spread.stderr
+    single, spread = _one_process_and_two(cifar_root, tmp_path, "--models", "resnet20", "--num-nodes", "2",
+                                          "--teacher", str(teacher))
     name = "kd_resnet20_from_resnet20_s42"
-    assert _metrics(tmp_path / "single" / name) == _metrics(tmp_path / "spread" / name)
+    assert _metrics(single / name) == _metrics(spread / name)
 
 
 def test_the_example_graph_files_and_the_readme_graph_are_valid(teacher, tmp_path):
@@ -317,3 +355,82 @@ def test_counting_a_plans_trained_peers_opens_no_checkpoint(teacher, tmp_path, m
     assert resolved.count_trained_peers() == 2
     with pytest.raises(AssertionError):
         by_graph.resolved()
+
+
+def test_the_method_graph_files_compute_their_methods():
+    pcl = read_graph(GRAPHS / "pcl.toml")
+    assert [(p["model"], p.get("ema_of"), p.get("decay")) for p in pcl["peers"]] == [
+        ("resnet32", None, None), ("resnet32", None, None), ("resnet32", 0, 0.999), ("resnet32", 1, 0.999)]
+    assert links_of(pcl).links == Links([Link(ENSEMBLE, 0), Link(ENSEMBLE, 1), Link(2, 0), Link(3, 1)], 4,
+                                        frozen=[2, 3]).links
+    ramp = links_of(read_graph(GRAPHS / "dml_sigmoid_ramp.toml"))
+    assert ramp.links == Links.mutual(2, gate="sigmoid_ramp", ramp_epochs=80.0).links
+    kdcl = links_of(read_graph(GRAPHS / "kdcl.toml"))
+    assert kdcl.links == Links([Link(ENSEMBLE, 0), Link(ENSEMBLE, 1)], 2).links
+    mixed = read_graph(GRAPHS / "dml_standardized.toml")
+    assert [p["model"] for p in mixed["peers"]] == ["resnet32", "wrn28_2"]
+    assert links_of(mixed).links == Links([Link(1, 0, standardize=True), Link(0, 1, standardize=True)], 2).links
+
+
+@pytest.mark.parametrize("update", ["simultaneous", "sequential"])
+def test_online_distillation_links_train_resume_and_are_stored(cifar_root, tmp_path, update):
+    """The ensemble, a standardised link and a step-wise ramp in one graph: stored in config.json as
+    written, and a resumed run ends exactly where the uninterrupted one does."""
+    text = (GRAPHS / "kdcl.toml").read_text().replace("resnet32", "resnet20") + textwrap.dedent("""
+        [[peer]]
+        name = "a_mean"
+        ema_of = "a"
+        decay = 0.9
+        [[link]]
+        source = "b"
+        target = "a"
+        standardize = true
+        gate = "sigmoid_ramp"
+        ramp_epochs = 1.5
+        [[link]]
+        source = "a_mean"
+        target = "b"
+        """)
+    path = _graph(tmp_path, text)
+    args = ["--graph", str(path), "--epochs", "2", "--update", update]
+    assert _train(cifar_root, tmp_path / "straight", *args) == 0
+    assert _train(cifar_root, tmp_path / "resumed", *args, "--stop-after", "1") == 0
+    assert _train(cifar_root, tmp_path / "resumed", *args, "--resume") == 0
+    straight, resumed = (tmp_path / kind / "graph-graph_resnet20_s42" for kind in ("straight", "resumed"))
+    assert _metrics(resumed) == _metrics(straight)
+    spec = json.loads((straight / "config.json").read_text())["config"]["graph_spec"]
+    assert {(lk["source"], lk["target"], lk["gate"], lk.get("ramp_epochs"), lk.get("standardize", False))
+            for lk in spec["links"]} == {(0, 0, "through", None, False), (1, 1, "through", None, False),
+                                         (ENSEMBLE, 0, "through", None, False), (ENSEMBLE, 1, "through", None, False),
+                                         (1, 0, "sigmoid_ramp", 1.5, True), (2, 1, "through", None, False)}
+    assert spec["peers"][2] == {"name": "a_mean", "model": "resnet20", "checkpoint": None, "sha256": None,
+                                "ema_of": 0, "decay": 0.9}
+    records = [r for r in _metrics(straight) if r["node"] in (0, 1)]
+    for r in records:  # the objective is its two terms; every peer distils from the ensemble from the start
+        assert r["train_loss"] == pytest.approx(r["train_ce"] + r["train_kd"]) and r["train_kd"] > 0
+    means = [r for r in _metrics(straight) if r["node"] == 2]
+    assert [(r["role"], r["mean_of"]) for r in means] == [("mean", 0)] * 2 and "train_kd" not in means[0]
+    for kind in (straight, resumed):  # the mean's checkpoints resume it and evaluate like any peer's
+        saved = torch.load(kind / "2_resnet20" / "last.pt", weights_only=True)
+        assert (saved["mean_of"], saved["decay"], saved["run"]["epoch"]) == (0, 0.9, 2)
+    best = torch.load(straight / "2_resnet20" / "best.pt", weights_only=True)
+    assert best["mean_of"] == 0
+    last = torch.load(resumed / "2_resnet20" / "last.pt", weights_only=True)["model"]
+    for key, value in torch.load(straight / "2_resnet20" / "last.pt", weights_only=True)["model"].items():
+        assert torch.equal(value, last[key]), key
+    assert main(["evaluate", str(straight / "2_resnet20" / "best.pt"), "--test-samples", "50",
+                 "--json", str(tmp_path / "eval.json")]) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["checkpoints"][0]["top1"] == best["test_acc"]
+
+
+@pytest.mark.processes
+def test_temporal_means_live_with_their_sources_in_other_processes(cifar_root, tmp_path, capsys):
+    """PCL's graph over two processes (peers 0 and 2 in one, 1 and 3 in the other: the cohort order is
+    not the processes' order) computes what one process computes with the same threads per peer."""
+    path = _graph(tmp_path, (GRAPHS / "pcl.toml").read_text().replace("resnet32", "resnet20"))
+    single, spread = _one_process_and_two(cifar_root, tmp_path, "--graph", str(path))
+    name = "graph-graph_resnet20_s42"
+    assert _metrics(single / name) == _metrics(spread / name)
+    capsys.readouterr()
+    assert _train(cifar_root, tmp_path / "three", "--graph", str(path), "--procs", "3") == 2
+    assert capsys.readouterr().err.startswith("error: --procs must be between 1 and the 2 peers that are not temporal")

@@ -1,12 +1,13 @@
 """Links: every peer's objective against hand computations, for each combination of link and gate."""
 
 import copy
+import math
 
 import pytest
 import torch
 
 import dml
-from dml.links import Link, Links, linear_ramp
+from dml.links import ENSEMBLE, Link, Links, Progress, linear_ramp
 from dml.loss import mutual_loss
 
 B, C = 8, 5
@@ -98,7 +99,7 @@ def test_linear_gate_ramps_from_zero_at_the_first_epoch_to_one_at_the_last():
     links = Links([Link(1, 0, temperature=2.0, gate="linear")], 2)
     ce, kl = _ce(logits[0], y).mean(), 4.0 * _kl(logits[1], logits[0], 2.0).mean()
     for epoch, epochs in ((1, 4), (2, 4), (4, 4)):
-        got = links.objective(0, logits[0], logits, y, progress=linear_ramp(epoch, epochs))
+        got = links.objective(0, logits[0], logits, y, progress=Progress(epoch, epochs, fraction=0.5))
         close(got, ce + (epoch - 1) / 3 * kl)
     with pytest.raises(ValueError, match="set_epoch"):
         links.objective(0, logits[0], logits, y)
@@ -137,6 +138,13 @@ def test_gradients_flow_into_the_target_only():
     (lambda: Link(0, 1, gate="sometimes"), "gate"),
     (lambda: Link(0, 1, temperature=0.0), "temperature"),
     (lambda: Link(0, 1, weight=-1.0), "weight"),
+    (lambda: Link(0, 1, gate="cosine_ramp"), "gate 'cosine_ramp' is not one of"),
+    (lambda: Link(0, 1, gate="sigmoid_ramp", ramp_epochs=0.0), "ramp_epochs must be a positive"),
+    (lambda: Link(0, 1, gate="linear_ramp", ramp_epochs=-2.0), "ramp_epochs must be a positive"),
+    (lambda: Link(0, 1, ramp_epochs=5.0), "length of a ramp gate"),
+    (lambda: Link(0, 0, standardize=True), "not to the self link"),
+    (lambda: Link("mean", 0), "not 'mean'"),
+    (lambda: Links([Link(ENSEMBLE, 0)], 1, frozen=[0]), "at least one trainable peer"),
 ])
 def test_bad_links_are_refused(links, message):
     with pytest.raises(ValueError, match=message):
@@ -220,3 +228,154 @@ def test_a_cohort_that_cannot_be_built_leaves_torchs_settings_alone():
     with pytest.raises(RuntimeError, match="cannot move"):
         dml.Cohort([nets[0], Broken()], opts, device="cpu")
     assert torch.get_num_threads() == threads
+
+
+# --- online distillation: step-wise ramps, the ensemble, standardised logits, the two terms ----------
+def _z(z):
+    """Logits z-scored per sample by hand: mean 0, sample standard deviation (n - 1) 1."""
+    centred = z - z.mean(1, keepdim=True)
+    return centred / torch.sqrt((centred**2).sum(1, keepdim=True) / (z.shape[1] - 1))
+
+
+# (progress, ramp_epochs, t): t = min(1, epochs done / ramp length), the epoch's steps counting as a fraction
+RAMP_POINTS = [(Progress(1, 10, 0.0), None, 0.0), (Progress(3, 10, 0.25), None, 0.225),
+               (Progress(2, 10, 0.5), 4.0, 0.375), (Progress(7, 10, 0.0), 4.0, 1.0), (Progress(1, 3, 0.5), 0.25, 1.0)]
+
+
+@pytest.mark.parametrize("gate, factor", [("linear_ramp", lambda t: t),
+                                          ("sigmoid_ramp", lambda t: math.exp(-5.0 * (1.0 - t) ** 2))])
+@pytest.mark.parametrize("progress, ramp_epochs, t", RAMP_POINTS)
+def test_ramp_gates_scale_the_term_by_their_curve_at_the_fraction_of_training_done(gate, factor, progress,
+                                                                                 ramp_epochs, t):
+    logits, y = _batch(2)
+    links = Links([Link(1, 0, temperature=2.0, gate=gate, ramp_epochs=ramp_epochs)], 2)
+    expected = _ce(logits[0], y).mean() + factor(t) * 4.0 * _kl(logits[1], logits[0], 2.0).mean()
+    close(links.objective(0, logits[0], logits, y, progress), expected)
+
+
+def test_sigmoid_ramp_values_by_hand():
+    links = Links([Link(1, 0, gate="sigmoid_ramp", ramp_epochs=2.0)], 2)
+    logits, y = _batch(2)
+    kl = _kl(logits[1], logits[0]).mean()
+    # exp(-5 (1 - t)^2) at t = 0, 0.5, 1: 0.006738, 0.286505, 1
+    for progress, value in ((Progress(1, 9), 0.006737947), (Progress(2, 9), 0.286504797), (Progress(3, 9), 1.0)):
+        _, kd = links.terms(0, logits[0], logits, y, progress)
+        close(kd, value * kl)
+
+
+def test_the_ensemble_is_the_mean_of_the_trainable_peers_logits():
+    logits, y = _batch(3, scale=4.0)
+    links = Links([Link(ENSEMBLE, 0, temperature=3.0), Link(ENSEMBLE, 1, temperature=3.0)], 3, frozen=[2])
+    sources = links.sources(logits)
+    mean = (logits[0] + logits[1]) / 2  # the frozen peer 2 is not part of it
+    for i in (0, 1):
+        expected = _ce(logits[i], y).mean() + 9.0 * _kl(mean, logits[i], 3.0).mean()
+        close(links.objective(i, logits[i], sources, y), expected)
+    # what other readings of "the ensemble" would give differs from it by far more than the tolerance
+    of_probabilities = torch.log((_p(logits[0], 3.0) + _p(logits[1], 3.0)) / 2) * 3.0
+    with_the_teacher = (logits[0] + logits[1] + logits[2]) / 3
+    for other in (of_probabilities, with_the_teacher):
+        assert (_kl(other, logits[0], 3.0).mean() - _kl(mean, logits[0], 3.0).mean()).abs() > 1e-3
+
+
+def test_kdcl_with_dml_links_averages_the_ensemble_with_the_peer():
+    logits, y = _batch(2, seed=5)
+    links = Links([Link(1, 0), Link(ENSEMBLE, 0, temperature=2.0, weight=0.5)], 2)
+    mean = (logits[0] + logits[1]) / 2
+    expected = _ce(logits[0], y).mean() + (_kl(logits[1], logits[0]).mean()
+                                           + 0.5 * 4.0 * _kl(mean, logits[0], 2.0).mean()) / 2
+    close(links.objective(0, logits[0], links.sources(logits), y), expected)
+    assert [link.source for link in links.links if link.target == 0] == [0, 1, ENSEMBLE]  # the stored order
+
+
+def test_a_standardised_link_compares_z_scored_logits():
+    logits, y = _batch(2, seed=7)
+    logits[1] = logits[1] * 6.0 + 2.0  # another scale and offset: z-scoring takes both away
+    links = Links([Link(1, 0, temperature=2.0, standardize=True)], 2)
+    expected = _ce(logits[0], y).mean() + 4.0 * _kl(_z(logits[1]), _z(logits[0]), 2.0).mean()
+    close(links.objective(0, logits[0], logits, y), expected)
+    rescaled = [logits[0], logits[1] / 6.0 - 5.0]
+    close(links.objective(0, logits[0], rescaled, y), expected)
+    # the population standard deviation (n) or no standardisation would give other values
+    biased = _z(logits[1]) * math.sqrt((C - 1) / C), _z(logits[0]) * math.sqrt((C - 1) / C)
+    assert (_kl(*biased, 2.0).mean() - _kl(_z(logits[1]), _z(logits[0]), 2.0).mean()).abs() > 1e-3
+    assert (_kl(logits[1], logits[0], 2.0).mean() - _kl(_z(logits[1]), _z(logits[0]), 2.0).mean()).abs() > 1e-3
+
+
+def test_the_two_terms_are_the_weighted_cross_entropy_and_the_combined_distillation():
+    logits, y = _batch(3)
+    links = Links([Link(0, 0, weight=0.5), Link(1, 0, 2.0, 3.0), Link(2, 0, gate="cutoff")], 3)
+    ce, kd = links.terms(0, logits[0], logits, y)
+    close(ce, 0.5 * _ce(logits[0], y).mean())
+    close(kd, 3.0 * 4.0 * _kl(logits[1], logits[0], 2.0).mean() / 2)
+    assert links.terms(1, logits[1], logits, y)[1] is None  # no link into peer 1 from another
+
+
+def test_a_cohort_moves_its_ramp_with_every_step():
+    nets = [_net(1), _net(2)]
+    opts = [torch.optim.SGD(n.parameters(), lr=0.1) for n in nets]
+    links = Links.mutual(2, temperature=2.0, gate="sigmoid_ramp", ramp_epochs=1.0)
+    g = torch.Generator().manual_seed(0)
+    with dml.Cohort(nets, opts, loss=links, device="cpu", precision="fp32", plain=True) as cohort:
+        with pytest.raises(ValueError, match="steps_per_epoch"):
+            cohort.set_epoch(1, 3)
+        for epoch in (1, 2):
+            cohort.set_epoch(epoch, 3, steps_per_epoch=4)
+            for step in range(4):
+                x, y = torch.randn(16, 3, 2, 2, generator=g), torch.randint(0, C, (16,), generator=g)
+                out = cohort.step(x, y)
+                t = min(1.0, (epoch - 1 + step / 4) / 1.0)
+                z = [zi.detach().double() for zi in out.logits]
+                close(out.ce[0], _ce(z[0], y).mean())
+                close(out.kd[0], math.exp(-5.0 * (1.0 - t) ** 2) * 4.0 * _kl(z[1], z[0], 2.0).mean())
+                close(out.losses[0], out.ce[0] + out.kd[0])
+
+
+# --- temporal means (MeanOf) ----------------------------------------------------------------------------
+def test_a_temporal_mean_teaches_as_it_was_and_follows_its_source_after_every_step():
+    nets = [_net(1), _net(2)]
+    opts = [torch.optim.SGD(n.parameters(), lr=0.5, momentum=0.9) for n in nets]
+    links = Links([Link(2, 0, temperature=2.0), Link(ENSEMBLE, 1)], 3, frozen=[2])
+    expected = {k: v.detach().double().clone() for k, v in nets[0].state_dict().items()}  # a copy at the start
+    g = torch.Generator().manual_seed(0)
+    with dml.Cohort([nets[0], nets[1], None], [opts[0], opts[1], dml.MeanOf(0, decay=0.9)], loss=links,
+                    device="cpu", precision="fp32", plain=True) as cohort:
+        mean = cohort.peers[2].model
+        assert mean is not nets[0] and not mean.training and not any(q.requires_grad for q in mean.parameters())
+        for _ in range(4):
+            x, y = torch.randn(16, 3, 2, 2, generator=g), torch.randint(0, C, (16,), generator=g)
+            with torch.no_grad():
+                before = mean(x)
+            out = cohort.step(x, y)
+            close(out.logits[2], before)  # it teaches as it was before the step, in evaluation mode
+            z = [zi.detach().double() for zi in out.logits]
+            close(out.kd[0], 4.0 * _kl(z[2], z[0], 2.0).mean())
+            close(out.kd[1], _kl((z[0] + z[1]) / 2, z[1]).mean())  # the ensemble: peers 0 and 1, not the mean
+            source = nets[0].state_dict()
+            for name, value in mean.state_dict().items():
+                if name in dict(nets[0].named_parameters()):
+                    expected[name] = 0.9 * expected[name] + 0.1 * source[name].double()
+                    close(value, expected[name])
+                else:  # BatchNorm's running statistics and step count: copied
+                    assert torch.equal(value, source[name]), name
+                    expected[name] = source[name].double()
+        states = cohort.state_dict()["peers"]
+        assert [(s["index"], s.get("mean_of"), s.get("decay")) for s in states] == [(0, None, None), (1, None, None),
+                                                                                   (2, 0, 0.9)]
+        assert states[2].keys() >= {"model", "best_acc"} and "optimizer" not in states[2]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda o: [o[0], o[1], dml.MeanOf(2)], "cannot be the mean of itself"),
+    (lambda o: [o[0], None, dml.MeanOf(1)], "which is frozen"),
+    (lambda o: [o[0], dml.MeanOf(0), dml.MeanOf(1)], "which is a mean itself"),
+    (lambda o: [o[0], o[1], dml.MeanOf(5)], "not in a cohort of 3"),
+    (lambda o: [o[0], o[1], dml.MeanOf(0, decay=0.0)], "decay must be a number between 0 and 1"),
+    (lambda o: [o[0], o[1], dml.MeanOf(0, decay=1.0)], "decay must be a number between 0 and 1"),
+    (lambda o: [o[0], o[1], dml.MeanOf(0, decay=-0.5)], "decay must be a number between 0 and 1"),
+])
+def test_a_temporal_mean_follows_a_peer_that_trains(make, message):
+    nets = [_net(1), _net(2), None]
+    opts = [torch.optim.SGD(n.parameters(), lr=0.1) for n in nets[:2]]
+    with pytest.raises(ValueError, match=message):
+        dml.Cohort(nets, make(opts), device="cpu")

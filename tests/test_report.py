@@ -13,10 +13,11 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def write_run(root, name, peers, ensemble=None, epochs=None, seed=1, lr=0.1, dataset="cifar100", model="resnet32",
-              val=None, ensemble_val=None):
+              val=None, ensemble_val=None, terms=None):
     """A run directory as `dml train` writes it. ``peers`` holds, per peer, a list of per-epoch
     (train_acc, test_acc, train_loss); ``epochs`` is the planned count (default: the epochs given);
-    ``val`` per peer a list of per-epoch validation accuracies (a run with --val-samples)."""
+    ``val`` per peer a list of per-epoch validation accuracies (a run with --val-samples); ``terms``
+    per peer a list of per-epoch (train_ce, train_kd)."""
     run = root / name
     run.mkdir(parents=True)
     done = len(peers[0])
@@ -31,7 +32,8 @@ def write_run(root, name, peers, ensemble=None, epochs=None, seed=1, lr=0.1, dat
             train_acc, test_acc, loss = history[e]
             lines.append({"epoch": e + 1, "node": i, "model": model, "lr": lr, "train_loss": loss,
                           "train_acc": train_acc, "test_acc": test_acc, "seconds": 1.5,
-                          **({"val_acc": val[i][e]} if val else {})})
+                          **({"val_acc": val[i][e]} if val else {}),
+                          **(dict(zip(("train_ce", "train_kd"), terms[i][e])) if terms else {})})
         acc = ensemble[e] if ensemble else max(h[e][1] for h in peers)
         lines.append({"epoch": e + 1, "node": "ensemble", "test_acc": acc, "seconds": 1.5,
                       **({"val_acc": ensemble_val[e]} if ensemble_val else {})})
@@ -284,3 +286,18 @@ def test_validation_in_some_epochs_only_is_refused(tmp_path):
     (run / "metrics.jsonl").write_text("\n".join([json.dumps(record)] + lines[1:]) + "\n")
     with pytest.raises(UserError, match="val_acc in some epochs only"):
         read_run(run)
+
+
+def test_the_learning_curves_draw_the_loss_terms_where_the_run_recorded_them(tmp_path):
+    from dml.report import run_figure
+
+    terms = [[(2.5, 0.5), (1.5, 0.5), (1.0, 0.5)], [(2.6, 0.5), (1.6, 0.5), (0.75, 0.5)]]
+    with_terms = read_run(write_run(tmp_path, "dml_n2_resnet32_s1", [PEER0, PEER1], terms=terms))
+    assert with_terms.peers[1].train_kd == [0.5, 0.5, 0.5] and with_terms.peers[0].train_ce == [2.5, 1.5, 1.0]
+    fig = run_figure(with_terms)
+    assert len(fig.axes) == 3
+    lines = {line.get_label(): list(line.get_ydata()) for line in fig.axes[2].get_lines()}
+    assert lines == {"0_resnet32 CE": [2.5, 1.5, 1.0], "0_resnet32 KD": [0.5] * 3,
+                     "1_resnet32 CE": [2.6, 1.6, 0.75], "1_resnet32 KD": [0.5] * 3}
+    without = read_run(write_run(tmp_path, "dml_n2_resnet32_s2", [PEER0, PEER1], seed=2))
+    assert len(run_figure(without).axes) == 2  # written before the terms were recorded

@@ -31,7 +31,10 @@ def test_run_directory_is_self_describing(cifar_root, tmp_path):
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["node"]) for r in lines] == [(1, 0), (1, 1), (1, "ensemble"), (2, 0), (2, 1), (2, "ensemble")]
     peer = lines[0]
-    assert set(peer) == {"epoch", "node", "model", "lr", "train_loss", "train_acc", "test_acc", "seconds"}
+    assert set(peer) == {"epoch", "node", "model", "lr", "train_loss", "train_ce", "train_kd", "train_acc", "test_acc",
+                         "seconds"}
+    for r in lines[:2] + lines[3:5]:  # the objective is its cross-entropy and its KL term (DML: both live)
+        assert r["train_loss"] == pytest.approx(r["train_ce"] + r["train_kd"]) and r["train_kd"] > 0
     assert peer["model"] == "resnet20" and peer["lr"] == 0.1 and lines[3]["lr"] == pytest.approx(0.05)
     assert 0 <= peer["train_acc"] <= 100 and 0 <= peer["test_acc"] <= 100 and peer["train_loss"] > 0
     for folder in ("0_resnet20", "1_wrn28_2"):
@@ -45,7 +48,7 @@ def test_run_directory_is_self_describing(cifar_root, tmp_path):
 
     events = EventAccumulator(str(run / "1_wrn28_2"))
     events.Reload()
-    assert set(events.Tags()["scalars"]) == {"lr", "train_loss", "train_acc", "test_acc"}
+    assert set(events.Tags()["scalars"]) == {"lr", "train_loss", "train_ce", "train_kd", "train_acc", "test_acc"}
     acc = [e.value for e in events.Scalars("test_acc")]
     assert acc == pytest.approx([r["test_acc"] for r in lines if r["node"] == 1])
     ensemble = EventAccumulator(str(run / "ensemble"))
@@ -53,9 +56,11 @@ def test_run_directory_is_self_describing(cifar_root, tmp_path):
     assert [e.step for e in ensemble.Scalars("test_acc")] == [1, 2]
 
 
-@pytest.mark.parametrize("update", ["simultaneous", "sequential"])
-def test_resume_ends_exactly_where_an_uninterrupted_run_ends(cifar_root, tmp_path, update):
-    args = ["--models", "resnet20", "--num-nodes", "2", "--epochs", "2", "--update", update, "--precision", "bf16"]
+@pytest.mark.parametrize("update, ramp", [("simultaneous", []), ("sequential", []),
+                                          ("simultaneous", ["--kd-ramp", "sigmoid", "--kd-ramp-epochs", "1.5"])])
+def test_resume_ends_exactly_where_an_uninterrupted_run_ends(cifar_root, tmp_path, update, ramp):
+    args = ["--models", "resnet20", "--num-nodes", "2", "--epochs", "2", "--update", update, "--precision", "bf16",
+            *ramp]
     assert _train(cifar_root, tmp_path / "straight", *args) == 0
     assert _train(cifar_root, tmp_path / "resumed", *args, "--stop-after", "1") == 0
     resumed = tmp_path / "resumed" / "dml_n2_resnet20_s42"

@@ -13,6 +13,9 @@ Knowledge distillation from a frozen teacher (no optimizer), or any graph of lin
 
     kd = dml.Links([dml.Link(source=1, target=0, temperature=2.0)], num_peers=2, frozen=[1])
     cohort = dml.Cohort([student, teacher], [opt, None], loss=kd)
+
+Online distillation: a link from ``dml.ENSEMBLE`` (the peers' mean logits), ramp gates, standardised
+links, and temporal means (a peer whose optimizer is ``dml.MeanOf(i, decay)``) -- see links.py.
 """
 
 __version__ = "0.1.0"
@@ -23,7 +26,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "Cohort": "cohort", "StepOutput": "cohort", "MutualLoss": "loss", "mutual_loss": "loss",
     "Evaluation": "evaluate", "create_model": "models", "Link": "links", "Links": "links",
-    "load_model": "evaluate", "load_image_folder": "data.folder",
+    "load_model": "evaluate", "load_image_folder": "data.folder", "MeanOf": "peer", "ENSEMBLE": "links",
 }
 __all__ = list(_PUBLIC)
 

@@ -20,6 +20,7 @@ Both files hold:
     dataset       the run's dataset (config["dataset"])
     config        the run's settings (TrainConfig.to_dict())
     working_dir   the directory the run was started in: the relative paths of config start there
+    mean_of       only a temporal mean's: the index of the peer it follows (its decay: config)
 
 ``best.pt`` (the peer at its best epoch) adds:
 
@@ -31,7 +32,7 @@ Both files hold:
 ``last.pt`` (the peer after the newest complete epoch; ``last.next.pt`` while staged) adds the rest
 of ``Peer.state_dict()`` and the run state that resumes it:
 
-    optimizer     the optimizer's state_dict
+    optimizer     the optimizer's state_dict (a temporal mean has none, and "decay" instead)
     scheduler     the schedule's state_dict, or None
     best_acc      the best selection accuracy so far (-inf before the first)
     best_epoch    its epoch (0 before the first)
@@ -272,7 +273,7 @@ def _check_not_a_file(run: RunDir) -> None:
 def restore(run: RunDir, cohort: Cohort) -> dict | None:
     """Load every local peer at the newest epoch the whole cohort reached; return the run state,
     or None where the cohort never completed an epoch (its staged first epoch is discarded)."""
-    peers, exchange, device = cohort.trainable, cohort.exchange, cohort.device
+    peers, exchange, device = cohort.saved, cohort.exchange, cohort.device
     local_epochs = {p.index: checkpoint_epochs(run, p.index) for p in peers}
     shared = {}
     for part in exchange.gather_objects({i: set(e) for i, e in local_epochs.items()}):
@@ -329,7 +330,7 @@ def set_rng_state(generator: torch.Generator, state: dict) -> None:
 def save_epoch(run: RunDir, epoch: int, cohort: Cohort, records: list[dict], generator: torch.Generator,
                cfg: TrainConfig, num_classes: int) -> None:
     """best.pt where a peer improved, then every peer's last.pt committed in two phases."""
-    peers = cohort.trainable  # teachers are never saved
+    peers = cohort.saved  # teachers are never saved
     for p in peers:
         if not all(torch.isfinite(t).all() for t in p.model.state_dict().values() if t.is_floating_point()):
             raise RunStopped(f"peer {p.label} diverged: its parameters are not finite after epoch {epoch}; "
@@ -349,7 +350,8 @@ def save_epoch(run: RunDir, epoch: int, cohort: Cohort, records: list[dict], gen
             p.best_acc, p.best_epoch = record[selected_on], epoch
             write_checkpoint(run.peer_path(p.index) / BEST, {
                 "model": p.model.state_dict(), "model_name": p.model_name, "index": p.index, "epoch": epoch,
-                "selected_on": selected_on, **{k: record[k] for k in ("val_acc", "test_acc") if k in record}, **meta})
+                "selected_on": selected_on, **{k: record[k] for k in ("val_acc", "test_acc") if k in record},
+                **({"mean_of": p.mean_of.source} if p.mean_of else {}), **meta})
     for p in peers:  # phase 1 of the commit: every peer's new state beside its current one
         write_checkpoint(run.peer_path(p.index) / LAST_NEXT, {**p.state_dict(), "run": run_state, **meta})
     cohort.exchange.barrier()

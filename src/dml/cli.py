@@ -114,8 +114,10 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.stop_after is not None and args.stop_after <= 0:
         raise UserError(f"--stop-after must be a positive integer, got {args.stop_after}")
     if args.procs is not None:
-        if not 1 <= args.procs <= cfg.num_nodes:
-            raise UserError(f"--procs must be between 1 and --num-nodes ({cfg.num_nodes}), got {args.procs}")
+        placed = cfg.num_nodes - len(cfg.means)  # a temporal mean lives in its source's process
+        if not 1 <= args.procs <= placed:
+            limit = f"the {placed} peers that are not temporal means" if cfg.means else f"--num-nodes ({placed})"
+            raise UserError(f"--procs must be between 1 and {limit}, got {args.procs}")
         if args.procs > 1:
             from .checkpoint import what_is_saved
             from .launch import launch_processes

@@ -7,11 +7,13 @@
     cohort.evaluate(test_loader)         # per-peer and ensemble top-1 / top-5
 
 Any knowledge-transfer graph instead of DML: ``loss=dml.Links([...], num_peers)`` (see links.py);
-a frozen teacher is a peer whose optimizer is None.
+a frozen teacher is a peer whose optimizer is None; a temporal mean ("mean teacher") of peer i is a
+peer whose optimizer is ``dml.MeanOf(i, decay)`` (its model None: a copy of peer i).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -20,9 +22,9 @@ from torch import nn
 
 from .distributed import LocalExchange, make_exchange
 from .evaluate import Evaluation, evaluate_models
-from .links import Links, linear_ramp
+from .links import Links, Progress
 from .loss import MutualLoss
-from .peer import Peer
+from .peer import MeanOf, Peer
 from .runtime import Runtime, resolve_device
 from .step import STEPS
 
@@ -41,10 +43,14 @@ class PeerOutputError(ValueError):
 
 @dataclass
 class StepOutput:
-    """What one step computed for each local peer, still on the device (reading them syncs)."""
+    """What one step computed for each local peer, still on the device (reading them syncs): the
+    objective, its two parts (``ce``: the weighted, gated cross-entropy; ``kd``: the combined
+    distillation term, 0 where no link is live; ``losses`` = ``ce`` + ``kd``) and the logits."""
 
     losses: list[torch.Tensor]
     logits: list[torch.Tensor]
+    ce: list[torch.Tensor]
+    kd: list[torch.Tensor]
 
 
 class Cohort:
@@ -54,7 +60,9 @@ class Cohort:
     ``loss``: ``MutualLoss`` (DML among all peers; the default) or ``Links`` (any graph of links with
     temperatures, weights and gates; linear gates need ``set_epoch``). ``models`` and ``optimizers``
     (and ``schedulers``, optional, not stepped by the cohort) are one per peer; a peer whose optimizer
-    is None is frozen: a teacher in evaluation mode that no link may lead into. Models may be any
+    is None is frozen: a teacher in evaluation mode that no link may lead into; one whose optimizer is
+    ``MeanOf(i, decay)`` is the exponential moving average of peer i, updated after each of its steps
+    (its model None: a copy of peer i's; no link may lead into it either). Models may be any
     ``nn.Module`` mapping a batch of inputs to logits; they are moved to the device (and to
     channels_last unless ``plain``) in place, so optimizers built on their parameters stay valid.
     ``update``: "simultaneous" (all peers step on the same predictions) or "sequential".
@@ -83,25 +91,34 @@ class Cohort:
             raise ValueError(f"{len(models)} models need as many optimizers (and schedulers, if given)")
         if update not in STEPS:
             raise ValueError(f"update {update!r} is not one of: {', '.join(STEPS)}")
-        names = list(names) if names is not None else [type(m).__name__.lower() for m in models]
-        frozen = sorted(loss.frozen) if isinstance(loss, Links) else [i for i, o in enumerate(optimizers) if o is None]
+        means = {i: o for i, o in enumerate(optimizers) if isinstance(o, MeanOf)}
+        _check_means(means, optimizers)
+        names = list(names) if names is not None else \
+            [type(models[means[i].source] if i in means else m).__name__.lower() for i, m in enumerate(models)]
+        frozen = sorted(loss.frozen) if isinstance(loss, Links) else \
+            [i for i, o in enumerate(optimizers) if o is None or i in means]
         self.links = as_links(loss or MutualLoss(), len(models), frozen)  # checked before threads and groups exist
         self.update, self._step = update, STEPS[update]
         self.num_peers = len(models)  # in the whole cohort; ``peers`` holds this process's
-        self.progress: float | None = None  # the linear gates' factor, set by set_epoch
+        self._epoch: tuple[int, int, int | None] | None = None  # (epoch, epochs, steps per epoch): set_epoch
+        self._steps_done = 0  # in the current epoch
         self._checked = False  # whether check_batch has passed (step runs it on its first batch)
         # what the cohort makes it closes; a runtime or exchange passed in stays the caller's
         self._made = [] if exchange is not None else ["exchange"]
         self._made += [] if runtime is not None else ["runtime"]
         where = runtime.device if runtime is not None else resolve_device(device)  # resolved once
-        self.exchange = exchange or make_exchange(len(models), where.type)
+        # a temporal mean lives in its source's process
+        self.exchange = exchange or make_exchange(len(models), where.type, {i: o.source for i, o in means.items()})
         self.runtime = runtime
         try:
             self.runtime = runtime or Runtime(self.exchange.select_device(where), precision, plain,
                                               num_peers=len(self.exchange.local_indices),
                                               side_by_side=update == "simultaneous", threads=threads)
-            self.peers = [self._peer(i, names[i], models[i], optimizers[i],
-                                     None if schedulers is None else schedulers[i]) for i in self.exchange.local_indices]
+            local = self.exchange.local_indices
+            built = {i: self._peer(i, names[i], models[i], optimizers[i], None if schedulers is None else schedulers[i])
+                     for i in local if i not in means}
+            built.update({i: self._mean(i, names[i], models[i], means[i], built) for i in local if i in means})
+            self.peers = [built[i] for i in local]
         except BaseException:  # give back the threads, torch's settings and the process group
             self.close()
             raise
@@ -116,13 +133,32 @@ class Cohort:
         model = self.runtime.prepare(model)
         return Peer(index, name, prepare_frozen(self.runtime, model) if optimizer is None else model, optimizer, scheduler)
 
+    def _mean(self, index: int, name: str, model: nn.Module | None, mean_of: MeanOf, built: dict[int, Peer]) -> Peer:
+        """Peer ``index``, the temporal mean of a peer of this process: a copy of it unless ``model`` is given."""
+        if index not in self.links.frozen:
+            raise ValueError(f"peer {index} is a mean: the links must list it as frozen (no link may lead into it)")
+        model = self.runtime.prepare(model) if model is not None else copy.deepcopy(built[mean_of.source].model)
+        model.requires_grad_(False).eval()
+        return Peer(index, name, model, None, mean_of=mean_of)
+
     @property
     def device(self) -> torch.device:
         return self.runtime.device
 
-    def set_epoch(self, epoch: int, epochs: int) -> None:
-        """Tell the cohort where training stands (epoch is 1-based): linear gates ramp with it."""
-        self.progress = linear_ramp(epoch, epochs)
+    def set_epoch(self, epoch: int, epochs: int, steps_per_epoch: int | None = None) -> None:
+        """Tell the cohort where training stands, at the start of each epoch (1-based) of ``epochs``:
+        linear gates ramp with it; ramp gates also need ``steps_per_epoch``, and move with every step."""
+        if self.links.needs_steps and not (steps_per_epoch or 0) > 0:
+            raise ValueError("ramp gates move with every step: call cohort.set_epoch(epoch, epochs, steps_per_epoch)")
+        self._epoch, self._steps_done = (epoch, epochs, steps_per_epoch), 0
+
+    @property
+    def progress(self) -> Progress | None:
+        """Where training stands for the next step (None before ``set_epoch``)."""
+        if self._epoch is None:
+            return None
+        epoch, epochs, steps_per_epoch = self._epoch
+        return Progress(epoch, epochs, min(1.0, self._steps_done / steps_per_epoch) if steps_per_epoch else 0.0)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         """Train every local peer on one batch of inputs ``x`` and labels ``y``. It does not wait for the
@@ -131,8 +167,10 @@ class Cohort:
         x, y = self.runtime.to_device(x), y.to(self.runtime.device, non_blocking=True)
         if not self._checked:  # the first batch only: it waits for the device once
             self.check_batch(x, y)
-        losses, logits = self._step(self, x, y)
-        return StepOutput(losses, logits)
+        terms, logits = self._step(self, x, y)
+        self._steps_done += 1
+        return StepOutput([loss for loss, _, _ in terms], logits, [ce for _, ce, _ in terms],
+                          [kd if kd is not None else ce.new_zeros(()) for _, ce, kd in terms])
 
     def check_batch(self, x: torch.Tensor, y: torch.Tensor | None = None, num_classes: int | None = None) -> int:
         """Check that every peer maps inputs like ``x`` to logits of shape (batch, classes), with the same
@@ -192,17 +230,23 @@ class Cohort:
 
     @property
     def trainable(self) -> list[Peer]:
+        """The local peers that learn from gradients."""
+        return [p for p in self.peers if p.trains]
+
+    @property
+    def saved(self) -> list[Peer]:
+        """The local peers whose state a checkpoint holds: all but the teachers."""
         return [p for p in self.peers if not p.frozen]
 
     def state_dict(self) -> dict:
-        """Every local trainable peer's model, optimizer and schedule, and the loss scaler (fp16).
-        Frozen peers are not saved: they are what they were loaded as."""
-        return {"peers": [p.state_dict() for p in self.trainable], "scaler": self.runtime.precision.scaler.state_dict()}
+        """Every local trainable peer's model, optimizer and schedule, every temporal mean's model, and
+        the loss scaler (fp16). Frozen peers are not saved: they are what they were loaded as."""
+        return {"peers": [p.state_dict() for p in self.saved], "scaler": self.runtime.precision.scaler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        if len(state.get("peers", ())) != len(self.trainable):
-            raise ValueError(f"the state holds {len(state.get('peers', ()))} peers, this cohort {len(self.trainable)}")
-        for peer, peer_state in zip(self.trainable, state["peers"]):
+        if len(state.get("peers", ())) != len(self.saved):
+            raise ValueError(f"the state holds {len(state.get('peers', ()))} peers, this cohort {len(self.saved)}")
+        for peer, peer_state in zip(self.saved, state["peers"]):
             peer.load_state_dict(peer_state)
         self.runtime.precision.scaler.load_state_dict(state["scaler"])
 
@@ -219,6 +263,20 @@ class Cohort:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _check_means(means: dict[int, MeanOf], optimizers: Sequence) -> None:
+    """A mean follows a peer that trains: not itself, not a teacher, not another mean."""
+    for index, mean_of in means.items():
+        source = mean_of.source
+        if source == index:
+            raise ValueError(f"peer {index} cannot be the mean of itself; name the peer it follows")
+        if source >= len(optimizers):
+            raise ValueError(f"peer {index} is the mean of peer {source}, which is not in a cohort of {len(optimizers)}")
+        if optimizers[source] is None or isinstance(optimizers[source], MeanOf):
+            what = "a mean itself" if isinstance(optimizers[source], MeanOf) else "frozen (or held by another process)"
+            raise ValueError(f"peer {index} is the mean of peer {source}, which is {what}; a mean follows a peer "
+                             "that trains")
 
 
 def as_links(loss: MutualLoss | Links, num_peers: int, frozen: list[int]) -> Links:

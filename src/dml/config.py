@@ -8,12 +8,14 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from .errors import UserError
-from .graph import read_graph, teacher_spec
+from .graph import means_of, read_graph, teacher_spec
+from .peer import MeanOf
 from .models import MODEL_NAMES, folder_name, model_factory
 from .runtime import DEVICES, PRECISIONS
 
 DATASETS = ("cifar100", "cifar10", "folder")
 UPDATES = ("simultaneous", "sequential")
+KD_RAMPS = ("linear", "sigmoid")  # --kd-ramp R: every KL link's gate is R_ramp (links.py)
 
 # Settings that may change between a run and its ``--resume`` without changing what is computed
 # (config.differences). Graph files and teachers are compared through graph_spec, their contents.
@@ -72,6 +74,13 @@ class TrainConfig:
     nesterov: bool = setting(True, group="recipe", help="plain momentum instead of Nesterov")
     temperature: float = setting(1.0, group="cohort", help="softmax temperature T of the KL term")
     kl_weight: float = setting(1.0, group="cohort", help="weight w of the KL term")
+    kd_ramp: str | None = setting(group="cohort", choices=KD_RAMPS,
+                                  help="ramp the KL term's weight up with every step instead of using it at once: "
+                                       "linear (t) or sigmoid (exp(-5 (1 - t)^2), the ramp of ONE, OKDDip and "
+                                       "PCL), t going from 0 to 1 over --kd-ramp-epochs")
+    kd_ramp_epochs: float | None = setting(group="cohort", metavar="E",
+                                           help="epochs the --kd-ramp takes to reach full weight (fractions "
+                                                "allowed; default: the whole run)")
     update: str = setting("simultaneous", group="cohort", choices=UPDATES,
                           help="simultaneous: all peers step on one set of predictions; sequential: the paper's "
                                "Algorithm 1, peers step in turn")
@@ -147,7 +156,7 @@ class TrainConfig:
         if not self.unresolved:
             return self.trained_peers
         spec = self._read_graph(open_checkpoints=False)
-        return sum(peer["checkpoint"] is None for peer in spec["peers"])
+        return sum(peer["checkpoint"] is None and "ema_of" not in peer for peer in spec["peers"])
 
     def validate(self) -> None:
         if self.num_nodes < 1:
@@ -194,6 +203,15 @@ class TrainConfig:
                 f"--train-samples {self.train_samples} is smaller than --batch-size {self.batch_size}: "
                 "no full training batch; raise --train-samples or lower --batch-size"
             )
+        if self.kd_ramp is not None and self.kd_ramp not in KD_RAMPS:
+            raise UserError(f"--kd-ramp {self.kd_ramp!r} is not one of: {', '.join(KD_RAMPS)}")
+        if self.kd_ramp_epochs is not None:
+            _positive_float("--kd-ramp-epochs", self.kd_ramp_epochs)
+            if self.kd_ramp is None:
+                raise UserError("--kd-ramp-epochs is the length of a ramp: pass --kd-ramp linear or sigmoid too")
+        if self.kd_ramp is not None and self.graph:
+            raise UserError("--kd-ramp applies to DML and --teacher; in a graph file, give each link its gate "
+                            '(gate = "sigmoid_ramp", ramp_epochs = E)')
         if self.teacher_model and not self.teacher and not self.graph:
             raise UserError("--teacher-model names the networks of --teacher checkpoints; pass --teacher too")
         if self.name is not None and (not self.name or "/" in self.name or self.name in (".", "..")):
@@ -207,7 +225,14 @@ class TrainConfig:
         if self.graph:
             return read_graph(self.graph, open_checkpoints)
         return teacher_spec(self.models, self.teacher, self.temperature, self.kl_weight, self.teacher_model,
-                            open_checkpoints)
+                            open_checkpoints, **self.kd_gate)
+
+    @property
+    def kd_gate(self) -> dict:
+        """The gate of the KL links of DML and --teacher: ``through``, or the ramp of --kd-ramp."""
+        if self.kd_ramp is None:
+            return {"gate": "through"}
+        return {"gate": f"{self.kd_ramp}_ramp", "ramp_epochs": self.kd_ramp_epochs}
 
     @property
     def frozen(self) -> list[int]:
@@ -218,9 +243,14 @@ class TrainConfig:
         return [k for k, peer in enumerate(peers) if peer["checkpoint"] is not None]
 
     @property
+    def means(self) -> dict[int, MeanOf]:
+        """The temporal means of the graph: index -> the peer it follows, with its decay."""
+        return means_of(self.graph_spec)
+
+    @property
     def trained_peers(self) -> int:
-        """How many peers learn (teachers do not)."""
-        return self.num_nodes - len(self.frozen)
+        """How many peers learn from gradients (teachers and temporal means do not)."""
+        return self.num_nodes - len(self.frozen) - len(self.means)
 
     @property
     def is_dml(self) -> bool:

@@ -1,7 +1,8 @@
 """Where the peers live. The engine asks an exchange for every peer's logits and never needs to
 know whether they came from this process or from other ranks.
 
-A peer is the unit of distribution: K peers over P processes (P <= K, contiguous groups), each
+A peer is the unit of distribution: K peers over P processes (P <= K, contiguous groups; a
+temporal mean goes with its source), each
 process forwarding and stepping only its own peers. Per step only the detached logits cross
 between processes (batch x classes numbers per peer), in one all_gather.
 """
@@ -24,11 +25,16 @@ TIMEOUT_ENV = "DML_DIST_TIMEOUT"  # seconds a collective may wait for a lost or 
 DEFAULT_TIMEOUT_S = 60
 
 
-def peers_of_rank(num_nodes: int, world_size: int, rank: int) -> list[int]:
-    """Contiguous peer indices of ``rank``; the first ``num_nodes % world_size`` ranks hold one more."""
-    base, extra = divmod(num_nodes, world_size)
+def peers_of_rank(num_nodes: int, world_size: int, rank: int, homes: dict[int, int] | None = None) -> list[int]:
+    """Peer indices of ``rank``: contiguous groups of the peers without a home, the first ranks
+    holding one more where they do not divide evenly; a peer with a home (a temporal mean: its
+    source) lives in its home's process."""
+    homes = homes or {}
+    placed = [i for i in range(num_nodes) if i not in homes]
+    base, extra = divmod(len(placed), world_size)
     start = rank * base + min(rank, extra)
-    return list(range(start, start + base + (rank < extra)))
+    mine = set(placed[start:start + base + (rank < extra)])
+    return sorted(mine | {i for i, home in homes.items() if home in mine})
 
 
 class LocalExchange:
@@ -73,20 +79,22 @@ class TorchExchange(LocalExchange):
     gloo on CPU, nccl with one GPU per process (LOCAL_RANK) on CUDA.
     """
 
-    def __init__(self, num_nodes: int, device_type: str):
+    def __init__(self, num_nodes: int, device_type: str, homes: dict[int, int] | None = None):
         self.rank = int(os.environ["RANK"])
         self.world_size = int(os.environ["WORLD_SIZE"])
         self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
         self.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
-        if self.world_size > num_nodes:
+        placed = num_nodes - len(homes or {})  # a temporal mean goes with its source
+        if self.world_size > placed:
             raise UserError(
-                f"{self.world_size} processes for {num_nodes} peers: each process needs at least one peer; "
-                "use at most --num-nodes processes"
+                f"{self.world_size} processes for {placed} peers: each process needs at least one peer; "
+                "use at most as many processes as peers (temporal means live with their sources)"
             )
         self.num_nodes = num_nodes
         self.is_writer = self.rank == 0
-        self.local_indices = peers_of_rank(num_nodes, self.world_size, self.rank)
-        self.counts = [len(peers_of_rank(num_nodes, self.world_size, r)) for r in range(self.world_size)]
+        self.layout = [peers_of_rank(num_nodes, self.world_size, r, homes) for r in range(self.world_size)]
+        self.local_indices = self.layout[self.rank]
+        self.counts = [len(peers) for peers in self.layout]
         self.backend = "nccl" if device_type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
         if device_type == "cpu":
@@ -110,10 +118,14 @@ class TorchExchange(LocalExchange):
             mine = torch.cat([mine, mine.new_zeros((most - mine.shape[0], *mine.shape[1:]))])
         everyone = mine.new_empty((self.world_size * most, *mine.shape[1:]))
         _all_gather_tensor(everyone, mine.contiguous())
-        return [everyone[r * most + k] for r, count in enumerate(self.counts) for k in range(count)]
+        in_order = [None] * self.num_nodes
+        for r, peers in enumerate(self.layout):
+            for k, index in enumerate(peers):
+                in_order[index] = everyone[r * most + k]
+        return in_order
 
     def share_logits(self, owner: int, logits: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-        owner_rank = next(r for r in range(self.world_size) if owner in peers_of_rank(self.num_nodes, self.world_size, r))
+        owner_rank = next(r for r, peers in enumerate(self.layout) if owner in peers)
         buffer = logits.detach().float().contiguous() if logits is not None else torch.empty_like(like, dtype=torch.float32)
         dist.broadcast(buffer, src=owner_rank)
         return buffer
@@ -146,8 +158,9 @@ class TorchExchange(LocalExchange):
             dist.destroy_process_group()
 
 
-def make_exchange(num_nodes: int, device_type: str) -> LocalExchange:
-    """A TorchExchange under torchrun (WORLD_SIZE > 1), otherwise the whole cohort locally."""
+def make_exchange(num_nodes: int, device_type: str, homes: dict[int, int] | None = None) -> LocalExchange:
+    """A TorchExchange under torchrun (WORLD_SIZE > 1), otherwise the whole cohort locally. ``homes``:
+    the peers that must live in another's process (a temporal mean: index -> its source)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return TorchExchange(num_nodes, device_type)
+        return TorchExchange(num_nodes, device_type, homes)
     return LocalExchange(num_nodes)

@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import check_run_dir, restore, save_epoch, set_rng_state, what_is_saved
-from .cohort import PROBE_INPUTS, Cohort, PeerOutputError, prepare_frozen
+from .cohort import PROBE_INPUTS, Cohort, PeerOutputError, StepOutput
 from .config import TrainConfig
 from .data.augment import Normalise
 from .data.batches import TrainBatches, test_batches
@@ -90,7 +90,7 @@ def cohort_links(cfg: TrainConfig) -> Links:
     """Every peer's objective: the graph's links, or DML among all peers (one peer: cross-entropy)."""
     if cfg.graph_spec is not None:
         return links_of(cfg.graph_spec)
-    return Links.mutual(cfg.num_nodes, cfg.temperature, cfg.kl_weight)
+    return Links.mutual(cfg.num_nodes, cfg.temperature, cfg.kl_weight, **cfg.kd_gate)
 
 
 def build_runtime(cfg: TrainConfig, exchange, device: torch.device | None = None) -> Runtime:
@@ -105,7 +105,9 @@ def build_cohort(cfg: TrainConfig, exchange, runtime: Runtime, num_classes: int)
     """This process's peers as ``dml train`` runs them (``dml bench`` measures exactly this); the
     other processes' peers are not built. The runtime and the exchange stay the caller's to close."""
     build = {i: build_frozen_peer for i in cfg.frozen}
-    parts = {i: build.get(i, build_peer)(cfg, i, num_classes) for i in exchange.local_indices}
+    parts = {i: build.get(i, build_peer)(cfg, i, num_classes) for i in exchange.local_indices if i not in cfg.means}
+    # a temporal mean is built by the cohort as a copy of its source, which lives in the same process
+    parts.update({i: (None, mean_of, None) for i, mean_of in cfg.means.items() if i in exchange.local_indices})
     models, optimizers, schedulers = zip(*(parts.get(i, (None, None, None)) for i in range(cfg.num_nodes)))
     return Cohort(models, optimizers, cohort_links(cfg), update=cfg.update, schedulers=schedulers, names=cfg.models,
                   runtime=runtime, exchange=exchange)
@@ -158,7 +160,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     """
     cfg = cfg.resolved()
     device = resolve_device(cfg.device)
-    exchange = exchange or make_exchange(cfg.num_nodes, device.type)
+    exchange = exchange or make_exchange(cfg.num_nodes, device.type, {i: m.source for i, m in cfg.means.items()})
     run = None
     try:
         device = exchange.select_device(device)
@@ -256,7 +258,7 @@ class Training:
         cfg, cohort, batches = self.config, self.cohort, self.feed.batches
         peers = cohort.peers
         started = time.perf_counter()
-        cohort.set_epoch(epoch, cfg.epochs)
+        cohort.set_epoch(epoch, cfg.epochs, len(batches))
         lrs = [p.lr for p in peers]
         metrics = StepMetrics(len(peers), cohort.device)
         # disable=None: no bar when stderr is not a terminal (log files stay readable).
@@ -278,13 +280,14 @@ class Training:
             bar.close()
         for p in cohort.trainable:
             p.scheduler.step()
-        train_loss, train_acc = metrics.read()
+        train = metrics.read()
         test, val = self.evaluate()
         seconds = time.perf_counter() - started
         local = [
-            {"epoch": epoch, "node": p.index, "model": p.model_name, "lr": lrs[k], "train_loss": train_loss[k],
-             "train_acc": train_acc[k], **({"val_acc": val.top1[k]} if val else {}), "test_acc": test.top1[k],
-             "seconds": seconds, **({"role": "teacher"} if p.frozen else {})}
+            {"epoch": epoch, "node": p.index, "model": p.model_name, "lr": lrs[k], "train_loss": train["loss"][k],
+             **({"train_ce": train["ce"][k], "train_kd": train["kd"][k]} if p.trains else {}),
+             "train_acc": train["acc"][k], **({"val_acc": val.top1[k]} if val else {}), "test_acc": test.top1[k],
+             "seconds": seconds, **_role(p)}
             for k, p in enumerate(peers)
         ]
         records = sorted((r for part in cohort.exchange.gather_objects(local) for r in part), key=lambda r: r["node"])
@@ -304,6 +307,13 @@ class Training:
         save_epoch(self.run, epoch, self.cohort, records, self.feed.generator, self.config, self.data.num_classes)
 
 
+def _role(peer: Peer) -> dict:
+    """What a record says of a peer that does not train: a teacher, or the temporal mean of peer i."""
+    if peer.mean_of is not None:
+        return {"role": "mean", "mean_of": peer.mean_of.source}
+    return {"role": "teacher"} if peer.frozen else {}
+
+
 def _rethink_threads(runtime: Runtime, epoch: int, log) -> None:
     """Between epochs, measure again how many threads a peer gains from: a program that started
     beside the run would otherwise slow every step of it (see threads.py)."""
@@ -315,11 +325,12 @@ def _rethink_threads(runtime: Runtime, epoch: int, log) -> None:
 
 
 class StepMetrics:
-    """Per-peer sums of the objective and of correct predictions, kept on the device so that the
-    training loop never waits for it; read once per epoch."""
+    """Per-peer sums of the objective, of its cross-entropy and distillation terms and of correct
+    predictions, kept on the device so that the training loop never waits for it; read once per epoch."""
 
     def __init__(self, num_peers: int, device: torch.device):
-        self.loss_sum = torch.zeros(num_peers, device=device,
+        # rows: objective, cross-entropy term, distillation term
+        self.loss_sum = torch.zeros(3, num_peers, device=device,
                                     dtype=torch.float32 if device.type == "mps" else torch.float64)
         self.correct = torch.zeros(num_peers, device=device, dtype=torch.int64)
         # step numbers (1-based) of the first non-finite logits / loss of each peer; 0: none yet
@@ -328,11 +339,12 @@ class StepMetrics:
         self.steps = 0
         self.samples = 0
 
-    def add(self, losses: list[torch.Tensor], logits: list[torch.Tensor], labels: torch.Tensor) -> None:
-        losses = torch.stack(losses).detach()
+    def add(self, out: StepOutput, labels: torch.Tensor) -> None:
+        terms = torch.stack([torch.stack(out.losses), torch.stack(out.ce), torch.stack(out.kd)]).detach()
+        losses, logits = terms[0], out.logits
         self.steps += 1
         self.samples += labels.shape[0]
-        self.loss_sum += losses
+        self.loss_sum += terms
         self.correct += torch.stack([(z.argmax(1) == labels).sum() for z in logits])
         # Remember where each peer first diverged, without waiting for the device. A peer whose own
         # predictions are broken is the culprit; its peers' losses break through the KL term too.
@@ -353,12 +365,13 @@ class StepMetrics:
                 )
 
     def mean_loss(self) -> float:
-        return self.loss_sum.mean().item() / max(self.steps, 1)
+        return self.loss_sum[0].mean().item() / max(self.steps, 1)
 
-    def read(self) -> tuple[list[float], list[float]]:
-        """Per peer: the objective averaged over steps, and train accuracy in percent."""
-        return ([total / self.steps for total in self.loss_sum.tolist()],
-                [100.0 * c / self.samples for c in self.correct.tolist()])
+    def read(self) -> dict[str, list[float]]:
+        """Per peer: the objective ("loss") and its terms ("ce", "kd") averaged over steps, and train
+        accuracy ("acc") in percent."""
+        loss, ce, kd = ([total / self.steps for total in row] for row in self.loss_sum.tolist())
+        return {"loss": loss, "ce": ce, "kd": kd, "acc": [100.0 * c / self.samples for c in self.correct.tolist()]}
 
 
 DIVERGENCE_CHECK_EVERY = 100  # steps between looks at the loss (each look waits for the device)
@@ -376,8 +389,7 @@ def train_steps(cohort: Cohort, batches, metrics: StepMetrics, on_step=None, whe
             stop.check()
         if check_batches:
             cohort.exchange.check_same(batch_fingerprint(x, y), f"the batch of {where}step {n}")
-        out = cohort.step(x, y)
-        metrics.add(out.losses, out.logits, y)
+        metrics.add(cohort.step(x, y), y)
         if n % DIVERGENCE_CHECK_EVERY == 0:
             metrics.check_finite(cohort.peers, where)
         if on_step is not None:
@@ -454,7 +466,9 @@ def _summary_line(record: dict, epochs: int, labels: dict[int, str]) -> str:
     val = f"val_acc {record['val_acc']:6.2f}% " if "val_acc" in record else ""
     if record["node"] == "ensemble":
         return f"epoch {record['epoch']}/{epochs} ensemble     {val}test_acc {record['test_acc']:6.2f}%"
-    lr = "teacher   " if record.get("role") == "teacher" else f"lr {record['lr']:.5f}"
+    lr = {"teacher": "teacher", "mean": f"mean of {record.get('mean_of')}"}.get(record.get("role"),
+                                                                              f"lr {record['lr']:.5f}").ljust(10)
+    terms = f" (ce {record['train_ce']:.4f} + kd {record['train_kd']:.4f})" if "train_ce" in record else ""
     return (f"epoch {record['epoch']}/{epochs} {labels[record['node']]} {lr} "
-            f"train_loss {record['train_loss']:.4f} train_acc {record['train_acc']:6.2f}% "
+            f"train_loss {record['train_loss']:.4f}{terms} train_acc {record['train_acc']:6.2f}% "
             f"{val}test_acc {record['test_acc']:6.2f}% ({record['seconds']:.1f}s)")

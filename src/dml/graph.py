@@ -26,9 +26,17 @@ A graph file::
     target = "student"
     temperature = 2.0                 # default 1
     weight = 1.0                      # default 1
-    gate = "through"                  # through (default), cutoff, linear or correct
+    gate = "through"                  # through (default), cutoff, linear, correct, linear_ramp or sigmoid_ramp
+    # ramp_epochs = 80.0              # ramp gates: epochs until full weight (default: the whole run)
+    # standardize = true              # z-score both logits per sample first (not on a self link)
 
-Every trainable peer gets a self link (weight 1, through) unless the file gives one.
+    [[peer]]
+    name = "student_mean"
+    ema_of = "student"                # a temporal mean: the moving average of a trainable peer's weights
+    decay = 0.999                     # default 0.999
+
+A link's source may also be "ensemble": the mean of the trainable peers' logits (KDCL). Every
+trainable peer gets a self link (weight 1, through) unless the file gives one.
 """
 
 from __future__ import annotations
@@ -37,15 +45,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import UserError
-from .links import COMBINES, Link, Links
+from .links import COMBINES, ENSEMBLE, Link, Links
 from .models import model_factory
 from .checkpoint import TEACHER, check_model_named, file_digest, read_checkpoint, teacher_path
-from .peer import names_flag, one_or_each
+from .peer import MeanOf, names_flag, one_or_each
 from .tomlfile import read_toml
 
 LABELS = "labels"
-PEER_KEYS = {"name", "model", "checkpoint"}
-LINK_KEYS = {"source", "target", "temperature", "weight", "gate"}
+RESERVED = (LABELS, ENSEMBLE)  # source names that are no peer
+PEER_KEYS = {"name", "model", "checkpoint", "ema_of", "decay"}
+LINK_KEYS = {"source", "target", "temperature", "weight", "gate", "ramp_epochs", "standardize"}
 
 
 def frozen_peer(path: str | Path, name: str, open_checkpoint: bool = True) -> dict:
@@ -62,9 +71,10 @@ def frozen_peer(path: str | Path, name: str, open_checkpoint: bool = True) -> di
 
 
 def teacher_spec(students: Sequence[str], teachers: Sequence[str], temperature: float, weight: float,
-                 teacher_models: Sequence[str] | None = None, open_checkpoints: bool = True) -> dict:
+                 teacher_models: Sequence[str] | None = None, open_checkpoints: bool = True,
+                 gate: str = "through", ramp_epochs: float | None = None) -> dict:
     """``--teacher``: the students learn from every teacher (and, two or more, from each other), with
-    the given temperature and weight. ``teacher_models`` (``--teacher-model``, one for all or one per
+    the given temperature, weight and gate. ``teacher_models`` (``--teacher-model``, one for all or one per
     teacher) names the teachers' networks; a network of the user's own must be named to be imported.
     With ``open_checkpoints`` False the teachers are only checked to exist (see ``frozen_peer``)."""
     named = one_or_each("--teacher-model", teacher_models, len(teachers), "--teacher checkpoint")
@@ -76,7 +86,7 @@ def teacher_spec(students: Sequence[str], teachers: Sequence[str], temperature: 
     peers = [{"name": f"{i}_{m}", "model": m, "checkpoint": None, "sha256": None} for i, m in enumerate(students)]
     peers += frozen
     frozen_indices = list(range(len(students), len(peers)))
-    links = Links.mutual(len(peers), temperature, weight, frozen=frozen_indices)
+    links = Links.mutual(len(peers), temperature, weight, frozen_indices, gate, ramp_epochs)
     return {"peers": peers, **links.to_dict()}
 
 
@@ -97,10 +107,13 @@ def read_graph(path: str | Path, open_checkpoints: bool = True) -> dict:
         raise UserError(f"{where} defines no [[peer]]")
     index = {}
     for k, peer in enumerate(peers):
-        if peer["name"] in index or peer["name"] == LABELS:
+        if peer["name"] in index or peer["name"] in RESERVED:
             raise UserError(f"{where}: peer name {peer['name']!r} is used twice or is reserved")
         index[peer["name"]] = k
-    frozen = [k for k, p in enumerate(peers) if p["checkpoint"] is not None]
+    for peer in peers:
+        if "ema_of" in peer:
+            _resolve_mean(peer, peers, index, where)
+    frozen = [k for k, p in enumerate(peers) if p["checkpoint"] is not None or "ema_of" in p]
     links = [_link(entry, index, frozen, where) for entry in _tables(data, "link", where)]
     try:
         graph = Links(links, len(peers), combine, frozen)
@@ -109,9 +122,15 @@ def read_graph(path: str | Path, open_checkpoints: bool = True) -> dict:
     return {"peers": peers, **graph.to_dict()}
 
 
+def means_of(spec: dict | None) -> dict[int, MeanOf]:
+    """The temporal means of a stored spec: index -> what it follows."""
+    peers = spec["peers"] if spec else []
+    return {k: MeanOf(p["ema_of"], p["decay"]) for k, p in enumerate(peers) if "ema_of" in p}
+
+
 def links_of(spec: dict) -> Links:
-    """The Links of a stored spec."""
-    frozen = [k for k, p in enumerate(spec["peers"]) if p["checkpoint"] is not None]
+    """The Links of a stored spec (teachers and temporal means are frozen: no link leads into them)."""
+    frozen = [k for k, p in enumerate(spec["peers"]) if p["checkpoint"] is not None or "ema_of" in p]
     return Links([Link(**link) for link in spec["links"]], len(spec["peers"]), spec["combine"], frozen)
 
 
@@ -130,8 +149,17 @@ def _peer(entry: dict, k: int, where: str, base: Path, open_checkpoint: bool) ->
     name = entry.get("name")
     if not isinstance(name, str) or not name:
         raise UserError(f"{where}: peer {k + 1} needs a name")
+    if "ema_of" in entry:
+        if "model" in entry or "checkpoint" in entry:
+            raise UserError(f"{where}: peer {name!r} is a temporal mean (ema_of): it has its source's model, and no "
+                            "model or checkpoint of its own")
+        return {"name": name, "model": None, "checkpoint": None, "sha256": None, "ema_of": entry["ema_of"],
+                "decay": entry.get("decay", MeanOf(0).decay)}
+    if "decay" in entry:
+        raise UserError(f"{where}: peer {name!r}: decay belongs to a temporal mean; add ema_of = \"<peer>\"")
     if "model" not in entry and "checkpoint" not in entry:
-        raise UserError(f"{where}: peer {name!r} needs a model (trainable) or a checkpoint (frozen)")
+        raise UserError(f"{where}: peer {name!r} needs a model (trainable), a checkpoint (frozen) or ema_of "
+                        "(a temporal mean of a trainable peer)")
     if "checkpoint" in entry:
         path = Path(str(entry["checkpoint"])).expanduser()
         path = path if path.is_absolute() else base / path
@@ -149,6 +177,24 @@ def _peer(entry: dict, k: int, where: str, base: Path, open_checkpoint: bool) ->
     return {"name": name, "model": entry["model"], "checkpoint": None, "sha256": None}
 
 
+def _resolve_mean(peer: dict, peers: list[dict], index: dict[str, int], where: str) -> None:
+    """A temporal mean's source by index, its model the source's; one UserError line per mistake."""
+    name, of = peer["name"], peer["ema_of"]
+    if of not in index:
+        raise UserError(f"{where}: peer {name!r}: ema_of {of!r} is not a peer; the peers are {', '.join(index)}")
+    source = peers[index[of]]
+    if of == name or source["checkpoint"] is not None or "ema_of" in source:
+        what = "itself" if of == name else "frozen" if source["checkpoint"] is not None else "a temporal mean"
+        raise UserError(f"{where}: peer {name!r} is the mean of {of!r}, which is {what}; a temporal mean follows a "
+                        "peer that trains")
+    decay = peer["decay"]
+    try:
+        MeanOf(index[of], decay)
+    except ValueError as exc:
+        raise UserError(f"{where}: peer {name!r}: {exc}") from None
+    peer.update(model=source["model"], ema_of=index[of], decay=float(decay))
+
+
 def _link(entry: dict, index: dict[str, int], frozen: list[int], where: str) -> Link:
     unknown = set(entry) - LINK_KEYS
     if unknown:
@@ -157,18 +203,22 @@ def _link(entry: dict, index: dict[str, int], frozen: list[int], where: str) -> 
     ends = {}
     for end in ("source", "target"):
         name = entry.get(end)
-        if name not in index and not (end == "source" and name == LABELS):
+        if name not in index and not (end == "source" and name in RESERVED):
             raise UserError(f"{where}: link {entry.get('source')!r} -> {entry.get('target')!r}: unknown {end} "
-                            f"{name!r}; the peers are {', '.join(index)} (and {LABELS!r} as a source)")
-        ends[end] = index.get(name)
+                            f"{name!r}; the peers are {', '.join(index)} (and {LABELS!r} or {ENSEMBLE!r} as a source)")
+        ends[end] = ENSEMBLE if name == ENSEMBLE else index.get(name)
     source, target = ends["source"], ends["target"]
     label = f"link {entry['source']} -> {entry['target']}"
     if target in frozen:
         what = "joins two frozen peers (a cycle of frozen peers never learns)" if source in frozen else \
-            "leads into a frozen peer, which learns nothing"
+            "leads into a frozen peer (a teacher or a temporal mean), which learns nothing from links"
         raise UserError(f"{where}: {label} {what}; frozen peers can only be sources")
+    ramp_epochs, standardize = entry.get("ramp_epochs"), entry.get("standardize", False)
+    if not isinstance(standardize, bool):
+        raise UserError(f"{where}: {label}: standardize must be true or false, not {standardize!r}")
     try:
         return Link(target if source is None else source, target, float(entry.get("temperature", 1.0)),
-                    float(entry.get("weight", 1.0)), entry.get("gate", "through"))
+                    float(entry.get("weight", 1.0)), entry.get("gate", "through"),
+                    None if ramp_epochs is None else float(ramp_epochs), standardize)
     except (TypeError, ValueError) as exc:
         raise UserError(f"{where}: {label}: {exc}") from None

@@ -5,24 +5,34 @@ A link carries knowledge from a source into a target peer:
 - the self link (source == target): cross-entropy with the labels,
 - a link from another peer j: T^2 * KL( softmax(z_j / T) || softmax(z_i / T) ), the source's
   prediction as the (detached) target distribution,
+- a link from the ensemble (source ``"ensemble"``): the same KL with z_j replaced by the mean of the
+  trainable peers' detached *logits*, (1/m) sum_k z_k. Averaging logits, not probabilities, is
+  KDCL's "naive" ensemble (Guo et al., CVPR 2020): it keeps the teacher a set of logits, so
+  the link's own temperature softens it like any peer's, and standardisation applies to it,
 
 each with its own temperature T, weight w and gate g. The objective of peer i is
 
-    L_i = w_ii g_ii CE(z_i, y)  +  C_i * sum_{j -> i} w_ji g_ji T_ji^2 KL_ji
+    L_i = CE_i + KD_i,   CE_i = w_ii g_ii CE(z_i, y),   KD_i = C_i * sum_{j -> i} w_ji g_ji T_ji^2 KL_ji
 
-with C_i = 1 / (number of links into i from other peers) when ``combine`` is "mean" (the DML
+with C_i = 1 / (number of links into i from other sources) when ``combine`` is "mean" (the DML
 paper's average, and what ``MutualLoss`` computes) or 1 when it is "sum". Gates multiply a link's
 term; a ``cutoff`` link still counts in the mean. Plain DML is every peer linked to every other
 with T = 1, w = 1, gate ``through``; independent training has self links only; knowledge
-distillation is a link from a frozen teacher.
+distillation is a link from a frozen teacher. ``standardize`` (a link between two sets of logits)
+z-scores both per sample before the temperature softmax, z -> (z - mean(z)) / std(z) over the
+classes (torch's std, n - 1; Sun et al., CVPR 2024), so that peers whose logits differ in scale teach each other's shape.
 
-Gates (Minami et al., ACCV 2020):
+Gates (Minami et al., ACCV 2020, and the ramps of ONE, OKDDip and PCL):
 - through: always on;
 - cutoff: always off;
 - linear: the term is scaled by (epoch - 1) / (epochs - 1), from 0 at the first epoch to 1 at
-  the last (a KL warm-up that softens DML's slow start);
+  the last, fixed within an epoch (a KL warm-up that softens DML's slow start);
 - correct: per sample, only samples whose label the source ranks first count (the others add
-  zero; the term is still averaged over the whole batch).
+  zero; the term is still averaged over the whole batch);
+- linear_ramp, sigmoid_ramp: ramps that move every step, with t = min(1, epochs done / R), where
+  epochs done counts the steps of the current epoch as a fraction (steps done / steps per epoch)
+  and R is the link's ``ramp_epochs`` (None: the whole run). linear_ramp scales by t,
+  sigmoid_ramp by exp(-5 (1 - t)^2) (Laine & Aila's ramp-up, used by ONE, OKDDip and PCL).
 """
 
 from __future__ import annotations
@@ -36,36 +46,84 @@ import torch.nn.functional as F
 
 from .loss import kl_from_peer
 
-GATES = ("through", "cutoff", "linear", "correct")
+ENSEMBLE = "ensemble"
+RAMPS = ("linear_ramp", "sigmoid_ramp")
+GATES = ("through", "cutoff", "linear", "correct", *RAMPS)
 COMBINES = ("mean", "sum")
+STANDARDIZE_EPS = 1e-7  # keeps a sample whose logits are all equal finite (std 0)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where training stands for a step: ``epoch`` (1-based) of ``epochs``, with ``fraction`` of that
+    epoch's steps done before this one."""
+
+    epoch: int
+    epochs: int
+    fraction: float = 0.0
+
+    @property
+    def epochs_done(self) -> float:
+        return self.epoch - 1 + self.fraction
 
 
 @dataclass(frozen=True)
 class Link:
-    """One term of peer ``target``'s objective, from peer ``source`` (itself: the labels)."""
+    """One term of peer ``target``'s objective, from peer ``source`` (itself: the labels; ``"ensemble"``:
+    the trainable peers' mean logits). ``ramp_epochs`` is the length of a ramp gate (None: the whole
+    run); ``standardize`` z-scores both logits of a link from another source."""
 
-    source: int
+    source: int | str
     target: int
     temperature: float = 1.0
     weight: float = 1.0
     gate: str = "through"
+    ramp_epochs: float | None = None
+    standardize: bool = False
 
     def __post_init__(self):
         if self.gate not in GATES:
             raise ValueError(f"gate {self.gate!r} is not one of: {', '.join(GATES)}")
+        if isinstance(self.source, str) and self.source != ENSEMBLE:
+            raise ValueError(f"a link's source is a peer's index or {ENSEMBLE!r}, not {self.source!r}")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ValueError(f"a link's temperature must be a positive finite number, got {self.temperature!r}")
         if not (self.weight >= 0 and math.isfinite(self.weight)):
             raise ValueError(f"a link's weight must be a non-negative finite number, got {self.weight!r}")
+        if self.ramp_epochs is not None:
+            if self.gate not in RAMPS:
+                raise ValueError(f"ramp_epochs is the length of a ramp gate ({', '.join(RAMPS)}), not of gate "
+                                 f"{self.gate!r}")
+            if not (self.ramp_epochs > 0 and math.isfinite(self.ramp_epochs)):
+                raise ValueError(f"ramp_epochs must be a positive number of epochs, got {self.ramp_epochs!r}")
+        if self.standardize and self.is_self:
+            raise ValueError("standardize applies to a link between two sets of logits, not to the self link "
+                             "(cross-entropy with the labels)")
 
     @property
     def is_self(self) -> bool:
         return self.source == self.target
 
+    def to_dict(self) -> dict:
+        """The link as config.json stores it; settings at their defaults that older runs did not
+        have are left out, so those runs' stored links stay equal to what they describe."""
+        entry = asdict(self)
+        if self.ramp_epochs is None:
+            del entry["ramp_epochs"]
+        if not self.standardize:
+            del entry["standardize"]
+        return entry
+
 
 def linear_ramp(epoch: int, epochs: int) -> float:
     """The ``linear`` gate's factor in ``epoch`` (1-based) of ``epochs``: 0 at the first, 1 at the last."""
     return 1.0 if epochs <= 1 else (epoch - 1) / (epochs - 1)
+
+
+def ramp_factor(gate: str, progress: Progress, ramp_epochs: float | None) -> float:
+    """A ramp gate's factor at ``progress``: t = min(1, epochs done / ramp length)."""
+    t = min(1.0, progress.epochs_done / (ramp_epochs or progress.epochs))
+    return t if gate == "linear_ramp" else math.exp(-5.0 * (1.0 - t) ** 2)
 
 
 class Links:
@@ -82,10 +140,14 @@ class Links:
         self.num_peers = num_peers
         self.combine = combine
         self.frozen = frozenset(frozen)
+        self.trainable = [i for i in range(num_peers) if i not in self.frozen]
         links = list(links)
+        self.uses_ensemble = any(link.source == ENSEMBLE for link in links)
+        if self.uses_ensemble and not self.trainable:
+            raise ValueError("a link from the ensemble needs at least one trainable peer: the ensemble is their mean")
         for link in links:
             for end in (link.source, link.target):
-                if not 0 <= end < num_peers:
+                if end != ENSEMBLE and not 0 <= end < num_peers:
                     raise ValueError(f"link {link.source} -> {link.target}: no peer {end} in a cohort of {num_peers}")
             if link.target in self.frozen:
                 raise ValueError(f"link {link.source} -> {link.target}: peer {link.target} is frozen and learns nothing")
@@ -93,71 +155,106 @@ class Links:
         for pair in set(pairs):
             if pairs.count(pair) > 1:
                 raise ValueError(f"link {pair[0]} -> {pair[1]} is given twice")
-        selfless = [i for i in range(num_peers) if i not in self.frozen and (i, i) not in pairs]
-        self.links = sorted(links + [Link(i, i) for i in selfless], key=lambda link: (link.target, link.source))
-        # decided once, not at every step: each target's self link and its links from other peers
+        selfless = [i for i in self.trainable if (i, i) not in pairs]
+        self.links = sorted(links + [Link(i, i) for i in selfless], key=_order)
+        # decided once, not at every step: each target's self link and its links from other sources
         self._self = {link.target: link for link in self.links if link.is_self}
-        self._from_peers = {i: [link for link in self.links if link.target == i and not link.is_self]
-                            for i in range(num_peers)}
-        self.needs_progress = any(link.gate == "linear" for link in self.links)
+        self._from_others = {i: [link for link in self.links if link.target == i and not link.is_self]
+                             for i in range(num_peers)}
+        self.needs_progress = any(link.gate == "linear" or link.gate in RAMPS for link in self.links)
+        self.needs_steps = any(link.gate in RAMPS for link in self.links)
 
     @classmethod
     def mutual(cls, num_peers: int, temperature: float = 1.0, weight: float = 1.0, frozen: Sequence[int] = (),
-               gate: str = "through") -> Links:
+               gate: str = "through", ramp_epochs: float | None = None) -> Links:
         """DML: every trainable peer learns from every other peer (frozen ones included)."""
-        links = [Link(j, i, temperature, weight, gate) for i in range(num_peers) if i not in frozen
+        links = [Link(j, i, temperature, weight, gate, ramp_epochs) for i in range(num_peers) if i not in frozen
                  for j in range(num_peers) if j != i]
         return cls(links, num_peers, frozen=frozen)
 
     def to_dict(self) -> dict:
         """What config.json stores (the frozen peers are the graph spec's checkpoint peers)."""
-        return {"links": [asdict(link) for link in self.links], "combine": self.combine}
+        return {"links": [link.to_dict() for link in self.links], "combine": self.combine}
 
-    def objective(self, target: int, logits: torch.Tensor, all_logits: Sequence[torch.Tensor],
-                  labels: torch.Tensor, progress: float | None = None) -> torch.Tensor:
-        """L_target of a trainable ``target`` from its own ``logits`` (with their graph), every peer's
-        detached logits in cohort order and the labels; ``progress`` is the ``linear`` gates' factor
-        (``linear_ramp``)."""
+    def sources(self, all_logits: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """What links read: every peer's detached logits in cohort order and, where a link needs it,
+        the ensemble's after them (the mean of the trainable peers' logits, in fp32)."""
+        if not self.uses_ensemble:
+            return list(all_logits)
+        ensemble = torch.stack([all_logits[i].float() for i in self.trainable]).mean(0)
+        return [*all_logits, ensemble]
+
+    def objective(self, target: int, logits: torch.Tensor, sources: Sequence[torch.Tensor],
+                  labels: torch.Tensor, progress: Progress | None = None) -> torch.Tensor:
+        """L_target = CE + KD (see ``terms``)."""
+        ce, kd = self.terms(target, logits, sources, labels, progress)
+        return ce if kd is None else ce + kd
+
+    def terms(self, target: int, logits: torch.Tensor, sources: Sequence[torch.Tensor], labels: torch.Tensor,
+              progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The two parts of a trainable ``target``'s objective, each as it enters the sum: its weighted,
+        gated cross-entropy and the combined distillation term of its links from other sources (None
+        where none is live). ``logits`` carry their graph; ``sources`` come from ``sources()``;
+        ``progress`` is where training stands (needed by linear and ramp gates)."""
         if self.needs_progress and progress is None:
-            raise ValueError("linear gates need the training progress: call cohort.set_epoch(epoch, epochs)")
+            raise ValueError("linear and ramp gates need the training progress: call cohort.set_epoch(epoch, epochs"
+                             + (", steps_per_epoch)" if self.needs_steps else ")"))
         own = self._self[target]
-        loss = own.weight * _gated_cross_entropy(own, logits, all_logits, labels, progress)
-        incoming = self._from_peers[target]
-        if not incoming:
-            return loss
-        scales = [link.weight * link.temperature**2 * _gate_factor(link.gate, progress) for link in incoming]
-        live = [(scale, _gated_kl(link, logits, all_logits, labels)) for link, scale in zip(incoming, scales) if scale]
+        ce = own.weight * _gated_cross_entropy(own, logits, sources, labels, progress)
+        incoming = self._from_others[target]
+        scales = [link.weight * link.temperature**2 * _gate_factor(link, progress) for link in incoming]
+        live = [(scale, _gated_kl(link, logits, sources, labels)) for link, scale in zip(incoming, scales) if scale]
         if not live:
-            return loss
+            return ce, None
         # Where every link has the same scale the sum is taken first and scaled once, the way
         # ``mutual_loss`` computes it, so plain DML built from links is bit-identical to it.
         if len(set(scales)) == 1:
             total = scales[0] * sum(term for _, term in live)
         else:
             total = sum(scale * term for scale, term in live)
-        return loss + (total / len(incoming) if self.combine == "mean" else total)
+        return ce, (total / len(incoming) if self.combine == "mean" else total)
 
 
-def _gate_factor(gate: str, progress: float | None) -> float:
-    return {"cutoff": 0.0, "linear": progress}.get(gate, 1.0)
+def _order(link: Link) -> tuple[int, int, int]:
+    """Links by target, then source, the ensemble after the peers."""
+    return (link.target, 1, 0) if link.source == ENSEMBLE else (link.target, 0, link.source)
+
+
+def _gate_factor(link: Link, progress: Progress | None) -> float:
+    if link.gate in RAMPS:
+        return ramp_factor(link.gate, progress, link.ramp_epochs)
+    if link.gate == "linear":
+        return linear_ramp(progress.epoch, progress.epochs)
+    return 0.0 if link.gate == "cutoff" else 1.0
 
 
 def _correct_mask(source_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (source_logits.argmax(1) == labels).float()
 
 
-def _gated_cross_entropy(link: Link, logits, all_logits, labels, progress) -> torch.Tensor:
+def _source(link: Link, sources: Sequence[torch.Tensor]) -> torch.Tensor:
+    return sources[len(sources) - 1 if link.source == ENSEMBLE else link.source]
+
+
+def _gated_cross_entropy(link: Link, logits, sources, labels, progress) -> torch.Tensor:
     if link.gate == "correct":
         per_sample = F.cross_entropy(logits.float(), labels, reduction="none")
-        return (per_sample * _correct_mask(all_logits[link.source], labels)).mean()
+        return (per_sample * _correct_mask(_source(link, sources), labels)).mean()
     ce = F.cross_entropy(logits.float(), labels)
-    factor = _gate_factor(link.gate, progress)
+    factor = _gate_factor(link, progress)
     return ce if factor == 1.0 else ce * factor
 
 
-def _gated_kl(link: Link, logits, all_logits, labels) -> torch.Tensor:
-    source = all_logits[link.source]
+def standardized(logits: torch.Tensor) -> torch.Tensor:
+    """Logits z-scored per sample over the classes (fp32): mean 0, standard deviation 1."""
+    z = logits.float()
+    return (z - z.mean(1, keepdim=True)) / (z.std(1, keepdim=True) + STANDARDIZE_EPS)
+
+
+def _gated_kl(link: Link, logits, sources, labels) -> torch.Tensor:
+    source = _source(link, sources)
+    teacher, student = (standardized(source), standardized(logits)) if link.standardize else (source, logits)
     if link.gate != "correct":
-        return kl_from_peer(source, logits, link.temperature)
-    per_sample = kl_from_peer(source, logits, link.temperature, per_sample=True)
+        return kl_from_peer(teacher, student, link.temperature)
+    per_sample = kl_from_peer(teacher, student, link.temperature, per_sample=True)
     return (per_sample * _correct_mask(source, labels)).mean()

@@ -1,12 +1,14 @@
 """A peer: a model with its optimizer and (optional) schedule, and the state that resumes it.
 
 A peer without an optimizer is frozen (a teacher): it stays in evaluation mode, computes its logits
-without a graph and is never saved again.
+without a graph and is never saved again. A peer whose "optimizer" is ``MeanOf(i)`` is a temporal
+mean of peer i: never trained by gradients, it follows its source's weights after every step.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +28,23 @@ def derive_seed(seed: int, *purpose: object) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
+@dataclass(frozen=True)
+class MeanOf:
+    """In place of a peer's optimizer: the peer is the exponential moving average of peer ``source``
+    (the temporal mean, or "mean teacher", of PCL and Mean Teacher). After every optimizer step of its
+    source, each parameter w <- decay * w + (1 - decay) * w_source; buffers (BatchNorm's running
+    statistics) are copied. It starts as a copy of its source and computes in evaluation mode."""
+
+    source: int
+    decay: float = 0.999
+
+    def __post_init__(self):
+        if isinstance(self.source, bool) or not isinstance(self.source, int) or self.source < 0:
+            raise ValueError(f"a mean's source is a peer's index, not {self.source!r}")
+        if not (isinstance(self.decay, (int, float)) and math.isfinite(self.decay) and 0 < self.decay < 1):
+            raise ValueError(f"decay must be a number between 0 and 1 (exclusive), got {self.decay!r}")
+
+
 @dataclass
 class Peer:
     index: int  # position in the cohort, 0..K-1
@@ -35,6 +54,7 @@ class Peer:
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     best_acc: float = float("-inf")
     best_epoch: int = 0
+    mean_of: MeanOf | None = None  # a temporal mean: of which peer, with which decay
 
     @property
     def label(self) -> str:
@@ -42,14 +62,32 @@ class Peer:
         return f"{self.index}_{folder_name(self.model_name)}"
 
     @property
+    def trains(self) -> bool:
+        """Learns from its gradients (has an optimizer)."""
+        return self.optimizer is not None
+
+    @property
     def frozen(self) -> bool:
-        return self.optimizer is None
+        """A teacher: never changes and is never saved."""
+        return self.optimizer is None and self.mean_of is None
 
     @property
     def lr(self) -> float:
-        return 0.0 if self.frozen else self.optimizer.param_groups[0]["lr"]
+        return self.optimizer.param_groups[0]["lr"] if self.trains else 0.0
+
+    @torch.no_grad()
+    def follow(self, source: Peer) -> None:
+        """A temporal mean's update after a step of its ``source`` (see ``MeanOf``)."""
+        mine, theirs = list(self.model.parameters()), list(source.model.parameters())
+        torch._foreach_lerp_(mine, theirs, 1.0 - self.mean_of.decay)  # one multi-tensor kernel per step
+        for buffer, source_buffer in zip(self.model.buffers(), source.model.buffers()):
+            buffer.copy_(source_buffer)
 
     def state_dict(self) -> dict:
+        if self.mean_of is not None:
+            return {"index": self.index, "model_name": self.model_name, "model": self.model.state_dict(),
+                    "mean_of": self.mean_of.source, "decay": self.mean_of.decay,
+                    "best_acc": self.best_acc, "best_epoch": self.best_epoch}
         return {
             "index": self.index,
             "model_name": self.model_name,
@@ -63,6 +101,8 @@ class Peer:
     def _expected_state(self) -> dict:
         """This peer's state without the model, plus the momentum buffers SGD creates at its first step."""
         fresh = self.state_dict()
+        if not self.trains:
+            return {k: v for k, v in fresh.items() if k != "model"}
         params = [q for group in self.optimizer.param_groups for q in group["params"]]
         fresh["optimizer"]["state"] = {i: {"momentum_buffer": q.detach()} for i, q in enumerate(params)}
         return {k: v for k, v in fresh.items() if k != "model"}
@@ -73,8 +113,13 @@ class Peer:
         The model's own load checks names and shapes; everything else is checked here first.
         """
         _check_like(self._expected_state(), {k: v for k, v in state.items() if k != "model"}, "checkpoint")
+        if self.mean_of is not None and (state.get("mean_of"), state.get("decay")) != (self.mean_of.source,
+                                                                                      self.mean_of.decay):
+            raise ValueError(f"the state is not that of a mean of peer {self.mean_of.source} with decay "
+                             f"{self.mean_of.decay}")
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.trains:
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.best_acc = state["best_acc"]

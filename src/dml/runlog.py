@@ -113,8 +113,9 @@ def _events_without_epochs(path: Path) -> bool:
     return records <= 1
 
 
-def trained_peers(cfg: TrainConfig) -> dict[int, str]:
-    """Index -> model name of the peers that learn (teachers apart): the peers with a folder and checkpoints."""
+def saved_peers(cfg: TrainConfig) -> dict[int, str]:
+    """Index -> model name of the peers with a folder and checkpoints: all but the teachers (the
+    peers that learn and their temporal means)."""
     return {i: m for i, m in enumerate(cfg.models) if i not in cfg.frozen}
 
 
@@ -147,19 +148,19 @@ class RunDir:
 
     def __init__(self, path: Path, peer_names: dict[int, str], writer: bool = True):
         self.path = Path(path)
-        self.peer_names = peer_names  # index -> model name, for every peer of the cohort that trains
+        self.peer_names = peer_names  # index -> model name, for every peer with checkpoints (see saved_peers)
         self.writer = writer
         self._tensorboard: dict[str, object] = {}
 
     @classmethod
     def of(cls, cfg: TrainConfig, writer: bool = True) -> RunDir:
         """The run directory of ``cfg`` (``<out_dir>/<name>``), with its trained peers."""
-        return cls(Path(cfg.out_dir) / cfg.name, trained_peers(cfg), writer)
+        return cls(Path(cfg.out_dir) / cfg.name, saved_peers(cfg), writer)
 
     @classmethod
     def open(cls, path: Path) -> RunDir:
         """A run directory as its config.json describes it, for reading (a UserError where that is unreadable)."""
-        return cls(path, trained_peers(cls(path, {}).read_config()), writer=False)
+        return cls(path, saved_peers(cls(path, {}).read_config()), writer=False)
 
     def peer_path(self, index: int) -> Path:
         return self.path / peer_dir_name(index, self.peer_names[index])
@@ -306,7 +307,8 @@ class RunDir:
         for record in records:
             ensemble = record["node"] == ENSEMBLE
             folder = ENSEMBLE if ensemble else peer_dir_name(record["node"], record["model"])
-            keys = ("val_acc", "test_acc") if ensemble else ("lr", "train_loss", "train_acc", "val_acc", "test_acc")
+            keys = ("val_acc", "test_acc") if ensemble else \
+                ("lr", "train_loss", "train_ce", "train_kd", "train_acc", "val_acc", "test_acc")
             for key in keys:
                 if key in record:
                     self._scalar(folder, key, record[key], record["epoch"])

@@ -7,9 +7,10 @@ Two update modes:
   peers before it as they are after their update (recomputed on the same batch).
 
 ``cohort`` is a ``dml.Cohort``: its ``peers``, ``links`` (each peer's objective, see links.py),
-``progress`` (for linear gates), ``exchange`` and ``runtime`` (precision and the runner that runs
-peers in turn or side by side; the result is the same). Frozen peers (teachers) forward without a
-graph and never step; their loss is their cross-entropy, for the record.
+``progress`` (for linear and ramp gates), ``exchange`` and ``runtime`` (precision and the runner that runs
+peers in turn or side by side; the result is the same). Frozen peers (teachers) and temporal means
+forward without a graph and never step; their loss is their cross-entropy, for the record. A mean
+follows its source at the end of the step, so within a step it teaches as it was before it.
 """
 
 from __future__ import annotations
@@ -23,14 +24,17 @@ import torch.nn.functional as F
 
 def _forward(peer, x: torch.Tensor, precision) -> torch.Tensor:
     # autocast and grad mode are per thread: entered where the peer runs
-    with precision.autocast(), torch.set_grad_enabled(not peer.frozen):
+    with precision.autocast(), torch.set_grad_enabled(peer.trains):
         return peer.model(x)
 
 
-def _objective(cohort, peer, logits: torch.Tensor, all_logits: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
-    if peer.frozen:
-        return F.cross_entropy(logits.float(), y)
-    return cohort.links.objective(peer.index, logits, all_logits, y, cohort.progress)
+def _terms(cohort, peer, logits: torch.Tensor, sources: list[torch.Tensor], y: torch.Tensor, progress):
+    """``peer``'s objective and its parts: (objective, cross-entropy term, distillation term or None)."""
+    if not peer.trains:  # a teacher or a temporal mean: its cross-entropy, for the record
+        ce = F.cross_entropy(logits.float(), y)
+        return ce, ce, None
+    ce, kd = cohort.links.terms(peer.index, logits, sources, y, progress)
+    return (ce if kd is None else ce + kd), ce, kd
 
 
 def _descend(peer, loss: torch.Tensor, scaler) -> None:
@@ -39,47 +43,57 @@ def _descend(peer, loss: torch.Tensor, scaler) -> None:
     scaler.step(peer.optimizer)
 
 
-def simultaneous_step(cohort, x: torch.Tensor, y: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """One batch, all peers updated against the same predictions; returns (losses, logits) of the local peers."""
-    precision, runner = cohort.runtime.precision, cohort.runtime.runner
+def simultaneous_step(cohort, x: torch.Tensor, y: torch.Tensor) -> tuple[list, list[torch.Tensor]]:
+    """One batch, all peers updated against the same predictions; returns the (objective, ce, kd) terms and the
+    logits of the local peers."""
+    precision, runner, progress = cohort.runtime.precision, cohort.runtime.runner, cohort.progress
     logits = runner.map(functools.partial(_forward, x=x, precision=precision), cohort.peers)
-    all_logits = cohort.exchange.gather_logits(logits)
+    sources = cohort.links.sources(cohort.exchange.gather_logits(logits))
 
-    def update(k: int) -> torch.Tensor:
+    def update(k: int):
         peer = cohort.peers[k]
-        loss = _objective(cohort, peer, logits[k], all_logits, y)
-        if not peer.frozen:
-            _descend(peer, loss, precision.scaler)
-        return loss
+        terms = _terms(cohort, peer, logits[k], sources, y, progress)
+        if peer.trains:
+            _descend(peer, terms[0], precision.scaler)
+        return terms
 
-    losses = runner.map(update, range(len(cohort.peers)))
+    terms = runner.map(update, range(len(cohort.peers)))
     precision.scaler.update()
-    return losses, logits
+    _follow(cohort)
+    return terms, logits
 
 
-def sequential_step(cohort, x: torch.Tensor, y: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """One batch, peers updated in cohort order; returns (losses, logits) of the local peers."""
-    precision, exchange = cohort.runtime.precision, cohort.exchange
+def sequential_step(cohort, x: torch.Tensor, y: torch.Tensor) -> tuple[list, list[torch.Tensor]]:
+    """One batch, peers updated in cohort order (the ensemble follows their updates); returns the
+    (objective, ce, kd) terms and the logits of the local peers."""
+    precision, exchange, progress = cohort.runtime.precision, cohort.exchange, cohort.progress
     logits = cohort.runtime.runner.map(functools.partial(_forward, x=x, precision=precision), cohort.peers)
     current = exchange.gather_logits(logits)
     local = {p.index: (p, z) for p, z in zip(cohort.peers, logits)}
     last = cohort.num_peers - 1
-    losses = []
+    terms = []
     for i in range(cohort.num_peers):
         fresh, moves = None, i < last and i not in cohort.links.frozen  # frozen predictions never change
         if i in local:
             peer, z = local[i]
-            loss = _objective(cohort, peer, z, current, y)
-            losses.append(loss)
-            if not peer.frozen:
-                _descend(peer, loss, precision.scaler)
+            terms.append(_terms(cohort, peer, z, cohort.links.sources(current), y, progress))
+            if peer.trains:
+                _descend(peer, terms[-1][0], precision.scaler)
             if moves:  # later peers learn from this peer's updated predictions
                 with torch.no_grad(), precision.autocast(), _frozen_batchnorm_stats(peer.model):
                     fresh = peer.model(x).detach()
         if moves:
             current[i] = exchange.share_logits(i, fresh, current[i])
     precision.scaler.update()
-    return losses, logits
+    _follow(cohort)
+    return terms, logits
+
+
+def _follow(cohort) -> None:
+    """Every local temporal mean follows its source after the source's step (in the same process)."""
+    for peer in cohort.peers:
+        if peer.mean_of is not None:
+            peer.follow(next(p for p in cohort.peers if p.index == peer.mean_of.source))
 
 
 @contextlib.contextmanager

@@ -94,22 +94,29 @@ def plural(n: int, word: str) -> str:
 
 
 def peers_text(run: Run, long: bool = False) -> str:
-    """The run's peers: ``2`` (``2 nodes`` when ``long``), or with teachers ``1 student + 1 teacher``: a
-    frozen teacher is a node of the graph but learns nothing, so it is not counted as a peer."""
-    peers, students = run.num_peers, len(run.students)
-    if students < peers:
-        return f"{plural(students, 'student')} + {plural(peers - students, 'teacher')}"
+    """The run's peers: ``2`` (``2 nodes`` when ``long``), or with teachers ``1 student + 1 teacher``
+    (a frozen teacher is a node of the graph but learns nothing, so it is not counted as a peer), or
+    with temporal means ``2 + 2 means``."""
+    peers, students, means = run.num_peers, len(run.students), len(run.means)
+    teachers = peers - students - means
+    with_means = f" + {plural(means, 'mean')}" if means else ""
+    if teachers:
+        return f"{plural(students, 'student')} + {plural(teachers, 'teacher')}{with_means}"
+    if means:
+        return f"{students}{with_means}"
     return plural(peers, "node") if long else str(peers)
 
 
 def _title(group: list[Run], is_baseline: bool = False) -> str:
-    peers, students = group[0].num_peers, len(group[0].students)
+    peers, students = group[0].num_peers - len(group[0].means), len(group[0].students)
     if is_baseline:
         kind = "Baseline"
     elif students < peers:
         kind = f"Knowledge distillation into {plural(students, 'peer')} from {plural(peers - students, 'teacher')}"
     elif group[0].config.get("graph_spec"):
-        kind = f"Knowledge-transfer graph of {peers} nodes"
+        means = len(group[0].means)
+        kind = f"Knowledge-transfer graph of {plural(peers, 'node')}" + (
+            f" and {plural(means, 'temporal mean')}" if means else "")
     else:
         kind = "Independent training" if peers == 1 else f"DML with {peers} nodes"
     seeds = f" ({len(group)} seeds)" if len(group) > 1 else ""
@@ -148,6 +155,9 @@ def group_section(group: list[Run], baseline: tuple[str, float] | None, images: 
         note += f" Values are mean ± sample standard deviation over n = {len(group)} seeds."
     if first.num_peers > 1:
         note += " Ensemble: the peers' mean softmax."
+    if first.means:
+        note += (" A row marked (mean of i) is the temporal mean (moving average of the weights) of peer i, not "
+                 "part of the Average or the Ensemble; the model to deploy is often this one: its folder's best.pt.")
     if baseline:
         note += (f" Improvement: final test accuracy minus the baseline's ({escape(baseline[0])}: "
                  f"{baseline[1]:.2f}% at its last epoch), in percentage points")

@@ -27,12 +27,18 @@ def plot_run(run: Run, path: Path, baseline: list[Run] | None = None) -> Path:
 
 
 def run_figure(run: Run, baseline: list[Run] | None = None):
-    """The figure of :func:`plot_run`."""
-    fig, (acc_ax, loss_ax) = _figure(12, 4.5, 2)
+    """The figure of :func:`plot_run`; a third panel with the objective's two terms (cross-entropy
+    solid, distillation dashed, in each peer's colour) where the run recorded them."""
+    with_terms = [peer for peer in run.peers if len(peer.train_ce) == len(peer.epochs) > 0]
+    fig, axes = _figure(18 if with_terms else 12, 4.5, 3 if with_terms else 2)
+    acc_ax, loss_ax = axes[:2]
     style = _line_style(run.epochs_done)
     for peer in run.peers:
         acc_ax.plot(peer.epochs, peer.test_acc, label=peer.label, **style)
-        loss_ax.plot(peer.epochs, peer.train_loss, label=peer.label, **style)
+        (line,) = loss_ax.plot(peer.epochs, peer.train_loss, label=peer.label, **style)
+        if peer in with_terms:
+            axes[2].plot(peer.epochs, peer.train_ce, color=line.get_color(), label=f"{peer.label} CE", **style)
+            axes[2].plot(peer.epochs, peer.train_kd, "--", color=line.get_color(), label=f"{peer.label} KD", **style)
     if len(run.students) > 1 and run.ensemble:
         epochs = sorted(run.ensemble)
         acc_ax.plot(epochs, [run.ensemble[e] for e in epochs], ":", color="black", label="ensemble", **style)
@@ -42,6 +48,8 @@ def run_figure(run: Run, baseline: list[Run] | None = None):
             _plot_baseline(ax, group_curve(baseline, key), label)
     _decorate(acc_ax, "Test accuracy", "test accuracy (%)")
     _decorate(loss_ax, "Train loss", "train loss")
+    if with_terms:
+        _decorate(axes[2], "Train loss terms: cross-entropy (solid) and distillation (dashed)", "term of the loss")
     fig.suptitle(f"{run.name}: {models_text(run.config['models'])} on {run.config.get('dataset', 'cifar100')}, "
                  f"epochs {epochs_text(run)}")
     return fig

@@ -18,15 +18,20 @@ class PeerHistory:
     index: int
     model: str
     teacher: bool = False  # frozen: shown, but not averaged with the peers that train
+    mean_of: int | None = None  # a temporal mean of that peer: shown (a model to deploy), not averaged either
     epochs: list[int] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
     train_acc: list[float] = field(default_factory=list)
     test_acc: list[float] = field(default_factory=list)
     val_acc: list[float] = field(default_factory=list)  # empty without a validation split
+    # the objective's two terms: empty for teachers and for runs written before they were recorded
+    train_ce: list[float] = field(default_factory=list)
+    train_kd: list[float] = field(default_factory=list)
 
     @property
     def label(self) -> str:
-        return peer_dir_name(self.index, self.model) + (" (teacher)" if self.teacher else "")
+        role = " (teacher)" if self.teacher else f" (mean of {self.mean_of})" if self.mean_of is not None else ""
+        return peer_dir_name(self.index, self.model) + role
 
     def best(self) -> tuple[float, int]:
         """Highest test accuracy and the first epoch that reached it."""
@@ -59,8 +64,12 @@ class Run:
 
     @property
     def students(self) -> list[PeerHistory]:
-        """The peers that train (all but the teachers)."""
-        return [p for p in self.peers if not p.teacher]
+        """The peers that train (all but the teachers and the temporal means)."""
+        return [p for p in self.peers if not p.teacher and p.mean_of is None]
+
+    @property
+    def means(self) -> list[PeerHistory]:
+        return [p for p in self.peers if p.mean_of is not None]
 
     @property
     def seed(self):
@@ -114,9 +123,10 @@ def read_run(path: Path) -> Run:
     path = Path(path)
     config = _read_config(path / CONFIG_FILE)
     models = config["models"]
-    teachers = {k for k, peer in enumerate((config.get("graph_spec") or {}).get("peers", []))
-                if isinstance(peer, dict) and peer.get("checkpoint")}
-    peers = [PeerHistory(i, name, i in teachers) for i, name in enumerate(models)]
+    spec_peers = [peer if isinstance(peer, dict) else {} for peer in (config.get("graph_spec") or {}).get("peers", [])]
+    spec_peers += [{}] * (len(models) - len(spec_peers))
+    peers = [PeerHistory(i, name, bool(spec.get("checkpoint")), spec.get("ema_of"))
+             for i, (name, spec) in enumerate(zip(models, spec_peers))]
     run_dir = RunDir(path, {p.index: p.model for p in peers if not p.teacher}, writer=False)
     records = run_dir.records()
     for record in records:
@@ -128,8 +138,9 @@ def read_run(path: Path) -> Run:
                     float(record.data[key])
             else:
                 raise ValueError(f"node {record.node!r} is not one of the {len(models)} peers in {CONFIG_FILE}")
-            if "val_acc" in record.data:
-                float(record.data["val_acc"])
+            for key in ("val_acc", "train_ce", "train_kd"):
+                if key in record.data:
+                    float(record.data[key])
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"{path / METRICS_FILE} line {record.line} is not a dml metrics record ({exc})") from None
     ensemble, ensemble_val = {}, {}
@@ -146,6 +157,9 @@ def read_run(path: Path) -> Run:
             peer.test_acc.append(float(record["test_acc"]))
             if "val_acc" in record:
                 peer.val_acc.append(float(record["val_acc"]))
+            if "train_ce" in record and "train_kd" in record:
+                peer.train_ce.append(float(record["train_ce"]))
+                peer.train_kd.append(float(record["train_kd"]))
         record = entry[ENSEMBLE].data
         ensemble[epoch] = float(record["test_acc"])
         if "val_acc" in record:
