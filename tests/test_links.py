@@ -144,6 +144,7 @@ def test_gradients_flow_into_the_target_only():
     (lambda: Link(0, 1, ramp_epochs=5.0), "length of a ramp gate"),
     (lambda: Link(0, 0, standardize=True), "not to the self link"),
     (lambda: Link("mean", 0), "not 'mean'"),
+    (lambda: Link(0, ENSEMBLE), "a link's target is a peer's index"),
     (lambda: Links([Link(ENSEMBLE, 0)], 1, frozen=[0]), "at least one trainable peer"),
 ])
 def test_bad_links_are_refused(links, message):
@@ -271,6 +272,9 @@ def test_the_ensemble_is_the_mean_of_the_trainable_peers_logits():
     for i in (0, 1):
         expected = _ce(logits[i], y).mean() + 9.0 * _kl(mean, logits[i], 3.0).mean()
         close(links.objective(i, logits[i], sources, y), expected)
+        close(links.objective(i, logits[i], logits, y), expected)  # the peers' logits alone: it makes the mean
+    with pytest.raises(ValueError, match="2 sets of logits for a cohort of 3"):
+        links.objective(0, logits[0], logits[:2], y)
     # what other readings of "the ensemble" would give differs from it by far more than the tolerance
     of_probabilities = torch.log((_p(logits[0], 3.0) + _p(logits[1], 3.0)) / 2) * 3.0
     with_the_teacher = (logits[0] + logits[1] + logits[2]) / 3
@@ -379,3 +383,14 @@ def test_a_temporal_mean_follows_a_peer_that_trains(make, message):
     opts = [torch.optim.SGD(n.parameters(), lr=0.1) for n in nets[:2]]
     with pytest.raises(ValueError, match=message):
         dml.Cohort(nets, make(opts), device="cpu")
+
+
+def test_a_temporal_mean_given_its_own_network_starts_from_its_sources_weights():
+    nets = [_net(1), _net(2), _net(3)]
+    opt = torch.optim.SGD(nets[0].parameters(), lr=0.1)
+    with dml.Cohort(nets[:2], [opt, dml.MeanOf(0)], loss=Links([], 2, frozen=[1]), device="cpu") as cohort:
+        for name, value in cohort.peers[1].model.state_dict().items():
+            assert torch.equal(value, nets[0].state_dict()[name]), name
+    other = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, C))
+    with pytest.raises(ValueError, match="not built like peer 0"):
+        dml.Cohort([nets[0], other], [opt, dml.MeanOf(0)], loss=Links([], 2, frozen=[1]), device="cpu")

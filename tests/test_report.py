@@ -301,3 +301,19 @@ def test_the_learning_curves_draw_the_loss_terms_where_the_run_recorded_them(tmp
                      "1_resnet32 CE": [2.6, 1.6, 0.75], "1_resnet32 KD": [0.5] * 3}
     without = read_run(write_run(tmp_path, "dml_n2_resnet32_s2", [PEER0, PEER1], seed=2))
     assert len(run_figure(without).axes) == 2  # written before the terms were recorded
+
+
+def test_runs_written_before_a_setting_existed_group_with_runs_at_its_default(tmp_path):
+    from dml.report import seed_groups
+
+    old = write_run(tmp_path, "dml_n2_resnet32_s1", [PEER0, PEER1], seed=1)
+    new = write_run(tmp_path, "dml_n2_resnet32_s2", [PEER0, PEER1], seed=2)
+    document = json.loads((new / "config.json").read_text())
+    document["config"].update(kd_ramp=None, kd_ramp_epochs=None)  # settings the older run did not have
+    (new / "config.json").write_text(json.dumps(document))
+    ramped = write_run(tmp_path, "dml_n2_resnet32_s3", [PEER0, PEER1], seed=3)
+    document = json.loads((ramped / "config.json").read_text())
+    document["config"].update(kd_ramp="sigmoid", kd_ramp_epochs=None)
+    (ramped / "config.json").write_text(json.dumps(document))
+    groups = seed_groups([read_run(old), read_run(new), read_run(ramped)])
+    assert [[run.seed for run in group] for group in groups] == [[1, 2], [3]]

@@ -84,3 +84,17 @@ def test_truncate_keeps_the_checkpointed_epochs_and_drops_a_torn_line(tmp_path):
     run = write(tmp_path, epochs(1, 2), json.dumps(peer(3, 0))[:30])
     run.truncate_metrics(1)
     assert (tmp_path / METRICS_FILE).read_text() == "".join(json.dumps(r) + "\n" for r in epochs(1))
+
+
+def test_the_trained_peers_are_neither_teachers_nor_temporal_means():
+    from dml.config import TrainConfig
+    from dml.runlog import saved_peers, trained_peers
+
+    spec = {"peers": [{"name": "a", "model": "resnet20", "checkpoint": None, "sha256": None},
+                      {"name": "t", "model": "resnet20", "checkpoint": "/t/best.pt", "sha256": "0" * 64},
+                      {"name": "m", "model": "resnet20", "checkpoint": None, "sha256": None, "ema_of": 0, "decay": 0.9},
+                      {"name": "b", "model": "resnet20", "checkpoint": None, "sha256": None}],
+            "links": [], "combine": "mean"}
+    cfg = TrainConfig(graph="g.toml", graph_spec=spec, name="g")
+    assert trained_peers(cfg) == [0, 3]  # what dml tune averages
+    assert sorted(saved_peers(cfg)) == [0, 2, 3]  # what has checkpoints: the mean too

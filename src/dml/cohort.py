@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -49,8 +49,8 @@ class StepOutput:
 
     losses: list[torch.Tensor]
     logits: list[torch.Tensor]
-    ce: list[torch.Tensor]
-    kd: list[torch.Tensor]
+    ce: list[torch.Tensor] = field(default_factory=list)
+    kd: list[torch.Tensor] = field(default_factory=list)
 
 
 class Cohort:
@@ -137,7 +137,16 @@ class Cohort:
         """Peer ``index``, the temporal mean of a peer of this process: a copy of it unless ``model`` is given."""
         if index not in self.links.frozen:
             raise ValueError(f"peer {index} is a mean: the links must list it as frozen (no link may lead into it)")
-        model = self.runtime.prepare(model) if model is not None else copy.deepcopy(built[mean_of.source].model)
+        source = built[mean_of.source].model
+        if model is None:
+            model = copy.deepcopy(source)
+        else:  # the user's own copy of the network: it starts from the source's weights too
+            model = self.runtime.prepare(model)
+            try:
+                model.load_state_dict(source.state_dict())
+            except RuntimeError:
+                raise ValueError(f"peer {index}'s model is not built like peer {mean_of.source}, whose mean it is; "
+                                 "pass None for a copy") from None
         model.requires_grad_(False).eval()
         return Peer(index, name, model, None, mean_of=mean_of)
 

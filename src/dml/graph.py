@@ -180,7 +180,7 @@ def _peer(entry: dict, k: int, where: str, base: Path, open_checkpoint: bool) ->
 def _resolve_mean(peer: dict, peers: list[dict], index: dict[str, int], where: str) -> None:
     """A temporal mean's source by index, its model the source's; one UserError line per mistake."""
     name, of = peer["name"], peer["ema_of"]
-    if of not in index:
+    if not isinstance(of, str) or of not in index:
         raise UserError(f"{where}: peer {name!r}: ema_of {of!r} is not a peer; the peers are {', '.join(index)}")
     source = peers[index[of]]
     if of == name or source["checkpoint"] is not None or "ema_of" in source:
@@ -203,7 +203,7 @@ def _link(entry: dict, index: dict[str, int], frozen: list[int], where: str) -> 
     ends = {}
     for end in ("source", "target"):
         name = entry.get(end)
-        if name not in index and not (end == "source" and name in RESERVED):
+        if not isinstance(name, str) or (name not in index and not (end == "source" and name in RESERVED)):
             raise UserError(f"{where}: link {entry.get('source')!r} -> {entry.get('target')!r}: unknown {end} "
                             f"{name!r}; the peers are {', '.join(index)} (and {LABELS!r} or {ENSEMBLE!r} as a source)")
         ends[end] = ENSEMBLE if name == ENSEMBLE else index.get(name)
@@ -216,6 +216,8 @@ def _link(entry: dict, index: dict[str, int], frozen: list[int], where: str) -> 
     ramp_epochs, standardize = entry.get("ramp_epochs"), entry.get("standardize", False)
     if not isinstance(standardize, bool):
         raise UserError(f"{where}: {label}: standardize must be true or false, not {standardize!r}")
+    if isinstance(ramp_epochs, bool):
+        raise UserError(f"{where}: {label}: ramp_epochs is a number of epochs, not {ramp_epochs!r}")
     try:
         return Link(target if source is None else source, target, float(entry.get("temperature", 1.0)),
                     float(entry.get("weight", 1.0)), entry.get("gate", "through"),

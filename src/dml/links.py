@@ -86,6 +86,8 @@ class Link:
             raise ValueError(f"gate {self.gate!r} is not one of: {', '.join(GATES)}")
         if isinstance(self.source, str) and self.source != ENSEMBLE:
             raise ValueError(f"a link's source is a peer's index or {ENSEMBLE!r}, not {self.source!r}")
+        if isinstance(self.target, bool) or not isinstance(self.target, int):
+            raise ValueError(f"a link's target is a peer's index, not {self.target!r}")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ValueError(f"a link's temperature must be a positive finite number, got {self.temperature!r}")
         if not (self.weight >= 0 and math.isfinite(self.weight)):
@@ -194,8 +196,15 @@ class Links:
               progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The two parts of a trainable ``target``'s objective, each as it enters the sum: its weighted,
         gated cross-entropy and the combined distillation term of its links from other sources (None
-        where none is live). ``logits`` carry their graph; ``sources`` come from ``sources()``;
-        ``progress`` is where training stands (needed by linear and ramp gates)."""
+        where none is live). ``logits`` carry their graph; ``sources`` are every peer's detached logits
+        in cohort order, or what ``sources()`` makes of them (the ensemble computed once for all
+        targets); ``progress`` is where training stands (needed by linear and ramp gates)."""
+        if len(sources) == self.num_peers:
+            sources = self.sources(sources)
+        elif len(sources) != self.num_peers + self.uses_ensemble:
+            raise ValueError(f"{len(sources)} sets of logits for a cohort of {self.num_peers}; pass every peer's")
+        if progress is not None and not isinstance(progress, Progress):
+            raise TypeError(f"progress is a dml.links.Progress (see Cohort.progress), not {type(progress).__name__}")
         if self.needs_progress and progress is None:
             raise ValueError("linear and ramp gates need the training progress: call cohort.set_epoch(epoch, epochs"
                              + (", steps_per_epoch)" if self.needs_steps else ")"))

@@ -30,8 +30,8 @@ POLL_SECONDS = 0.25  # how often a run's process and files are looked at: cheap 
 
 # --- the state of a run, read from its folder -------------------------------------------------------
 def epochs_saved(path: Path) -> int | None:
-    """The epoch of the oldest published last.pt among the trainable peers of the run in ``path``
-    (0: none yet); None where no run was started there. A run killed between staging and publishing
+    """The epoch of the oldest published last.pt among the saved peers (all but the teachers) of the
+    run in ``path`` (0: none yet); None where no run was started there. A run killed between staging and publishing
     its final epoch counts as unfinished: its --resume completes the commit."""
     if not (path / CONFIG_FILE).exists():
         return None

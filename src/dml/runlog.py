@@ -113,6 +113,12 @@ def _events_without_epochs(path: Path) -> bool:
     return records <= 1
 
 
+def trained_peers(cfg: TrainConfig) -> list[int]:
+    """Indices of the peers that learn from gradients: not the teachers, not the temporal means."""
+    means = cfg.means
+    return [i for i in range(cfg.num_nodes) if i not in cfg.frozen and i not in means]
+
+
 def saved_peers(cfg: TrainConfig) -> dict[int, str]:
     """Index -> model name of the peers with a folder and checkpoints: all but the teachers (the
     peers that learn and their temporal means)."""

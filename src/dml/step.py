@@ -70,10 +70,11 @@ def sequential_step(cohort, x: torch.Tensor, y: torch.Tensor) -> tuple[list, lis
     logits = cohort.runtime.runner.map(functools.partial(_forward, x=x, precision=precision), cohort.peers)
     current = exchange.gather_logits(logits)
     local = {p.index: (p, z) for p, z in zip(cohort.peers, logits)}
-    last = cohort.num_peers - 1
+    last = max(cohort.links.trainable, default=-1)  # no peer after it reads fresh predictions
     terms = []
     for i in range(cohort.num_peers):
-        fresh, moves = None, i < last and i not in cohort.links.frozen  # frozen predictions never change
+        # teachers never change, and a temporal mean follows its source only at the end of the step
+        fresh, moves = None, i < last and i not in cohort.links.frozen
         if i in local:
             peer, z = local[i]
             terms.append(_terms(cohort, peer, z, cohort.links.sources(current), y, progress))

@@ -26,7 +26,7 @@ from .markdown import table
 from .orchestrate import (LOGS, POLL_SECONDS, claim_out_dir, epochs_saved, is_finished, last_line, signals_to,
                           start_run, stopped_by, train_command)
 from .plan import SETTINGS, Plan, PlannedRun, read_plan, setting_kind, setting_value
-from .runlog import RunDir
+from .runlog import RunDir, trained_peers
 
 STUDY = "study.db"
 STUDY_NAME = "dml-tune"
@@ -80,7 +80,8 @@ def validation_curve(run_dir: Path) -> dict[int, float]:
         run = RunDir.open(run_dir)
     except UserError:
         return {}  # not started yet
-    return {epoch: sum(entry[i].data["val_acc"] for i in run.peer_names) / len(run.peer_names)
+    peers = trained_peers(run.read_config())  # not the teachers, not the temporal means
+    return {epoch: sum(entry[i].data["val_acc"] for i in peers) / len(peers)
             for epoch, entry in run.completed_epochs().items()}
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import re
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
+from ..config import TrainConfig, field_default
 from .runs import Run
 
 
@@ -16,6 +17,7 @@ NOT_AN_EXPERIMENTAL_CONDITION = frozenset(
     {"seed", "device", "data_dir", "out_dir", "name", "download", "download_url", "skip_checksum", "progress",
      "check_batches", "graph", "teacher", "teacher_model", "threads"}
 )
+DEFAULTS = {f.name: field_default(f) for f in fields(TrainConfig)}
 
 
 def seed_groups(runs: list[Run]) -> list[list[Run]]:
@@ -26,7 +28,8 @@ def seed_groups(runs: list[Run]) -> list[list[Run]]:
     ignored = NOT_AN_EXPERIMENTAL_CONDITION
     groups: dict[str, list[Run]] = {}
     for run in runs:
-        key = {k: v for k, v in run.config.items() if k not in ignored}
+        # a setting at its default counts as absent: runs written before the setting existed lack it
+        key = {k: v for k, v in run.config.items() if k not in ignored and not (k in DEFAULTS and v == DEFAULTS[k])}
         key["__epochs_done"] = run.epochs_done
         groups.setdefault(json.dumps(key, sort_keys=True), []).append(run)
     return list(groups.values())
