@@ -58,12 +58,13 @@ def _one_error_line(capsys) -> str:
 
 
 def _documented_keys() -> dict[str, set[str]]:
-    """The keys checkpoint.py's docstring lists: under "Both files hold", under best.pt and under last.pt."""
+    """The keys checkpoint.py's docstring lists: under "Both files hold", under best.pt, under last.pt and
+    for a temporal mean ("mean")."""
     doc = dml.checkpoint.__doc__
-    sections = re.split(r"\n(?=Both files hold|``best.pt``|``last.pt``)", doc)
+    sections = re.split(r"\n(?=Both files hold|``best.pt``|``last.pt``|A temporal mean)", doc)
     keys = {}
     for section in sections[1:]:
-        name = "both" if section.startswith("Both") else section[2:6]
+        name = "both" if section.startswith("Both") else "mean" if section.startswith("A temporal") else section[2:6]
         keys[name] = set(re.findall(r"^    (\w+)  ", section, re.MULTILINE))
     return keys
 

@@ -17,7 +17,8 @@ from dml.cli import main
 from dml.graph import links_of, read_graph
 from dml.links import ENSEMBLE, Link, Links
 from dml.models import create_model
-from tiny_run import metrics as _metrics, tiny_flags, train  # pytest puts the tests folder on sys.path
+from test_checkpoint import _documented_keys  # pytest puts the tests folder on sys.path
+from tiny_run import metrics as _metrics, tiny_flags, train
 
 TINY = tiny_flags(train=64, test=50)
 KD_RUN = "kd_resnet20_from_resnet20_s42"
@@ -419,6 +420,9 @@ def test_online_distillation_links_train_resume_and_are_stored(cifar_root, tmp_p
         assert (saved["mean_of"], saved["decay"], saved["run"]["epoch"]) == (0, 0.9, 2)
     best = torch.load(straight / "2_resnet20" / "best.pt", weights_only=True)
     assert best["mean_of"] == 0
+    documented = _documented_keys()  # checkpoint.py's schema, a mean's part included
+    assert set(best) == documented["both"] | documented["best"] - {"val_acc"} | {"mean_of"}
+    assert set(saved) == (documented["both"] | documented["last"] | documented["mean"]) - {"optimizer", "scheduler"}
     last = torch.load(resumed / "2_resnet20" / "last.pt", weights_only=True)["model"]
     for key, value in torch.load(straight / "2_resnet20" / "last.pt", weights_only=True)["model"].items():
         assert torch.equal(value, last[key]), key

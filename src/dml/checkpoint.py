@@ -20,7 +20,6 @@ Both files hold:
     dataset       the run's dataset (config["dataset"])
     config        the run's settings (TrainConfig.to_dict())
     working_dir   the directory the run was started in: the relative paths of config start there
-    mean_of       only a temporal mean's: the index of the peer it follows (its decay: config)
 
 ``best.pt`` (the peer at its best epoch) adds:
 
@@ -32,12 +31,20 @@ Both files hold:
 ``last.pt`` (the peer after the newest complete epoch; ``last.next.pt`` while staged) adds the rest
 of ``Peer.state_dict()`` and the run state that resumes it:
 
-    optimizer     the optimizer's state_dict (a temporal mean has none, and "decay" instead)
+    optimizer     the optimizer's state_dict
     scheduler     the schedule's state_dict, or None
     best_acc      the best selection accuracy so far (-inf before the first)
     best_epoch    its epoch (0 before the first)
     run           {"epoch": the epoch it was saved after, "threads": the thread count the next epoch
                   computes with, "data_generator" / "torch_rng" / "cuda_rng" (CUDA only): RNG states}
+
+A temporal mean's files (a peer that follows another's weights, ``peer.MeanOf``) differ: both add
+
+    mean_of       the index of the peer it follows
+
+and its ``last.pt`` holds, in place of "optimizer" and "scheduler",
+
+    decay         the weight each update gives the mean's own weights
 
 A file of another format (a later version of dml) is refused with one line naming both versions.
 """
