@@ -1,0 +1,104 @@
+"""BatchNorm whose batch statistics span the replicas of a data-parallel peer, on any device.
+
+``torch.nn.SyncBatchNorm`` computes only on GPU (its forward refuses CPU tensors in torch 2.13), and a
+cohort's replicas on CPU talk through gloo. This module computes the same thing from plain tensor
+operations and two all-reduces per layer and step (one in forward, one in backward):
+
+    forward:  mean and biased variance over every replica's (N, H, W) positions, from the all-reduced
+              per-channel sums of x and x^2 and the count; running statistics move with the unbiased
+              variance, as BatchNorm's do;
+    backward: with x_hat = (x - mean) / std and dy the incoming gradient, the all-reduced sums
+              S1 = sum dy and S2 = sum dy * x_hat give
+              dx = weight / std * (dy - S1 / n - x_hat * S2 / n),
+              the gradient of the sum of every replica's loss with respect to this replica's x;
+              weight and bias get this replica's own sums (the step averages them over replicas).
+
+In evaluation mode (or without a group) it is plain BatchNorm with the running statistics.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class _SyncedBatchNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group):
+        dims = [0, *range(2, x.dim())]
+        xf = x.float()
+        stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims),
+                           xf.new_full((1,), x.numel() / x.shape[1])])  # per channel: sum, sum of squares; count
+        dist.all_reduce(stats, group=group)
+        channels = x.shape[1]
+        count = stats[-1]
+        mean = stats[:channels] / count
+        var = (stats[channels:2 * channels] / count - mean * mean).clamp_min(0)
+        with torch.no_grad():
+            if running_mean is not None:
+                running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+                running_var.mul_(1 - momentum).add_(var * count / (count - 1).clamp_min(1), alpha=momentum)
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        invstd = torch.rsqrt(var + eps)
+        x_hat = (xf - mean.view(shape)) * invstd.view(shape)
+        ctx.save_for_backward(x_hat, weight, invstd, count)
+        ctx.group, ctx.shape = group, shape
+        out = x_hat * weight.float().view(shape) + bias.float().view(shape)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_hat, weight, invstd, count = ctx.saved_tensors
+        shape, dims = ctx.shape, [0, *range(2, grad_out.dim())]
+        dy = grad_out.float()
+        local = torch.cat([dy.sum(dims), (dy * x_hat).sum(dims)])  # this replica's sum dy, sum dy * x_hat
+        sums = local.clone()
+        dist.all_reduce(sums, group=ctx.group)
+        channels = shape[1]
+        s1, s2 = sums[:channels].view(shape), sums[channels:].view(shape)
+        scale = (weight.float() * invstd).view(shape)
+        dx = scale * (dy - s1 / count - x_hat * s2 / count)
+        return (dx.to(grad_out.dtype), local[channels:].to(weight.dtype), local[:channels].to(weight.dtype),
+                None, None, None, None, None)
+
+
+class SyncedBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """A BatchNorm layer (any number of spatial dimensions) whose training statistics span ``group``."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, group=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+        self.group = group
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.group is None or not self.affine:
+            return super().forward(x)
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+        momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        return _SyncedBatchNorm.apply(x, self.weight, self.bias, self.running_mean, self.running_var, self.eps,
+                                      momentum, self.group)
+
+
+def synchronise_batchnorm(model: nn.Module, group) -> nn.Module:
+    """``model`` with every BatchNorm layer replaced by a SyncedBatchNorm over ``group``, keeping its
+    parameters and running statistics (the same tensors: an optimizer built on them stays valid)."""
+    for name, child in model.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, SyncedBatchNorm):
+            synced = SyncedBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                     child.track_running_stats, group)
+            if child.affine:
+                synced.weight, synced.bias = child.weight, child.bias
+            if child.track_running_stats:
+                synced.running_mean, synced.running_var = child.running_mean, child.running_var
+                synced.num_batches_tracked = child.num_batches_tracked
+            synced.train(child.training)
+            setattr(model, name, synced)
+        else:
+            synchronise_batchnorm(child, group)
+    return model
