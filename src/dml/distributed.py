@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -35,6 +36,38 @@ def peers_of_rank(num_nodes: int, world_size: int, rank: int, homes: dict[int, i
     start = rank * base + min(rank, extra)
     mine = set(placed[start:start + base + (rank < extra)])
     return sorted(mine | {i for i, home in homes.items() if home in mine})
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """W processes as P = W / D peer groups x D data-parallel replicas. Rank r is replica r % D of
+    peer group r // D, so that a peer's replicas sit on neighbouring ranks (one machine, where they
+    fit: their gradients and BatchNorm statistics cross every step). A peer group holds a share of
+    the peers as a whole process would without data parallelism."""
+
+    world_size: int
+    data_parallel: int = 1
+
+    def __post_init__(self):
+        if self.data_parallel < 1 or self.world_size % self.data_parallel:
+            raise UserError(f"--data-parallel {self.data_parallel} does not divide the {self.world_size} processes; "
+                            "use a divisor of the process count")
+
+    @property
+    def peer_groups(self) -> int:
+        return self.world_size // self.data_parallel
+
+    def position(self, rank: int) -> tuple[int, int]:
+        """(peer group, replica) of ``rank``."""
+        return divmod(rank, self.data_parallel)
+
+    def peer_dimension(self, replica: int) -> list[int]:
+        """The ranks that hold the same shard of every batch: logits travel between them."""
+        return [group * self.data_parallel + replica for group in range(self.peer_groups)]
+
+    def data_dimension(self, group: int) -> list[int]:
+        """The ranks that hold the replicas of one peer group: gradients and statistics travel between them."""
+        return list(range(group * self.data_parallel, (group + 1) * self.data_parallel))
 
 
 class LocalExchange:
