@@ -26,3 +26,61 @@ def test_without_data_parallelism_every_process_is_its_own_peer_group():
 def test_a_data_parallel_size_that_does_not_divide_the_processes_is_refused(world, d):
     with pytest.raises(UserError, match=f"--data-parallel {d} does not divide the {world} processes"):
         Mesh(world, d)
+
+
+def _rank(rank, port, results):
+    import os
+    from types import SimpleNamespace
+
+    import torch
+
+    from dml.distributed import TorchExchange
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="4", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="4",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    exchange = TorchExchange(2, "cpu", data_parallel=2)
+    try:
+        (peer,) = exchange.local_indices
+        replica = exchange.replica
+        logits = exchange.gather_logits([torch.full((2, 3), 10.0 * peer + replica)])
+        shared = exchange.share_logits(1, torch.full((2, 3), 7.0 + replica) if peer == 1 else None, logits[0])
+        objects = exchange.gather_objects((peer, replica))
+        model = torch.nn.Linear(2, 1)
+        for q in model.parameters():
+            q.grad = torch.full_like(q, float(rank))
+        exchange.average_gradients(SimpleNamespace(index=peer, model=model))
+        counts = exchange.sum_over_replicas(torch.tensor([replica + 1]))
+        results.put((rank, peer, replica, [z[0, 0].item() for z in logits], shared[0, 0].item(), objects,
+                     [q.grad.flatten()[0].item() for q in model.parameters()], counts.item(),
+                     exchange.shard(torch.arange(8)).tolist(), exchange.writes_peers))
+    finally:
+        exchange.close()
+
+
+@pytest.mark.processes
+def test_logits_travel_between_the_replicas_of_one_shard_and_gradients_between_a_peers_replicas():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_rank, args=(r, port, results)) for r in range(4)]
+    for p in procs:
+        p.start()
+    got = {r[0]: r[1:] for r in (results.get(timeout=180) for _ in procs)}
+    for p in procs:
+        p.join(timeout=30)
+    for rank in range(4):
+        peer, replica, logits, shared, objects, grads, counts, shard, writes = got[rank]
+        assert (peer, replica) == divmod(rank, 2)
+        assert logits == [0.0 + replica, 10.0 + replica]  # both peers' logits of this replica's shard
+        assert shared == 7.0 + replica  # peer 1's fresh logits, from the replica of the same shard
+        assert objects == [(0, replica), (1, replica)]
+        first = peer * 2
+        assert grads == [(first + first + 1) / 2] * 2  # the mean over the peer's two replicas
+        assert counts == 3 and writes == (replica == 0)
+        assert shard == list(range(4 * replica, 4 * replica + 4))

@@ -76,6 +76,7 @@ class LocalExchange:
     rank = 0
     world_size = 1
     is_writer = True
+    writes_peers = True
 
     def __init__(self, num_nodes: int):
         self.num_nodes = num_nodes
@@ -96,6 +97,15 @@ class LocalExchange:
         """``obj`` of every process, in rank order."""
         return [obj]
 
+    def shard(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch
+
+    def average_gradients(self, peer) -> None:
+        pass
+
+    def sum_over_replicas(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
     def check_same(self, fingerprint: torch.Tensor, what: str) -> None:
         """Fail when processes disagree on ``fingerprint`` (nothing to compare in one process)."""
 
@@ -112,21 +122,26 @@ class TorchExchange(LocalExchange):
     gloo on CPU, nccl with one GPU per process (LOCAL_RANK) on CUDA.
     """
 
-    def __init__(self, num_nodes: int, device_type: str, homes: dict[int, int] | None = None):
+    def __init__(self, num_nodes: int, device_type: str, homes: dict[int, int] | None = None,
+                 data_parallel: int = 1):
         self.rank = int(os.environ["RANK"])
         self.world_size = int(os.environ["WORLD_SIZE"])
         self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
         self.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+        self.mesh = Mesh(self.world_size, data_parallel)
+        self.group_index, self.replica = self.mesh.position(self.rank)
         placed = num_nodes - len(homes or {})  # a temporal mean goes with its source
-        if self.world_size > placed:
+        if self.mesh.peer_groups > placed:
             raise UserError(
-                f"{self.world_size} processes for {placed} peers: each process needs at least one peer; "
-                "use at most as many processes as peers (temporal means live with their sources)"
+                f"{self.mesh.peer_groups} peer groups of processes for {placed} peers: each needs at least one "
+                "peer; use at most as many processes as peers (temporal means live with their sources)"
+                + (f", times --data-parallel {data_parallel}" if data_parallel > 1 else "")
             )
         self.num_nodes = num_nodes
         self.is_writer = self.rank == 0
-        self.layout = [peers_of_rank(num_nodes, self.world_size, r, homes) for r in range(self.world_size)]
-        self.local_indices = self.layout[self.rank]
+        self.writes_peers = self.replica == 0  # one replica writes a peer's checkpoints
+        self.layout = [peers_of_rank(num_nodes, self.mesh.peer_groups, g, homes) for g in range(self.mesh.peer_groups)]
+        self.local_indices = self.layout[self.group_index]
         self.counts = [len(peers) for peers in self.layout]
         self.backend = "nccl" if device_type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
@@ -135,6 +150,50 @@ class TorchExchange(LocalExchange):
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.local_world_size))
         if not dist.is_initialized():
             dist.init_process_group(self.backend, timeout=timeout)
+        self.peer_group, self.data_group, self.peer_data_groups = self._groups()
+
+    def _groups(self):
+        """The process groups of this rank, built once (every rank creates every group, in one order):
+        its peer dimension (None: the whole world), its data dimension, and one data group per local
+        peer, so that peers stepping side by side on threads never share a group's collectives."""
+        mesh = self.mesh
+        if mesh.data_parallel == 1:
+            return None, None, {}
+        peer_group = data_group = None
+        peer_data_groups = {}
+        for replica in range(mesh.data_parallel):
+            group = dist.new_group(mesh.peer_dimension(replica))
+            peer_group = group if replica == self.replica else peer_group
+        for index, peers in enumerate(self.layout):
+            ranks = mesh.data_dimension(index)
+            group = dist.new_group(ranks)
+            data_group = group if index == self.group_index else data_group
+            for peer in peers:
+                group = dist.new_group(ranks)
+                if index == self.group_index:
+                    peer_data_groups[peer] = group
+        return peer_group, data_group, peer_data_groups
+
+    def shard(self, batch: torch.Tensor) -> torch.Tensor:
+        """This replica's rows of a batch every replica drew whole."""
+        size = batch.shape[0] // self.mesh.data_parallel
+        return batch[self.replica * size:(self.replica + 1) * size]
+
+    def average_gradients(self, peer) -> None:
+        """The mean of ``peer``'s gradients over its replicas, in place: one all-reduce of one flat buffer."""
+        if self.mesh.data_parallel == 1:
+            return
+        grads = [q.grad for q in peer.model.parameters() if q.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=self.peer_data_groups[peer.index])
+        flat /= self.mesh.data_parallel
+        torch._foreach_copy_(grads, [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)])
+
+    def sum_over_replicas(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over this peer group's replicas, in place (counts of a sharded epoch)."""
+        if self.mesh.data_parallel > 1:
+            dist.all_reduce(tensor, group=self.data_group)
+        return tensor
 
     def select_device(self, device: torch.device) -> torch.device:
         if device.type == "cuda":
@@ -149,8 +208,8 @@ class TorchExchange(LocalExchange):
         mine = torch.stack([z.detach().float() for z in local_logits])
         if mine.shape[0] < most:
             mine = torch.cat([mine, mine.new_zeros((most - mine.shape[0], *mine.shape[1:]))])
-        everyone = mine.new_empty((self.world_size * most, *mine.shape[1:]))
-        _all_gather_tensor(everyone, mine.contiguous())
+        everyone = mine.new_empty((self.mesh.peer_groups * most, *mine.shape[1:]))
+        _all_gather_tensor(everyone, mine.contiguous(), group=self.peer_group)
         in_order = [None] * self.num_nodes
         for r, peers in enumerate(self.layout):
             for k, index in enumerate(peers):
@@ -158,14 +217,15 @@ class TorchExchange(LocalExchange):
         return in_order
 
     def share_logits(self, owner: int, logits: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-        owner_rank = next(r for r, peers in enumerate(self.layout) if owner in peers)
+        owner_group = next(g for g, peers in enumerate(self.layout) if owner in peers)
         buffer = logits.detach().float().contiguous() if logits is not None else torch.empty_like(like, dtype=torch.float32)
-        dist.broadcast(buffer, src=owner_rank)
+        dist.broadcast(buffer, src=owner_group * self.mesh.data_parallel + self.replica, group=self.peer_group)
         return buffer
 
     def gather_objects(self, obj: object) -> list[object]:
-        out: list[object] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        """``obj`` of every peer group (this replica's), in order."""
+        out: list[object] = [None] * self.mesh.peer_groups
+        dist.all_gather_object(out, obj, group=self.peer_group)
         return out
 
     def check_same(self, fingerprint: torch.Tensor, what: str) -> None:
