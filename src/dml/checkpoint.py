@@ -336,8 +336,10 @@ def set_rng_state(generator: torch.Generator, state: dict) -> None:
 
 def save_epoch(run: RunDir, epoch: int, cohort: Cohort, records: list[dict], generator: torch.Generator,
                cfg: TrainConfig, num_classes: int) -> None:
-    """best.pt where a peer improved, then every peer's last.pt committed in two phases."""
+    """best.pt where a peer improved, then every peer's last.pt committed in two phases; of a peer
+    with data-parallel replicas (all alike), one replica writes."""
     peers = cohort.saved  # teachers are never saved
+    writes = cohort.exchange.writes_peers
     for p in peers:
         if not all(torch.isfinite(t).all() for t in p.model.state_dict().values() if t.is_floating_point()):
             raise RunStopped(f"peer {p.label} diverged: its parameters are not finite after epoch {epoch}; "
@@ -355,12 +357,13 @@ def save_epoch(run: RunDir, epoch: int, cohort: Cohort, records: list[dict], gen
         selected_on = "val_acc" if "val_acc" in record else "test_acc"
         if record[selected_on] > p.best_acc:
             p.best_acc, p.best_epoch = record[selected_on], epoch
-            write_checkpoint(run.peer_path(p.index) / BEST, {
-                "model": p.model.state_dict(), "model_name": p.model_name, "index": p.index, "epoch": epoch,
-                "selected_on": selected_on, **{k: record[k] for k in ("val_acc", "test_acc") if k in record},
-                **({"mean_of": p.mean_of.source} if p.mean_of else {}), **meta})
-    for p in peers:  # phase 1 of the commit: every peer's new state beside its current one
+            if writes:
+                write_checkpoint(run.peer_path(p.index) / BEST, {
+                    "model": p.model.state_dict(), "model_name": p.model_name, "index": p.index, "epoch": epoch,
+                    "selected_on": selected_on, **{k: record[k] for k in ("val_acc", "test_acc") if k in record},
+                    **({"mean_of": p.mean_of.source} if p.mean_of else {}), **meta})
+    for p in peers if writes else ():  # phase 1 of the commit: every peer's new state beside its current one
         write_checkpoint(run.peer_path(p.index) / LAST_NEXT, {**p.state_dict(), "run": run_state, **meta})
     cohort.exchange.barrier()
-    for p in peers:
+    for p in peers if writes else ():
         run.publish_last(p.index)

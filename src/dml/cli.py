@@ -115,9 +115,14 @@ def _run_train(args: argparse.Namespace) -> int:
         raise UserError(f"--stop-after must be a positive integer, got {args.stop_after}")
     if args.procs is not None:
         placed = cfg.num_nodes - len(cfg.means)  # a temporal mean lives in its source's process
-        if not 1 <= args.procs <= placed:
+        replicas = cfg.data_parallel
+        if not 1 <= args.procs <= placed * replicas:
             limit = f"the {placed} peers that are not temporal means" if cfg.means else f"--num-nodes ({placed})"
+            limit += f" times --data-parallel ({replicas})" if replicas > 1 else ""
             raise UserError(f"--procs must be between 1 and {limit}, got {args.procs}")
+        if args.procs % replicas:
+            raise UserError(f"--procs {args.procs} is not a multiple of --data-parallel {replicas}: each peer group "
+                            f"needs {replicas} processes")
         if args.procs > 1:
             from .checkpoint import what_is_saved
             from .launch import launch_processes

@@ -27,6 +27,7 @@ from .loss import MutualLoss
 from .peer import MeanOf, Peer
 from .runtime import Runtime, resolve_device
 from .step import STEPS
+from .sync_batchnorm import synchronise_batchnorm
 
 
 PROBE_INPUTS = 2  # inputs the shape check forwards: enough to tell the batch dimension, cheap on any network
@@ -84,7 +85,8 @@ class Cohort:
                  loss: MutualLoss | Links | None = None, *, update: str = "simultaneous", precision: str = "fp32",
                  device: str | torch.device = "auto", schedulers: Sequence | None = None,
                  names: Sequence[str] | None = None, plain: bool = False, threads: int | None = None,
-                 runtime: Runtime | None = None, exchange: LocalExchange | None = None):
+                 runtime: Runtime | None = None, exchange: LocalExchange | None = None, data_parallel: int = 1,
+                 local_batchnorm: bool = False):
         if not models:
             raise ValueError("a cohort needs at least one model")
         if len(optimizers) != len(models) or (schedulers is not None and len(schedulers) != len(models)):
@@ -108,7 +110,9 @@ class Cohort:
         self._made += [] if runtime is not None else ["runtime"]
         where = runtime.device if runtime is not None else resolve_device(device)  # resolved once
         # a temporal mean lives in its source's process
-        self.exchange = exchange or make_exchange(len(models), where.type, {i: o.source for i, o in means.items()})
+        self.exchange = exchange or make_exchange(len(models), where.type, {i: o.source for i, o in means.items()},
+                                                  data_parallel)
+        self.local_batchnorm = local_batchnorm
         self.runtime = runtime
         try:
             self.runtime = runtime or Runtime(self.exchange.select_device(where), precision, plain,
@@ -131,6 +135,9 @@ class Cohort:
             raise ValueError(f"peer {index}: the links say it is {'' if index in self.links.frozen else 'not '}frozen, "
                              f"but its optimizer is {'not ' if optimizer is not None else ''}None")
         model = self.runtime.prepare(model)
+        if optimizer is not None and index in self.exchange.peer_data_groups and not self.local_batchnorm:
+            # the statistics of the whole batch, as one process computes them: see sync_batchnorm.py
+            model = synchronise_batchnorm(model, self.exchange.peer_data_groups[index])
         return Peer(index, name, prepare_frozen(self.runtime, model) if optimizer is None else model, optimizer, scheduler)
 
     def _mean(self, index: int, name: str, model: nn.Module | None, mean_of: MeanOf, built: dict[int, Peer]) -> Peer:
@@ -173,6 +180,7 @@ class Cohort:
         """Train every local peer on one batch of inputs ``x`` and labels ``y``. It does not wait for the
         device, except on the first batch (``check_batch`` reads the labels' range once) and under fp16,
         where the GradScaler reads whether a gradient overflowed once per peer per step."""
+        x, y = self.exchange.shard(x), self.exchange.shard(y)  # this replica's rows, where peers have replicas
         x, y = self.runtime.to_device(x), y.to(self.runtime.device, non_blocking=True)
         if not self._checked:  # the first batch only: it waits for the device once
             self.check_batch(x, y)

@@ -21,7 +21,7 @@ KD_RAMPS = ("linear", "sigmoid")  # --kd-ramp R: every KL link's gate is R_ramp 
 # (config.differences). Graph files and teachers are compared through graph_spec, their contents.
 RESUME_MAY_CHANGE = frozenset(
     {"device", "data_dir", "out_dir", "name", "download", "download_url", "skip_checksum", "progress",
-     "check_batches", "graph", "teacher", "teacher_model", "threads"}
+     "check_batches", "graph", "teacher", "teacher_model", "threads", "data_parallel"}
 )
 
 
@@ -118,6 +118,14 @@ class TrainConfig:
     progress: bool = setting(True, group="run", help="no progress bars")
     check_batches: bool = setting(False, group="distributed",
                                   help="compare a fingerprint of every batch across processes and stop on a mismatch")
+    data_parallel: int = setting(1, group="distributed", metavar="D",
+                                 help="replicas per peer (under --procs or torchrun): the processes form peer groups "
+                                      "x D replicas; each replica computes 1/D of every --batch-size batch, their "
+                                      "gradients averaged and BatchNorm statistics shared (the results of one process "
+                                      "up to rounding)")
+    local_batchnorm: bool = setting(False, group="distributed",
+                                    help="with --data-parallel: each replica's BatchNorm uses its own shard's statistics "
+                                         "(faster; a change of the algorithm, not only of the layout)")
     # The peers and links of --graph or --teacher, resolved (no flag of its own): config.json stores
     # it and --resume compares it, so a changed file or teacher checkpoint is noticed.
     graph_spec: dict | None = field(default=None, metadata={"group": None})
@@ -203,6 +211,12 @@ class TrainConfig:
                 f"--train-samples {self.train_samples} is smaller than --batch-size {self.batch_size}: "
                 "no full training batch; raise --train-samples or lower --batch-size"
             )
+        _positive_int("--data-parallel", self.data_parallel)
+        if self.batch_size % self.data_parallel:
+            raise UserError(f"--data-parallel {self.data_parallel} does not divide --batch-size {self.batch_size}: every "
+                            "replica computes an equal share of each batch")
+        if self.local_batchnorm and self.data_parallel == 1:
+            raise UserError("--local-batchnorm applies to --data-parallel replicas; pass --data-parallel D too")
         if self.kd_ramp is not None and self.kd_ramp not in KD_RAMPS:
             raise UserError(f"--kd-ramp {self.kd_ramp!r} is not one of: {', '.join(KD_RAMPS)}")
         if self.kd_ramp_epochs is not None:

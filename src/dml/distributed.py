@@ -77,6 +77,7 @@ class LocalExchange:
     world_size = 1
     is_writer = True
     writes_peers = True
+    peer_data_groups: dict = {}  # no data-parallel replicas
 
     def __init__(self, num_nodes: int):
         self.num_nodes = num_nodes
@@ -104,6 +105,9 @@ class LocalExchange:
         pass
 
     def sum_over_replicas(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def max_over_replicas(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
     def check_same(self, fingerprint: torch.Tensor, what: str) -> None:
@@ -175,9 +179,9 @@ class TorchExchange(LocalExchange):
         return peer_group, data_group, peer_data_groups
 
     def shard(self, batch: torch.Tensor) -> torch.Tensor:
-        """This replica's rows of a batch every replica drew whole."""
-        size = batch.shape[0] // self.mesh.data_parallel
-        return batch[self.replica * size:(self.replica + 1) * size]
+        """This replica's rows of a batch every replica drew whole (equal shards where they divide it)."""
+        n, replicas = batch.shape[0], self.mesh.data_parallel
+        return batch[self.replica * n // replicas:(self.replica + 1) * n // replicas]
 
     def average_gradients(self, peer) -> None:
         """The mean of ``peer``'s gradients over its replicas, in place: one all-reduce of one flat buffer."""
@@ -193,6 +197,11 @@ class TorchExchange(LocalExchange):
         """``tensor`` summed over this peer group's replicas, in place (counts of a sharded epoch)."""
         if self.mesh.data_parallel > 1:
             dist.all_reduce(tensor, group=self.data_group)
+        return tensor
+
+    def max_over_replicas(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.mesh.data_parallel > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.data_group)
         return tensor
 
     def select_device(self, device: torch.device) -> torch.device:
@@ -251,9 +260,14 @@ class TorchExchange(LocalExchange):
             dist.destroy_process_group()
 
 
-def make_exchange(num_nodes: int, device_type: str, homes: dict[int, int] | None = None) -> LocalExchange:
+def make_exchange(num_nodes: int, device_type: str, homes: dict[int, int] | None = None,
+                  data_parallel: int = 1) -> LocalExchange:
     """A TorchExchange under torchrun (WORLD_SIZE > 1), otherwise the whole cohort locally. ``homes``:
-    the peers that must live in another's process (a temporal mean: index -> its source)."""
+    the peers that must live in another's process (a temporal mean: index -> its source);
+    ``data_parallel``: replicas per peer (needs torchrun)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return TorchExchange(num_nodes, device_type, homes)
+        return TorchExchange(num_nodes, device_type, homes, data_parallel)
+    if data_parallel > 1:
+        raise UserError(f"--data-parallel {data_parallel} needs {data_parallel} or more processes: start them with "
+                        "--procs or torchrun")
     return LocalExchange(num_nodes)

@@ -110,7 +110,7 @@ def build_cohort(cfg: TrainConfig, exchange, runtime: Runtime, num_classes: int)
     parts.update({i: (None, mean_of, None) for i, mean_of in cfg.means.items() if i in exchange.local_indices})
     models, optimizers, schedulers = zip(*(parts.get(i, (None, None, None)) for i in range(cfg.num_nodes)))
     return Cohort(models, optimizers, cohort_links(cfg), update=cfg.update, schedulers=schedulers, names=cfg.models,
-                  runtime=runtime, exchange=exchange)
+                  runtime=runtime, exchange=exchange, local_batchnorm=cfg.local_batchnorm)
 
 
 def check_outputs(cfg: TrainConfig, cohort: Cohort, feed: Feed, data: ImageData) -> None:
@@ -160,7 +160,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     """
     cfg = cfg.resolved()
     device = resolve_device(cfg.device)
-    exchange = exchange or make_exchange(cfg.num_nodes, device.type, {i: m.source for i, m in cfg.means.items()})
+    exchange = exchange or make_exchange(cfg.num_nodes, device.type, {i: m.source for i, m in cfg.means.items()},
+                                         cfg.data_parallel)
     run = None
     try:
         device = exchange.select_device(device)
@@ -280,7 +281,7 @@ class Training:
             bar.close()
         for p in cohort.trainable:
             p.scheduler.step()
-        train = metrics.read()
+        train = metrics.read(cohort.exchange)
         test, val = self.evaluate()
         seconds = time.perf_counter() - started
         local = [
@@ -352,9 +353,12 @@ class StepMetrics:
         for first, broken in ((self.first_broken_logits, broken_logits), (self.first_broken_loss, ~torch.isfinite(losses))):
             first.masked_fill_((first == 0) & broken, self.steps)
 
-    def check_finite(self, peers: list[Peer], where: str) -> None:
-        """Stop with the peer and step of the first non-finite loss, if any (syncs with the device)."""
+    def check_finite(self, peers: list[Peer], where: str, exchange=None) -> None:
+        """Stop with the peer and step of the first non-finite loss, if any (syncs with the device); every
+        replica of a data-parallel peer stops at the same check (``exchange``: the steps are shared)."""
         for first in (self.first_broken_logits, self.first_broken_loss):
+            if exchange is not None:
+                first = exchange.max_over_replicas(first.clone())
             steps = first.tolist()
             culprits = [(step, peer) for step, peer in zip(steps, peers) if step]
             if culprits:
@@ -367,11 +371,17 @@ class StepMetrics:
     def mean_loss(self) -> float:
         return self.loss_sum[0].mean().item() / max(self.steps, 1)
 
-    def read(self) -> dict[str, list[float]]:
+    def read(self, exchange=None) -> dict[str, list[float]]:
         """Per peer: the objective ("loss") and its terms ("ce", "kd") averaged over steps, and train
-        accuracy ("acc") in percent."""
-        loss, ce, kd = ([total / self.steps for total in row] for row in self.loss_sum.tolist())
-        return {"loss": loss, "ce": ce, "kd": kd, "acc": [100.0 * c / self.samples for c in self.correct.tolist()]}
+        accuracy ("acc") in percent; over every replica's shard where ``exchange`` has data-parallel ones."""
+        sums, correct = self.loss_sum, self.correct
+        replicas = 1
+        if exchange is not None:
+            replicas = exchange.sum_over_replicas(torch.ones(1, device=correct.device, dtype=torch.int64)).item()
+            sums, correct = exchange.sum_over_replicas(sums.clone()), exchange.sum_over_replicas(correct.clone())
+        loss, ce, kd = ([total / (self.steps * replicas) for total in row] for row in sums.tolist())
+        return {"loss": loss, "ce": ce, "kd": kd,
+                "acc": [100.0 * c / (self.samples * replicas) for c in correct.tolist()]}
 
 
 DIVERGENCE_CHECK_EVERY = 100  # steps between looks at the loss (each look waits for the device)
@@ -389,12 +399,12 @@ def train_steps(cohort: Cohort, batches, metrics: StepMetrics, on_step=None, whe
             stop.check()
         if check_batches:
             cohort.exchange.check_same(batch_fingerprint(x, y), f"the batch of {where}step {n}")
-        metrics.add(cohort.step(x, y), y)
+        metrics.add(cohort.step(x, y), cohort.exchange.shard(y))
         if n % DIVERGENCE_CHECK_EVERY == 0:
-            metrics.check_finite(cohort.peers, where)
+            metrics.check_finite(cohort.peers, where, cohort.exchange)
         if on_step is not None:
             on_step(n)
-    metrics.check_finite(cohort.peers, where)
+    metrics.check_finite(cohort.peers, where, cohort.exchange)
 
 
 class StopSignal:

@@ -76,6 +76,7 @@ def evaluate_models(models: list[torch.nn.Module], batches: Iterable, runtime: R
     samples = 0
     with torch.inference_mode():
         for x, y in batches:
+            x, y = exchange.shard(x), exchange.shard(y)  # replicas of a peer share the batches out
             x, y = runtime.to_device(x), y.to(runtime.device, non_blocking=True)
             logits = runtime.runner.map(functools.partial(_predict, x=x, precision=runtime.precision), inference)
             for k, z in enumerate(logits):
@@ -86,6 +87,9 @@ def evaluate_models(models: list[torch.nn.Module], batches: Iterable, runtime: R
             samples += y.shape[0]
     for m, mode in zip(models, modes):
         m.train(mode)
+    counts = exchange.sum_over_replicas(torch.cat([correct.flatten(), ensemble,
+                                                   torch.tensor([samples], device=correct.device)]))
+    correct, ensemble, samples = counts[:correct.numel()].view_as(correct), counts[correct.numel():-1], int(counts[-1])
     if samples == 0:
         raise ValueError("no batches to evaluate on")
     per_peer = [[100.0 * c / samples for c in row] for row in correct.tolist()]  # Python floats: exact percent

@@ -37,9 +37,10 @@ def _terms(cohort, peer, logits: torch.Tensor, sources: list[torch.Tensor], y: t
     return (ce if kd is None else ce + kd), ce, kd
 
 
-def _descend(peer, loss: torch.Tensor, scaler) -> None:
+def _descend(cohort, peer, loss: torch.Tensor, scaler) -> None:
     peer.optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    cohort.exchange.average_gradients(peer)  # over the peer's data-parallel replicas, where it has any
     scaler.step(peer.optimizer)
 
 
@@ -54,7 +55,7 @@ def simultaneous_step(cohort, x: torch.Tensor, y: torch.Tensor) -> tuple[list, l
         peer = cohort.peers[k]
         terms = _terms(cohort, peer, logits[k], sources, y, progress)
         if peer.trains:
-            _descend(peer, terms[0], precision.scaler)
+            _descend(cohort, peer, terms[0], precision.scaler)
         return terms
 
     terms = runner.map(update, range(len(cohort.peers)))
@@ -79,7 +80,7 @@ def sequential_step(cohort, x: torch.Tensor, y: torch.Tensor) -> tuple[list, lis
             peer, z = local[i]
             terms.append(_terms(cohort, peer, z, cohort.links.sources(current), y, progress))
             if peer.trains:
-                _descend(peer, terms[-1][0], precision.scaler)
+                _descend(cohort, peer, terms[-1][0], precision.scaler)
             if moves:  # later peers learn from this peer's updated predictions
                 with torch.no_grad(), precision.autocast(), _frozen_batchnorm_stats(peer.model):
                     fresh = peer.model(x).detach()

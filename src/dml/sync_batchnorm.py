@@ -18,6 +18,8 @@ In evaluation mode (or without a group) it is plain BatchNorm with the running s
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -70,6 +72,14 @@ class SyncedBatchNorm(nn.modules.batchnorm._BatchNorm):
                  track_running_stats: bool = True, group=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats)
         self.group = group
+
+    def __deepcopy__(self, memo):
+        """A copy (an EMA peer, an evaluation copy) shares the process group: a group cannot be copied."""
+        memo.setdefault(id(self.group), self.group)
+        clone = self.__class__.__new__(self.__class__)
+        memo[id(self)] = clone
+        clone.__dict__.update({key: copy.deepcopy(value, memo) for key, value in self.__dict__.items()})
+        return clone
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() < 2:

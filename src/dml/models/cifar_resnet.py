@@ -83,7 +83,7 @@ class CifarResNet(nn.Module):
         model = copy.deepcopy(self).eval()
         for owner in (model, *model.blocks):
             for conv, bn in (("conv1", "bn1"), ("conv2", "bn2")):
-                if isinstance(getattr(owner, bn, None), nn.BatchNorm2d):
+                if isinstance(getattr(owner, bn, None), nn.modules.batchnorm._BatchNorm):  # synced ones too
                     setattr(owner, conv, fuse_conv_bn_eval(getattr(owner, conv), getattr(owner, bn)))
                     setattr(owner, bn, nn.Identity())
         return model

@@ -15,7 +15,7 @@ from .runs import Run
 # only in them are seeds of one group (graph files and teachers are compared through graph_spec).
 NOT_AN_EXPERIMENTAL_CONDITION = frozenset(
     {"seed", "device", "data_dir", "out_dir", "name", "download", "download_url", "skip_checksum", "progress",
-     "check_batches", "graph", "teacher", "teacher_model", "threads"}
+     "check_batches", "graph", "teacher", "teacher_model", "threads", "data_parallel"}
 )
 DEFAULTS = {f.name: field_default(f) for f in fields(TrainConfig)}
 

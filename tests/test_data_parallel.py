@@ -1,0 +1,92 @@
+"""Data-parallel peers on gloo: replicas of each peer, each computing a shard of every batch, against the
+same cohort in one process."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+import dml
+
+STEPS, B = 4, 16
+
+
+class Net(nn.Module):
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def _batches():
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randn(B, 3, 6, 6, generator=g), torch.randint(0, 5, (B,), generator=g)) for _ in range(STEPS)]
+
+
+def _train(num_peers, **options):
+    """Losses per step and the final parameters and BatchNorm statistics of the local peers."""
+    nets = [Net(seed) for seed in range(num_peers)]
+    opts = [torch.optim.SGD(n.parameters(), lr=0.1, momentum=0.9) for n in nets]
+    losses = []
+    with dml.Cohort(nets, opts, device="cpu", precision="fp32", plain=True, **options) as cohort:
+        for x, y in _batches():
+            out = cohort.step(x, y)
+            losses.append([loss.item() for loss in out.losses])
+        local = [p.index for p in cohort.peers]
+        states = {p.index: {k: v.clone() for k, v in p.model.state_dict().items()} for p in cohort.peers}
+    return local, losses, states
+
+
+def _replica(rank, world, port, num_peers, results):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    local, losses, states = _train(num_peers, data_parallel=2)
+    # numpy arrays travel by value: tensors would be shared memory of a process that is about to end
+    results.put((rank, local, losses, {i: {k: v.numpy() for k, v in st.items()} for i, st in states.items()}))
+
+
+def _spread(world, num_peers):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_replica, args=(r, world, port, num_peers, results)) for r in range(world)]
+    for p in procs:
+        p.start()
+    got = {r[0]: r[1:] for r in (results.get(timeout=180) for _ in procs)}
+    for p in procs:
+        p.join(timeout=30)
+    return got
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("num_peers", [1, 2])
+def test_replicas_compute_what_one_process_computes(num_peers):
+    _, single_losses, single_states = _train(num_peers)
+    got = _spread(2 * num_peers, num_peers)
+    worst = 0.0
+    for rank, (local, losses, states) in got.items():
+        for peer in local:
+            # a replica's loss is its shard's; the mean over a peer's two replicas is the whole batch's
+            partner = got[rank ^ 1][1]
+            k = local.index(peer)
+            for step in range(STEPS):
+                mean = (losses[step][k] + partner[step][k]) / 2
+                worst = max(worst, abs(mean - single_losses[step][peer]))
+            for key, value in states[peer].items():
+                value = torch.from_numpy(value)
+                if value.is_floating_point():
+                    worst = max(worst, (value - single_states[peer][key]).abs().max().item())
+                else:
+                    assert torch.equal(value, single_states[peer][key]), key
+    print(f"largest difference from one process: {worst:.2e}")
+    assert worst < 1e-5
