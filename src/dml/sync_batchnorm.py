@@ -4,8 +4,10 @@
 cohort's replicas on CPU talk through gloo. This module computes the same thing from plain tensor
 operations and two all-reduces per layer and step (one in forward, one in backward):
 
-    forward:  mean and biased variance over every replica's (N, H, W) positions, from the all-reduced
-              per-channel sums of x and x^2 and the count; running statistics move with the unbiased
+    forward:  mean and biased variance over every replica's (N, H, W) positions: each replica's own
+              (mean, variance, count) per channel, all-gathered and combined as parallel variance
+              algorithms do (Chan et al.), which keeps the precision that E[x^2] - mean^2 loses where
+              the mean is large against the spread; running statistics move with the unbiased
               variance, as BatchNorm's do;
     backward: with x_hat = (x - mean) / std and dy the incoming gradient, the all-reduced sums
               S1 = sum dy and S2 = sum dy * x_hat give
@@ -30,13 +32,16 @@ class _SyncedBatchNorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group):
         dims = [0, *range(2, x.dim())]
         xf = x.float()
-        stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims),
-                           xf.new_full((1,), x.numel() / x.shape[1])])  # per channel: sum, sum of squares; count
-        dist.all_reduce(stats, group=group)
+        local_var, local_mean = torch.var_mean(xf, dims, correction=0)
+        mine = torch.cat([local_mean, local_var, xf.new_full((1,), x.numel() / x.shape[1])])
+        gathered = mine.new_empty(dist.get_world_size(group) * mine.numel())  # flat: what gloo gathers into
+        dist.all_gather_into_tensor(gathered, mine, group=group)
+        gathered = gathered.view(-1, mine.numel())
         channels = x.shape[1]
-        count = stats[-1]
-        mean = stats[:channels] / count
-        var = (stats[channels:2 * channels] / count - mean * mean).clamp_min(0)
+        means, variances, counts = gathered[:, :channels], gathered[:, channels:-1], gathered[:, -1:]
+        count = counts.sum()
+        mean = (means * counts).sum(0) / count
+        var = ((variances + (means - mean) ** 2) * counts).sum(0) / count
         with torch.no_grad():
             if running_mean is not None:
                 running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
