@@ -134,3 +134,56 @@ def test_a_run_over_2_peers_x_2_replicas_ends_where_one_process_ends(cifar_root,
     print(f"largest difference of a loss in metrics.jsonl: {worst:.2e}")
     assert worst < 1e-5
     assert [r["test_acc"] for r in a] == [r["test_acc"] for r in b]
+
+
+@pytest.mark.processes
+def test_two_torchrun_nodes_on_one_machine_run_as_two_machines_would(cifar_root, tmp_path):
+    """Two torchrun "nodes" (--nnodes 2, a c10d rendezvous on 127.0.0.1), 2 processes each: 2 peers x 2
+    replicas, the replicas of each peer on one node; the metrics of one process."""
+    import subprocess
+    import sys
+
+    from tiny_run import metrics, tiny_flags, train_argv
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "bn_net.py").write_text(BN_NET)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DML_MEASURE_THREADS": "0",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    argv = train_argv(cifar_root, tmp_path / "nodes", "--models", "bn_net:small", "--num-nodes", "2", "--epochs", "2",
+                      "--plain", "--precision", "fp32", "--data-parallel", "2", tiny=tiny_flags(train=128))
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
+                               "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                               f"127.0.0.1:{port}", "--rdzv-id", "dml-test", "-m", "dml", *argv],
+                              env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    for node in nodes:
+        out, err = node.communicate(timeout=300)
+        assert node.returncode == 0, err[-2000:]
+    one = _dml_train(cifar_root, tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    a, b = (metrics(tmp_path / kind / "dml_n2_bn_net-small_s42") for kind in ("one", "nodes"))
+    assert [(r["epoch"], r["node"]) for r in a] == [(r["epoch"], r["node"]) for r in b]
+    assert max(abs(x[k] - y[k]) for x, y in zip(a, b) for k in ("train_loss", "train_kd") if k in x) < 1e-5
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data-parallel", "2"], "--data-parallel 2 needs 2 or more processes: start them with --procs or torchrun"),
+    (["--data-parallel", "2", "--procs", "3"], "--procs 3 is not a multiple of --data-parallel 2"),
+    (["--data-parallel", "2", "--procs", "6"], "--procs must be between 1 and --num-nodes (2) times --data-parallel"),
+    (["--data-parallel", "3"], "--data-parallel 3 does not divide --batch-size 32"),
+    (["--data-parallel", "64", "--batch-size", "32"], "--data-parallel 64 exceeds --batch-size 32"),
+    (["--local-batchnorm"], "--local-batchnorm applies to --data-parallel replicas"),
+    (["--data-parallel", "0"], "--data-parallel must be a positive integer"),
+])
+def test_each_mistake_in_a_data_parallel_layout_is_one_error_line(cifar_root, tmp_path, capsys, args, message):
+    from dml.cli import main
+    from tiny_run import train_argv, tiny_flags
+
+    argv = train_argv(cifar_root, tmp_path / "runs", "--models", "resnet20", "--num-nodes", "2", *args,
+                      tiny=tiny_flags())
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.pt"))

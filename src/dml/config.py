@@ -212,6 +212,9 @@ class TrainConfig:
                 "no full training batch; raise --train-samples or lower --batch-size"
             )
         _positive_int("--data-parallel", self.data_parallel)
+        if self.data_parallel > self.batch_size:
+            raise UserError(f"--data-parallel {self.data_parallel} exceeds --batch-size {self.batch_size}: every replica "
+                            "needs at least one image of each batch")
         if self.batch_size % self.data_parallel:
             raise UserError(f"--data-parallel {self.data_parallel} does not divide --batch-size {self.batch_size}: every "
                             "replica computes an equal share of each batch")
