@@ -187,3 +187,13 @@ def test_each_mistake_in_a_data_parallel_layout_is_one_error_line(cifar_root, tm
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.pt"))
+
+
+def test_plans_refuse_data_parallel_runs_in_one_line(cifar_root, tmp_path):
+    from dml.errors import UserError
+    from dml.plan import read_plan
+
+    plan = tmp_path / "plan.toml"
+    plan.write_text('[defaults]\nmodels = ["resnet20"]\nnum_nodes = 2\ndata_parallel = 2\n')
+    with pytest.raises(UserError, match="data_parallel needs several processes per run, which plans do not start"):
+        read_plan(plan, tmp_path / "out")

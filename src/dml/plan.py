@@ -294,6 +294,10 @@ def _check_settings(run: PlannedRun, where: str) -> None:
     settings = dict(run.settings)
     if run.after:
         settings.pop("teacher", None)
+    if settings.get("data_parallel", 1) != 1:
+        # a plan's runs are single dml train processes, each given its share of the cores or one GPU
+        raise UserError(f"{where}, run {run.name}: data_parallel needs several processes per run, which plans do not "
+                        "start; run it with dml train --procs or torchrun")
     try:
         run.peers = TrainConfig(**settings, name=run.name).count_trained_peers()
     except UserError as exc:
