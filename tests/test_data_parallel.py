@@ -1,6 +1,7 @@
 """Data-parallel peers on gloo: replicas of each peer, each computing a shard of every batch, against the
 same cohort in one process."""
 
+import json
 import os
 import socket
 
@@ -197,3 +198,63 @@ def test_plans_refuse_data_parallel_runs_in_one_line(cifar_root, tmp_path):
     plan.write_text('[defaults]\nmodels = ["resnet20"]\nnum_nodes = 2\ndata_parallel = 2\n')
     with pytest.raises(UserError, match="data_parallel needs several processes per run, which plans do not start"):
         read_plan(plan, tmp_path / "out")
+
+
+@pytest.mark.processes
+def test_kill_9_of_a_replica_then_resume_and_checkpoints_across_layouts(cifar_root, tmp_path, monkeypatch, capsys):
+    """2 peers x 2 replicas: a process killed in epoch 2, then the same command with --resume, ends with the
+    uninterrupted run's metrics and weights; a run of that layout stopped after epoch 1 and resumed in one
+    process ends within rounding of it too (checkpoints are the files one process writes)."""
+    import signal
+    import subprocess
+    import time
+
+    from test_distributed import _children
+    from tiny_run import metrics, tiny_flags, train_command
+
+    (tmp_path / "bn_net.py").write_text(BN_NET)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DML_MEASURE_THREADS": "0",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    mesh = ["--procs", "4", "--data-parallel", "2"]
+
+    def command(out, *args):
+        return train_command(cifar_root, tmp_path / out, "--models", "bn_net:small", "--num-nodes", "2", "--epochs",
+                             "3", "--plain", "--precision", "fp32", *args, tiny=tiny_flags(train=1024))
+
+    def run(out, *args):
+        done = subprocess.run(command(out, *args), capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return tmp_path / out / "dml_n2_bn_net-small_s42"
+
+    straight = run("straight", *mesh)
+    killed = subprocess.Popen(command("killed", *mesh), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env, cwd=tmp_path)
+    log = tmp_path / "killed" / "dml_n2_bn_net-small_s42" / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (log.exists() and log.read_text().count("\n") >= 3):  # epoch 1 is complete
+        assert killed.poll() is None and time.monotonic() < deadline, "the run never finished epoch 1"
+        time.sleep(0.1)
+    workers = _children(killed.pid)
+    assert len(workers) == 4, workers
+    os.kill(workers[1], signal.SIGKILL)  # the second replica of peer 0
+    _, err = killed.communicate(timeout=120)
+    assert killed.returncode != 0 and "--resume" in err
+    resumed = run("killed", *mesh, "--resume")
+    assert metrics(resumed) == metrics(straight)
+    for peer in ("0_bn_net-small", "1_bn_net-small"):
+        a, b = (torch.load(run_dir / peer / "last.pt", weights_only=True)["model"] for run_dir in (straight, resumed))
+        assert all(torch.equal(a[key], b[key]) for key in a)
+
+    run("moved", *mesh, "--stop-after", "1")
+    moved = run("moved", "--resume")  # one process continues the 4-process run
+    a, b = metrics(straight), metrics(moved)
+    assert [(r["epoch"], r["node"]) for r in a] == [(r["epoch"], r["node"]) for r in b]
+    assert max(abs(x[k] - y[k]) for x, y in zip(a, b) for k in ("train_loss", "train_kd") if k in x) < 1e-5
+    from dml.cli import main
+
+    monkeypatch.syspath_prepend(str(tmp_path))  # bn_net, in this process too
+    best = straight / "0_bn_net-small" / "best.pt"  # written by one replica; evaluated in one process
+    assert main(["evaluate", str(best), "--models", "bn_net:small", "--test-samples", "100", "--json",
+                 str(tmp_path / "eval.json")]) == 0, capsys.readouterr().err
+    logged = max(r["test_acc"] for r in metrics(straight) if r["node"] == 0)
+    assert json.loads((tmp_path / "eval.json").read_text())["checkpoints"][0]["top1"] == logged

@@ -286,11 +286,13 @@ def restore(run: RunDir, cohort: Cohort) -> dict | None:
     for part in exchange.gather_objects({i: set(e) for i, e in local_epochs.items()}):
         shared.update(part)
     epoch = run.resume_point(shared)
+    writes = exchange.writes_peers  # of a peer's data-parallel replicas, one changes its files
     if epoch == 0:
-        for p in peers:
+        exchange.barrier()  # every replica has listed the files before one removes them
+        for p in peers if writes else ():
             (run.peer_path(p.index) / LAST_NEXT).unlink(missing_ok=True)
         return None
-    run_state = {}
+    run_state, read = {}, []
     for p in peers:
         path = local_epochs[p.index][epoch]
         saved = read_checkpoint(path, RESUME, map_location=device)
@@ -304,6 +306,9 @@ def restore(run: RunDir, cohort: Cohort) -> dict | None:
         except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as exc:
             raise UserError(f"checkpoint {path} does not fit peer {p.label} ({type(exc).__name__}): it is damaged "
                             "or from another configuration; start a new run with another --name") from None
+        read.append((p, path))
+    exchange.barrier()  # every replica has read its peers' files before one renames them
+    for p, path in read if writes else ():
         staged = run.peer_path(p.index) / LAST_NEXT
         if path == staged:
             run.publish_last(p.index)  # finish the commit a crash interrupted

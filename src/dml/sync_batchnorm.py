@@ -26,6 +26,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+# torch renamed all_gather_into_tensor; keep working on releases that only have the old name.
+_all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 class _SyncedBatchNorm(torch.autograd.Function):
     @staticmethod
@@ -35,7 +38,7 @@ class _SyncedBatchNorm(torch.autograd.Function):
         local_var, local_mean = torch.var_mean(xf, dims, correction=0)
         mine = torch.cat([local_mean, local_var, xf.new_full((1,), x.numel() / x.shape[1])])
         gathered = mine.new_empty(dist.get_world_size(group) * mine.numel())  # flat: what gloo gathers into
-        dist.all_gather_into_tensor(gathered, mine, group=group)
+        _all_gather_tensor(gathered, mine, group=group)
         gathered = gathered.view(-1, mine.numel())
         channels = x.shape[1]
         means, variances, counts = gathered[:, :channels], gathered[:, channels:-1], gathered[:, -1:]
