@@ -258,3 +258,15 @@ def test_kill_9_of_a_replica_then_resume_and_checkpoints_across_layouts(cifar_ro
                  str(tmp_path / "eval.json")]) == 0, capsys.readouterr().err
     logged = max(r["test_acc"] for r in metrics(straight) if r["node"] == 0)
     assert json.loads((tmp_path / "eval.json").read_text())["checkpoints"][0]["top1"] == logged
+
+
+def test_the_slurm_example_is_valid_bash_and_starts_torchrun_on_every_node():
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "slurm" / "dml_train.sbatch"
+    checked = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    text = script.read_text()
+    assert "#SBATCH --requeue" in text and "srun" in text and "--rdzv-backend c10d" in text
+    assert "--data-parallel" in text and '"${RESUME[@]}"' in text  # --resume once the run exists
