@@ -7,10 +7,10 @@ import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 import dml
+from ranks import run_ranks  # the tests folder is on sys.path
 
 STEPS, B = 4, 16
 
@@ -46,27 +46,13 @@ def _train(num_peers, **options):
     return local, losses, states
 
 
-def _replica(rank, world, port, num_peers, results):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _replica(num_peers):
     local, losses, states = _train(num_peers, data_parallel=2)
-    # numpy arrays travel by value: tensors would be shared memory of a process that is about to end
-    results.put((rank, local, losses, {i: {k: v.numpy() for k, v in st.items()} for i, st in states.items()}))
+    return local, losses, {i: {k: v.numpy() for k, v in st.items()} for i, st in states.items()}
 
 
 def _spread(world, num_peers):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_replica, args=(r, world, port, num_peers, results)) for r in range(world)]
-    for p in procs:
-        p.start()
-    got = {r[0]: r[1:] for r in (results.get(timeout=180) for _ in procs)}
-    for p in procs:
-        p.join(timeout=30)
-    return got
+    return run_ranks(world, _replica, num_peers)
 
 
 @pytest.mark.processes

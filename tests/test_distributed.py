@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dml.distributed import TorchExchange, peers_of_rank
-from tiny_run import metrics as _metrics, tiny_flags, train_command  # the tests folder is on sys.path
+from ranks import run_ranks  # the tests folder is on sys.path
+from tiny_run import metrics as _metrics, tiny_flags, train_command
 
 pytestmark = pytest.mark.processes  # every test here starts processes (gloo groups, torchrun)
 
@@ -115,33 +114,21 @@ def test_killed_process_stops_the_others_and_the_run_resumes(cifar_root, tmp_pat
     assert [(r["epoch"], r["node"]) for r in records] == [(e, n) for e in range(1, 5) for n in (0, 1, "ensemble")]
 
 
-def _fingerprint_worker(rank, port, results):
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+def _fingerprints():
     exchange = TorchExchange(2, "cpu")
     try:
         exchange.check_same(torch.tensor(1.0), "the same batch")
         try:
-            exchange.check_same(torch.tensor(float(rank)), "a different batch")
-            results.put((rank, "no error"))
+            exchange.check_same(torch.tensor(float(exchange.rank)), "a different batch")
+            return "no error"
         except RuntimeError as exc:
-            results.put((rank, str(exc)))
+            return str(exc)
     finally:
         exchange.close()
 
 
 def test_batch_fingerprint_mismatch_fails_loudly():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_fingerprint_worker, args=(r, port, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    outcome = dict(results.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=30)
+    outcome = run_ranks(2, _fingerprints)
     assert set(outcome) == {0, 1}
     for message in outcome.values():
         assert "processes disagree on a different batch" in message

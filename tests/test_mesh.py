@@ -4,6 +4,7 @@ import pytest
 
 from dml.distributed import Mesh
 from dml.errors import UserError
+from ranks import run_ranks  # the tests folder is on sys.path
 
 
 def test_replicas_of_a_peer_group_sit_on_neighbouring_ranks():
@@ -28,16 +29,13 @@ def test_a_data_parallel_size_that_does_not_divide_the_processes_is_refused(worl
         Mesh(world, d)
 
 
-def _rank(rank, port, results):
-    import os
+def _exchange_on_a_rank():
     from types import SimpleNamespace
 
     import torch
 
     from dml.distributed import TorchExchange
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE="4", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="4",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     exchange = TorchExchange(2, "cpu", data_parallel=2)
     try:
         (peer,) = exchange.local_indices
@@ -47,33 +45,19 @@ def _rank(rank, port, results):
         objects = exchange.gather_objects((peer, replica))
         model = torch.nn.Linear(2, 1)
         for q in model.parameters():
-            q.grad = torch.full_like(q, float(rank))
+            q.grad = torch.full_like(q, float(exchange.rank))
         exchange.average_gradients(SimpleNamespace(index=peer, model=model))
         counts = exchange.sum_over_replicas(torch.tensor([replica + 1]))
-        results.put((rank, peer, replica, [z[0, 0].item() for z in logits], shared[0, 0].item(), objects,
-                     [q.grad.flatten()[0].item() for q in model.parameters()], counts.item(),
-                     exchange.shard(torch.arange(8)).tolist(), exchange.writes_peers))
+        return (peer, replica, [z[0, 0].item() for z in logits], shared[0, 0].item(), objects,
+                [q.grad.flatten()[0].item() for q in model.parameters()], counts.item(),
+                exchange.shard(torch.arange(8)).tolist(), exchange.writes_peers)
     finally:
         exchange.close()
 
 
 @pytest.mark.processes
 def test_logits_travel_between_the_replicas_of_one_shard_and_gradients_between_a_peers_replicas():
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, port, results)) for r in range(4)]
-    for p in procs:
-        p.start()
-    got = {r[0]: r[1:] for r in (results.get(timeout=180) for _ in procs)}
-    for p in procs:
-        p.join(timeout=30)
+    got = run_ranks(4, _exchange_on_a_rank)
     for rank in range(4):
         peer, replica, logits, shared, objects, grads, counts, shard, writes = got[rank]
         assert (peer, replica) == divmod(rank, 2)

@@ -1,16 +1,13 @@
 """SyncedBatchNorm over gloo: two replicas, each with half of a batch, compute what one BatchNorm computes
 on the whole batch (outputs, input and parameter gradients, running statistics)."""
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
-from dml.sync_batchnorm import SyncedBatchNorm, synchronise_batchnorm
+from dml.sync_batchnorm import synchronise_batchnorm
+from ranks import run_ranks  # the tests folder is on sys.path
 
 B, C, H = 8, 3, 4
 
@@ -33,9 +30,9 @@ def _reference():
     return out.detach(), x.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var
 
 
-def _replica(rank, port, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _replica():
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
     try:
         torch.manual_seed(1)
         bn = nn.Sequential(nn.BatchNorm2d(C))
@@ -49,29 +46,20 @@ def _replica(rank, port, results):
         (out * dy[half]).sum().backward()
         grads = torch.cat([bn[0].weight.grad, bn[0].bias.grad])
         dist.all_reduce(grads)  # the replicas' parameter gradients add up to the whole batch's
-        results.put((rank, out.detach(), x.grad, grads, bn[0].running_mean.clone(), bn[0].running_var.clone(),
-                     type(bn[0]).__name__))
+        return tuple(t.detach().numpy() for t in (out, x.grad, grads, bn[0].running_mean, bn[0].running_var)) + (
+            type(bn[0]).__name__,)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.processes
 def test_two_replicas_compute_what_one_batchnorm_computes_on_the_whole_batch():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_replica, args=(r, port, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict((r[0], r[1:]) for r in (results.get(timeout=120) for _ in procs))
-    for p in procs:
-        p.join(timeout=30)
+    got = run_ranks(2, _replica)
     out, x_grad, w_grad, b_grad, running_mean, running_var = _reference()
     for rank in (0, 1):
         half = slice(rank * B // 2, (rank + 1) * B // 2)
-        r_out, r_xgrad, r_grads, r_mean, r_var, kind = got[rank]
+        *arrays, kind = got[rank]
+        r_out, r_xgrad, r_grads, r_mean, r_var = (torch.from_numpy(a) for a in arrays)
         assert kind == "SyncedBatchNorm"
         torch.testing.assert_close(r_out, out[half], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(r_xgrad, x_grad[half], rtol=1e-5, atol=1e-5)
