@@ -239,6 +239,7 @@ def test_each_mistake_in_a_graph_file_is_one_error_line(cifar_root, tmp_path, te
     (["--num-nodes", "2", "--kd-ramp-epochs", "5"], "pass --kd-ramp linear or sigmoid too"),
     (["--graph", "g.toml", "--kd-ramp", "linear"], "--kd-ramp applies to DML and --teacher"),
     (["--num-nodes", "2", "--kd-ramp", "cosine"], "invalid choice: 'cosine'"),
+    (["--kd-ramp", "linear"], "a network trained alone has none"),
 ])
 def test_missing_teachers_and_graphs_are_one_error_line(cifar_root, tmp_path, capsys, args, message):
     assert _train(cifar_root, tmp_path, *args) == 2

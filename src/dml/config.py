@@ -226,6 +226,9 @@ class TrainConfig:
             _positive_float("--kd-ramp-epochs", self.kd_ramp_epochs)
             if self.kd_ramp is None:
                 raise UserError("--kd-ramp-epochs is the length of a ramp: pass --kd-ramp linear or sigmoid too")
+        if self.kd_ramp is not None and self.num_nodes == 1 and not self.teacher and not self.graph:
+            raise UserError("--kd-ramp ramps up the KL term, and a network trained alone has none: pass "
+                            "--num-nodes 2 or more (DML) or --teacher")
         if self.kd_ramp is not None and self.graph:
             raise UserError("--kd-ramp applies to DML and --teacher; in a graph file, give each link its gate "
                             '(gate = "sigmoid_ramp", ramp_epochs = E)')
