@@ -478,6 +478,20 @@ def test_a_ramps_length_and_a_temporal_means_graph_are_searchable(cifar_root, tm
                      tmp_path / "out")
     assert ramp.search == {"kd_ramp_epochs": {"low": 0.5, "high": 2.0}}
     listed = ", ".join(f'"{path}"' for path in choices)
-    means = read_plan(write_plan(tmp_path, cifar_root, f"[search]\ngraph = {{ choices = [{listed}] }}\n",
-                                 name="means.toml"), tmp_path / "out")
+    means = write_plan(tmp_path, cifar_root, f"[search]\ngraph = {{ choices = [{listed}] }}\n", name="means.toml")
+    means.write_text(means.read_text().replace('models = "resnet20"\n', ""))  # the graph files give the peers
+    means = read_plan(means, tmp_path / "out")
     assert means.search == {"graph": {"choices": [str(path) for path in choices]}}
+
+
+@pytest.mark.parametrize("search, message", [
+    ("kd_ramp_epochs = { low = 0.0, high = 2.0 }", "--kd-ramp-epochs must be a positive"),
+    ("temperature = { choices = [2.0, -1.0] }", "--temperature must be a positive"),
+])
+def test_a_search_range_whose_end_makes_a_bad_run_is_refused_before_any_trial(cifar_root, tmp_path, search, message):
+    from dml.plan import read_plan
+
+    plan = write_plan(tmp_path, cifar_root, f'num_nodes = 2\nkd_ramp = "sigmoid"\n[search]\n{search}\n')
+    with pytest.raises(UserError) as caught:
+        read_plan(plan, tmp_path / "out")
+    assert message in str(caught.value) and "[search]" in str(caught.value), caught.value

@@ -147,7 +147,9 @@ def read_plan(path: str | Path, out_dir: Path, overrides: dict | None = None) ->
     if baseline is not None and set(varying_grid_keys) - {"seed"}:
         raise UserError(f"{where}: a baseline compares with one configuration over seeds, but the grid also varies "
                         f"{', '.join(k for k in varying_grid_keys if k != 'seed')}; drop baseline or make those rows")
-    return Plan(path, runs, baseline, _search(_table(data, "search", where), where), overrides)
+    search = _search(_table(data, "search", where), where)
+    _check_search_ends(runs, search, where)
+    return Plan(path, runs, baseline, search, overrides)
 
 
 def _table(data: dict, key: str, where: str) -> dict:
@@ -302,6 +304,19 @@ def _check_settings(run: PlannedRun, where: str) -> None:
         run.peers = TrainConfig(**settings, name=run.name).count_trained_peers()
     except UserError as exc:
         raise UserError(f"{where}, run {run.name}: {exc}") from None
+
+
+def _check_search_ends(runs: list[PlannedRun], search: dict, where: str) -> None:
+    """Every choice and both ends of every range must make a valid run, so that a bad end (a ramp of
+    0 epochs, say) fails now and not in the trial that draws it."""
+    for run, (key, spec) in itertools.product(runs, search.items()):
+        for value in spec.get("choices", [spec.get("low"), spec.get("high")]):
+            value = _settings({key: value}, f"{where} [search]")[key]
+            trial = PlannedRun(run.name, run.label, {**run.settings, key: value}, run.after)
+            try:
+                _check_settings(trial, where)
+            except UserError as exc:
+                raise UserError(f"{exc} ([search] {key} = {value!r})") from None
 
 
 def differences(old: dict[str, dict], new: dict[str, dict]) -> list[str]:
