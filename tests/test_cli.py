@@ -3,6 +3,8 @@ mistakes say what is true."""
 
 import argparse
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 
@@ -134,3 +136,15 @@ def test_tune_says_how_to_install_optuna_from_a_checkout(capsys):
     # the package is not on PyPI: pip install 'deep-mutual-learning[tune]' finds nothing
     text = help_text(capsys, "tune")
     assert "deep-mutual-learning[" not in text and "pip install optuna" in " ".join(text.split())
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["report", "--help"], ["evaluate", "--help"],
+                                  ["bench", "--help"], ["experiment", "--help"], ["tune", "--help"],
+                                  ["train", "--num-nodes", "0"], ["train", "--models", "nope"]])
+def test_help_and_argument_errors_answer_before_torch_loads(argv):
+    """Torch takes seconds to import: help and a mistyped setting must not wait for it."""
+    probe = ("import sys\nfrom dml.cli import main\ntry:\n    code = main(sys.argv[1:])\nexcept SystemExit as stop:\n"
+             "    code = stop.code\nprint('torch imported' if 'torch' in sys.modules else 'no torch', code)")
+    done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=120)
+    last = done.stdout.strip().splitlines()[-1]
+    assert last in ("no torch 0", "no torch 2"), (last, done.stderr[-500:])

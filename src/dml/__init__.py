@@ -20,9 +20,8 @@ links, and temporal means (a peer whose optimizer is ``dml.MeanOf(i, decay)``) -
 
 __version__ = "0.1.0"
 
-# Loaded on first use, so that `import dml` does not import torch until a name is used. The command
-# line still imports it (even for --help): its flags come from TrainConfig, whose module imports the
-# models and the runtime.
+# Loaded on first use, so that `import dml` does not import torch until a name is used; the command
+# line imports it only for the work itself, not for --help or a mistyped setting (tests/test_cli.py).
 _PUBLIC = {
     "Cohort": "cohort", "StepOutput": "cohort", "MutualLoss": "loss", "mutual_loss": "loss",
     "Evaluation": "evaluate", "create_model": "models", "Link": "links", "Links": "links",

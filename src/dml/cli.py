@@ -10,7 +10,8 @@ import os
 import sys
 
 from . import __version__
-from .config import DATASETS, DEVICES, GROUPS, PRECISIONS, UPDATES, TrainConfig, field_default, flag_of
+from .choices import DEVICES, PRECISIONS
+from .config import DATASETS, GROUPS, UPDATES, TrainConfig, field_default, flag_of
 from .errors import RunStopped, UserError
 from .models import model_factory
 

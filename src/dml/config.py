@@ -6,12 +6,17 @@ from __future__ import annotations
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from .choices import DEVICES, PRECISIONS
 from .errors import UserError
-from .graph import means_of, read_graph, teacher_spec
-from .peer import MeanOf
 from .models import MODEL_NAMES, folder_name, model_factory
-from .runtime import DEVICES, PRECISIONS
+
+if TYPE_CHECKING:
+    from .peer import MeanOf
+
+# graph.py (and with it torch) is imported where a graph is read, not here: the command line is
+# generated from this module, and `dml --help` took 3 s when it imported torch.
 
 DATASETS = ("cifar100", "cifar10", "folder")
 UPDATES = ("simultaneous", "sequential")
@@ -242,6 +247,8 @@ class TrainConfig:
                             "--teacher-model")
 
     def _read_graph(self, open_checkpoints: bool) -> dict:
+        from .graph import read_graph, teacher_spec
+
         if self.graph:
             return read_graph(self.graph, open_checkpoints)
         return teacher_spec(self.models, self.teacher, self.temperature, self.kl_weight, self.teacher_model,
@@ -265,6 +272,8 @@ class TrainConfig:
     @property
     def means(self) -> dict[int, MeanOf]:
         """The temporal means of the graph: index -> the peer it follows, with its decay."""
+        from .graph import means_of
+
         return means_of(self.graph_spec)
 
     @property

@@ -9,12 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .choices import DEVICES, PRECISIONS
 from .errors import UserError
 from .peer_threads import SerialPeers, ThreadedPeers, flushes_denormals, peer_runner
 from .threads import fastest_thread_count
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def resolve_device(name: str | torch.device) -> torch.device:

@@ -2,7 +2,8 @@
 
 A name is a registered network (``resnet32``) or an import path ``package.module:factory`` of a
 callable that takes ``num_classes`` and returns an ``nn.Module``, imported from the current
-directory or PYTHONPATH.
+directory or PYTHONPATH. The registry itself imports no torch: the command line reads its names
+for ``--help``, and torch loads with the first network built.
 """
 
 from __future__ import annotations
@@ -13,20 +14,36 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
-from .cifar_resnet import CifarResNet
-from .wide_resnet import WideResNet
+
+def _cifar_resnet(depth: int) -> Callable[[int], nn.Module]:
+    def build(num_classes: int) -> nn.Module:
+        from .cifar_resnet import CifarResNet
+
+        return CifarResNet(depth, num_classes)
+    return build
+
+
+def _wide_resnet(depth: int, width: int) -> Callable[[int], nn.Module]:
+    def build(num_classes: int) -> nn.Module:
+        from .wide_resnet import WideResNet
+
+        return WideResNet(depth, width, num_classes)
+    return build
+
 
 MODELS: dict[str, Callable[[int], nn.Module]] = {
-    "resnet20": lambda num_classes: CifarResNet(20, num_classes),
-    "resnet32": lambda num_classes: CifarResNet(32, num_classes),
-    "resnet44": lambda num_classes: CifarResNet(44, num_classes),
-    "resnet56": lambda num_classes: CifarResNet(56, num_classes),
-    "resnet110": lambda num_classes: CifarResNet(110, num_classes),
-    "wrn28_2": lambda num_classes: WideResNet(28, 2, num_classes),
-    "wrn28_10": lambda num_classes: WideResNet(28, 10, num_classes),
+    "resnet20": _cifar_resnet(20),
+    "resnet32": _cifar_resnet(32),
+    "resnet44": _cifar_resnet(44),
+    "resnet56": _cifar_resnet(56),
+    "resnet110": _cifar_resnet(110),
+    "wrn28_2": _wide_resnet(28, 2),
+    "wrn28_10": _wide_resnet(28, 10),
 }
 MODEL_NAMES = tuple(MODELS)
 
@@ -85,6 +102,8 @@ def create_model(name: str, num_classes: int = 100) -> nn.Module:
     """Build the network ``name`` (registered, or ``package.module:factory``) with a ``num_classes``-way
     classifier. ValueError for an unknown name, a failed import or a factory that cannot take
     ``num_classes``; TypeError where a factory does not return an ``nn.Module``."""
+    from torch import nn
+
     model = model_factory(name)(num_classes)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model {name!r}: the factory returned a {type(model).__name__}, not a torch.nn.Module")
