@@ -419,6 +419,8 @@ def test_online_distillation_links_train_resume_and_are_stored(cifar_root, tmp_p
     for kind in (straight, resumed):  # the mean's checkpoints resume it and evaluate like any peer's
         saved = torch.load(kind / "2_resnet20" / "last.pt", weights_only=True)
         assert (saved["mean_of"], saved["decay"], saved["run"]["epoch"]) == (0, 0.9, 2)
+        updates = saved["updates"] if kind is straight else updates
+        assert saved["updates"] == updates > 0  # the warm-up's step count, resumed with the mean
     best = torch.load(straight / "2_resnet20" / "best.pt", weights_only=True)
     assert best["mean_of"] == 0
     documented = _documented_keys()  # checkpoint.py's schema, a mean's part included

@@ -337,6 +337,8 @@ def test_a_cohort_moves_its_ramp_with_every_step():
 
 # --- temporal means (MeanOf) ----------------------------------------------------------------------------
 def test_a_temporal_mean_teaches_as_it_was_and_follows_its_source_after_every_step():
+    """The t-th step moves the mean's weights and running statistics by a_t = max(1/t, 1 - decay) toward its
+    source's: with decay 0.9 the plain average for 10 steps (a copy after the first), then 0.1 per step."""
     nets = [_net(1), _net(2)]
     opts = [torch.optim.SGD(n.parameters(), lr=0.5, momentum=0.9) for n in nets]
     links = Links([Link(2, 0, temperature=2.0), Link(ENSEMBLE, 1)], 3, frozen=[2])
@@ -346,7 +348,7 @@ def test_a_temporal_mean_teaches_as_it_was_and_follows_its_source_after_every_st
                     device="cpu", precision="fp32", plain=True) as cohort:
         mean = cohort.peers[2].model
         assert mean is not nets[0] and not mean.training and not any(q.requires_grad for q in mean.parameters())
-        for _ in range(4):
+        for t in range(1, 13):
             x, y = torch.randn(16, 3, 2, 2, generator=g), torch.randint(0, C, (16,), generator=g)
             with torch.no_grad():
                 before = mean(x)
@@ -357,16 +359,35 @@ def test_a_temporal_mean_teaches_as_it_was_and_follows_its_source_after_every_st
             close(out.kd[1], _kl((z[0] + z[1]) / 2, z[1]).mean())  # the ensemble: peers 0 and 1, not the mean
             source = nets[0].state_dict()
             for name, value in mean.state_dict().items():
-                if name in dict(nets[0].named_parameters()):
-                    expected[name] = 0.9 * expected[name] + 0.1 * source[name].double()
+                if value.is_floating_point():  # weights and BatchNorm's running statistics alike
+                    a = max(1.0 / t, 0.1)
+                    expected[name] = (1.0 - a) * expected[name] + a * source[name].double()
                     close(value, expected[name])
-                else:  # BatchNorm's running statistics and step count: copied
+                else:  # BatchNorm's step count: copied
                     assert torch.equal(value, source[name]), name
-                    expected[name] = source[name].double()
         states = cohort.state_dict()["peers"]
-        assert [(s["index"], s.get("mean_of"), s.get("decay")) for s in states] == [(0, None, None), (1, None, None),
-                                                                                   (2, 0, 0.9)]
+        assert [(s["index"], s.get("mean_of"), s.get("decay"), s.get("updates")) for s in states] == [
+            (0, None, None, None), (1, None, None, None), (2, 0, 0.9, 12)]
         assert states[2].keys() >= {"model", "best_acc"} and "optimizer" not in states[2]
+
+
+def test_a_mean_saved_without_its_step_count_continues_past_the_warm_up():
+    """Files written before the warm-up hold no count: such a mean goes on at 1 - decay, as it started."""
+    nets = [_net(1), _net(2)]
+    opts = [torch.optim.SGD(n.parameters(), lr=0.5) for n in nets]
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 3, 2, 2, generator=g), torch.randint(0, C, (16,), generator=g)) for _ in range(3)]
+    with dml.Cohort([nets[0], nets[1], None], [opts[0], opts[1], dml.MeanOf(0, decay=0.9)],
+                    device="cpu", precision="fp32", plain=True) as cohort:
+        for x, y in batches[:2]:
+            cohort.step(x, y)
+        state = cohort.state_dict()
+        del state["peers"][2]["updates"]
+        cohort.load_state_dict(state)
+        before = {k: v.clone() for k, v in cohort.peers[2].model.named_parameters()}
+        cohort.step(*batches[2])
+        for name, value in cohort.peers[2].model.named_parameters():
+            close(value, 0.9 * before[name].double() + 0.1 * dict(nets[0].named_parameters())[name].double())
 
 
 @pytest.mark.parametrize("make, message", [

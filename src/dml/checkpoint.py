@@ -44,7 +44,9 @@ A temporal mean's files (a peer that follows another's weights, ``peer.MeanOf``)
 
 and its ``last.pt`` holds, in place of "optimizer" and "scheduler",
 
-    decay         the weight each update gives the mean's own weights
+    decay         the weight each update gives the mean's own weights (once past the warm-up)
+    updates       how many steps of its source it has followed (the warm-up's t; files without it
+                  were written before the warm-up and continue at 1 - decay)
 
 A file of another format (a later version of dml) is refused with one line naming both versions.
 """

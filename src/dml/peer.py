@@ -31,9 +31,19 @@ def derive_seed(seed: int, *purpose: object) -> int:
 @dataclass(frozen=True)
 class MeanOf:
     """In place of a peer's optimizer: the peer is the exponential moving average of peer ``source``
-    (the temporal mean, or "mean teacher", of PCL and Mean Teacher). After every optimizer step of its
-    source, each parameter w <- decay * w + (1 - decay) * w_source; buffers (BatchNorm's running
-    statistics) are copied. It starts as a copy of its source and computes in evaluation mode."""
+    (the temporal mean, or "mean teacher", of PCL and Mean Teacher). After the t-th optimizer step of
+    its source, each parameter and each floating-point buffer (BatchNorm's running statistics)
+    w <- (1 - a_t) * w + a_t * w_source with a_t = max(1 / t, 1 - decay); integer buffers (BatchNorm's
+    step count) are copied. It starts as a copy of its source and computes in evaluation mode.
+
+    a_t makes the mean the plain average of the source's weights over its steps until the exponential
+    average weighs recent steps more (t > 1 / (1 - decay)), as Mean Teacher's and PCL's code do; without
+    it the initial weights keep 0.999^t of the mean, 21 % after two CIFAR epochs of batch 64. The running
+    statistics are averaged like the weights they normalise (as timm's ModelEmaV2 does): copied from the
+    source, they describe other weights. Measured on one ResNet-20 (CIFAR-100, lr 0.1, decay 0.999), test
+    accuracy of the mean after epochs 1 / 2, the source at 14.5 / 23.7 %: 1.1 / 6.6 % with neither,
+    3.8 / 3.7 % with the warm-up and copied statistics, 5.7 / 16.8 % with averaged statistics and no
+    warm-up, 11.0 / 16.0 % with both."""
 
     source: int
     decay: float = 0.999
@@ -55,6 +65,7 @@ class Peer:
     best_acc: float = float("-inf")
     best_epoch: int = 0
     mean_of: MeanOf | None = None  # a temporal mean: of which peer, with which decay
+    updates: int = 0  # a temporal mean: how many steps of its source it has followed
 
     @property
     def label(self) -> str:
@@ -78,15 +89,22 @@ class Peer:
     @torch.no_grad()
     def follow(self, source: Peer) -> None:
         """A temporal mean's update after a step of its ``source`` (see ``MeanOf``)."""
-        mine, theirs = list(self.model.parameters()), list(source.model.parameters())
-        torch._foreach_lerp_(mine, theirs, 1.0 - self.mean_of.decay)  # one multi-tensor kernel per step
-        for buffer, source_buffer in zip(self.model.buffers(), source.model.buffers()):
-            buffer.copy_(source_buffer)
+        self.updates += 1
+        weight = max(1.0 / self.updates, 1.0 - self.mean_of.decay)
+        mine, theirs = [], []
+        for own, followed in zip([*self.model.parameters(), *self.model.buffers()],
+                                 [*source.model.parameters(), *source.model.buffers()]):
+            if own.is_floating_point():
+                mine.append(own)
+                theirs.append(followed)
+            else:
+                own.copy_(followed)
+        torch._foreach_lerp_(mine, theirs, weight)  # one multi-tensor kernel per step
 
     def state_dict(self) -> dict:
         if self.mean_of is not None:
             return {"index": self.index, "model_name": self.model_name, "model": self.model.state_dict(),
-                    "mean_of": self.mean_of.source, "decay": self.mean_of.decay,
+                    "mean_of": self.mean_of.source, "decay": self.mean_of.decay, "updates": self.updates,
                     "best_acc": self.best_acc, "best_epoch": self.best_epoch}
         return {
             "index": self.index,
@@ -124,6 +142,8 @@ class Peer:
             self.scheduler.load_state_dict(state["scheduler"])
         self.best_acc = state["best_acc"]
         self.best_epoch = state["best_epoch"]
+        if self.mean_of is not None:  # a mean saved without its count followed at 1 - decay from the start
+            self.updates = state.get("updates", math.ceil(1.0 / (1.0 - self.mean_of.decay)))
 
 
 def _kind(value) -> str:
