@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from tiny_run import tiny_flags  # pytest puts the tests folder on sys.path
+from dml.tomlfile import read_toml
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "CIFAR100"
 TINY = tiny_flags("--epochs", "1", train=128)
@@ -125,7 +126,7 @@ def test_seed_table_plan_runs_every_row_on_a_small_scale(cifar_root, tmp_path):
     assert "## Knowledge distillation into 1 peer from 1 teacher: kd_resnet32_from_wrn28_2" in report
 
 
-def test_online_distillation_plan_holds_the_five_methods(monkeypatch):
+def test_online_distillation_plan_holds_the_five_methods(monkeypatch, tmp_path):
     """examples/CIFAR100/online-distillation.toml as it stands (read from its folder, as its header says),
     and its graph files the method examples of examples/graphs with ResNet-20 peers."""
     from dml.plan import read_plan
@@ -137,9 +138,11 @@ def test_online_distillation_plan_holds_the_five_methods(monkeypatch):
         ("pcl_resnet20", 2)]
     assert {r.settings["epochs"] for r in plan.runs} == {15} and {r.settings["seed"] for r in plan.runs} == {42}
     graphs = EXAMPLES.parent / "graphs"
-    for name in ("kdcl", "pcl"):
-        assert (EXAMPLES / "online" / f"{name}_resnet20.toml").read_text() == \
-            (graphs / f"{name}.toml").read_text().replace("resnet32", "resnet20")
+    assert (EXAMPLES / "online" / "kdcl_resnet20.toml").read_text() == \
+        (graphs / "kdcl.toml").read_text().replace("resnet32", "resnet20")
+    pcl = tmp_path / "pcl.toml"  # the same graph, its ramp scaled to the plan's 15 epochs
+    pcl.write_text((graphs / "pcl.toml").read_text().replace("resnet32", "resnet20").replace("= 80.0", "= 6.0"))
+    assert read_toml(EXAMPLES / "online" / "pcl_resnet20.toml", "graph file") == read_toml(pcl, "graph file")
     assert not (EXAMPLES / "runs" / "never-written").exists()
 
 

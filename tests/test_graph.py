@@ -367,8 +367,11 @@ def test_the_method_graph_files_compute_their_methods():
     pcl = read_graph(GRAPHS / "pcl.toml")
     assert [(p["model"], p.get("ema_of"), p.get("decay")) for p in pcl["peers"]] == [
         ("resnet32", None, None), ("resnet32", None, None), ("resnet32", 0, 0.999), ("resnet32", 1, 0.999)]
-    assert links_of(pcl).links == Links([Link(ENSEMBLE, 0), Link(ENSEMBLE, 1), Link(2, 0), Link(3, 1)], 4,
-                                        frozen=[2, 3]).links
+    ramped = {"gate": "sigmoid_ramp", "ramp_epochs": 80.0}  # each peer from the ensemble and the other's mean
+    pcl_links = links_of(pcl)
+    assert pcl_links.combine == "sum" and pcl_links.links == Links(
+        [Link(ENSEMBLE, 0, **ramped), Link(ENSEMBLE, 1, **ramped), Link(3, 0, **ramped), Link(2, 1, **ramped)], 4,
+        frozen=[2, 3]).links
     ramp = links_of(read_graph(GRAPHS / "dml_sigmoid_ramp.toml"))
     assert ramp.links == Links.mutual(2, gate="sigmoid_ramp", ramp_epochs=80.0).links
     kdcl = links_of(read_graph(GRAPHS / "kdcl.toml"))
@@ -432,6 +435,25 @@ def test_online_distillation_links_train_resume_and_are_stored(cifar_root, tmp_p
     assert main(["evaluate", str(straight / "2_resnet20" / "best.pt"), "--test-samples", "50",
                  "--json", str(tmp_path / "eval.json")]) == 0
     assert json.loads((tmp_path / "eval.json").read_text())["checkpoints"][0]["top1"] == best["test_acc"]
+
+
+def test_pcl_graph_by_hand():
+    """pcl.toml, peer a (b alike): CE + w(t) (KL(p(mean of a, b) || p(a)) + KL(p(b's mean) || p(a))), the two
+    terms summed, w the sigmoid ramp over 80 epochs; float64 logits, T = 1."""
+    from dml.links import Progress
+    from test_links import _ce, _kl, close
+
+    links = links_of(read_graph(GRAPHS / "pcl.toml"))
+    g = torch.Generator().manual_seed(3)
+    z = [torch.randn(8, 5, generator=g, dtype=torch.float64) * 3.0 for _ in range(4)]  # a, b, a's mean, b's mean
+    y = torch.randint(0, 5, (8,), generator=g)
+    ensemble = (z[0] + z[1]) / 2
+    for progress, t in ((Progress(21, 200, 0.0), 0.25), (Progress(100, 200, 0.5), 1.0)):
+        w = torch.exp(torch.tensor(-5.0 * (1.0 - t) ** 2, dtype=torch.float64))
+        for peer, other_mean in ((0, 3), (1, 2)):
+            ce, kd = links.terms(peer, z[peer], links.sources(z), y, progress)
+            close(ce, _ce(z[peer], y).mean())
+            close(kd, w * (_kl(ensemble, z[peer]).mean() + _kl(z[other_mean], z[peer]).mean()))
 
 
 @pytest.mark.processes
