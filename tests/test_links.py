@@ -390,6 +390,19 @@ def test_a_mean_saved_without_its_step_count_continues_past_the_warm_up():
             close(value, 0.9 * before[name].double() + 0.1 * dict(nets[0].named_parameters())[name].double())
 
 
+@pytest.mark.parametrize("updates", [-1, 1.5, float("nan"), True, None])
+def test_a_mean_refuses_a_step_count_it_would_trip_on(updates):
+    """A negative count divides by zero steps later; NaN turns every weight of the mean into NaN."""
+    nets = [_net(1), _net(2)]
+    opts = [torch.optim.SGD(n.parameters(), lr=0.5) for n in nets]
+    with dml.Cohort([nets[0], nets[1], None], [opts[0], opts[1], dml.MeanOf(0, decay=0.9)],
+                    device="cpu", precision="fp32", plain=True) as cohort:
+        state = cohort.state_dict()
+        state["peers"][2]["updates"] = updates
+        with pytest.raises((ValueError, TypeError), match="updates"):
+            cohort.load_state_dict(state)
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda o: [o[0], o[1], dml.MeanOf(2)], "cannot be the mean of itself"),
     (lambda o: [o[0], None, dml.MeanOf(1)], "which is frozen"),

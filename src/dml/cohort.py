@@ -256,8 +256,8 @@ class Cohort:
         return [p for p in self.peers if not p.frozen]
 
     def state_dict(self) -> dict:
-        """Every local trainable peer's model, optimizer and schedule, every temporal mean's model, and
-        the loss scaler (fp16). Frozen peers are not saved: they are what they were loaded as."""
+        """Every local trainable peer's model, optimizer and schedule, every temporal mean's model and
+        step count, and the loss scaler (fp16). Frozen peers are not saved: they are what they were loaded as."""
         return {"peers": [p.state_dict() for p in self.saved], "scaler": self.runtime.precision.scaler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:

@@ -37,7 +37,8 @@ class MeanOf:
     step count) are copied. It starts as a copy of its source and computes in evaluation mode.
 
     a_t makes the mean the plain average of the source's weights over its steps until the exponential
-    average weighs recent steps more (t > 1 / (1 - decay)), as Mean Teacher's and PCL's code do; without
+    average weighs recent steps more (t > 1 / (1 - decay)), a warm-up like Mean Teacher's and PCL's code
+    (theirs weighs the source 1/2 at the first update, 1 / (t + 1), where this one copies it); without
     it the initial weights keep 0.999^t of the mean, 21 % after two CIFAR epochs of batch 64. The running
     statistics are averaged like the weights they normalise (as timm's ModelEmaV2 does): copied from the
     source, they describe other weights. Measured on one ResNet-20 (CIFAR-100, lr 0.1, decay 0.999), test
@@ -131,6 +132,9 @@ class Peer:
         The model's own load checks names and shapes; everything else is checked here first.
         """
         _check_like(self._expected_state(), {k: v for k, v in state.items() if k != "model"}, "checkpoint")
+        updates = state.get("updates", 0)
+        if self.mean_of is not None and (type(updates) is not int or updates < 0):
+            raise ValueError(f"checkpoint['updates'] should be a step count (an int >= 0), not {updates!r}")
         if self.mean_of is not None and (state.get("mean_of"), state.get("decay")) != (self.mean_of.source,
                                                                                       self.mean_of.decay):
             raise ValueError(f"the state is not that of a mean of peer {self.mean_of.source} with decay "

@@ -212,8 +212,8 @@ class RunDir:
         return True
 
     def read_config(self) -> TrainConfig:
-        # imported here: config imports graph, which reads teacher checkpoints through checkpoint.py,
-        # which imports this module
+        # imported here: config reads graphs (graph.py), which read teacher checkpoints through
+        # checkpoint.py, which imports this module
         from .config import TrainConfig
 
         path = self.path / CONFIG_FILE
