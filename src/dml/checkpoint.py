@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import __version__
+from .choices import AUTO
 from .errors import RunStopped, UserError
 from .models import is_import_path
 from .runlog import BEST, CONFIG_FILE, LAST, LAST_NEXT, RunDir, atomic_write_bytes
@@ -229,10 +230,17 @@ def check_model_named(what: str, recorded: str, named: str | None, naming: str) 
                         f"by itself: add {naming} to import it")
 
 
-def check_run_dir(cfg: TrainConfig, resume: bool, run: RunDir) -> None:
-    """Refuse to overwrite a run, to resume nothing, or to resume with another configuration. A folder
-    holding only the start of a run that never completed an epoch is no run: it is started over."""
+def check_run_dir(cfg: TrainConfig, resume: bool | str, run: RunDir) -> bool:
+    """Refuse to overwrite a run, to resume nothing, or to resume with another configuration; returns
+    whether the run continues (True) or starts (False). A folder holding only the start of a run that
+    never completed an epoch is no run: it is started over. ``resume`` is False, True or ``AUTO``
+    (continue what is there, start what is not: one command for a first start and every restart)."""
     _check_not_a_file(run)
+    holds_run = (run.path / CONFIG_FILE).exists() or run.has_checkpoints()
+    if resume == AUTO:
+        resume = holds_run and not run.holds_no_epoch()
+        if not resume:
+            return False
     if resume:
         if not (run.path / CONFIG_FILE).exists():
             raise UserError(f"nothing to resume in {run.path}: it holds no run (no {CONFIG_FILE}); "
@@ -241,14 +249,16 @@ def check_run_dir(cfg: TrainConfig, resume: bool, run: RunDir) -> None:
         if differences:
             raise UserError(
                 f"--resume with a configuration that differs from the run in {run.path} "
-                f"({'; '.join(differences)}); repeat the original command with --resume"
+                f"({'; '.join(differences)}); repeat the original command with --resume, or --name for a new run"
             )
-    elif ((run.path / CONFIG_FILE).exists() or run.has_checkpoints()) and not run.holds_no_epoch():
+        return True
+    if holds_run and not run.holds_no_epoch():
         # A run stopped before its first epoch was complete holds nothing to lose: it starts over
         # (with this configuration, which may differ: "lower --lr and start again").
         raise UserError(
             f"{run.path} already holds a run; pass --resume to continue it, or --name for a new run"
         )
+    return False
 
 
 def what_is_saved(run: RunDir) -> str:

@@ -1,5 +1,6 @@
-"""The names a device and a precision are chosen by, resolved in runtime.py. Torch-free, so that the
-command line offers them in ``--help`` before torch loads."""
+"""Names the command line offers before torch loads (``--help`` stays fast): a device and a precision
+(resolved in runtime.py), and ``--resume auto`` (decided in checkpoint.check_run_dir)."""
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+AUTO = "auto"  # --resume auto: continue the run where it holds a complete epoch, else start it

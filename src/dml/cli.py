@@ -8,11 +8,14 @@ import dataclasses
 import typing
 import os
 import sys
+import traceback
+from collections.abc import Callable
 
 from . import __version__
-from .choices import DEVICES, PRECISIONS
+from .choices import AUTO, DEVICES, PRECISIONS
 from .config import DATASETS, GROUPS, UPDATES, TrainConfig, field_default, flag_of
 from .errors import RunStopped, UserError
+from .launch import FAILURES_ENV, error_line, report_failure
 from .models import model_factory
 
 
@@ -94,15 +97,27 @@ def _train_parser(sub) -> None:
     groups = {g: p.add_argument_group(GROUP_TITLES.get(g, g)) for g in GROUPS}
     _add_config_arguments(p, groups=groups)
     run = groups["run"]
-    run.add_argument("--resume", action="store_true",
-                     help="continue <out-dir>/<name> from its last complete epoch (repeat the original flags)")
+    run.add_argument("--resume", nargs="?", const=True, default=False, type=_resume_mode, metavar="auto",
+                     help="continue <out-dir>/<name> from its last complete epoch (repeat the original flags); "
+                          "--resume auto: continue it where it holds a complete epoch, start it where it holds "
+                          "nothing (one command for a first start, a torchrun restart and a Slurm requeue)")
     run.add_argument("--stop-after", type=int, default=None, metavar="N",
                      help="stop after N epochs of this invocation (for time-limited jobs); continue with --resume")
     groups["distributed"].add_argument(
         "--procs", type=int, default=None, metavar="P",
         help="start P local processes (P <= --num-nodes) that share the peers, through torch.distributed's "
              "launcher; on several machines use torchrun instead")
+    groups["distributed"].add_argument(
+        "--max-restarts", type=int, default=0, metavar="N",
+        help="with --procs: restart the whole group up to N times when a process is lost; the run continues "
+             "from its last complete epoch (torchrun's --max-restarts)")
     p.set_defaults(func=_run_train)
+
+
+def _resume_mode(value: str):
+    if value != AUTO:
+        raise argparse.ArgumentTypeError(f"--resume takes no value or 'auto', got {value!r}")
+    return AUTO
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -114,6 +129,11 @@ def _run_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args).resolved()  # graph file and teacher checkpoints read here, once
     if args.stop_after is not None and args.stop_after <= 0:
         raise UserError(f"--stop-after must be a positive integer, got {args.stop_after}")
+    if args.max_restarts < 0:
+        raise UserError(f"--max-restarts must be 0 or more, got {args.max_restarts}")
+    if args.max_restarts and args.procs is None:
+        raise UserError("--max-restarts restarts the processes that --procs starts; under torchrun, give torchrun "
+                        "--max-restarts and dml train --resume auto")
     if args.procs is not None:
         placed = cfg.num_nodes - len(cfg.means)  # a temporal mean lives in its source's process
         replicas = cfg.data_parallel
@@ -124,36 +144,57 @@ def _run_train(args: argparse.Namespace) -> int:
         if args.procs % replicas:
             raise UserError(f"--procs {args.procs} is not a multiple of --data-parallel {replicas}: each peer group "
                             f"needs {replicas} processes")
-        if args.procs > 1:
-            from .checkpoint import what_is_saved
+        if args.procs > 1 or args.max_restarts:
+            from .checkpoint import check_run_dir, what_is_saved
             from .launch import launch_processes
             from .runlog import RunDir
 
             run = RunDir.of(cfg)
-            return launch_processes(args.procs, _without_procs(args.argv), lambda: what_is_saved(run))
+            argv = _without_launcher_flags(args.argv)
+            if args.max_restarts:
+                # Said once, here, before the processes start; then every start of them continues the run
+                # if it holds a complete epoch and starts it otherwise.
+                check_run_dir(cfg, args.resume, run)
+                argv = [*_without_resume(argv), "--resume", AUTO]
+            return launch_processes(args.procs, argv, lambda: what_is_saved(run), args.max_restarts)
 
-    import torch.distributed as dist
-
+    from .distributed import launcher_restart, lost_contact
     from .engine import train  # imported here so that --help and argument errors stay fast
 
     try:
         train(cfg, resume=args.resume, stop_after=args.stop_after)
-    except dist.DistError as exc:
+    except RuntimeError as exc:
+        if not lost_contact(exc):
+            raise
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"error: lost contact with another process ({first_line}); the last complete epoch is saved: "
-              "continue with the same command and --resume", file=sys.stderr)
+        restart, max_restarts = launcher_restart()
+        then = ("the launcher restarts the group from there" if restart < max_restarts
+                else "continue with the same command and --resume")
+        _say_failure(f"error: lost contact with another process ({first_line}); the last complete epoch is saved: "
+                     + then)
         return 1
     return 0
 
 
-def _without_procs(argv: list[str]) -> list[str]:
-    out, skip = [], False
+def _without_launcher_flags(argv: list[str]) -> list[str]:
+    """The arguments without the flags that start processes (for the processes they start)."""
+    return _without(argv, ("--procs", "--max-restarts"), lambda value: True)
+
+
+def _without_resume(argv: list[str]) -> list[str]:
+    return _without(argv, ("--resume",), lambda value: value == AUTO)
+
+
+def _without(argv: list[str], flags: tuple[str, ...], takes: Callable[[str], bool]) -> list[str]:
+    """``argv`` without ``flags``, spelt ``--flag=value`` or ``--flag [value]``: a token after the flag is
+    its value where ``takes(token)``."""
+    out, flag_before = [], False
     for token in argv:
-        if skip:
-            skip = False
-        elif token == "--procs":
-            skip = True
-        elif not token.startswith("--procs="):
+        if flag_before and takes(token):
+            flag_before = False
+            continue
+        flag_before = token in flags
+        if not flag_before and token.split("=", 1)[0] not in flags:
             out.append(token)
     return out
 
@@ -279,7 +320,7 @@ def _run_bench(args: argparse.Namespace) -> int:
             raise UserError(f"--procs {args.procs} exceeds the smallest cohort in --num-nodes ({min(nodes)})")
         from .launch import launch_processes
 
-        return launch_processes(args.procs, _without_procs(args.argv))
+        return launch_processes(args.procs, _without_launcher_flags(args.argv))
 
     from .bench import HEADER, BenchSettings, run_benchmark, write_json
 
@@ -381,10 +422,10 @@ def main(argv: list[str] | None = None) -> int:
         args.argv = argv
         return args.func(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _say_failure(f"error: {exc}")
         return 2
     except RunStopped as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _say_failure(f"error: {exc}")
         return exc.exit_code
     except BrokenPipeError:  # e.g. `dml experiment plan.toml --dry-run | head`: the reader has gone
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -392,3 +433,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # dml train says what it saved itself (RunStopped); nothing else saves partial work
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug: its traceback, except at a restart that fails as the start before
+        if not os.environ.get(FAILURES_ENV):
+            raise
+        report_failure(error_line(exc), traceback.print_exc)
+        return 1
+
+
+def _say_failure(line: str) -> None:
+    report_failure(line, lambda: print(line, file=sys.stderr))

@@ -153,7 +153,12 @@ class TorchExchange(LocalExchange):
             # Share the machine's cores between this machine's processes instead of oversubscribing.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.local_world_size))
         if not dist.is_initialized():
-            dist.init_process_group(self.backend, timeout=timeout)
+            # torchrun's agent keeps one store for every start of its group (--max-restarts): keys of the
+            # start before would be read as this one's, and gloo would connect to a process that is gone
+            restart, _ = launcher_restart()
+            store, _, _ = next(dist.rendezvous("env://", self.rank, self.world_size, timeout=timeout))
+            dist.init_process_group(self.backend, store=dist.PrefixStore(f"dml/start{restart}", store),
+                                    rank=self.rank, world_size=self.world_size, timeout=timeout)
         self.peer_group, self.data_group, self.peer_data_groups = self._groups()
 
     def _groups(self):
@@ -255,9 +260,26 @@ class TorchExchange(LocalExchange):
             # can abort (gloo's threads) at exit.
             try:
                 dist.barrier()
-            except RuntimeError:  # DistError, or gloo's "Connection closed by peer"
+            except RuntimeError:  # another process is gone (see lost_contact)
                 pass  # another process is gone already: nothing left to wait for
             dist.destroy_process_group()
+
+
+def launcher_restart() -> tuple[int, int]:
+    """(which restart of its process group this process is, the restarts its launcher allows): torchrun's
+    elastic agent sets both (``--max-restarts``); (0, 0) for a first start and outside torchrun."""
+    try:
+        return (int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+                int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")))
+    except ValueError:  # not set by torchrun
+        return 0, 0
+
+
+def lost_contact(exc: BaseException) -> bool:
+    """Whether ``exc`` says that another process of the group has gone (torch's DistError, or gloo's
+    transport errors, which torch raises as plain RuntimeErrors)."""
+    return isinstance(exc, dist.DistError) or (
+        isinstance(exc, RuntimeError) and "gloo/transport" in str(exc) and "by peer" in str(exc))
 
 
 def make_exchange(num_nodes: int, device_type: str, homes: dict[int, int] | None = None,

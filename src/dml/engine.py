@@ -19,7 +19,7 @@ from .data.augment import Normalise
 from .data.batches import TrainBatches, test_batches
 from .data.dataset import ImageData, balanced_subset, hold_out
 from .data.source import load_dataset
-from .distributed import make_exchange
+from .distributed import launcher_restart, make_exchange
 from .errors import RunStopped, UserError
 from .evaluate import EVAL_BATCH_SIZE, load_model
 from .graph import links_of
@@ -151,11 +151,12 @@ def build_feed(cfg: TrainConfig, runtime: Runtime, data: ImageData) -> Feed:
                                                    normalise))
 
 
-def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None, exchange=None) -> Path:
+def train(cfg: TrainConfig, resume: bool | str = False, stop_after: int | None = None, exchange=None) -> Path:
     """Train the cohort ``cfg`` describes; returns the run directory.
 
     ``stop_after`` ends this invocation after that many epochs (for time-limited jobs); the run
-    continues with ``resume=True`` exactly as if it had not stopped. A ``--graph`` or ``--teacher``
+    continues with ``resume=True`` exactly as if it had not stopped; ``resume="auto"`` continues a run that
+    holds a complete epoch and starts one that does not (see check_run_dir). A ``--graph`` or ``--teacher``
     not yet resolved is read here (``TrainConfig.resolved``).
     """
     cfg = cfg.resolved()
@@ -166,7 +167,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     try:
         device = exchange.select_device(device)
         run = RunDir.of(cfg, writer=exchange.is_writer)
-        check_run_dir(cfg, resume, run)
+        resume = check_run_dir(cfg, resume, run)  # decided by every process before any of them writes
         data = load_data(cfg, device)
         exchange.barrier()  # every process has checked the run directory before rank 0 writes to it
         runtime = build_runtime(cfg, exchange, device)
@@ -212,8 +213,15 @@ class Training:
         else:  # a new run, or one stopped before its first epoch was complete
             run.create(cfg, {**environment_info(runtime), "data": data_summary(self.data)})
             run.truncate_metrics(0)
+        run.first_epoch = 1 if state is None else state["epoch"] + 1
+        restart, max_restarts = launcher_restart()
+        if restart:
+            saved = run.first_epoch - 1
+            run.log_restart(saved, restart, max_restarts)
+            self.log(f"restart {restart} of {max_restarts} after a lost process: "
+                     + (f"epoch {saved} is saved, epoch {saved + 1} runs again" if saved else "the run starts over"))
         self.cohort.exchange.barrier()
-        return 1 if state is None else state["epoch"] + 1
+        return run.first_epoch
 
     def describe(self, start_epoch: int) -> str:
         cfg, data, runtime = self.config, self.data, self.cohort.runtime

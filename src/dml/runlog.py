@@ -3,7 +3,8 @@
 Layout of ``<out-dir>/<name>/``::
 
     config.json          every setting, versions, device
-    metrics.jsonl        one object per epoch and peer, then one for the ensemble: the last of its epoch
+    metrics.jsonl        one object per epoch and peer, then one for the ensemble: the last of its epoch;
+                         one for each restart of the process group by its launcher (node "restart")
     <i>_<model>/         TensorBoard events of peer i; last.pt (every epoch), best.pt (best val_acc where
                          the run holds a validation split, else best test_acc)
     ensemble/            TensorBoard events of the cohort's ensemble
@@ -126,6 +127,7 @@ def saved_peers(cfg: TrainConfig) -> dict[int, str]:
 
 
 ENSEMBLE = "ensemble"  # the node of the record that ends an epoch
+RESTART = "restart"  # the node of the record a restarted process group writes before it repeats an epoch
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,7 @@ class Record:
 
     @property
     def node(self) -> int | str:
-        """A peer's index, or ``"ensemble"``."""
+        """A peer's index, ``"ensemble"``, or ``"restart"``."""
         return self.data["node"]
 
 
@@ -157,6 +159,9 @@ class RunDir:
         self.peer_names = peer_names  # index -> model name, for every peer with checkpoints (see saved_peers)
         self.writer = writer
         self._tensorboard: dict[str, object] = {}
+        # TensorBoard hides what an earlier process logged from this epoch on (logged, then lost before
+        # its checkpoint): a resumed run shows each epoch once
+        self.first_epoch = 1
 
     @classmethod
     def of(cls, cfg: TrainConfig, writer: bool = True) -> RunDir:
@@ -243,7 +248,7 @@ class RunDir:
 
         A last line without its newline that does not parse is a write that a crash (or the running trainer)
         has not finished: it is left out, not an error. Any other line that is not a JSON object with an integer ``epoch`` and
-        a ``node`` (a peer's index or ``"ensemble"``) is a UserError naming it.
+        a ``node`` (a peer's index, ``"ensemble"`` or ``"restart"``) is a UserError naming it.
         """
         path = self.path / METRICS_FILE
         try:
@@ -268,7 +273,7 @@ class RunDir:
             if not isinstance(record, dict):
                 raise UserError(f"{path} line {number} is not a dml metrics record (not a JSON object)")
             epoch, node = record.get("epoch"), record.get("node")
-            if not _is_int(epoch) or not (_is_int(node) or node == ENSEMBLE):
+            if not _is_int(epoch) or not (_is_int(node) or node in (ENSEMBLE, RESTART)):
                 raise UserError(f"{path} line {number} is not a dml metrics record (epoch {epoch!r}, node {node!r})")
             records.append(Record(number, record))
         return records
@@ -282,7 +287,8 @@ class RunDir:
         """
         by_epoch: dict[int, dict[int | str, Record]] = {}
         for record in self.records(missing_ok=True) if records is None else records:
-            by_epoch.setdefault(record.epoch, {})[record.node] = record
+            if record.node != RESTART:
+                by_epoch.setdefault(record.epoch, {})[record.node] = record
         return {epoch: by_epoch[epoch] for epoch in sorted(by_epoch) if ENSEMBLE in by_epoch[epoch]}
 
     def last_completed_epoch(self) -> int:
@@ -303,13 +309,7 @@ class RunDir:
         """Append one epoch's records to metrics.jsonl and TensorBoard."""
         if not self.writer:
             return
-        try:
-            with open(self.path / METRICS_FILE, "a") as f:
-                f.write("".join(json.dumps(record) + "\n" for record in records))
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as exc:
-            raise write_failed(self.path / METRICS_FILE, exc) from None
+        self._append(records)
         for record in records:
             ensemble = record["node"] == ENSEMBLE
             folder = ENSEMBLE if ensemble else peer_dir_name(record["node"], record["model"])
@@ -321,11 +321,29 @@ class RunDir:
         for writer in self._tensorboard.values():
             writer.flush()
 
+    def log_restart(self, saved_epoch: int, restart: int, max_restarts: int) -> None:
+        """Record that the launcher restarted the process group (restart ``restart`` of ``max_restarts``)
+        and that the run goes on after ``saved_epoch``: the epoch after it runs again. Its ``epoch`` is the
+        saved one, so that a later resume from there keeps the record."""
+        if self.writer:
+            self._append([{"epoch": saved_epoch, "node": RESTART, "restart": restart, "max_restarts": max_restarts,
+                           "repeats_epoch": saved_epoch + 1}])
+
+    def _append(self, records: list[dict]) -> None:
+        """Append ``records`` to metrics.jsonl in one write, on disk before this returns."""
+        try:
+            with open(self.path / METRICS_FILE, "a") as f:
+                f.write("".join(json.dumps(record) + "\n" for record in records))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise write_failed(self.path / METRICS_FILE, exc) from None
+
     def _scalar(self, folder: str, tag: str, value: float, step: int) -> None:
         if folder not in self._tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
 
-            self._tensorboard[folder] = SummaryWriter(str(self.path / folder))
+            self._tensorboard[folder] = SummaryWriter(str(self.path / folder), purge_step=self.first_epoch)
         self._tensorboard[folder].add_scalar(tag, value, step)
 
     def close(self) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
-from ..runlog import CONFIG_FILE, ENSEMBLE, METRICS_FILE, RunDir, peer_dir_name
+from ..runlog import CONFIG_FILE, ENSEMBLE, METRICS_FILE, RESTART, RunDir, peer_dir_name
 
 
 @dataclass
@@ -131,6 +131,8 @@ def read_run(path: Path) -> Run:
     records = run_dir.records()
     for record in records:
         try:
+            if record.node == RESTART:
+                continue
             if record.node == ENSEMBLE:
                 float(record.data["test_acc"])
             elif 0 <= record.node < len(models):
