@@ -255,4 +255,5 @@ def test_the_slurm_example_is_valid_bash_and_starts_torchrun_on_every_node():
     assert checked.returncode == 0, checked.stderr
     text = script.read_text()
     assert "#SBATCH --requeue" in text and "srun" in text and "--rdzv-backend c10d" in text
-    assert "--data-parallel" in text and '"${RESUME[@]}"' in text  # --resume once the run exists
+    assert "--data-parallel" in text and "--max-restarts 3" in text
+    assert text.rstrip().endswith("--resume auto")  # one command for the first start, restarts and requeues

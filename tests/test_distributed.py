@@ -93,7 +93,7 @@ def _children(pid):
 def test_killed_process_stops_the_others_and_the_run_resumes(cifar_root, tmp_path):
     args = ["--models", "resnet20", "--num-nodes", "2", "--epochs", "4", "--train-samples", "1024"]
     cmd = [sys.executable, "-m", "dml", "train", "--data-dir", str(cifar_root), "--out-dir", str(tmp_path), *TINY,
-           *args, "--procs", "2"]
+           *args, "--procs", "2", "--max-restarts", "0"]  # 0, the default: a lost process stops the run
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "dml_n2_resnet20_s42" / "metrics.jsonl"
     deadline = time.monotonic() + 120

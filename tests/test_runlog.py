@@ -1,6 +1,7 @@
-"""RunDir as the one reader of metrics.jsonl: records, a torn last line, complete epochs."""
+"""RunDir as the one reader of metrics.jsonl: records, a torn last line, complete epochs, restarts."""
 
 import json
+import time
 
 import pytest
 
@@ -98,3 +99,32 @@ def test_the_trained_peers_are_neither_teachers_nor_temporal_means():
     cfg = TrainConfig(graph="g.toml", graph_spec=spec, name="g")
     assert trained_peers(cfg) == [0, 3]  # what dml tune averages
     assert sorted(saved_peers(cfg)) == [0, 2, 3]  # what has checkpoints: the mean too
+
+
+def test_a_restart_record_completes_no_epoch_and_survives_a_later_resume(tmp_path):
+    run = write(tmp_path, epochs(1))
+    run.log_restart(1, restart=1, max_restarts=3)
+    run.log_epoch(epochs(2)[:2])  # lost again in epoch 2, after its peers' records
+    assert [r.node for r in run.records()] == [0, 1, "ensemble", "restart", 0, 1]
+    assert list(run.completed_epochs()) == [1] and sorted(run.completed_epochs()[1], key=str) == [0, 1, "ensemble"]
+    run.truncate_metrics(1)  # the next start resumes after epoch 1: the restart it followed stays on record
+    assert [r.data for r in run.records()][-1] == {"epoch": 1, "node": "restart", "restart": 1, "max_restarts": 3,
+                                                    "repeats_epoch": 2}
+    run.close()
+
+
+def test_a_resumed_run_shows_each_epoch_once_in_tensorboard(tmp_path):
+    """Epoch 2 logged by a process lost before its checkpoint, then logged again after the resume."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = RunDir(tmp_path, {0: "resnet20", 1: "resnet20"})
+    first.log_epoch(epochs(1) + [peer(2, 0, acc=10.0), peer(2, 1, acc=10.0), ensemble(2)])
+    first.close()
+    time.sleep(1.1)  # event files are named by the second they start in: the resumed writer's sorts after
+    resumed = RunDir(tmp_path, {0: "resnet20", 1: "resnet20"})
+    resumed.first_epoch = 2
+    resumed.log_epoch([peer(2, 0, acc=20.0), peer(2, 1, acc=20.0), ensemble(2)] + epochs(3))
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "0_resnet20"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("test_acc")] == [(1, 50.0), (2, 20.0), (3, 50.0)]

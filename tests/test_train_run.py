@@ -138,6 +138,9 @@ def test_resume_with_other_configuration_is_refused(cifar_root, tmp_path, capsys
         (["--num-nodes", "0"], "--num-nodes must be at least 1"),
         (["--update", "random"], "invalid choice"),
         (["--resume"], "nothing to resume"),
+        (["--resume", "later"], "argument --resume: --resume takes no value or 'auto', got 'later'"),
+        (["--max-restarts", "1"], "--max-restarts restarts the processes that --procs starts; under torchrun"),
+        (["--procs", "2", "--max-restarts", "-1"], "--max-restarts must be 0 or more, got -1"),
         (["--stop-after", "0"], "--stop-after must be a positive integer"),
     ],
 )

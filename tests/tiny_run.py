@@ -40,5 +40,5 @@ def metrics(run_dir: Path, drop=("seconds",)) -> list[dict]:
     records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     for record in records:
         for key in drop:
-            record.pop(key)
+            record.pop(key, None)  # a restart record has no wall time
     return records
