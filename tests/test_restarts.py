@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from functools import partial
 
@@ -170,3 +171,16 @@ def test_max_restarts_checks_the_run_directory_before_starting_processes(cifar_r
     assert again.stderr.startswith("error: ") and again.stderr.count("\n") == 1  # said once, by the launcher
     assert "already holds a run; pass --resume to continue it" in again.stderr
     assert json.loads((tmp_path / "dml_n2_bn_net-small_s42" / "config.json").read_text())["config"]["epochs"] == 1
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("restarts", ["0", "1"])
+def test_bad_input_found_by_every_process_is_one_line(tmp_path, restarts):
+    done = subprocess.run(
+        [sys.executable, "-m", "dml", "train", "--data-dir", str(tmp_path / "nodata"), "--no-download", "--num-nodes",
+         "2", "--out-dir", str(tmp_path / "runs"), "--procs", "2", "--max-restarts", restarts],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: CIFAR-100 not found under "), done.stderr
+    assert errors[0].endswith("restarting does not help a failure that repeats)") == (restarts == "1")

@@ -170,7 +170,7 @@ def _run_train(args: argparse.Namespace) -> int:
         restart, max_restarts = launcher_restart()
         then = ("the launcher restarts the group from there" if restart < max_restarts
                 else "continue with the same command and --resume")
-        _say_failure(f"error: lost contact with another process ({first_line}); the last complete epoch is saved: "
+        report_failure(f"error: lost contact with another process ({first_line}); the last complete epoch is saved: "
                      + then)
         return 1
     return 0
@@ -422,10 +422,10 @@ def main(argv: list[str] | None = None) -> int:
         args.argv = argv
         return args.func(args)
     except UserError as exc:
-        _say_failure(f"error: {exc}")
+        report_failure(f"error: {exc}")
         return 2
     except RunStopped as exc:
-        _say_failure(f"error: {exc}")
+        report_failure(f"error: {exc}")
         return exc.exit_code
     except BrokenPipeError:  # e.g. `dml experiment plan.toml --dry-run | head`: the reader has gone
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -440,5 +440,3 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _say_failure(line: str) -> None:
-    report_failure(line, lambda: print(line, file=sys.stderr))

@@ -1,10 +1,11 @@
 """`dml train --procs P`: P local processes through torch.distributed's own launcher (torchrun), which
 restarts the whole group up to ``--max-restarts`` times when a process is lost.
 
-A failure that repeats at every start is a bug or bad input, not a lost process: each process started
-here writes the line its failure ends with to a folder of the launcher's (FAILURES_ENV), prints it only
-where it differs from the previous start's, and the launcher's last line says it once, with the
-restarts it used.
+Each process started here writes the line its failure ends with to a folder of the launcher's
+(FAILURES_ENV) instead of printing an ``error:`` line itself: the launcher prints the line of the
+process that failed first, once. A failure that repeats at every start is a bug or bad input, not a
+lost process: its traceback is printed at the first start only, and the launcher's line says that it
+repeated, with the restarts it used.
 """
 
 from __future__ import annotations
@@ -45,20 +46,13 @@ def launch_processes(procs: int, train_argv: list[str], after_failure: Callable[
             run(args)
         except ChildFailedError as exc:
             rank, failure = exc.get_first_failure()
-            left = f"; {after_failure()}" if after_failure else ""
-            repeated = _same_failure_every_start(Path(failures), rank, max_restarts)
-            if repeated is not None:
-                status = 2 if failure.exitcode == 2 else 1
-                print(f"error: {repeated.removeprefix('error: ')} (process {rank} of {procs}, the same at all "
-                      f"{max_restarts + 1} starts: {max_restarts} restart{'s' if max_restarts > 1 else ''} used; "
-                      f"restarting does not help a failure that repeats){left}", file=sys.stderr)
-                return status
-            if failure.exitcode == 2 and not max_restarts:  # a user error: the process has said what it is
-                return 2
-            restarts = f" after {max_restarts} restart{'s' if max_restarts > 1 else ''}" if max_restarts else ""
-            print(f"error: process {rank} of {procs} failed (exit code {failure.exitcode}){restarts}{left}",
-                  file=sys.stderr)
-            return 1
+            line = _failure_line(Path(failures), rank, procs, failure.exitcode, max_restarts)
+            if line is None:  # the process said what it is: a user error, or a stop that names what is saved
+                line = _read(Path(failures) / f"start{max_restarts}.rank{rank}")
+            elif after_failure and failure.exitcode != 2:  # bad input: what is saved is not the question
+                line += f"; {after_failure()}"
+            print(line, file=sys.stderr)
+            return 2 if failure.exitcode == 2 else 1
         except SignalException as exc:  # Ctrl-C or SIGTERM reached the launcher, which has stopped the processes
             left = f"; {after_failure()}" if after_failure else ""
             print(f"error: stopped by {signal.Signals(exc.sigval).name}{left}", file=sys.stderr)
@@ -69,13 +63,23 @@ def launch_processes(procs: int, train_argv: list[str], after_failure: Callable[
     return 0
 
 
-def _same_failure_every_start(failures: Path, rank: int, max_restarts: int) -> str | None:
-    """The line process ``rank`` failed with, where it failed with that same line at every start and there
-    were restarts; None otherwise."""
-    if not max_restarts:
+def _failure_line(failures: Path, rank: int, procs: int, exit_code: int, max_restarts: int) -> str | None:
+    """The launcher's last line for a group that failed at every start, process ``rank`` first, before
+    what is saved; None where that process's own ``error:`` line says it all."""
+    lines = [_read(failures / f"start{start}.rank{rank}") for start in range(max_restarts + 1)]
+    last = lines[-1]
+    if max_restarts and last is not None and all(line == last for line in lines):
+        return (f"error: {last.removeprefix('error: ')} (process {rank} of {procs}, the same at all "
+                f"{max_restarts + 1} starts: {_restarts(max_restarts)} used; restarting does not help a failure "
+                "that repeats)")
+    if last is not None and last.startswith("error: "):
         return None
-    lines = {_read(failures / f"start{start}.rank{rank}") for start in range(max_restarts + 1)}
-    return next(iter(lines)) if len(lines) == 1 and None not in lines else None
+    after = f" after {_restarts(max_restarts)}" if max_restarts else ""
+    return f"error: process {rank} of {procs} failed (exit code {exit_code}){after}"
+
+
+def _restarts(count: int) -> str:
+    return f"{count} restart{'s' if count > 1 else ''}"
 
 
 def _read(path: Path) -> str | None:
@@ -90,19 +94,20 @@ def error_line(exc: BaseException) -> str:
     return traceback.format_exception_only(type(exc), exc)[-1].strip()
 
 
-def report_failure(line: str, printed: Callable[[], None]) -> None:
-    """Say how this process failed: ``printed()`` prints it (the error line or the traceback), except at a
-    restart that fails exactly as the start before did (the launcher then says it once). Under a launcher
-    of ours (FAILURES_ENV), the line is kept for it."""
+def report_failure(line: str, printed: Callable[[], None] | None = None) -> None:
+    """Say how this process failed: an ``error:`` line (``printed`` None), or ``printed()`` (a traceback).
+    Under a launcher of ours (FAILURES_ENV) the line is kept for it: it prints an error line once for
+    all its processes, and a traceback is printed here except at a restart that fails as the start
+    before did."""
     folder = os.environ.get(FAILURES_ENV)
     if not folder:
-        printed()
+        print(line, file=sys.stderr) if printed is None else printed()
         return
     start = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
     rank = os.environ.get("RANK", "0")
     try:
         (Path(folder) / f"start{start}.rank{rank}").write_text(line)
-    except OSError:
-        pass  # the launcher has gone: print as usual
-    if start == 0 or _read(Path(folder) / f"start{start - 1}.rank{rank}") != line:
+    except OSError:  # the launcher has gone: say it here
+        printed = printed or (lambda: print(line, file=sys.stderr))
+    if printed is not None and (start == 0 or _read(Path(folder) / f"start{start - 1}.rank{rank}") != line):
         printed()
