@@ -1,6 +1,7 @@
 """scripts/setup-venv.sh, run in a copy of the project whose .venv/bin/python is a stand-in that records
-pip's arguments instead of installing anything (nothing is downloaded)."""
+pip's arguments instead of installing anything (nothing is downloaded); scripts/gpu-check.sh on the CPU."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -80,3 +81,59 @@ def test_torch_spec_and_index_reach_the_torch_install_only(project):
     assert setup(project, "test", DML_TORCH_SPEC="torch==2.13.0", DML_TORCH_INDEX_URL=index) == [
         f"install -q --index-url {index} torch==2.13.0", "install -q -e .[test]"]
     assert setup(project, "test", DML_TORCH_SPEC="torch==2.13.0", DML_TORCH_INDEX_URL=index) == []
+
+
+# --- scripts/gpu-check.sh ------------------------------------------------------------------------------
+
+def _gpu_check(*args: str, **env: str) -> subprocess.CompletedProcess:
+    import sys
+
+    return subprocess.run(["bash", str(ROOT / "scripts" / "gpu-check.sh"), *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": sys.executable, **env}, timeout=600)
+
+
+def test_gpu_check_without_cuda_says_so_in_one_line(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: the check runs instead of declining")
+    done = _gpu_check("--out", str(tmp_path / "summary.json"))
+    assert done.returncode == 0 and done.stderr == ""
+    assert done.stdout.startswith("gpu-check: no CUDA device here (torch ") and done.stdout.count("\n") == 1
+    assert not (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.processes  # the check starts pytest, dml train and dml bench
+def test_gpu_check_runs_every_step_on_the_cpu_and_writes_its_summary(tmp_path):
+    data = os.environ.get("DML_DATA_DIR", "")
+    out = tmp_path / "summary.json"
+    done = _gpu_check("--device", "cpu", "--quick", "--out", str(out), DML_DATA_DIR=data)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads(out.read_text())
+    steps = summary["steps"]
+    assert summary["ok"] and summary["environment"]["device"] == "cpu"
+    assert steps["tests"]["counts"] == {"tests": 1, "failures": 0, "errors": 0, "skipped": 0}
+    if data:  # the real data: one small epoch, its seconds and accuracies read back from the run
+        assert steps["train"]["status"] == "passed"
+        [epoch] = steps["train"]["epochs"]
+        assert epoch["epoch"] == 1 and epoch["seconds"] > 0 and len(epoch["peers_test_acc"]) == 2
+    else:
+        assert steps["train"]["status"] == "skipped" and "cifar-100-python" in steps["train"]["reason"]
+    assert steps["bench"]["status"] == "passed" and steps["bench"]["results"]
+    assert done.stdout.strip().splitlines()[-1].startswith("all steps passed in ")
+
+
+@pytest.mark.processes
+def test_gpu_check_reports_a_failing_step_and_fails(tmp_path):
+    """A bench that cannot run (an unknown model is refused by dml bench): the step and the whole check fail."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    result = gpu_check.run_step("bench", [sys.executable, "-m", "dml", "bench", "--models", "resnet33"], tmp_path, 60)
+    assert result["status"] == "failed (exit code 2)" and "unknown model 'resnet33'" in result["log_tail"][-1]
+    result = gpu_check.run_step("slow", [sys.executable, "-c", "import time; time.sleep(5)"], tmp_path, 0.5)
+    assert result["status"] == "failed (over its 0.5 s)"
