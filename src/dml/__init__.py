@@ -16,6 +16,8 @@ Knowledge distillation from a frozen teacher (no optimizer), or any graph of lin
 
 Online distillation: a link from ``dml.ENSEMBLE`` (the peers' mean logits), ramp gates, standardised
 links, and temporal means (a peer whose optimizer is ``dml.MeanOf(i, decay)``) -- see links.py.
+Branches on a shared trunk (ONE's gated teacher, CL-ILR's rescaled trunk gradient): ``dml.Branches``,
+one model of the cohort whose outputs are peers -- see branches.py.
 """
 
 __version__ = "0.1.0"
@@ -26,6 +28,7 @@ _PUBLIC = {
     "Cohort": "cohort", "StepOutput": "cohort", "MutualLoss": "loss", "mutual_loss": "loss",
     "Evaluation": "evaluate", "create_model": "models", "Link": "links", "Links": "links",
     "load_model": "evaluate", "load_image_folder": "data.folder", "MeanOf": "peer", "ENSEMBLE": "links",
+    "Branches": "branches",
 }
 __all__ = list(_PUBLIC)
 

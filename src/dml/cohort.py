@@ -8,7 +8,9 @@
 
 Any knowledge-transfer graph instead of DML: ``loss=dml.Links([...], num_peers)`` (see links.py);
 a frozen teacher is a peer whose optimizer is None; a temporal mean ("mean teacher") of peer i is a
-peer whose optimizer is ``dml.MeanOf(i, decay)`` (its model None: a copy of peer i).
+peer whose optimizer is ``dml.MeanOf(i, decay)`` (its model None: a copy of peer i); a multi-branch
+network (``dml.Branches``: branches on a shared trunk, ONE's gate) is one model with one optimizer
+whose outputs are consecutive peers.
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .branches import Branches
 from .distributed import LocalExchange, make_exchange
 from .evaluate import Evaluation, evaluate_models
 from .links import Links, Progress
 from .loss import MutualLoss
 from .peer import MeanOf, Peer
 from .runtime import Runtime, resolve_device
-from .step import STEPS
+from .step import STEPS, Unit
 from .sync_batchnorm import synchronise_batchnorm
 
 
@@ -67,6 +70,10 @@ class Cohort:
     ``nn.Module`` mapping a batch of inputs to logits; they are moved to the device (and to
     channels_last unless ``plain``) in place, so optimizers built on their parameters stay valid.
     ``update``: "simultaneous" (all peers step on the same predictions) or "sequential".
+    A ``Branches`` in ``models`` (with one optimizer over its parameters) is as many consecutive peers as it
+    has outputs (its branches, then its teacher): ``loss`` and ``names`` count those peers, and each
+    step computes its trunk once, backpropagates the sum of its peers' objectives once and steps its
+    optimizer once (simultaneous update, one process, no data-parallel replicas).
     ``precision``: "fp32" (default: your models compute and return logits in their own dtype), or the
     fast path "auto" (bf16 autocast on CPU and CUDA, as ``dml train``), "bf16", "fp16" (CUDA).
     ``plain`` keeps PyTorch's defaults (see ``Runtime``). ``threads``: intra-op threads per peer on
@@ -93,6 +100,11 @@ class Cohort:
             raise ValueError(f"{len(models)} models need as many optimizers (and schedulers, if given)")
         if update not in STEPS:
             raise ValueError(f"update {update!r} is not one of: {', '.join(STEPS)}")
+        models, optimizers, schedulers, groups = _expand_branches(models, optimizers, schedulers)
+        if groups and (update != "simultaneous" or data_parallel > 1):
+            raise ValueError("branches on a shared trunk step with update='simultaneous' and without data-parallel "
+                             "replicas")
+        self.groups = groups  # the first peer of each multi-branch network -> the network
         means = {i: o for i, o in enumerate(optimizers) if isinstance(o, MeanOf)}
         _check_means(means, optimizers)
         names = list(names) if names is not None else \
@@ -110,14 +122,19 @@ class Cohort:
         self._made += [] if runtime is not None else ["runtime"]
         where = runtime.device if runtime is not None else resolve_device(device)  # resolved once
         # a temporal mean lives in its source's process
-        self.exchange = exchange or make_exchange(len(models), where.type, {i: o.source for i, o in means.items()},
-                                                  data_parallel)
+        # where a peer must live: a temporal mean with its source, a branch or teacher with the first branch
+        members = {i: first for first, network in groups.items() for i in range(first + 1, first + network.num_outputs)}
+        homes = {**members, **{i: members.get(o.source, o.source) for i, o in means.items()}}
+        self.exchange = exchange or make_exchange(len(models), where.type, homes, data_parallel)
         self.local_batchnorm = local_batchnorm
         self.runtime = runtime
         try:
+            computing = [i for i in self.exchange.local_indices if i not in members]  # one per unit of work
             self.runtime = runtime or Runtime(self.exchange.select_device(where), precision, plain,
-                                              num_peers=len(self.exchange.local_indices),
-                                              side_by_side=update == "simultaneous", threads=threads)
+                                              num_peers=len(computing), side_by_side=update == "simultaneous",
+                                              threads=threads)
+            for network in groups.values():
+                self.runtime.prepare(network)  # in place, all its parts at once
             local = self.exchange.local_indices
             built = {i: self._peer(i, names[i], models[i], optimizers[i], None if schedulers is None else schedulers[i])
                      for i in local if i not in means}
@@ -156,6 +173,11 @@ class Cohort:
                                  "pass None for a copy") from None
         model.requires_grad_(False).eval()
         return Peer(index, name, model, None, mean_of=mean_of)
+
+    @property
+    def units(self) -> list[Unit]:
+        """What computes together: each multi-branch network's peers, every other peer alone."""
+        return _units(self.peers, self.groups)
 
     @property
     def device(self) -> torch.device:
@@ -280,6 +302,37 @@ class Cohort:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _expand_branches(models: Sequence, optimizers: Sequence, schedulers: Sequence | None):
+    """Models, optimizers and schedulers one per peer, with a ``Branches`` as its outputs' peers (each with the
+    network's optimizer and schedule); and the first peer of each ``Branches`` -> the network."""
+    peers_models, peers_optimizers, peers_schedulers, groups = [], [], [], {}
+    for k, model in enumerate(models):
+        count = 1
+        if isinstance(model, Branches):
+            if optimizers[k] is None or isinstance(optimizers[k], MeanOf):
+                raise ValueError(f"model {k} is a multi-branch network: it trains, with one optimizer over its "
+                                 "parameters")
+            groups[len(peers_models)] = model
+            count = model.num_outputs
+        peers_models += model.peer_models() if isinstance(model, Branches) else [model]
+        peers_optimizers += [optimizers[k]] * count
+        peers_schedulers += [None if schedulers is None else schedulers[k]] * count
+    if groups and any(isinstance(o, MeanOf) for o in optimizers):
+        raise ValueError("temporal means beside a multi-branch network are not supported yet")
+    return peers_models, peers_optimizers, None if schedulers is None else peers_schedulers, groups
+
+
+def _units(peers: list[Peer], groups: dict[int, Branches]) -> list[Unit]:
+    """The local peers as units of work: each multi-branch network's peers together, every other peer alone."""
+    units, k = [], 0
+    while k < len(peers):
+        network = groups.get(peers[k].index)
+        count = network.num_outputs if network is not None else 1
+        units.append(Unit(peers[k:k + count], network))
+        k += count
+    return units
 
 
 def _check_means(means: dict[int, MeanOf], optimizers: Sequence) -> None:

@@ -8,7 +8,9 @@ Two update modes:
 
 ``cohort`` is a ``dml.Cohort``: its ``peers``, ``links`` (each peer's objective, see links.py),
 ``progress`` (for linear and ramp gates), ``exchange`` and ``runtime`` (precision and the runner that runs
-peers in turn or side by side; the result is the same). Frozen peers (teachers) and temporal means
+peers in turn or side by side; the result is the same) and ``units``: what computes together, one peer,
+or the peers of a multi-branch network (one trunk forward, one backward of their summed objectives,
+one optimizer step; simultaneous update only). Frozen peers (teachers) and temporal means
 forward without a graph and never step; their loss is their cross-entropy, for the record. A mean
 follows its source at the end of the step, so within a step it teaches as it was before it.
 """
@@ -17,15 +19,33 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Unit:
+    """Peers that compute together: one peer, or the outputs of a multi-branch ``network`` (dml.Branches)."""
+
+    peers: list
+    network: nn.Module | None = None
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.network(x) if self.network is not None else [self.peers[0].model(x)]
 
 
 def _forward(peer, x: torch.Tensor, precision) -> torch.Tensor:
     # autocast and grad mode are per thread: entered where the peer runs
     with precision.autocast(), torch.set_grad_enabled(peer.trains):
         return peer.model(x)
+
+
+def _forward_unit(unit: Unit, x: torch.Tensor, precision) -> list[torch.Tensor]:
+    with precision.autocast(), torch.set_grad_enabled(unit.peers[0].trains):
+        return unit.forward(x)
 
 
 def _terms(cohort, peer, logits: torch.Tensor, sources: list[torch.Tensor], y: torch.Tensor, progress):
@@ -47,18 +67,21 @@ def _descend(cohort, peer, loss: torch.Tensor, scaler) -> None:
 def simultaneous_step(cohort, x: torch.Tensor, y: torch.Tensor) -> tuple[list, list[torch.Tensor]]:
     """One batch, all peers updated against the same predictions; returns the (objective, ce, kd) terms and the
     logits of the local peers."""
-    precision, runner, progress = cohort.runtime.precision, cohort.runtime.runner, cohort.progress
-    logits = runner.map(functools.partial(_forward, x=x, precision=precision), cohort.peers)
+    precision, runner, progress, units = cohort.runtime.precision, cohort.runtime.runner, cohort.progress, cohort.units
+    outputs = runner.map(functools.partial(_forward_unit, x=x, precision=precision), units)
+    logits = [z for unit_logits in outputs for z in unit_logits]  # in peer order: a unit's peers are consecutive
     sources = cohort.links.sources(cohort.exchange.gather_logits(logits))
+    first = {id(unit): sum(len(u.peers) for u in units[:k]) for k, unit in enumerate(units)}
 
-    def update(k: int):
-        peer = cohort.peers[k]
-        terms = _terms(cohort, peer, logits[k], sources, y, progress)
-        if peer.trains:
-            _descend(cohort, peer, terms[0], precision.scaler)
+    def update(unit: Unit):
+        terms = [_terms(cohort, peer, logits[first[id(unit)] + j], sources, y, progress)
+                 for j, peer in enumerate(unit.peers)]
+        objectives = [objective for peer, (objective, _, _) in zip(unit.peers, terms) if peer.trains]
+        if objectives:  # a network's peers: one backward of their sum, one step of its optimizer
+            _descend(cohort, unit.peers[0], functools.reduce(torch.add, objectives), precision.scaler)
         return terms
 
-    terms = runner.map(update, range(len(cohort.peers)))
+    terms = [t for unit_terms in runner.map(update, units) for t in unit_terms]
     precision.scaler.update()
     _follow(cohort)
     return terms, logits

@@ -73,6 +73,26 @@ class CifarResNet(nn.Module):
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
         return self.fc(out)
 
+    # A split at a stage boundary, for branches on a shared trunk (dml.branches):
+    # forward(x) == fc(pool(tail(trunk(x, s), s))) for every s in 1..stages - 1.
+    stages = 3
+
+    def trunk_modules(self, shared: int) -> list[str]:
+        """The modules of the stem and the first ``shared`` stages, by name."""
+        per_stage = len(self.blocks) // self.stages
+        return ["conv1", "bn1", *(f"blocks.{i}" for i in range(per_stage * shared))]
+
+    def trunk_channels(self, shared: int) -> int:
+        return self.blocks[len(self.blocks) // self.stages * shared - 1].conv2.out_channels
+
+    def trunk(self, x: torch.Tensor, shared: int) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return self.blocks[:len(self.blocks) // self.stages * shared](out)
+
+    def tail(self, h: torch.Tensor, shared: int) -> torch.Tensor:
+        """The feature map after the last stage, from the trunk's output ``h``."""
+        return self.blocks[len(self.blocks) // self.stages * shared:](h)
+
     @torch.no_grad()
     def folded(self) -> CifarResNet:
         """An evaluation-mode copy with every BatchNorm folded into the convolution before it.

@@ -61,3 +61,22 @@ class WideResNet(nn.Module):
         out = F.relu(self.bn(out))
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
         return self.fc(out)
+
+    # A split at a stage boundary, for branches on a shared trunk (dml.branches):
+    # forward(x) == fc(pool(tail(trunk(x, s), s))) for every s in 1..stages - 1.
+    stages = 3
+
+    def trunk_modules(self, shared: int) -> list[str]:
+        """The modules of the stem and the first ``shared`` stages, by name."""
+        per_stage = len(self.blocks) // self.stages
+        return ["conv1", *(f"blocks.{i}" for i in range(per_stage * shared))]
+
+    def trunk_channels(self, shared: int) -> int:
+        return self.blocks[len(self.blocks) // self.stages * shared - 1].conv2.out_channels
+
+    def trunk(self, x: torch.Tensor, shared: int) -> torch.Tensor:
+        return self.blocks[:len(self.blocks) // self.stages * shared](self.conv1(x))
+
+    def tail(self, h: torch.Tensor, shared: int) -> torch.Tensor:
+        """The feature map after the last stage (its final BatchNorm and ReLU), from the trunk's output ``h``."""
+        return F.relu(self.bn(self.blocks[len(self.blocks) // self.stages * shared:](h)))

@@ -1,0 +1,128 @@
+"""Multi-branch networks: m branches on a shared trunk, each branch a peer of the cohort.
+
+The m branches are m networks of one architecture whose first stages are the *same modules* (branch
+0's): the trunk. Each branch is therefore a whole network -- its state_dict is a plain network's, it
+runs alone, it is saved, evaluated and distilled from like any peer -- while ``Branches.forward``
+computes the trunk once per batch and each branch's remaining stages on its output. A learned
+teacher made of the branches (ONE's gate) is one more output, a peer of its own with its own
+cross-entropy; the links carry its logits, detached, to the branches.
+
+A network can be split where it offers (the built-in CIFAR ResNets and wide ResNets do)::
+
+    stages: int                               # stages after its stem
+    trunk_modules(shared) -> list[str]         # names of the stem's and the first `shared` stages' modules
+    trunk_channels(shared) -> int              # channels of the trunk's output
+    trunk(x, shared) -> h                      # the stem and the first `shared` stages
+    tail(h, shared) -> feature map             # the remaining stages
+    fc: nn.Linear                              # the classifier on the pooled feature map
+
+with ``forward(x) == fc(pool(tail(trunk(x, s), s)))``.
+
+Methods, as their official code computes them:
+- ONE (Lan et al., NeurIPS 2018): ``teacher="one"``, a gate on the pooled trunk features,
+  Linear(C, m) -> BatchNorm -> ReLU -> softmax over the branches; the teacher's logits are the
+  gated sum of the branches' logits, trained by its own cross-entropy (which reaches the gate and
+  the branches), detached where it teaches.
+- CL-ILR (Song & Chai, NeurIPS 2018): ``trunk_gradient="mean"``, the trunk's gradient is the sum
+  over the branches times 1/m (backpropagation rescaling); each branch learns from the mean of the
+  other branches' logits (the links' ``OTHERS`` source).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TEACHERS = ("one",)
+TRUNK_GRADIENTS = ("sum", "mean")
+SPLIT_METHODS = ("stages", "trunk_modules", "trunk_channels", "trunk", "tail", "fc")
+
+
+class OneGate(nn.Module):
+    """ONE's gate: per sample, a softmax weight for each branch from the pooled trunk features."""
+
+    def __init__(self, channels: int, branches: int):
+        super().__init__()
+        self.linear = nn.Linear(channels, branches)
+        self.bn = nn.BatchNorm1d(branches)
+
+    def forward(self, h: torch.Tensor, logits: Sequence[torch.Tensor]) -> torch.Tensor:
+        gate = F.softmax(F.relu(self.bn(self.linear(F.adaptive_avg_pool2d(h, 1).flatten(1)))), dim=1)
+        return sum(gate[:, k:k + 1] * z for k, z in enumerate(logits))
+
+
+class Branches(nn.Module):
+    """``networks`` (m >= 2, one architecture) computed as branches of one trunk: the stem and the first
+    ``shared`` stages of ``networks[0]``, which every other network then uses in place of its own.
+
+    ``forward(x)`` returns the logits of every branch, then the teacher's where there is one. In a
+    ``dml.Cohort``, a ``Branches`` is one model with one optimizer (over all its parameters), and its
+    outputs are consecutive peers: one trunk forward, one backward of their summed objectives and one
+    optimizer step per batch. ``trunk_gradient="mean"`` scales the trunk's gradient by 1/m (CL-ILR).
+    """
+
+    def __init__(self, networks: Sequence[nn.Module], shared: int = 2, teacher: str | None = None,
+                 trunk_gradient: str = "sum"):
+        super().__init__()
+        networks = list(networks)
+        if len(networks) < 2:
+            raise ValueError(f"branches on a shared trunk need at least 2 networks, got {len(networks)}")
+        first = networks[0]
+        missing = [name for name in SPLIT_METHODS if not hasattr(first, name)]
+        if missing:
+            raise ValueError(f"{type(first).__name__} cannot be split into a trunk and branches: it has no "
+                             f"{', '.join(missing)} (see dml.branches)")
+        if any(type(n) is not type(first) for n in networks):
+            raise ValueError("the branches of a trunk are networks of one architecture, got "
+                             + ", ".join(sorted({type(n).__name__ for n in networks})))
+        if isinstance(shared, bool) or not isinstance(shared, int) or not 1 <= shared < first.stages:
+            raise ValueError(f"shared is the number of stages the trunk holds, 1 to {first.stages - 1} for "
+                             f"{type(first).__name__}, got {shared!r}")
+        if teacher is not None and teacher not in TEACHERS:
+            raise ValueError(f"teacher {teacher!r} is not one of: {', '.join(TEACHERS)}")
+        if trunk_gradient not in TRUNK_GRADIENTS:
+            raise ValueError(f"trunk_gradient {trunk_gradient!r} is not one of: {', '.join(TRUNK_GRADIENTS)}")
+        for network in networks[1:]:
+            for name in first.trunk_modules(shared):
+                network.set_submodule(name, first.get_submodule(name))
+        self.branches = nn.ModuleList(networks)  # parameters() lists a shared one once
+        self.shared = shared
+        self.trunk_gradient = trunk_gradient
+        self.teacher_name = teacher
+        self.teacher = None
+        if teacher == "one":  # in the branches' dtype and on their device
+            self.teacher = OneGate(first.trunk_channels(shared), len(networks)).to(first.fc.weight)
+
+    @property
+    def num_outputs(self) -> int:
+        """The peers it makes: its branches, and its teacher where it has one."""
+        return len(self.branches) + (self.teacher is not None)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        h = self.branches[0].trunk(x, self.shared)  # once for all branches
+        if self.trunk_gradient == "mean" and h.requires_grad:
+            m = len(self.branches)
+            h.register_hook(lambda grad: grad / m)
+        logits = [b.fc(F.adaptive_avg_pool2d(b.tail(h, self.shared), 1).flatten(1)) for b in self.branches]
+        if self.teacher is not None:
+            logits.append(self.teacher(h, logits))
+        return logits
+
+    def peer_models(self) -> list[nn.Module]:
+        """What each output is as a peer's model: a branch is its whole network (computing the trunk
+        itself where it runs alone); the teacher is the whole multi-branch network's last output."""
+        return [*self.branches, *([Teacher(self)] if self.teacher is not None else [])]
+
+
+class Teacher(nn.Module):
+    """The teacher of a ``Branches`` as a model of its own: ``forward(x)`` is the network's last output."""
+
+    def __init__(self, network: Branches):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)[-1]
