@@ -163,3 +163,26 @@ def test_branches_in_a_cohort_step_together_or_are_refused():
         dml.Cohort([network], [None], device="cpu")
     with pytest.raises(ValueError, match="update='simultaneous'"):
         dml.Cohort([network], [torch.optim.SGD(network.parameters(), lr=LR)], update="sequential", device="cpu")
+
+
+def test_one_step_of_cl_ilr_equals_a_float64_computation_by_hand():
+    """CL-ILR: each branch learns from the mean of the other branches' logits (beta 0.5, T = 2), and the
+    trunk's gradient is the branches' sum times 1/m."""
+    nets = _networks()
+    network = Branches(nets, trunk_gradient="mean")
+    by_hand = copy.deepcopy(network)
+    links = dml.Links([dml.Link(k, k, weight=0.5) for k in range(3)]
+                      + [dml.Link(dml.OTHERS, k, temperature=2.0, weight=0.5) for k in range(3)], num_peers=3)
+    x, y = _batch()
+    losses = _step(network, links, x, y)
+
+    z = [b(x) for b in by_hand.branches]
+    expected = [0.5 * F.cross_entropy(z[k], y)
+                + 0.5 * _kl(sum(z[j].detach() for j in range(3) if j != k) / 2, z[k], 2.0) for k in range(3)]
+    torch.testing.assert_close(torch.stack(losses).double(), torch.stack(expected).detach(), rtol=1e-6, atol=1e-6)
+    sum(expected).backward()
+    trunk = {id(p) for name in nets[0].trunk_modules(2) for p in by_hand.branches[0].get_submodule(name).parameters()}
+    assert trunk
+    for (name, after), (_, before) in zip(network.named_parameters(), by_hand.named_parameters()):
+        step = LR * before.grad / (3 if id(before) in trunk else 1)
+        assert (after - (before - step)).norm().item() <= 1e-5 * step.norm().item() + 1e-12, name

@@ -28,7 +28,7 @@ _PUBLIC = {
     "Cohort": "cohort", "StepOutput": "cohort", "MutualLoss": "loss", "mutual_loss": "loss",
     "Evaluation": "evaluate", "create_model": "models", "Link": "links", "Links": "links",
     "load_model": "evaluate", "load_image_folder": "data.folder", "MeanOf": "peer", "ENSEMBLE": "links",
-    "Branches": "branches",
+    "Branches": "branches", "OTHERS": "links",
 }
 __all__ = list(_PUBLIC)
 

@@ -35,7 +35,8 @@ A graph file::
     ema_of = "student"                # a temporal mean: the moving average of a trainable peer's weights
     decay = 0.999                     # default 0.999
 
-A link's source may also be "ensemble": the mean of the trainable peers' logits (KDCL). Every
+A link's source may also be "ensemble": the mean of the trainable peers' logits (KDCL), or "others": the
+mean of the trainable peers' logits but the target's (CL-ILR). Every
 trainable peer gets a self link (weight 1, through) unless the file gives one.
 """
 
@@ -45,14 +46,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import UserError
-from .links import COMBINES, ENSEMBLE, Link, Links
+from .links import COMBINES, ENSEMBLE, GROUP_SOURCES, OTHERS, Link, Links
 from .models import model_factory
 from .checkpoint import TEACHER, check_model_named, file_digest, read_checkpoint, teacher_path
 from .peer import MeanOf, names_flag, one_or_each
 from .tomlfile import read_toml
 
 LABELS = "labels"
-RESERVED = (LABELS, ENSEMBLE)  # source names that are no peer
+RESERVED = (LABELS, *GROUP_SOURCES)  # source names that are no peer
 PEER_KEYS = {"name", "model", "checkpoint", "ema_of", "decay"}
 LINK_KEYS = {"source", "target", "temperature", "weight", "gate", "ramp_epochs", "standardize"}
 
@@ -205,8 +206,9 @@ def _link(entry: dict, index: dict[str, int], frozen: list[int], where: str) -> 
         name = entry.get(end)
         if not isinstance(name, str) or (name not in index and not (end == "source" and name in RESERVED)):
             raise UserError(f"{where}: link {entry.get('source')!r} -> {entry.get('target')!r}: unknown {end} "
-                            f"{name!r}; the peers are {', '.join(index)} (and {LABELS!r} or {ENSEMBLE!r} as a source)")
-        ends[end] = ENSEMBLE if name == ENSEMBLE else index.get(name)
+                            f"{name!r}; the peers are {', '.join(index)} (and {LABELS!r}, {ENSEMBLE!r} or "
+                            f"{OTHERS!r} as a source)")
+        ends[end] = name if name in GROUP_SOURCES else index.get(name)
     source, target = ends["source"], ends["target"]
     label = f"link {entry['source']} -> {entry['target']}"
     if target in frozen:

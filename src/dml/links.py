@@ -9,6 +9,8 @@ A link carries knowledge from a source into a target peer:
   trainable peers' detached *logits*, (1/m) sum_k z_k. Averaging logits, not probabilities, is
   KDCL's "naive" ensemble (Guo et al., CVPR 2020): it keeps the teacher a set of logits, so
   the link's own temperature softens it like any peer's, and standardisation applies to it,
+- a link from the others (source ``"others"``): the same with the mean of the *other* trainable peers'
+  detached logits, (1/(m-1)) sum_{k != i} z_k (CL-ILR's peer ensemble for branch i),
 
 each with its own temperature T, weight w and gate g. The objective of peer i is
 
@@ -47,6 +49,8 @@ import torch.nn.functional as F
 from .loss import kl_from_peer
 
 ENSEMBLE = "ensemble"
+OTHERS = "others"
+GROUP_SOURCES = (ENSEMBLE, OTHERS)  # sources made of the trainable peers' logits
 RAMPS = ("linear_ramp", "sigmoid_ramp")
 GATES = ("through", "cutoff", "linear", "correct", *RAMPS)
 COMBINES = ("mean", "sum")
@@ -84,8 +88,8 @@ class Link:
     def __post_init__(self):
         if self.gate not in GATES:
             raise ValueError(f"gate {self.gate!r} is not one of: {', '.join(GATES)}")
-        if isinstance(self.source, str) and self.source != ENSEMBLE:
-            raise ValueError(f"a link's source is a peer's index or {ENSEMBLE!r}, not {self.source!r}")
+        if isinstance(self.source, str) and self.source not in GROUP_SOURCES:
+            raise ValueError(f"a link's source is a peer's index, {ENSEMBLE!r} or {OTHERS!r}, not {self.source!r}")
         if isinstance(self.target, bool) or not isinstance(self.target, int):
             raise ValueError(f"a link's target is a peer's index, not {self.target!r}")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
@@ -148,8 +152,11 @@ class Links:
         if self.uses_ensemble and not self.trainable:
             raise ValueError("a link from the ensemble needs at least one trainable peer: the ensemble is their mean")
         for link in links:
+            if link.source == OTHERS and len([k for k in self.trainable if k != link.target]) < 1:
+                raise ValueError(f"link others -> {link.target}: the others are the trainable peers but the target, "
+                                 "and there is none")
             for end in (link.source, link.target):
-                if end != ENSEMBLE and not 0 <= end < num_peers:
+                if end not in GROUP_SOURCES and not 0 <= end < num_peers:
                     raise ValueError(f"link {link.source} -> {link.target}: no peer {end} in a cohort of {num_peers}")
             if link.target in self.frozen:
                 raise ValueError(f"link {link.source} -> {link.target}: peer {link.target} is frozen and learns nothing")
@@ -209,10 +216,11 @@ class Links:
             raise ValueError("linear and ramp gates need the training progress: call cohort.set_epoch(epoch, epochs"
                              + (", steps_per_epoch)" if self.needs_steps else ")"))
         own = self._self[target]
-        ce = own.weight * _gated_cross_entropy(own, logits, sources, labels, progress)
+        ce = own.weight * _gated_cross_entropy(own, logits, sources, labels, progress, self.trainable)
         incoming = self._from_others[target]
         scales = [link.weight * link.temperature**2 * _gate_factor(link, progress) for link in incoming]
-        live = [(scale, _gated_kl(link, logits, sources, labels)) for link, scale in zip(incoming, scales) if scale]
+        live = [(scale, _gated_kl(link, logits, sources, labels, self.trainable))
+                for link, scale in zip(incoming, scales) if scale]
         if not live:
             return ce, None
         # Where every link has the same scale the sum is taken first and scaled once, the way
@@ -225,8 +233,10 @@ class Links:
 
 
 def _order(link: Link) -> tuple[int, int, int]:
-    """Links by target, then source, the ensemble after the peers."""
-    return (link.target, 1, 0) if link.source == ENSEMBLE else (link.target, 0, link.source)
+    """Links by target, then source, the ensemble and the others after the peers."""
+    if isinstance(link.source, str):
+        return link.target, 1, GROUP_SOURCES.index(link.source)
+    return link.target, 0, link.source
 
 
 def _gate_factor(link: Link, progress: Progress | None) -> float:
@@ -241,14 +251,16 @@ def _correct_mask(source_logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return (source_logits.argmax(1) == labels).float()
 
 
-def _source(link: Link, sources: Sequence[torch.Tensor]) -> torch.Tensor:
+def _source(link: Link, sources: Sequence[torch.Tensor], trainable: Sequence[int]) -> torch.Tensor:
+    if link.source == OTHERS:
+        return torch.stack([sources[k].float() for k in trainable if k != link.target]).mean(0)
     return sources[len(sources) - 1 if link.source == ENSEMBLE else link.source]
 
 
-def _gated_cross_entropy(link: Link, logits, sources, labels, progress) -> torch.Tensor:
+def _gated_cross_entropy(link: Link, logits, sources, labels, progress, trainable) -> torch.Tensor:
     if link.gate == "correct":
         per_sample = F.cross_entropy(logits.float(), labels, reduction="none")
-        return (per_sample * _correct_mask(_source(link, sources), labels)).mean()
+        return (per_sample * _correct_mask(_source(link, sources, trainable), labels)).mean()
     ce = F.cross_entropy(logits.float(), labels)
     factor = _gate_factor(link, progress)
     return ce if factor == 1.0 else ce * factor
@@ -260,8 +272,8 @@ def standardized(logits: torch.Tensor) -> torch.Tensor:
     return (z - z.mean(1, keepdim=True)) / (z.std(1, keepdim=True) + STANDARDIZE_EPS)
 
 
-def _gated_kl(link: Link, logits, sources, labels) -> torch.Tensor:
-    source = _source(link, sources)
+def _gated_kl(link: Link, logits, sources, labels, trainable) -> torch.Tensor:
+    source = _source(link, sources, trainable)
     teacher, student = (standardized(source), standardized(logits)) if link.standardize else (source, logits)
     if link.gate != "correct":
         return kl_from_peer(teacher, student, link.temperature)
