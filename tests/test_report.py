@@ -133,13 +133,34 @@ def test_seeds_stopped_at_different_epochs_are_not_aggregated(tmp_path):
     assert "## DML with 2 nodes: n2_s1\n" in markdown and "## DML with 2 nodes: n2_s2\n" in markdown
 
 
-def test_seed_aggregated_improvement(tmp_path):
+@pytest.mark.parametrize("baseline_seeds, gain", [
+    ((1, 2), f"+2.00 ± {math.sqrt(2):.2f}"),  # paired by seed: 70 - 69 and 74 - 71
+    ((5, 6), f"+2.00 ± {math.sqrt(8):.2f}"),  # other seeds: 70 and 74 minus the baseline's mean, 70
+])
+def test_seed_aggregated_improvement_is_paired_by_seed_where_it_can_be(tmp_path, baseline_seeds, gain):
     for seed, acc in ((1, 70.0), (2, 74.0)):
         write_run(tmp_path / "runs", f"n2_s{seed}", [[(1.0, acc, 1.0)], [(1.0, acc, 1.0)]], seed=seed)
-    for seed, acc in ((1, 69.0), (2, 71.0)):  # a baseline folder of two seeds: baseline = 70
+    for seed, acc in zip(baseline_seeds, (69.0, 71.0)):  # a baseline folder of two seeds: mean 70
         write_run(tmp_path / "base", f"b_s{seed}", [[(1.0, acc, 1.0)]], seed=seed)
-    table = rows(report([tmp_path / "runs"], baseline=tmp_path / "base"), "## DML with 2 nodes")
-    assert table["Average"][-1] == f"+2.00 ± {math.sqrt(8):.2f}"
+    markdown = report([tmp_path / "runs"], baseline=tmp_path / "base")
+    assert rows(markdown, "## DML with 2 nodes")["Average"][-1] == gain
+    assert rows(markdown, "## Summary")["n2"][-1] == gain
+    assert "paired by seed where the baseline ran the same seeds" in markdown
+
+
+def test_the_comparison_draws_a_seed_groups_spread_as_a_band(tmp_path):
+    from matplotlib.collections import PolyCollection
+
+    from dml.report import comparison_figure, find_runs, read_run, seed_groups
+
+    for seed, accs in ((1, (10.0, 30.0)), (2, (14.0, 36.0))):
+        write_run(tmp_path, f"n2_s{seed}", [[(1.0, a, 1.0) for a in accs]] * 2, seed=seed)
+    write_run(tmp_path, "n1_s1", [[(1.0, 20.0, 1.0), (1.0, 25.0, 1.0)]], seed=1)
+    groups = seed_groups([read_run(p) for p in find_runs([tmp_path])])
+    ax = comparison_figure(groups).axes[0]
+    [band] = [c for c in ax.collections if isinstance(c, PolyCollection)]  # the two-seed group only
+    ys = band.get_paths()[0].vertices[:, 1]
+    assert min(ys) == pytest.approx(12.0 - math.sqrt(8)) and max(ys) == pytest.approx(33.0 + math.sqrt(18))
 
 
 def test_unfinished_last_line_and_incomplete_epoch_are_ignored(tmp_path):

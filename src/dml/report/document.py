@@ -6,7 +6,7 @@ import statistics
 
 from ..markdown import escape, table
 from .runs import Run
-from .stats import Stat, baseline_accuracy, best_epoch, group_name, seed_groups, stat, without
+from .stats import Baseline, Stat, best_epoch, group_name, seed_groups, stat, without
 
 DASH = "–"  # an empty cell: the value does not exist for this row
 
@@ -16,7 +16,7 @@ VAL_HEADER = ["Model ID", "Train Accuracy (%)", "Val Accuracy (%)", "Test Accura
 IMPROVEMENT = "Improvement vs Baseline (pp)"
 
 
-def results_table(group: list[Run], baseline: float | None = None) -> str:
+def results_table(group: list[Run], baseline: Baseline | None = None) -> str:
     """The seed-style table of one run (or seed group): a row per peer, then Average and Ensemble.
 
     Train/Test Accuracy and Train Loss are those of the last epoch; Best Test Accuracy is the
@@ -33,7 +33,7 @@ def results_table(group: list[Run], baseline: float | None = None) -> str:
         cells = [label, train_acc.format()] + ([val_acc.format(), test_acc.format(), at_best_val.format()]
                                                if with_val else [test_acc.format()]) + [best.format(), loss.format(3)]
         if baseline is not None:
-            cells.append(DASH if teacher else Stat([v - baseline for v in test_acc.values]).format(signed=True))
+            cells.append(DASH if teacher else baseline.gain(group, test_acc.values).format(signed=True))
         if bold:
             cells = [f"**{c}**" if c != DASH else c for c in cells]
         rows.append(cells)
@@ -123,11 +123,11 @@ def _title(group: list[Run], is_baseline: bool = False) -> str:
     return f"{kind}: {escape(group_name(group))}{seeds}"
 
 
-def group_section(group: list[Run], baseline: tuple[str, float] | None, images: dict[str, str] | None = None,
+def group_section(group: list[Run], baseline: Baseline | None, images: dict[str, str] | None = None,
                   is_baseline: bool = False) -> str:
     """One run's (or seed group's) section: configuration bullets, the table, its legend, plots.
 
-    ``baseline`` is (name, final test accuracy) of the baseline; ``images`` maps run paths to plots.
+    ``baseline`` is what the runs are compared with; ``images`` maps run paths to plots.
     """
     first = group[0]
     cfg = first.config
@@ -142,7 +142,7 @@ def group_section(group: list[Run], baseline: tuple[str, float] | None, images: 
         + (f", {cfg.get('update', 'simultaneous')} updates" if first.num_peers > 1 else ""),
         f"- Epochs: {epochs_text(first)}",
         f"- Seed{'s' if len(group) > 1 else ''}: {seeds}" + (f" (n = {len(group)})" if len(group) > 1 else ""),
-        "", "**Results**:", "", results_table(group, baseline[1] if baseline else None), "",
+        "", "**Results**:", "", results_table(group, baseline), "",
     ]
     note = (f"Train Accuracy, Test Accuracy and Train Loss at the last epoch ({first.epochs_done}); "
             f"Best Test Accuracy is the highest over the {plural(first.epochs_done, 'epoch')} run")
@@ -159,8 +159,9 @@ def group_section(group: list[Run], baseline: tuple[str, float] | None, images: 
         note += (" A row marked (mean of i) is the temporal mean (moving average of the weights) of peer i, not "
                  "part of the Average or the Ensemble; the model to deploy is often this one: its folder's best.pt.")
     if baseline:
-        note += (f" Improvement: final test accuracy minus the baseline's ({escape(baseline[0])}: "
-                 f"{baseline[1]:.2f}% at its last epoch), in percentage points")
+        note += (f" Improvement: final test accuracy minus the baseline's ({escape(baseline.name)}: "
+                 f"{baseline.accuracy:.2f}% at its last epoch), in percentage points"
+                 + (f", {baseline.paired_note}" if len(group) > 1 else ""))
         # An interrupted run is compared with a baseline that may have trained far longer: say so.
         note += f", although this run stopped at epoch {first.epochs_done}." if first.interrupted else "."
     lines += [note, ""]
@@ -171,7 +172,7 @@ def group_section(group: list[Run], baseline: tuple[str, float] | None, images: 
     return "\n".join(lines)
 
 
-def summary_table(groups: list[list[Run]], baseline_group: list[Run] | None, baseline: float | None) -> str:
+def summary_table(groups: list[list[Run]], baseline_group: list[Run] | None, baseline: Baseline | None) -> str:
     """One line per run or seed group: the averages that compare node counts at a glance."""
     everything = ([baseline_group] if baseline_group else []) + groups
     with_val = any(group[0].has_val for group in everything)
@@ -190,8 +191,7 @@ def summary_table(groups: list[list[Run]], baseline_group: list[Run] | None, bas
                  avg_test.format()] + ([at_best_val] if with_val else []) + \
                 [avg_best.format(), DASH if None in final else stat(final).format()]
         if baseline is not None:
-            cells.append(DASH if group is baseline_group else
-                         Stat([v - baseline for v in avg_test.values]).format(signed=True))
+            cells.append(DASH if group is baseline_group else baseline.gain(group, avg_test.values).format(signed=True))
         rows.append(cells)
     return table(header, rows)
 
@@ -204,13 +204,13 @@ def build_markdown(runs: list[Run], baseline_runs: list[Run] | None = None,
     baseline = None
     if baseline_runs:
         baseline_group = baseline_runs
-        baseline = (group_name(baseline_group), baseline_accuracy(baseline_group))
+        baseline = Baseline.of(baseline_group)
         runs = without(runs, baseline_runs)  # the baseline is shown once, in its own section
     groups = seed_groups(runs)
     parts = ["# Training report", "",
              "Accuracies in %. Test accuracy is given at the last epoch run and, as Best, at the epoch "
              "where it was highest: publications report either, so both are shown.", "",
-             "## Summary", "", summary_table(groups, baseline_group, baseline[1] if baseline else None), ""]
+             "## Summary", "", summary_table(groups, baseline_group, baseline), ""]
     if comparison_image:
         parts += [f"![Average test accuracy by number of nodes]({comparison_image})", ""]
     if baseline_group:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .document import epochs_text, models_text, peers_text
 from .runs import Run
-from .stats import group_curve, group_name
+from .stats import group_band, group_curve, group_name
 
 
 def _figure(width: float, height: float, columns: int = 1):
@@ -66,10 +66,13 @@ def comparison_figure(groups: list[list[Run]], baseline: list[Run] | None = None
     """The figure of :func:`plot_comparison`."""
     fig, (ax,) = _figure(8, 5)
     for group in sorted(groups, key=lambda g: (g[0].num_peers, group_name(g))):
-        epochs, mean = group_curve(group, "test_acc")
+        epochs, mean, std = group_band(group, "test_acc")
         label = f"{peers_text(group[0], long=True)}: {group_name(group)}"
-        ax.plot(epochs, mean, label=label + (f" (mean of {len(group)} seeds)" if len(group) > 1 else ""),
-                **_line_style(len(epochs)))
+        line, = ax.plot(epochs, mean, label=label + (f" (mean ± std of {len(group)} seeds)" if len(group) > 1 else ""),
+                        **_line_style(len(epochs)))
+        if len(group) > 1:  # the seeds' spread as a band around their mean
+            ax.fill_between(epochs, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
+                            color=line.get_color(), alpha=0.2, linewidth=0)
     if baseline:
         _plot_baseline(ax, group_curve(baseline, "test_acc"), f"baseline: {group_name(baseline)}")
     _decorate(ax, "Average test accuracy of the peers by number of nodes", "average test accuracy (%)")

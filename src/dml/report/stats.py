@@ -45,7 +45,40 @@ def group_name(group: list[Run]) -> str:
 
 def baseline_accuracy(group: list[Run]) -> float:
     """The baseline's final test accuracy: mean over its peers (and over its seeds, if several)."""
-    return statistics.fmean(statistics.fmean(p.test_acc[-1] for p in run.students) for run in group)
+    return statistics.fmean(final_accuracy(run) for run in group)
+
+
+def final_accuracy(run: Run) -> float:
+    """A run's final test accuracy, averaged over its trained peers."""
+    return statistics.fmean(p.test_acc[-1] for p in run.students)
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """What runs are compared with: a run or seed group, its final accuracy per seed."""
+
+    name: str
+    by_seed: dict[int, float]
+
+    @classmethod
+    def of(cls, group: list[Run]) -> Baseline:
+        return cls(group_name(group), {run.seed: final_accuracy(run) for run in group})
+
+    @property
+    def accuracy(self) -> float:
+        return statistics.fmean(self.by_seed.values())
+
+    def gain(self, group: list[Run], values: list[float]) -> Stat:
+        """``values`` (one per run of ``group``) minus the baseline: paired by seed where the baseline ran
+        every seed of the group (a seed also draws a --train-samples subset and the initial weights, so
+        the pairs differ in the method alone), else minus the baseline's mean."""
+        if all(run.seed in self.by_seed for run in group):
+            return Stat([v - self.by_seed[run.seed] for v, run in zip(values, group)])
+        return Stat([v - self.accuracy for v in values])
+
+    @property
+    def paired_note(self) -> str:
+        return "paired by seed where the baseline ran the same seeds (mean ± std of the differences)"
 
 
 @dataclass
@@ -83,9 +116,18 @@ def best_epoch(curve: dict[int, float]) -> int:
 
 def group_curve(group: list[Run], key: str) -> tuple[list[int], list[float]]:
     """Per epoch, the peer average of ``key``, averaged over the group's runs (common epochs)."""
+    epochs, mean, _ = group_band(group, key)
+    return epochs, mean
+
+
+def group_band(group: list[Run], key: str) -> tuple[list[int], list[float], list[float]]:
+    """Per epoch (common to the group's runs), the peer average of ``key``: its mean over the runs and
+    its sample standard deviation (0 for one run)."""
     curves = [dict(zip(*run.average_curve(key))) for run in group]
     epochs = sorted(set.intersection(*(set(c) for c in curves)))
-    return epochs, [statistics.fmean(c[e] for c in curves) for e in epochs]
+    mean = [statistics.fmean(c[e] for c in curves) for e in epochs]
+    std = [statistics.stdev(c[e] for c in curves) if len(curves) > 1 else 0.0 for e in epochs]
+    return epochs, mean, std
 
 
 def without(runs: list[Run], excluded: list[Run]) -> list[Run]:
