@@ -26,3 +26,17 @@ def cifar_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
     write_cifar_folder(root, "cifar100", n_train=50_000, n_test=10_000)
     return root
+
+
+@pytest.fixture(autouse=True)
+def torch_settings_are_given_back():
+    """Every test leaves torch's intra-op thread count and denormal flushing as it found them: a cohort not
+    closed, or closed out of order, would otherwise change the numbers and timings of the tests after it."""
+    import torch
+
+    from dml.peer_threads import flushes_denormals
+
+    before = torch.get_num_threads(), flushes_denormals()
+    yield
+    after = torch.get_num_threads(), flushes_denormals()
+    assert after == before, f"(threads, flush denormals) {before} -> {after}: close what the test made, last first"

@@ -117,7 +117,7 @@ def test_peers_side_by_side_compute_what_peers_in_turn_compute(device):
             a, b = (c.step(x, y.to(device)) for c in cohorts)
             assert torch.equal(torch.stack(a.losses), torch.stack(b.losses))
     finally:
-        for c in cohorts:
+        for c in reversed(cohorts):  # the last made first: each gives back torch's settings as it found them
             c.close()
     for m, n in zip(models, in_turn):
         assert all(torch.equal(p, q) for p, q in zip(m.parameters(), n.parameters()))
