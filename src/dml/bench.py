@@ -10,7 +10,9 @@ For each cohort size it measures, on synthetic data of CIFAR shape:
 - MFU: the engine's model FLOP rate (FLOPs of one step counted with torch.utils.flop_counter)
   divided by a matmul peak measured here in the same precision.
 
-Throughput counts images x peers per second.
+Throughput counts images x trained networks per second: a peer that learns, or a branch of a multi-branch
+network (its learned teacher is part of the same step, not a network of its own). ``--graph`` adds the
+cohort of a graph file (e.g. ONE's branches on a shared trunk) as one more row, engine only.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class BenchSettings:
     plain: bool = False  # measure dml train --plain instead of its default path
     threads: int | None = None  # intra-op threads per peer; None: as dml train decides
     seed: int = 0
+    graph: str | None = None  # also measure this graph file's cohort (e.g. branches on a shared trunk)
 
 
 def synthetic_cifar(n: int, device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,19 +71,34 @@ def _sync(device: torch.device) -> None:
 
 
 # --- (a) the engine ------------------------------------------------------------------------------
-def measure_engine(settings: BenchSettings, num_nodes: int, exchange) -> tuple[float, float, int]:
-    """Images x peers per second of ``dml train``'s loop, the model FLOPs of one step and the
-    intra-op threads each peer computed with."""
+def cohort_config(settings: BenchSettings, num_nodes: int | None = None) -> TrainConfig:
+    """The ``dml train`` configuration measured: ``num_nodes`` peers of ``settings.models``, or the cohort
+    of ``settings.graph``."""
+    common = dict(batch_size=settings.batch_size, device=settings.device, precision=settings.precision,
+                  update=settings.update, seed=settings.seed, progress=False, plain=settings.plain,
+                  threads=settings.threads)
+    if num_nodes is None:
+        return TrainConfig(graph=settings.graph, **common).resolved()
     models = settings.models if len(settings.models) == num_nodes else settings.models[:1] * num_nodes
-    cfg = TrainConfig(models=models, num_nodes=num_nodes, batch_size=settings.batch_size, device=settings.device,
-                      precision=settings.precision, update=settings.update, seed=settings.seed, progress=False,
-                      plain=settings.plain, threads=settings.threads)
+    return TrainConfig(models=models, num_nodes=num_nodes, **common)
+
+
+def networks_trained(cfg: TrainConfig) -> int:
+    """The networks a step trains: the peers that learn, less the learned teachers of multi-branch networks
+    (what a branch's throughput is compared with)."""
+    return cfg.trained_peers - sum(trunk["teacher"] is not None for trunk in cfg.trunks)
+
+
+def measure_engine(settings: BenchSettings, cfg: TrainConfig, exchange) -> tuple[float, float, int]:
+    """Images x trained networks per second of ``dml train``'s loop, the model FLOPs of one step and the
+    intra-op threads each peer computed with."""
     runtime = build_runtime(cfg, exchange)
     threads = runtime.runner.threads_per_worker
     device = runtime.device
     images, labels = synthetic_cifar(settings.batch_size * _total_steps(settings), device, settings.seed)
     try:
         cohort = build_cohort(cfg, exchange, runtime, NUM_CLASSES)
+        cohort.set_epoch(1, cfg.epochs, _total_steps(settings))  # where ramp gates stand: the first epoch
         data = ImageData("cifar100", NUM_CLASSES, [], ImageSplit(images, labels), ImageSplit(images[:1], labels[:1]),
                          CIFAR100_MEAN, CIFAR100_STD)
         batch_iter = iter(build_feed(cfg, runtime, data).batches)
@@ -98,20 +116,23 @@ def measure_engine(settings: BenchSettings, num_nodes: int, exchange) -> tuple[f
             seconds = min(seconds, time.perf_counter() - started)
     finally:
         runtime.close()
-    peers = cohort.peers
-    img_s = settings.steps * settings.batch_size * num_nodes / seconds
-    return img_s, step_flops(peers, settings.batch_size, device), threads
+    img_s = settings.steps * settings.batch_size * networks_trained(cfg) / seconds
+    return img_s, step_flops(cohort, settings.batch_size, device), threads
 
 
-def step_flops(peers, batch_size: int, device: torch.device) -> float:
-    """Model FLOPs (forward and backward) of one training step of the local peers."""
+def step_flops(cohort, batch_size: int, device: torch.device) -> float:
+    """Model FLOPs (forward and backward) of one training step of the local peers (a multi-branch
+    network's trunk once)."""
     x = torch.randn(batch_size, 3, 32, 32, device=device)
     y = torch.zeros(batch_size, dtype=torch.long, device=device)
     counter = FlopCounterMode(display=False)
     with counter:
-        for p in peers:
-            F.cross_entropy(p.model(x), y).backward()
-    for p in peers:
+        for unit in cohort.units:
+            with torch.set_grad_enabled(unit.peers[0].trains):
+                loss = sum(F.cross_entropy(z, y) for z in unit.forward(x))
+            if loss.requires_grad:
+                loss.backward()
+    for p in cohort.trainable:
         p.optimizer.zero_grad(set_to_none=True)
     return float(counter.get_total_flops())
 
@@ -207,9 +228,13 @@ def run_benchmark(settings: BenchSettings, echo=print) -> list[dict]:
     precision = resolve_precision(settings.precision, device, settings.plain)
     peak = None
     exchange = None
-    for num_nodes in settings.nodes:
-        exchange = make_exchange(num_nodes, device.type)  # joins the process group once, then reuses it
-        engine_img_s, flops, threads = measure_engine(settings, num_nodes, exchange)
+    cohorts = [cohort_config(settings, n) for n in settings.nodes]
+    cohorts += [cohort_config(settings)] if settings.graph else []
+    for cfg in cohorts:
+        num_nodes = networks_trained(cfg)
+        # joins the process group once, then reuses it
+        exchange = make_exchange(cfg.num_nodes, device.type, cfg.homes)
+        engine_img_s, flops, threads = measure_engine(settings, cfg, exchange)
         if peak is None:
             peak = matmul_peak_gflops(exchange.select_device(device), precision)
         # Every process reports its peers' FLOPs; the rate is the cohort's, the peak the machine's share.
@@ -217,11 +242,12 @@ def run_benchmark(settings: BenchSettings, echo=print) -> list[dict]:
         steps_per_s = engine_img_s / (settings.batch_size * num_nodes)
         peak_all = sum(exchange.gather_objects(peak))
         reference_img_s = None
-        if settings.reference and exchange.world_size == 1:
+        if settings.reference and exchange.world_size == 1 and not cfg.graph:
             reference_img_s = measure_reference(settings, num_nodes)
         record = {
             "device": _device_name(device), "precision": precision, "threads": threads,
-            "processes": exchange.world_size, "model": "+".join(sorted(set(settings.models))), "nodes": num_nodes,
+            "processes": exchange.world_size, "nodes": num_nodes,
+            "model": f"graph {Path(cfg.graph).name}" if cfg.graph else "+".join(sorted(set(settings.models))),
             "engine_img_s": round(engine_img_s, 1),
             "reference_img_s": None if reference_img_s is None else round(reference_img_s, 1),
             "speedup": None if reference_img_s is None else round(engine_img_s / reference_img_s, 3),

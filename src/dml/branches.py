@@ -41,6 +41,22 @@ TRUNK_GRADIENTS = ("sum", "mean")
 SPLIT_METHODS = ("stages", "trunk_modules", "trunk_channels", "trunk", "tail", "fc")
 
 
+def check_split(network: nn.Module, shared, teacher, trunk_gradient) -> None:
+    """ValueError, in one line, where ``network`` cannot be split after ``shared`` stages or the teacher or
+    trunk gradient is not one of the known ones."""
+    missing = [name for name in SPLIT_METHODS if not hasattr(network, name)]
+    if missing:
+        raise ValueError(f"{type(network).__name__} cannot be split into a trunk and branches: it has no "
+                         f"{', '.join(missing)} (see dml.branches)")
+    if isinstance(shared, bool) or not isinstance(shared, int) or not 1 <= shared < network.stages:
+        raise ValueError(f"shared is the number of stages the trunk holds, 1 to {network.stages - 1} for "
+                         f"{type(network).__name__}, got {shared!r}")
+    if teacher is not None and teacher not in TEACHERS:
+        raise ValueError(f"teacher {teacher!r} is not one of: {', '.join(TEACHERS)}")
+    if trunk_gradient not in TRUNK_GRADIENTS:
+        raise ValueError(f"trunk_gradient {trunk_gradient!r} is not one of: {', '.join(TRUNK_GRADIENTS)}")
+
+
 class OneGate(nn.Module):
     """ONE's gate: per sample, a softmax weight for each branch from the pooled trunk features."""
 
@@ -71,20 +87,10 @@ class Branches(nn.Module):
         if len(networks) < 2:
             raise ValueError(f"branches on a shared trunk need at least 2 networks, got {len(networks)}")
         first = networks[0]
-        missing = [name for name in SPLIT_METHODS if not hasattr(first, name)]
-        if missing:
-            raise ValueError(f"{type(first).__name__} cannot be split into a trunk and branches: it has no "
-                             f"{', '.join(missing)} (see dml.branches)")
+        check_split(first, shared, teacher, trunk_gradient)
         if any(type(n) is not type(first) for n in networks):
             raise ValueError("the branches of a trunk are networks of one architecture, got "
                              + ", ".join(sorted({type(n).__name__ for n in networks})))
-        if isinstance(shared, bool) or not isinstance(shared, int) or not 1 <= shared < first.stages:
-            raise ValueError(f"shared is the number of stages the trunk holds, 1 to {first.stages - 1} for "
-                             f"{type(first).__name__}, got {shared!r}")
-        if teacher is not None and teacher not in TEACHERS:
-            raise ValueError(f"teacher {teacher!r} is not one of: {', '.join(TEACHERS)}")
-        if trunk_gradient not in TRUNK_GRADIENTS:
-            raise ValueError(f"trunk_gradient {trunk_gradient!r} is not one of: {', '.join(TRUNK_GRADIENTS)}")
         for network in networks[1:]:
             for name in first.trunk_modules(shared):
                 network.set_submodule(name, first.get_submodule(name))

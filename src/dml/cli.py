@@ -135,10 +135,12 @@ def _run_train(args: argparse.Namespace) -> int:
         raise UserError("--max-restarts restarts the processes that --procs starts; under torchrun, give torchrun "
                         "--max-restarts and dml train --resume auto")
     if args.procs is not None:
-        placed = cfg.num_nodes - len(cfg.means)  # a temporal mean lives in its source's process
+        placed = cfg.num_nodes - len(cfg.homes)  # a temporal mean lives in its source's process, a branch in its trunk's
         replicas = cfg.data_parallel
         if not 1 <= args.procs <= placed * replicas:
-            limit = f"the {placed} peers that are not temporal means" if cfg.means else f"--num-nodes ({placed})"
+            kinds = [*(["temporal means"] if cfg.means else []),
+                     *(["a trunk's later branches or teacher"] if cfg.trunk_members else [])]
+            limit = f"the {placed} peers that are not {' or '.join(kinds)}" if kinds else f"--num-nodes ({placed})"
             limit += f" times --data-parallel ({replicas})" if replicas > 1 else ""
             raise UserError(f"--procs must be between 1 and {limit}, got {args.procs}")
         if args.procs % replicas:
@@ -291,6 +293,9 @@ def _bench_parser(sub) -> None:
                    help="intra-op threads per peer, as dml train --threads (default: as dml train decides)")
     p.add_argument("--procs", type=int, default=None, metavar="P",
                    help="spread each cohort's peers over P local processes (the reference loop is skipped)")
+    p.add_argument("--graph", default=None, metavar="FILE",
+                   help="also measure the cohort of this graph file (branches on a shared trunk, say) in one more row; "
+                        "its throughput counts the branches and peers that train, not a learned teacher")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the records as JSON")
     p.set_defaults(func=_run_bench)
 
@@ -315,7 +320,13 @@ def _run_bench(args: argparse.Namespace) -> int:
             raise UserError(str(exc)) from None
     if len(args.models) > 1 and any(n != len(args.models) for n in nodes):
         raise UserError(f"{len(args.models)} models given: --num-nodes must be {len(args.models)}")
+    if args.graph is not None:
+        from .graph import read_graph
+
+        read_graph(args.graph)  # its mistakes said before anything is measured
     if args.procs is not None and args.procs > 1:
+        if args.graph is not None:
+            raise UserError("--graph is measured in one process; drop --procs or --graph")
         if args.procs > min(nodes):
             raise UserError(f"--procs {args.procs} exceeds the smallest cohort in --num-nodes ({min(nodes)})")
         from .launch import launch_processes
@@ -328,7 +339,7 @@ def _run_bench(args: argparse.Namespace) -> int:
                              repeats=args.repeats,
                              batch_size=args.batch_size, device=args.device, precision=args.precision,
                              update=args.update, workers=args.workers, reference=args.reference,
-                             plain=args.plain, threads=args.threads)
+                             plain=args.plain, threads=args.threads, graph=args.graph)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only process 0 prints
         print(" | ".join(HEADER))
     records = run_benchmark(settings)

@@ -145,6 +145,9 @@ class TrainConfig:
         if self.graph_spec is not None:
             self.models = [peer["model"] for peer in self.graph_spec["peers"]]
             self.num_nodes = len(self.models)
+            if self.trunks and (self.update != "simultaneous" or self.data_parallel > 1):
+                raise UserError(f"graph file {self.graph}: branches on a shared trunk train with --update simultaneous "
+                                "and without --data-parallel")
         if self.name is None and not self.unresolved:
             self.name = self.default_name()
 
@@ -179,7 +182,7 @@ class TrainConfig:
                 f"--models lists {len(self.models)} names for --num-nodes {self.num_nodes}; "
                 "give one name (used for every peer) or exactly --num-nodes names"
             )
-        for name in self.models:
+        for name in self.models if self.graph_spec is None else ():  # a graph's peers were checked when read
             try:
                 model_factory(name)
             except ValueError as exc:
@@ -277,6 +280,25 @@ class TrainConfig:
         return means_of(self.graph_spec)
 
     @property
+    def trunks(self) -> list[dict]:
+        """The multi-branch networks of the graph (see graph.read_graph): their first peer, branches and split."""
+        from .graph import trunks_of
+
+        return trunks_of(self.graph_spec)
+
+    @property
+    def homes(self) -> dict[int, int]:
+        """Peers that live where another does: a branch with its trunk, a temporal mean with its source."""
+        from .graph import homes_of
+
+        return homes_of(self.graph_spec)
+
+    @property
+    def trunk_members(self) -> set[int]:
+        """The peers a multi-branch network computes beside its first branch: its other branches and teacher."""
+        return set(self.homes) - set(self.means)
+
+    @property
     def trained_peers(self) -> int:
         """How many peers learn from gradients (teachers and temporal means do not)."""
         return self.num_nodes - len(self.frozen) - len(self.means)
@@ -293,7 +315,8 @@ class TrainConfig:
             students = joined_models([m for k, m in enumerate(self.models) if k not in frozen])
             if self.graph:
                 kind = f"graph-{folder_name(Path(self.graph).stem)}"
-                return "_".join([kind, joined_models(self.models), f"s{self.seed}"])
+                networks = [m for k, m in enumerate(self.models) if k not in self.trunk_members]  # a trunk once
+                return "_".join([kind, joined_models(networks), f"s{self.seed}"])
             return "_".join(["kd", students, "from", joined_models([self.models[k] for k in frozen]), f"s{self.seed}"])
         models = joined_models(self.models)
         parts = [f"dml_n{self.num_nodes}" if self.is_dml else "independent", models]

@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import check_run_dir, restore, save_epoch, set_rng_state, what_is_saved
+from .branches import Branches
 from .cohort import PROBE_INPUTS, Cohort, PeerOutputError, StepOutput
 from .config import TrainConfig
 from .data.augment import Normalise
@@ -68,11 +69,26 @@ def build_peer(cfg: TrainConfig, index: int, num_classes: int) -> tuple[torch.nn
             model = create_model(cfg.models[index], num_classes)
         except (ValueError, TypeError) as exc:  # a user's factory that fails to import or to return a module
             raise UserError(str(exc)) from None
+    return model, *_sgd(cfg, model)
+
+
+def _sgd(cfg: TrainConfig, model: torch.nn.Module) -> tuple[torch.optim.Optimizer, object]:
+    """The recipe's optimizer over ``model``'s parameters and its per-epoch cosine schedule."""
     # foreach: one multi-tensor update instead of a Python loop over ~100 parameters (a few % on CPU).
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd,
                                 nesterov=cfg.nesterov, foreach=not cfg.plain)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs, eta_min=0.0)
-    return model, optimizer, scheduler
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs, eta_min=0.0)
+
+
+def build_branches(cfg: TrainConfig, trunk: dict, num_classes: int) -> tuple[Branches, torch.optim.Optimizer, object]:
+    """A [[trunk]] of the graph: its branches drawn as the peers they are (each from its own seed, the
+    trunk branch 0's), its learned teacher from the teacher peer's seed, one optimizer and schedule."""
+    first, count = trunk["first"], trunk["branches"]
+    networks = [build_peer(cfg, first + k, num_classes)[0] for k in range(count)]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(cfg.seed, "init", first + count))
+        network = Branches(networks, trunk["shared"], trunk["teacher"], trunk["trunk_gradient"])
+    return network, *_sgd(cfg, network)
 
 
 def build_frozen_peer(cfg: TrainConfig, index: int, num_classes: int) -> tuple[torch.nn.Module, None, None]:
@@ -97,7 +113,8 @@ def build_runtime(cfg: TrainConfig, exchange, device: torch.device | None = None
     """How this process computes (on ``device`` where the caller already chose it); peers side by side
     only where they are independent within a step."""
     device = device or exchange.select_device(resolve_device(cfg.device))
-    return Runtime(device, cfg.precision, cfg.plain, num_peers=len(exchange.local_indices),
+    computing = [i for i in exchange.local_indices if i not in cfg.trunk_members]  # a trunk's peers compute as one
+    return Runtime(device, cfg.precision, cfg.plain, num_peers=len(computing),
                    side_by_side=cfg.update == "simultaneous", threads=cfg.threads)
 
 
@@ -105,10 +122,15 @@ def build_cohort(cfg: TrainConfig, exchange, runtime: Runtime, num_classes: int)
     """This process's peers as ``dml train`` runs them (``dml bench`` measures exactly this); the
     other processes' peers are not built. The runtime and the exchange stay the caller's to close."""
     build = {i: build_frozen_peer for i in cfg.frozen}
-    parts = {i: build.get(i, build_peer)(cfg, i, num_classes) for i in exchange.local_indices if i not in cfg.means}
+    local, homes = exchange.local_indices, cfg.homes
+    # a multi-branch network stands for its peers (the cohort expands it), in the place of its first branch
+    parts = {t["first"]: build_branches(cfg, t, num_classes) for t in cfg.trunks if t["first"] in local}
+    parts.update({i: build.get(i, build_peer)(cfg, i, num_classes) for i in local if i not in homes and i not in parts})
     # a temporal mean is built by the cohort as a copy of its source, which lives in the same process
-    parts.update({i: (None, mean_of, None) for i, mean_of in cfg.means.items() if i in exchange.local_indices})
-    models, optimizers, schedulers = zip(*(parts.get(i, (None, None, None)) for i in range(cfg.num_nodes)))
+    parts.update({i: (None, mean_of, None) for i, mean_of in cfg.means.items() if i in local})
+    members = {i for i in cfg.trunk_members if homes[i] in local}  # another process's trunk: one None per peer
+    models, optimizers, schedulers = zip(*(parts.get(i, (None, None, None)) for i in range(cfg.num_nodes)
+                                           if i not in members))
     return Cohort(models, optimizers, cohort_links(cfg), update=cfg.update, schedulers=schedulers, names=cfg.models,
                   runtime=runtime, exchange=exchange, local_batchnorm=cfg.local_batchnorm)
 
@@ -161,8 +183,7 @@ def train(cfg: TrainConfig, resume: bool | str = False, stop_after: int | None =
     """
     cfg = cfg.resolved()
     device = resolve_device(cfg.device)
-    exchange = exchange or make_exchange(cfg.num_nodes, device.type, {i: m.source for i, m in cfg.means.items()},
-                                         cfg.data_parallel)
+    exchange = exchange or make_exchange(cfg.num_nodes, device.type, cfg.homes, cfg.data_parallel)
     run = None
     try:
         device = exchange.select_device(device)
@@ -287,8 +308,8 @@ class Training:
             train_steps(cohort, batches, metrics, show_progress, f"epoch {epoch}, ", stop, cfg.check_batches)
         finally:
             bar.close()
-        for p in cohort.trainable:
-            p.scheduler.step()
+        for scheduler in {id(p.scheduler): p.scheduler for p in cohort.trainable}.values():
+            scheduler.step()  # once each: a multi-branch network's peers share one
         train = metrics.read(cohort.exchange)
         test, val = self.evaluate()
         seconds = time.perf_counter() - started

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .branches import TEACHERS
 from .data.augment import Normalise
 from .data.batches import test_batches
 from .data.dataset import balanced_subset
@@ -137,6 +138,9 @@ def load_model(path: Path, device: torch.device, model: str | None = None) -> Lo
 def _build(saved: SavedPeer, device: torch.device, named: str | None) -> LoadedCheckpoint:
     path, name, num_classes, working_dir = saved.path, saved.model_name, saved.num_classes, saved.working_dir
     check_model_named(f"checkpoint {path}", name, named, f"model={name!r}")
+    if name in TEACHERS:
+        raise UserError(f"checkpoint {path} holds the learned teacher ({name}) of a multi-branch network, which "
+                        "computes from its branches; evaluate or distil from a branch's best.pt (a standalone network)")
     try:
         model = create_model(name, num_classes)
     except ModelImportError as exc:

@@ -35,9 +35,19 @@ A graph file::
     ema_of = "student"                # a temporal mean: the moving average of a trainable peer's weights
     decay = 0.999                     # default 0.999
 
+    [[trunk]]                         # branches on a shared trunk: one network, each branch a peer
+    model = "resnet32"                # a built-in CIFAR ResNet or wide ResNet (or a network that splits)
+    branches = ["b1", "b2", "b3"]     # the branches' peer names (at least 2)
+    shared = 2                        # stages the trunk holds (default 2: the stem and stages 1-2)
+    trunk_gradient = "sum"            # sum (default) or mean: the trunk's gradient times 1/m (CL-ILR)
+    teacher = "one"                   # a learned teacher made of the branches (optional): one (ONE's gate)
+    teacher_name = "gate"             # its peer name (default "teacher")
+
 A link's source may also be "ensemble": the mean of the trainable peers' logits (KDCL), or "others": the
 mean of the trainable peers' logits but the target's (CL-ILR). Every
-trainable peer gets a self link (weight 1, through) unless the file gives one.
+trainable peer gets a self link (weight 1, through) unless the file gives one. A trunk's peers come
+first in the cohort (its branches, then its teacher), in the order of the [[trunk]] tables, then the
+[[peer]] tables; its branches all train (they are one network with one optimizer).
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ from pathlib import Path
 from .errors import UserError
 from .links import COMBINES, ENSEMBLE, GROUP_SOURCES, OTHERS, Link, Links
 from .models import model_factory
+from .branches import check_split
 from .checkpoint import TEACHER, check_model_named, file_digest, read_checkpoint, teacher_path
 from .peer import MeanOf, names_flag, one_or_each
 from .tomlfile import read_toml
@@ -55,6 +66,7 @@ from .tomlfile import read_toml
 LABELS = "labels"
 RESERVED = (LABELS, *GROUP_SOURCES)  # source names that are no peer
 PEER_KEYS = {"name", "model", "checkpoint", "ema_of", "decay"}
+TRUNK_KEYS = {"model", "branches", "shared", "trunk_gradient", "teacher", "teacher_name"}
 LINK_KEYS = {"source", "target", "temperature", "weight", "gate", "ramp_epochs", "standardize"}
 
 
@@ -97,13 +109,19 @@ def read_graph(path: str | Path, open_checkpoints: bool = True) -> dict:
     path = Path(path)
     data = read_toml(path, "graph file")
     where = f"graph file {path}"
-    unknown = set(data) - {"peer", "link", "combine"}
+    unknown = set(data) - {"peer", "link", "combine", "trunk"}
     if unknown:
-        raise UserError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; expected [[peer]], [[link]], combine")
+        raise UserError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; expected [[peer]], [[trunk]], "
+                        "[[link]], combine")
     combine = data.get("combine", "mean")
     if combine not in COMBINES:
         raise UserError(f"{where}: combine {combine!r} is not one of: {', '.join(COMBINES)}")
-    peers = [_peer(entry, k, where, path.parent, open_checkpoints) for k, entry in enumerate(_tables(data, "peer", where))]
+    trunks, peers = [], []
+    for t, entry in enumerate(_tables(data, "trunk", where)):
+        trunk, members = _trunk(entry, t, len(peers), where)
+        trunks.append(trunk)
+        peers += members
+    peers += [_peer(entry, k, where, path.parent, open_checkpoints) for k, entry in enumerate(_tables(data, "peer", where))]
     if not peers:
         raise UserError(f"{where} defines no [[peer]]")
     index = {}
@@ -120,7 +138,58 @@ def read_graph(path: str | Path, open_checkpoints: bool = True) -> dict:
         graph = Links(links, len(peers), combine, frozen)
     except ValueError as exc:
         raise UserError(f"{where}: {exc}") from None
-    return {"peers": peers, **graph.to_dict()}
+    return {"peers": peers, **graph.to_dict(), **({"trunks": trunks} if trunks else {})}
+
+
+def _trunk(entry: dict, t: int, first: int, where: str) -> tuple[dict, list[dict]]:
+    """A [[trunk]] table: the network (model, split, teacher) and its peers, the branches then the teacher,
+    numbered from ``first``; one UserError line per mistake."""
+    label = f"trunk {t + 1}"
+    unknown = set(entry) - TRUNK_KEYS
+    if unknown:
+        raise UserError(f"{where}: {label} has unknown key(s) {', '.join(sorted(unknown))}; "
+                        f"expected {', '.join(sorted(TRUNK_KEYS))}")
+    model, names = entry.get("model"), entry.get("branches")
+    if not isinstance(model, str):
+        raise UserError(f"{where}: {label} needs a model (the network its branches are), e.g. model = \"resnet32\"")
+    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) and n for n in names):
+        raise UserError(f"{where}: {label}: branches lists the branches' peer names, at least 2, e.g. "
+                        'branches = ["b1", "b2", "b3"]')
+    try:
+        network = model_factory(model)(2)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{where}: {label}: {exc}") from None
+    teacher, teacher_name = entry.get("teacher"), entry.get("teacher_name", "teacher")
+    shared, gradient = entry.get("shared", 2), entry.get("trunk_gradient", "sum")
+    try:
+        check_split(network, shared, teacher, gradient)
+    except ValueError as exc:
+        raise UserError(f"{where}: {label} ({model}): {exc}") from None
+    if "teacher_name" in entry and teacher is None:
+        raise UserError(f"{where}: {label}: teacher_name names a learned teacher; add teacher = \"one\"")
+    if not isinstance(teacher_name, str) or not teacher_name:
+        raise UserError(f"{where}: {label}: teacher_name must be a peer name, not {teacher_name!r}")
+    trunk = {"model": model, "first": first, "branches": len(names), "shared": shared, "trunk_gradient": gradient,
+             "teacher": teacher}
+    members = [{"name": n, "model": model, "checkpoint": None, "sha256": None, "trunk": t} for n in names]
+    if teacher is not None:
+        members.append({"name": teacher_name, "model": teacher, "checkpoint": None, "sha256": None, "trunk": t})
+    return trunk, members
+
+
+def trunks_of(spec: dict | None) -> list[dict]:
+    """The multi-branch networks of a stored spec: model, first peer, number of branches, split, teacher."""
+    return list((spec or {}).get("trunks", []))
+
+
+def homes_of(spec: dict | None) -> dict[int, int]:
+    """Where a peer must live, where it is not free: a branch or learned teacher with its trunk's first
+    branch, a temporal mean with its source (or its source's trunk)."""
+    members = {}
+    for trunk in trunks_of(spec):
+        outputs = trunk["branches"] + (trunk["teacher"] is not None)
+        members.update({i: trunk["first"] for i in range(trunk["first"] + 1, trunk["first"] + outputs)})
+    return {**members, **{i: members.get(m.source, m.source) for i, m in means_of(spec).items()}}
 
 
 def means_of(spec: dict | None) -> dict[int, MeanOf]:
@@ -188,6 +257,9 @@ def _resolve_mean(peer: dict, peers: list[dict], index: dict[str, int], where: s
         what = "itself" if of == name else "frozen" if source["checkpoint"] is not None else "a temporal mean"
         raise UserError(f"{where}: peer {name!r} is the mean of {of!r}, which is {what}; a temporal mean follows a "
                         "peer that trains")
+    if "trunk" in source:  # PCL's means of a whole multi-branch network are another design
+        raise UserError(f"{where}: peer {name!r} is the mean of {of!r}, a peer of a [[trunk]]; temporal means of "
+                        "branches are not supported")
     decay = peer["decay"]
     try:
         MeanOf(index[of], decay)
