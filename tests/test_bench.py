@@ -2,15 +2,19 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
+import dml
 import dml.bench
 from dml.bench import PerImageAugmentDataset, matmul_peak_gflops, step_flops
 from dml.cli import main
-from dml.peer import Peer
+from dml.models import create_model
+from torch.utils.flop_counter import FlopCounterMode
 
+GRAPHS = Path(__file__).resolve().parents[1] / "examples" / "graphs"
 KEYS = {"device", "precision", "threads", "processes", "model", "nodes", "engine_img_s", "reference_img_s",
         "speedup", "mfu", "peak_gflops"}
 
@@ -28,6 +32,20 @@ def test_bench_writes_a_record_per_cohort_size(tmp_path, capsys):
         assert r["speedup"] == pytest.approx(r["engine_img_s"] / r["reference_img_s"], rel=0.01)
     table = capsys.readouterr().out.splitlines()
     assert table[0].startswith("device | precision") and len(table) == 3
+
+
+def test_bench_measures_a_graph_files_cohort_beside_dml(tmp_path, capsys):
+    """ONE's graph (3 ResNet-20 branches and the gate) in one more row, counted as 3 trained networks."""
+    graph = tmp_path / "one.toml"
+    graph.write_text((GRAPHS / "one.toml").read_text().replace("resnet32", "resnet20"))
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--models", "resnet20", "--num-nodes", "3", "--steps", "2", "--warmup", "1", "--repeats", "1",
+                 "--no-reference", "--precision", "fp32", "--graph", str(graph), "--json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert [(r["model"], r["nodes"], r["reference_img_s"]) for r in records] == [
+        ("resnet20", 3, None), ("graph one.toml", 3, None)]
+    assert all(r["engine_img_s"] > 0 and 0 < r["mfu"] < 1 for r in records)
+    assert records[1]["mfu"] != records[0]["mfu"]  # its FLOPs count the trunk once
 
 
 def test_bench_of_the_plain_path_leaves_the_thread_settings_as_they_were(tmp_path):
@@ -91,11 +109,30 @@ def test_step_flops_count_forward_and_backward_of_every_local_peer():
         def forward(self, x):
             return self.fc(x.flatten(1))
 
-    peers = []
-    for _ in range(2):
-        model = Linear()
-        peers.append(Peer(len(peers), "linear", model, torch.optim.SGD(model.parameters(), lr=0.1)))
-    assert step_flops(peers, batch, torch.device("cpu")) == 2 * 2 * (2 * batch * 3072 * classes)
+    models = [Linear(), Linear()]
+    with dml.Cohort(models, [torch.optim.SGD(m.parameters(), lr=0.1) for m in models], device="cpu") as cohort:
+        assert step_flops(cohort, batch, torch.device("cpu")) == 2 * 2 * (2 * batch * 3072 * classes)
+
+
+def test_step_flops_count_a_shared_trunk_once():
+    """Three ResNet-20 branches on a trunk of the stem and stages 1-2 cost the trunk once and stage 3 and the
+    classifier three times: the FLOPs of one whole network plus two more of its stage 3 and classifier."""
+    def flops(models):
+        with dml.Cohort(models, [torch.optim.SGD(m.parameters(), lr=0.1) for m in models], device="cpu",
+                        plain=True) as cohort:
+            return step_flops(cohort, 4, torch.device("cpu"))
+
+    def tail_flops():  # stage 3 and the classifier of one network, forward and backward, on a trunk's output
+        net = create_model("resnet20", 100)
+        h = net.trunk(torch.randn(4, 3, 32, 32), 2).detach().requires_grad_()  # its gradient flows to the trunk
+        counter = FlopCounterMode(display=False)
+        with counter:
+            torch.nn.functional.cross_entropy(net.fc(net.tail(h, 2).mean((2, 3))), torch.zeros(4, dtype=torch.long)
+                                              ).backward()
+        return counter.get_total_flops()
+
+    one = flops([create_model("resnet20", 100)])
+    assert flops([dml.Branches([create_model("resnet20", 100) for _ in range(3)])]) == one + 2 * tail_flops()
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -104,6 +141,8 @@ def test_step_flops_count_forward_and_backward_of_every_local_peer():
     (["--models", "resnet20", "wrn28_2", "--nodes", "1,2"], "--num-nodes must be 2"),  # the old spelling works
     (["--models", "nope"], "unknown model 'nope'"),
     (["--num-nodes", "1,2", "--procs", "2"], "--procs 2 exceeds the smallest cohort"),
+    (["--graph", "missing.toml"], "graph file missing.toml does not exist"),
+    (["--num-nodes", "2", "--procs", "2", "--graph", str(GRAPHS / "one.toml")], "--graph is measured in one process"),
 ])
 def test_bench_user_errors(args, expected, capsys):
     assert main(["bench", *args]) == 2
