@@ -81,6 +81,15 @@ def test_a_branchs_best_pt_is_a_standalone_network_at_its_logged_accuracy(cifar_
                  "--no-download", "--test-samples", "50", "--json", str(out)]) == 0
     evaluated = json.loads(out.read_text())
     assert evaluated["checkpoints"][0]["top1"] == pytest.approx(logged)
+    # the run's ensemble is the branches' mean softmax (the gate, an ensemble itself, is left out)
+    lasts = [str(run / f"{k}_resnet20" / "last.pt") for k in range(3)]
+    assert main(["evaluate", *lasts, "--data-dir", str(cifar_root), "--skip-checksum", "--no-download",
+                 "--test-samples", "50", "--json", str(out)]) == 0
+    ensemble = next(r for r in _metrics(run) if r["node"] == "ensemble" and r["epoch"] == 2)["test_acc"]
+    assert json.loads(out.read_text())["ensemble"]["top1"] == pytest.approx(ensemble)
+    capsys.readouterr()
+    assert main(["report", str(run)]) == 0
+    assert "3_one (learned teacher)" in capsys.readouterr().out
     # the gate computes from the branches: it is no network of its own
     assert main(["evaluate", str(run / "3_one" / "best.pt"), "--data-dir", str(cifar_root), "--skip-checksum"]) == 2
     err = capsys.readouterr().err

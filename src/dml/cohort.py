@@ -263,9 +263,16 @@ class Cohort:
         return tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
 
     def evaluate(self, batches: Iterable) -> Evaluation:
-        """Top-1 / top-5 accuracy (%) of every local peer and of the whole cohort's mean-softmax ensemble."""
+        """Top-1 / top-5 accuracy (%) of every local peer and of the whole cohort's mean-softmax ensemble (of the
+        networks that train: not the teachers, the temporal means or the learned teachers)."""
         return evaluate_models([p.model for p in self.peers], batches, self.runtime, self.exchange,
-                               ensemble_excludes=self.links.frozen)
+                               ensemble_excludes=[*self.links.frozen, *self.learned_teachers])
+
+    @property
+    def learned_teachers(self) -> list[int]:
+        """The peers made of a multi-branch network's branches (ONE's gate): an ensemble themselves, left out of
+        the cohort's."""
+        return [first + len(network.branches) for first, network in self.groups.items() if network.teacher is not None]
 
     @property
     def trainable(self) -> list[Peer]:

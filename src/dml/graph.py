@@ -173,7 +173,8 @@ def _trunk(entry: dict, t: int, first: int, where: str) -> tuple[dict, list[dict
              "teacher": teacher}
     members = [{"name": n, "model": model, "checkpoint": None, "sha256": None, "trunk": t} for n in names]
     if teacher is not None:
-        members.append({"name": teacher_name, "model": teacher, "checkpoint": None, "sha256": None, "trunk": t})
+        members.append({"name": teacher_name, "model": teacher, "checkpoint": None, "sha256": None, "trunk": t,
+                        "learned_teacher": True})
     return trunk, members
 
 

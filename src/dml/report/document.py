@@ -155,6 +155,9 @@ def group_section(group: list[Run], baseline: Baseline | None, images: dict[str,
         note += f" Values are mean ± sample standard deviation over n = {len(group)} seeds."
     if first.num_peers > 1:
         note += " Ensemble: the peers' mean softmax."
+    if any(p.learned_teacher for p in first.peers):
+        note += (" A row marked (learned teacher) is made of the branches of a multi-branch network (ONE's gate): not "
+                 "part of the Average or the Ensemble.")
     if first.means:
         note += (" A row marked (mean of i) is the temporal mean (moving average of the weights) of peer i, not "
                  "part of the Average or the Ensemble; the model to deploy is often this one: its folder's best.pt.")

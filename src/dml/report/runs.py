@@ -19,6 +19,7 @@ class PeerHistory:
     model: str
     teacher: bool = False  # frozen: shown, but not averaged with the peers that train
     mean_of: int | None = None  # a temporal mean of that peer: shown (a model to deploy), not averaged either
+    learned_teacher: bool = False  # made of a multi-branch network's branches (ONE's gate): shown, not averaged
     epochs: list[int] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
     train_acc: list[float] = field(default_factory=list)
@@ -30,7 +31,8 @@ class PeerHistory:
 
     @property
     def label(self) -> str:
-        role = " (teacher)" if self.teacher else f" (mean of {self.mean_of})" if self.mean_of is not None else ""
+        role = " (teacher)" if self.teacher else f" (mean of {self.mean_of})" if self.mean_of is not None else \
+            " (learned teacher)" if self.learned_teacher else ""
         return peer_dir_name(self.index, self.model) + role
 
     def best(self) -> tuple[float, int]:
@@ -64,8 +66,8 @@ class Run:
 
     @property
     def students(self) -> list[PeerHistory]:
-        """The peers that train (all but the teachers and the temporal means)."""
-        return [p for p in self.peers if not p.teacher and p.mean_of is None]
+        """The networks that train (all but the teachers, the temporal means and the learned teachers)."""
+        return [p for p in self.peers if not p.teacher and p.mean_of is None and not p.learned_teacher]
 
     @property
     def means(self) -> list[PeerHistory]:
@@ -125,8 +127,8 @@ def read_run(path: Path) -> Run:
     models = config["models"]
     spec_peers = [peer if isinstance(peer, dict) else {} for peer in (config.get("graph_spec") or {}).get("peers", [])]
     spec_peers += [{}] * (len(models) - len(spec_peers))
-    peers = [PeerHistory(i, name, bool(spec.get("checkpoint")), spec.get("ema_of"))
-             for i, (name, spec) in enumerate(zip(models, spec_peers))]
+    peers = [PeerHistory(i, name, bool(spec.get("checkpoint")), spec.get("ema_of"),
+                         bool(spec.get("learned_teacher"))) for i, (name, spec) in enumerate(zip(models, spec_peers))]
     run_dir = RunDir(path, {p.index: p.model for p in peers if not p.teacher}, writer=False)
     records = run_dir.records()
     for record in records:
