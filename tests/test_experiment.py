@@ -259,12 +259,24 @@ def test_a_changed_plan_is_refused_with_its_differences(cifar_root, tmp_path, ca
     assert main(["experiment", str(plan), "--out-dir", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: the plan differs from the one that started") and err.count("\n") == 1
-    assert "run s1: epochs 1 -> 2" in err and "run s3 is new" in err
+    assert "run s1: epochs 1 -> 2" in err and "s3" not in err  # a new run changes nothing that ran
     assert (out / "s1" / "metrics.jsonl").read_bytes() == before and not (out / "s3").exists()
     # settings that do not change what a run computes may change
     plan.write_text(plan.read_text().replace("seed = [1, 2, 3]", "seed = [1, 2]").replace("epochs = 2", "epochs = 1")
                     .replace("[defaults]", "[defaults]\nprogress = false"))
     assert main(["experiment", str(plan), "--out-dir", str(out), "--no-progress"]) == 0
+    # a plan that gains a run runs it beside the finished ones, and is recorded as it now is
+    plan.write_text(plan.read_text().replace("seed = [1, 2]", "seed = [1, 2, 3]"))
+    capsys.readouterr()
+    assert main(["experiment", str(plan), "--out-dir", str(out), "--no-progress"]) == 0
+    assert "3 runs" in capsys.readouterr().out and (out / "s3" / "metrics.jsonl").exists()
+    assert (out / "s1" / "metrics.jsonl").read_bytes() == before
+    assert set(json.loads((out / "plan.json").read_text())["runs"]) == {"s1", "s2", "s3"}
+    assert (out / "plan.toml").read_text() == plan.read_text()
+    # and a run it then loses is refused
+    plan.write_text(plan.read_text().replace("seed = [1, 2, 3]", "seed = [1, 2]"))
+    assert main(["experiment", str(plan), "--out-dir", str(out), "--no-progress"]) == 2
+    assert "run s3 is not in the new plan" in capsys.readouterr().err
 
 
 @pytest.mark.processes  # a dml train process per run

@@ -75,10 +75,10 @@ def claim_out_dir(plan: Plan, out_dir: Path) -> int:
         raise UserError(f"another dml experiment is running in {out_dir}; wait for it to end or use another "
                         "--out-dir")
     try:
-        check_plan(plan, out_dir)
+        grows = check_plan(plan, out_dir)
         record = {"plan": str(plan.path.resolve()), "runs": {run.name: run.settings for run in plan.runs},
                   "search": plan.search, "set": plan.overrides}
-        if not (out_dir / PLAN_RECORD).exists():
+        if grows or not (out_dir / PLAN_RECORD).exists():  # the record and copy follow a plan that gained runs
             atomic_write_bytes(out_dir / PLAN_RECORD, lambda f: f.write(json.dumps(record, indent=2).encode() + b"\n"))
             atomic_write_bytes(out_dir / "plan.toml", lambda f: f.write(plan.path.read_bytes()))
     except BaseException:
@@ -87,14 +87,16 @@ def claim_out_dir(plan: Plan, out_dir: Path) -> int:
     return fd
 
 
-def check_plan(plan: Plan, out_dir: Path) -> None:
-    """Refuse a plan that would change the runs an output directory already holds (as --resume does)."""
+def check_plan(plan: Plan, out_dir: Path) -> bool:
+    """Refuse a plan that would change the runs an output directory already holds (as --resume does);
+    return whether it adds runs to them (which changes nothing that ran)."""
     path = out_dir / PLAN_RECORD
     if not path.exists():
-        return
+        return False
     try:
         recorded = json.loads(path.read_text())
         changed = differences(recorded["runs"], {run.name: run.settings for run in plan.runs})
+        grows = any(run.name not in recorded["runs"] for run in plan.runs)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UserError(f"{path} is unreadable ({exc}); it was not written by dml experiment") from None
     # --set is not in the plan file, so nothing else would notice it missing (a data_dir back to the plan's)
@@ -107,6 +109,7 @@ def check_plan(plan: Plan, out_dir: Path) -> None:
         shown = "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
         raise UserError(f"the plan differs from the one that started {out_dir} ({shown}); run the original plan "
                         "there, or this one with another --out-dir")
+    return grows
 
 
 def set_text(overrides: dict) -> str:
