@@ -23,6 +23,13 @@ Methods, as their official code computes them:
   Linear(C, m) -> BatchNorm -> ReLU -> softmax over the branches; the teacher's logits are the
   gated sum of the branches' logits, trained by its own cross-entropy (which reaches the gate and
   the branches), detached where it teaches.
+- OKDDip (Chen et al., AAAI 2020): ``teacher="okddip"``, peer attention among the first m - 1 branches
+  (``PeerAttention``); its m - 1 outputs are the auxiliary branches' targets, read by links that are
+  not detached; the last branch, the group leader, learns from the auxiliary branches' mean (a link
+  from a group, not detached either, as the official code computes it).
+- FFL (Kim et al., ICPR 2020): ``teacher="ffl"``, a fusion head (``FusionHead``) on the branches'
+  concatenated last feature maps, trained by its own cross-entropy and by the branches' mean logits
+  (a link from a group), teaching the branches detached.
 - CL-ILR (Song & Chai, NeurIPS 2018): ``trunk_gradient="mean"``, the trunk's gradient is the sum
   over the branches times 1/m (backpropagation rescaling); each branch learns from the mean of the
   other branches' logits (the links' ``OTHERS`` source).
@@ -36,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-TEACHERS = ("one",)
+TEACHERS = ("one", "okddip", "ffl")
 TRUNK_GRADIENTS = ("sum", "mean")
 SPLIT_METHODS = ("stages", "trunk_modules", "trunk_channels", "trunk", "tail", "fc")
 
@@ -57,6 +64,16 @@ def check_split(network: nn.Module, shared, teacher, trunk_gradient) -> None:
         raise ValueError(f"trunk_gradient {trunk_gradient!r} is not one of: {', '.join(TRUNK_GRADIENTS)}")
 
 
+def teacher_outputs(teacher: str | None, branches: int) -> int:
+    """The peers a learned teacher adds: ONE's gated teacher one; OKDDip one target per auxiliary branch."""
+    return {None: 0, "one": 1, "okddip": branches - 1, "ffl": 1}[teacher]
+
+
+def teacher_learns_from_labels(teacher: str) -> bool:
+    """Whether a learned teacher's peers have a cross-entropy of their own (OKDDip's targets do not)."""
+    return teacher != "okddip"
+
+
 class OneGate(nn.Module):
     """ONE's gate: per sample, a softmax weight for each branch from the pooled trunk features."""
 
@@ -65,9 +82,52 @@ class OneGate(nn.Module):
         self.linear = nn.Linear(channels, branches)
         self.bn = nn.BatchNorm1d(branches)
 
-    def forward(self, h: torch.Tensor, logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, maps: Sequence[torch.Tensor], logits: Sequence[torch.Tensor]):
         gate = F.softmax(F.relu(self.bn(self.linear(F.adaptive_avg_pool2d(h, 1).flatten(1)))), dim=1)
-        return sum(gate[:, k:k + 1] * z for k, z in enumerate(logits))
+        return [sum(gate[:, k:k + 1] * z for k, z in enumerate(logits))]
+
+
+class PeerAttention(nn.Module):
+    """OKDDip's peer attention (Chen et al., AAAI 2020, as its official code computes it): the first m - 1
+    branches are auxiliary peers, the last the group leader. Query and key projections (C -> C/8, no
+    bias, one pair for all branches) of each auxiliary branch's pooled features f_j; attention
+    a_ij = softmax_j(q(f_i) . k(f_j)) over the auxiliary branches, self included; auxiliary branch i's
+    target is sum_j a_ij z_j. The targets keep their graph: their links are not detached, so the
+    projections learn through them (and so do the branches whose logits they mix)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.query = nn.Linear(channels, channels // 8, bias=False)
+        self.key = nn.Linear(channels, channels // 8, bias=False)
+
+    def forward(self, h: torch.Tensor, maps: Sequence[torch.Tensor], logits: Sequence[torch.Tensor]):
+        f = torch.stack([F.adaptive_avg_pool2d(m, 1).flatten(1) for m in maps[:-1]], 1)  # (batch, m - 1, C)
+        attention = F.softmax(self.query(f) @ self.key(f).transpose(1, 2), dim=-1)  # (batch, i, j)
+        targets = attention @ torch.stack(list(logits[:-1]), 1)  # (batch, i, classes)
+        return list(targets.unbind(1))
+
+
+class FusionHead(nn.Module):
+    """FFL's fusion module (Kim et al., ICPR 2020, as its official code computes it): the branches' last
+    feature maps concatenated (m C channels), a depthwise 3x3 convolution, BatchNorm, ReLU, a 1x1
+    convolution to C channels, BatchNorm, ReLU, global average pooling and a linear classifier. Its
+    gradient reaches the branches and the trunk through the maps."""
+
+    def __init__(self, channels: int, branches: int, classes: int):
+        super().__init__()
+        wide = channels * branches
+        self.depthwise = nn.Conv2d(wide, wide, 3, padding=1, groups=wide, bias=False)
+        self.bn1 = nn.BatchNorm2d(wide)
+        self.pointwise = nn.Conv2d(wide, channels, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.fc = nn.Linear(channels, classes)
+        for conv in (self.depthwise, self.pointwise):  # normal(0, sqrt(2 / (k^2 out))), as the official code
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, h: torch.Tensor, maps: Sequence[torch.Tensor], logits: Sequence[torch.Tensor]):
+        x = F.relu(self.bn1(self.depthwise(torch.cat(list(maps), 1))))
+        x = F.relu(self.bn2(self.pointwise(x)))
+        return [self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))]
 
 
 class Branches(nn.Module):
@@ -101,34 +161,44 @@ class Branches(nn.Module):
         self.teacher = None
         if teacher == "one":  # in the branches' dtype and on their device
             self.teacher = OneGate(first.trunk_channels(shared), len(networks)).to(first.fc.weight)
+        elif teacher == "okddip":
+            if len(networks) < 3:
+                raise ValueError("OKDDip's teacher needs at least 3 branches: 2 or more auxiliary peers and the leader")
+            self.teacher = PeerAttention(first.fc.in_features).to(first.fc.weight)
+        elif teacher == "ffl":
+            self.teacher = FusionHead(first.fc.in_features, len(networks), first.fc.out_features).to(first.fc.weight)
 
     @property
     def num_outputs(self) -> int:
-        """The peers it makes: its branches, and its teacher where it has one."""
-        return len(self.branches) + (self.teacher is not None)
+        """The peers it makes: its branches, then its learned teacher's outputs."""
+        return len(self.branches) + teacher_outputs(self.teacher_name, len(self.branches))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         h = self.branches[0].trunk(x, self.shared)  # once for all branches
         if self.trunk_gradient == "mean" and h.requires_grad:
             m = len(self.branches)
             h.register_hook(lambda grad: grad / m)
-        logits = [b.fc(F.adaptive_avg_pool2d(b.tail(h, self.shared), 1).flatten(1)) for b in self.branches]
+        maps = [b.tail(h, self.shared) for b in self.branches]
+        logits = [b.fc(F.adaptive_avg_pool2d(m, 1).flatten(1)) for b, m in zip(self.branches, maps)]
         if self.teacher is not None:
-            logits.append(self.teacher(h, logits))
+            logits += self.teacher(h, maps, logits)
         return logits
 
     def peer_models(self) -> list[nn.Module]:
         """What each output is as a peer's model: a branch is its whole network (computing the trunk
-        itself where it runs alone); the teacher is the whole multi-branch network's last output."""
-        return [*self.branches, *([Teacher(self)] if self.teacher is not None else [])]
+        itself where it runs alone); a teacher's output is that output of the whole multi-branch network."""
+        return [*self.branches, *(Teacher(self, len(self.branches) + k) for k in range(self.num_outputs -
+                                                                                      len(self.branches)))]
 
 
 class Teacher(nn.Module):
-    """The teacher of a ``Branches`` as a model of its own: ``forward(x)`` is the network's last output."""
+    """An output of a ``Branches``' learned teacher as a model of its own: ``forward(x)`` is the network's
+    output ``index``."""
 
-    def __init__(self, network: Branches):
+    def __init__(self, network: Branches, index: int):
         super().__init__()
         self.network = network
+        self.index = index
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network(x)[-1]
+        return self.network(x)[self.index]

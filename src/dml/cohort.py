@@ -112,6 +112,7 @@ class Cohort:
         frozen = sorted(loss.frozen) if isinstance(loss, Links) else \
             [i for i, o in enumerate(optimizers) if o is None or i in means]
         self.links = as_links(loss or MutualLoss(), len(models), frozen)  # checked before threads and groups exist
+        _check_undetached(self.links, groups)
         self.update, self._step = update, STEPS[update]
         self.num_peers = len(models)  # in the whole cohort; ``peers`` holds this process's
         self._epoch: tuple[int, int, int | None] | None = None  # (epoch, epochs, steps per epoch): set_epoch
@@ -272,7 +273,8 @@ class Cohort:
     def learned_teachers(self) -> list[int]:
         """The peers made of a multi-branch network's branches (ONE's gate): an ensemble themselves, left out of
         the cohort's."""
-        return [first + len(network.branches) for first, network in self.groups.items() if network.teacher is not None]
+        return [i for first, network in self.groups.items()
+                for i in range(first + len(network.branches), first + network.num_outputs)]
 
     @property
     def trainable(self) -> list[Peer]:
@@ -340,6 +342,17 @@ def _units(peers: list[Peer], groups: dict[int, Branches]) -> list[Unit]:
         units.append(Unit(peers[k:k + count], network))
         k += count
     return units
+
+
+def _check_undetached(links: Links, groups: dict[int, Branches]) -> None:
+    """A link that is not detached reads its source with its graph: the source is computed in the same
+    backward as the target, by the target's own multi-branch network."""
+    networks = {i: first for first, network in groups.items() for i in range(first, first + network.num_outputs)}
+    for link in links.undetached:
+        read = link.peers or links.trainable
+        if link.target not in networks or any(networks.get(k) != networks[link.target] for k in read):
+            raise ValueError(f"link {link.source} -> {link.target} is not detached: its source must be peers of the "
+                             "target's own multi-branch network (dml.Branches), computed in the same backward")
 
 
 def _check_means(means: dict[int, MeanOf], optimizers: Sequence) -> None:

@@ -27,6 +27,7 @@ A graph file::
     temperature = 2.0                 # default 1
     weight = 1.0                      # default 1
     gate = "through"                  # through (default), cutoff, linear, correct, linear_ramp or sigmoid_ramp
+    # detach = false                  # let the gradient flow into the source too (its own network's peers)
     # ramp_epochs = 80.0              # ramp gates: epochs until full weight (default: the whole run)
     # standardize = true              # z-score both logits per sample first (not on a self link)
 
@@ -40,11 +41,13 @@ A graph file::
     branches = ["b1", "b2", "b3"]     # the branches' peer names (at least 2)
     shared = 2                        # stages the trunk holds (default 2: the stem and stages 1-2)
     trunk_gradient = "sum"            # sum (default) or mean: the trunk's gradient times 1/m (CL-ILR)
-    teacher = "one"                   # a learned teacher made of the branches (optional): one (ONE's gate)
-    teacher_name = "gate"             # its peer name (default "teacher")
+    teacher = "one"                   # a learned teacher made of the branches (optional): one (ONE's gate),
+                                      # okddip (a target per auxiliary branch) or ffl (FFL's fusion head)
+    teacher_name = "gate"             # its peer name (default "teacher"; OKDDip's: gate1, gate2, ...)
 
-A link's source may also be "ensemble": the mean of the trainable peers' logits (KDCL), or "others": the
-mean of the trainable peers' logits but the target's (CL-ILR). Every
+A link's source may also be "ensemble": the mean of the trainable peers' logits (KDCL), "others": the
+mean of the trainable peers' logits but the target's (CL-ILR), or a list of peers: the mean of their
+logits (source = ["b1", "b2", "b3"]). Every
 trainable peer gets a self link (weight 1, through) unless the file gives one. A trunk's peers come
 first in the cohort (its branches, then its teacher), in the order of the [[trunk]] tables, then the
 [[peer]] tables; its branches all train (they are one network with one optimizer).
@@ -58,7 +61,7 @@ from pathlib import Path
 from .errors import UserError
 from .links import COMBINES, ENSEMBLE, GROUP_SOURCES, OTHERS, Link, Links
 from .models import model_factory
-from .branches import check_split
+from .branches import check_split, teacher_learns_from_labels, teacher_outputs
 from .checkpoint import TEACHER, check_model_named, file_digest, read_checkpoint, teacher_path
 from .peer import MeanOf, names_flag, one_or_each
 from .tomlfile import read_toml
@@ -67,7 +70,7 @@ LABELS = "labels"
 RESERVED = (LABELS, *GROUP_SOURCES)  # source names that are no peer
 PEER_KEYS = {"name", "model", "checkpoint", "ema_of", "decay"}
 TRUNK_KEYS = {"model", "branches", "shared", "trunk_gradient", "teacher", "teacher_name"}
-LINK_KEYS = {"source", "target", "temperature", "weight", "gate", "ramp_epochs", "standardize"}
+LINK_KEYS = {"source", "target", "temperature", "weight", "gate", "ramp_epochs", "standardize", "detach"}
 
 
 def frozen_peer(path: str | Path, name: str, open_checkpoint: bool = True) -> dict:
@@ -134,10 +137,18 @@ def read_graph(path: str | Path, open_checkpoints: bool = True) -> dict:
             _resolve_mean(peer, peers, index, where)
     frozen = [k for k, p in enumerate(peers) if p["checkpoint"] is not None or "ema_of" in p]
     links = [_link(entry, index, frozen, where) for entry in _tables(data, "link", where)]
+    given = {(link.source, link.target) for link in links}
+    links += [Link(k, k, weight=0.0) for k, p in enumerate(peers)  # OKDDip's targets learn through their links only
+              if p.get("learned_teacher") and not teacher_learns_from_labels(p["model"]) and (k, k) not in given]
     try:
         graph = Links(links, len(peers), combine, frozen)
     except ValueError as exc:
         raise UserError(f"{where}: {exc}") from None
+    for link in graph.undetached:  # read with their graph: computed in the same backward as the target
+        read = [peers[k] for k in link.peers or graph.trainable]
+        if "trunk" not in peers[link.target] or any(p.get("trunk") != peers[link.target]["trunk"] for p in read):
+            raise UserError(f"{where}: a link into {peers[link.target]['name']!r} has detach = false: its source must "
+                            "be peers of the target's own [[trunk]]")
     return {"peers": peers, **graph.to_dict(), **({"trunks": trunks} if trunks else {})}
 
 
@@ -169,12 +180,15 @@ def _trunk(entry: dict, t: int, first: int, where: str) -> tuple[dict, list[dict
         raise UserError(f"{where}: {label}: teacher_name names a learned teacher; add teacher = \"one\"")
     if not isinstance(teacher_name, str) or not teacher_name:
         raise UserError(f"{where}: {label}: teacher_name must be a peer name, not {teacher_name!r}")
+    if teacher == "okddip" and len(names) < 3:
+        raise UserError(f"{where}: {label}: OKDDip needs at least 3 branches (2 or more auxiliary peers, then the "
+                        "leader)")
     trunk = {"model": model, "first": first, "branches": len(names), "shared": shared, "trunk_gradient": gradient,
              "teacher": teacher}
     members = [{"name": n, "model": model, "checkpoint": None, "sha256": None, "trunk": t} for n in names]
-    if teacher is not None:
-        members.append({"name": teacher_name, "model": teacher, "checkpoint": None, "sha256": None, "trunk": t,
-                        "learned_teacher": True})
+    outputs = teacher_outputs(teacher, len(names))
+    members += [{"name": teacher_name if outputs == 1 else f"{teacher_name}{k + 1}", "model": teacher,
+                 "checkpoint": None, "sha256": None, "trunk": t, "learned_teacher": True} for k in range(outputs)]
     return trunk, members
 
 
@@ -188,7 +202,7 @@ def homes_of(spec: dict | None) -> dict[int, int]:
     branch, a temporal mean with its source (or its source's trunk)."""
     members = {}
     for trunk in trunks_of(spec):
-        outputs = trunk["branches"] + (trunk["teacher"] is not None)
+        outputs = trunk["branches"] + teacher_outputs(trunk["teacher"], trunk["branches"])
         members.update({i: trunk["first"] for i in range(trunk["first"] + 1, trunk["first"] + outputs)})
     return {**members, **{i: members.get(m.source, m.source) for i, m in means_of(spec).items()}}
 
@@ -277,13 +291,23 @@ def _link(entry: dict, index: dict[str, int], frozen: list[int], where: str) -> 
     ends = {}
     for end in ("source", "target"):
         name = entry.get(end)
+        if end == "source" and isinstance(name, list) and name:  # a group: the mean of those peers' logits
+            unknown = [n for n in name if not isinstance(n, str) or n not in index]
+            if unknown:
+                raise UserError(f"{where}: link {name!r} -> {entry.get('target')!r}: unknown source peer(s) "
+                                f"{', '.join(map(repr, unknown))}; the peers are {', '.join(index)}")
+            ends[end] = tuple(index[n] for n in name)
+            continue
         if not isinstance(name, str) or (name not in index and not (end == "source" and name in RESERVED)):
             raise UserError(f"{where}: link {entry.get('source')!r} -> {entry.get('target')!r}: unknown {end} "
-                            f"{name!r}; the peers are {', '.join(index)} (and {LABELS!r}, {ENSEMBLE!r} or "
-                            f"{OTHERS!r} as a source)")
+                            f"{name!r}; the peers are {', '.join(index)} (and {LABELS!r}, {ENSEMBLE!r}, "
+                            f"{OTHERS!r} or a list of peers as a source)")
         ends[end] = name if name in GROUP_SOURCES else index.get(name)
     source, target = ends["source"], ends["target"]
     label = f"link {entry['source']} -> {entry['target']}"
+    detach = entry.get("detach", True)
+    if not isinstance(detach, bool):
+        raise UserError(f"{where}: {label}: detach must be true or false, not {detach!r}")
     if target in frozen:
         what = "joins two frozen peers (a cycle of frozen peers never learns)" if source in frozen else \
             "leads into a frozen peer (a teacher or a temporal mean), which learns nothing from links"
@@ -296,6 +320,6 @@ def _link(entry: dict, index: dict[str, int], frozen: list[int], where: str) -> 
     try:
         return Link(target if source is None else source, target, float(entry.get("temperature", 1.0)),
                     float(entry.get("weight", 1.0)), entry.get("gate", "through"),
-                    None if ramp_epochs is None else float(ramp_epochs), standardize)
+                    None if ramp_epochs is None else float(ramp_epochs), standardize, detach)
     except (TypeError, ValueError) as exc:
         raise UserError(f"{where}: {label}: {exc}") from None

@@ -11,8 +11,13 @@ A link carries knowledge from a source into a target peer:
   the link's own temperature softens it like any peer's, and standardisation applies to it,
 - a link from the others (source ``"others"``): the same with the mean of the *other* trainable peers'
   detached logits, (1/(m-1)) sum_{k != i} z_k (CL-ILR's peer ensemble for branch i),
+- a link from a group (source a tuple of peer indices): the same with the mean of those peers' logits
+  (OKDDip's group leader learns from its auxiliary peers, FFL's fusion head from the branches),
 
-each with its own temperature T, weight w and gate g. The objective of peer i is
+each with its own temperature T, weight w and gate g. A link with ``detach=False`` lets its gradient flow
+into the source too (OKDDip's attention-weighted targets, as its official code computes them): its
+source must be computed in the same backward as its target, i.e. by the target's own multi-branch
+network. The objective of peer i is
 
     L_i = CE_i + KD_i,   CE_i = w_ii g_ii CE(z_i, y),   KD_i = C_i * sum_{j -> i} w_ji g_ji T_ji^2 KL_ji
 
@@ -40,7 +45,7 @@ Gates (Minami et al., ACCV 2020, and the ramps of ONE, OKDDip and PCL):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -84,12 +89,21 @@ class Link:
     gate: str = "through"
     ramp_epochs: float | None = None
     standardize: bool = False
+    detach: bool = True
 
     def __post_init__(self):
         if self.gate not in GATES:
             raise ValueError(f"gate {self.gate!r} is not one of: {', '.join(GATES)}")
-        if isinstance(self.source, str) and self.source not in GROUP_SOURCES:
-            raise ValueError(f"a link's source is a peer's index, {ENSEMBLE!r} or {OTHERS!r}, not {self.source!r}")
+        if isinstance(self.source, (list, tuple)):  # a group; config.json gives it back as a list
+            object.__setattr__(self, "source", tuple(self.source))
+            if not self.source or len(set(self.source)) != len(self.source) or not all(
+                    isinstance(k, int) and not isinstance(k, bool) for k in self.source):
+                raise ValueError(f"a group source lists distinct peers' indices, not {list(self.source)!r}")
+        elif isinstance(self.source, str) and self.source not in GROUP_SOURCES:
+            raise ValueError(f"a link's source is a peer's index, {ENSEMBLE!r}, {OTHERS!r} or a group of peers, not "
+                             f"{self.source!r}")
+        if not isinstance(self.detach, bool):
+            raise ValueError(f"detach must be true or false, not {self.detach!r}")
         if isinstance(self.target, bool) or not isinstance(self.target, int):
             raise ValueError(f"a link's target is a peer's index, not {self.target!r}")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
@@ -105,6 +119,13 @@ class Link:
         if self.standardize and self.is_self:
             raise ValueError("standardize applies to a link between two sets of logits, not to the self link "
                              "(cross-entropy with the labels)")
+        if not self.detach and self.is_self:
+            raise ValueError("detach applies to a link from another source, not to the self link")
+
+    @property
+    def peers(self) -> tuple[int, ...]:
+        """The peers a link reads (its group's; none for the ensemble and the others)."""
+        return self.source if isinstance(self.source, tuple) else () if isinstance(self.source, str) else (self.source,)
 
     @property
     def is_self(self) -> bool:
@@ -118,6 +139,10 @@ class Link:
             del entry["ramp_epochs"]
         if not self.standardize:
             del entry["standardize"]
+        if self.detach:
+            del entry["detach"]
+        if isinstance(self.source, tuple):
+            entry["source"] = list(self.source)
         return entry
 
 
@@ -155,12 +180,13 @@ class Links:
             if link.source == OTHERS and len([k for k in self.trainable if k != link.target]) < 1:
                 raise ValueError(f"link others -> {link.target}: the others are the trainable peers but the target, "
                                  "and there is none")
-            for end in (link.source, link.target):
-                if end not in GROUP_SOURCES and not 0 <= end < num_peers:
+            for end in (*link.peers, link.target):
+                if not 0 <= end < num_peers:
                     raise ValueError(f"link {link.source} -> {link.target}: no peer {end} in a cohort of {num_peers}")
             if link.target in self.frozen:
                 raise ValueError(f"link {link.source} -> {link.target}: peer {link.target} is frozen and learns nothing")
         pairs = [(link.source, link.target) for link in links]
+        self.undetached = [link for link in links if not link.detach]
         for pair in set(pairs):
             if pairs.count(pair) > 1:
                 raise ValueError(f"link {pair[0]} -> {pair[1]} is given twice")
@@ -200,12 +226,15 @@ class Links:
         return ce if kd is None else ce + kd
 
     def terms(self, target: int, logits: torch.Tensor, sources: Sequence[torch.Tensor], labels: torch.Tensor,
-              progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+              progress: Progress | None = None, live: Mapping[int, torch.Tensor] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The two parts of a trainable ``target``'s objective, each as it enters the sum: its weighted,
         gated cross-entropy and the combined distillation term of its links from other sources (None
         where none is live). ``logits`` carry their graph; ``sources`` are every peer's detached logits
         in cohort order, or what ``sources()`` makes of them (the ensemble computed once for all
-        targets); ``progress`` is where training stands (needed by linear and ramp gates)."""
+        targets); ``progress`` is where training stands (needed by linear and ramp gates); ``live``:
+        the logits with their graph of the peers computed with the target (its network's), which links
+        with ``detach=False`` read."""
         if len(sources) == self.num_peers:
             sources = self.sources(sources)
         elif len(sources) != self.num_peers + self.uses_ensemble:
@@ -219,24 +248,31 @@ class Links:
         ce = own.weight * _gated_cross_entropy(own, logits, sources, labels, progress, self.trainable)
         incoming = self._from_others[target]
         scales = [link.weight * link.temperature**2 * _gate_factor(link, progress) for link in incoming]
-        live = [(scale, _gated_kl(link, logits, sources, labels, self.trainable))
-                for link, scale in zip(incoming, scales) if scale]
-        if not live:
+        with_graph = sources
+        if any(not link.detach for link in incoming):
+            missing = {k for link in incoming if not link.detach for k in (link.peers or self.trainable)} - set(live or ())
+            if missing:
+                raise ValueError(f"peer {target}'s links that are not detached read peers {sorted(missing)}, which are "
+                                 "not computed with it: pass their logits with their graph as live")
+            with_graph = self.sources([live.get(k, z) if k in live else z for k, z in enumerate(sources[:self.num_peers])])
+        terms = [(scale, _gated_kl(link, logits, sources if link.detach else with_graph, labels, self.trainable))
+                 for link, scale in zip(incoming, scales) if scale]
+        if not terms:
             return ce, None
         # Where every link has the same scale the sum is taken first and scaled once, the way
         # ``mutual_loss`` computes it, so plain DML built from links is bit-identical to it.
         if len(set(scales)) == 1:
-            total = scales[0] * sum(term for _, term in live)
+            total = scales[0] * sum(term for _, term in terms)
         else:
-            total = sum(scale * term for scale, term in live)
+            total = sum(scale * term for scale, term in terms)
         return ce, (total / len(incoming) if self.combine == "mean" else total)
 
 
-def _order(link: Link) -> tuple[int, int, int]:
-    """Links by target, then source, the ensemble and the others after the peers."""
+def _order(link: Link) -> tuple[int, int, tuple[int, ...]]:
+    """Links by target, then source: the peers, the ensemble and the others, then groups."""
     if isinstance(link.source, str):
-        return link.target, 1, GROUP_SOURCES.index(link.source)
-    return link.target, 0, link.source
+        return link.target, 1, (GROUP_SOURCES.index(link.source),)
+    return (link.target, 2, link.source) if isinstance(link.source, tuple) else (link.target, 0, (link.source,))
 
 
 def _gate_factor(link: Link, progress: Progress | None) -> float:
@@ -254,6 +290,8 @@ def _correct_mask(source_logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
 def _source(link: Link, sources: Sequence[torch.Tensor], trainable: Sequence[int]) -> torch.Tensor:
     if link.source == OTHERS:
         return torch.stack([sources[k].float() for k in trainable if k != link.target]).mean(0)
+    if isinstance(link.source, tuple):
+        return torch.stack([sources[k].float() for k in link.source]).mean(0)
     return sources[len(sources) - 1 if link.source == ENSEMBLE else link.source]
 
 

@@ -48,12 +48,13 @@ def _forward_unit(unit: Unit, x: torch.Tensor, precision) -> list[torch.Tensor]:
         return unit.forward(x)
 
 
-def _terms(cohort, peer, logits: torch.Tensor, sources: list[torch.Tensor], y: torch.Tensor, progress):
-    """``peer``'s objective and its parts: (objective, cross-entropy term, distillation term or None)."""
+def _terms(cohort, peer, logits: torch.Tensor, sources: list[torch.Tensor], y: torch.Tensor, progress, live=None):
+    """``peer``'s objective and its parts: (objective, cross-entropy term, distillation term or None);
+    ``live``: the logits, with their graph, of the peers of its unit (for links that are not detached)."""
     if not peer.trains:  # a teacher or a temporal mean: its cross-entropy, for the record
         ce = F.cross_entropy(logits.float(), y)
         return ce, ce, None
-    ce, kd = cohort.links.terms(peer.index, logits, sources, y, progress)
+    ce, kd = cohort.links.terms(peer.index, logits, sources, y, progress, live)
     return (ce if kd is None else ce + kd), ce, kd
 
 
@@ -74,8 +75,8 @@ def simultaneous_step(cohort, x: torch.Tensor, y: torch.Tensor) -> tuple[list, l
     first = {id(unit): sum(len(u.peers) for u in units[:k]) for k, unit in enumerate(units)}
 
     def update(unit: Unit):
-        terms = [_terms(cohort, peer, logits[first[id(unit)] + j], sources, y, progress)
-                 for j, peer in enumerate(unit.peers)]
+        live = {peer.index: logits[first[id(unit)] + j] for j, peer in enumerate(unit.peers)}
+        terms = [_terms(cohort, peer, live[peer.index], sources, y, progress, live) for peer in unit.peers]
         objectives = [objective for peer, (objective, _, _) in zip(unit.peers, terms) if peer.trains]
         if objectives:  # a network's peers: one backward of their sum, one step of its optimizer
             _descend(cohort, unit.peers[0], functools.reduce(torch.add, objectives), precision.scaler)
