@@ -41,25 +41,44 @@ def test_the_method_graphs_read_as_trunks_of_branches():
     assert {(lk["source"], lk["target"], lk["temperature"], lk["gate"]) for lk in one["links"] if lk["source"] == 3} \
         == {(3, k, 3.0, "sigmoid_ramp") for k in range(3)} | {(3, 3, 1.0, "through")}  # the gate's own CE
     assert cl["trunks"][0]["trunk_gradient"] == "mean" and cl["trunks"][0]["teacher"] is None
+    okddip, ffl = read_graph(GRAPHS / "okddip.toml"), read_graph(GRAPHS / "ffl.toml")
+    assert [p["name"] for p in okddip["peers"]] == ["p1", "p2", "p3", "leader", "target1", "target2", "target3"]
+    assert {(lk["source"] if isinstance(lk["source"], int) else tuple(lk["source"]), lk["target"], lk["weight"],
+             lk.get("detach", True)) for lk in okddip["links"]} == {
+        *((k, k, 1.0, True) for k in range(4)), *((k, k, 0.0, True) for k in range(4, 7)),
+        *((4 + k, k, 1.0, False) for k in range(3)), ((0, 1, 2), 3, 1.0, False)}
+    assert [p["name"] for p in ffl["peers"]] == ["b1", "b2", "fusion"]
+    assert {(tuple(lk["source"]) if isinstance(lk["source"], list) else lk["source"], lk["target"])
+            for lk in ffl["links"]} == {(0, 0), (1, 1), (2, 2), (2, 0), (2, 1), ((0, 1), 2)}
     assert {(lk["source"], lk["target"], lk["weight"]) for lk in cl["links"]} == \
         {*((k, k, 0.5) for k in range(3)), *(("others", k, 0.5) for k in range(3))}
 
 
-def test_a_trunk_resumes_exactly_and_steps_its_schedule_once_per_epoch(cifar_root, tmp_path, one):
-    args = ["--graph", str(one), "--epochs", "3"]
+@pytest.mark.parametrize("method, teachers", [("one", ["3_one"]), ("okddip", ["4_okddip", "5_okddip", "6_okddip"]),
+                                               ("ffl", ["2_ffl"]), ("cl_ilr", [])])
+def test_every_trunk_graph_resumes_exactly_with_one_schedule_step_per_epoch(cifar_root, tmp_path, method, teachers):
+    graph = _graph(tmp_path, (GRAPHS / f"{method}.toml").read_text().replace("resnet32", "resnet20"), f"{method}.toml")
+    args = ["--graph", str(graph), "--epochs", "3"]
     assert _train(cifar_root, tmp_path / "straight", *args) == 0
     assert _train(cifar_root, tmp_path / "split", *args, "--stop-after", "1") == 0
     assert _train(cifar_root, tmp_path / "split", *args, "--resume") == 0
-    straight, split = tmp_path / "straight" / RUN, tmp_path / "split" / RUN
+    run = f"graph-{method}_resnet20_s42"
+    straight, split = tmp_path / "straight" / run, tmp_path / "split" / run
     records = _metrics(straight)
     assert records == _metrics(split)
-    # one cosine step per epoch (three, one per peer, would reach 0 after the first epoch)
+    # one cosine step per epoch (one per peer would reach 0 after the first epoch)
     assert [r["lr"] for r in records if r["node"] == 0] == pytest.approx([0.1, 0.075, 0.025])
-    assert {r["model"] for r in records if r["node"] != "ensemble"} == {"resnet20", "one"}
-    for folder in ("0_resnet20", "1_resnet20", "2_resnet20", "3_one"):
+    folders = sorted(p.name for p in straight.iterdir() if (p / "last.pt").exists())
+    assert [f for f in folders if not f.endswith("resnet20")] == teachers
+    for folder in folders:
         a = torch.load(straight / folder / "last.pt", weights_only=True)["model"]
         b = torch.load(split / folder / "last.pt", weights_only=True)["model"]
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_branches_share_the_trunk_and_only_the_trunk(cifar_root, tmp_path, one):
+    assert _train(cifar_root, tmp_path, "--graph", str(one), "--epochs", "1") == 0
+    straight = tmp_path / RUN
     # the branches share the trunk and only the trunk
     b0 = torch.load(straight / "0_resnet20" / "last.pt", weights_only=True)["model"]
     b1 = torch.load(straight / "1_resnet20" / "last.pt", weights_only=True)["model"]
@@ -114,7 +133,12 @@ branches = ["b1", "b2"]
     ('[[trunk]]\nmodel = "resnet20"\nbranches = ["b1"]\n', [], "branches lists the branches' peer names, at least 2"),
     ('[[trunk]]\nbranches = ["b1", "b2"]\n', [], "trunk 1 needs a model"),
     (TRUNK + "shared = 3\n", [], "shared is the number of stages the trunk holds, 1 to 2"),
-    (TRUNK + 'teacher = "okd"\n', [], "teacher 'okd' is not one of: one"),
+    (TRUNK + 'teacher = "okd"\n', [], "teacher 'okd' is not one of: one, okddip, ffl"),
+    (TRUNK + 'teacher = "okddip"\n', [], "OKDDip needs at least 3 branches"),
+    (TRUNK + '[[peer]]\nname = "c"\nmodel = "resnet20"\n[[link]]\nsource = "c"\ntarget = "b1"\ndetach = false\n', [],
+     "a link into 'b1' has detach = false: its source must be peers of the target's own [[trunk]]"),
+    (TRUNK + '[[link]]\nsource = ["b1", "x"]\ntarget = "b2"\n', [], "unknown source peer(s) 'x'"),
+    (TRUNK + '[[link]]\nsource = "b1"\ntarget = "b2"\ndetach = "no"\n', [], "detach must be true or false"),
     (TRUNK + 'trunk_gradient = "max"\n', [], "trunk_gradient 'max' is not one of: sum, mean"),
     (TRUNK + 'teacher_name = "t"\n', [], "teacher_name names a learned teacher"),
     (TRUNK + 'width = 2\n', [], "trunk 1 has unknown key(s) width"),

@@ -186,3 +186,108 @@ def test_one_step_of_cl_ilr_equals_a_float64_computation_by_hand():
     for (name, after), (_, before) in zip(network.named_parameters(), by_hand.named_parameters()):
         step = LR * before.grad / (3 if id(before) in trunk else 1)
         assert (after - (before - step)).norm().item() <= 1e-5 * step.norm().item() + 1e-12, name
+
+
+def _kl_live(target_logits, student_logits, t):
+    """T^2 KL(softmax(target / T) || softmax(student / T)) with the gradient flowing into both sides."""
+    log_p = torch.log_softmax(target_logits / t, 1)
+    return t * t * (log_p.exp() * (log_p - torch.log_softmax(student_logits / t, 1))).sum(1).mean()
+
+
+def okddip_links(t=3.0, weight=0.8):
+    """OKDDip with 3 auxiliary branches (0-2), the leader (3) and the targets (4-6, no cross-entropy)."""
+    return dml.Links([dml.Link(4 + k, 4 + k, weight=0.0) for k in range(3)]
+                     + [dml.Link(4 + k, k, temperature=t, weight=weight, detach=False) for k in range(3)]
+                     + [dml.Link((0, 1, 2), 3, temperature=t, weight=weight, detach=False)], num_peers=7, combine="sum")
+
+
+def test_one_step_of_okddip_equals_a_float64_computation_by_hand():
+    network = Branches(_networks(m=4), teacher="okddip")
+    by_hand = copy.deepcopy(network)
+    x, y = _batch()
+    losses = _step(network, okddip_links(), x, y)
+
+    # written out: each branch whole; attention over the auxiliary branches' pooled stage-3 features
+    branches = by_hand.branches
+    z = [b(x) for b in branches]
+    f = [b.blocks(F.relu(b.bn1(b.conv1(x)))).mean((2, 3)) for b in branches[:3]]
+    q = [by_hand.teacher.query.weight @ fi.T for fi in f]  # (8, batch) each
+    k_ = [by_hand.teacher.key.weight @ fi.T for fi in f]
+    targets = []
+    for i in range(3):
+        energy = torch.stack([(q[i] * k_[j]).sum(0) for j in range(3)], 1)  # (batch, j)
+        a = torch.softmax(energy, 1)
+        targets.append(sum(a[:, j:j + 1] * z[j] for j in range(3)))
+    leader_target = (z[0] + z[1] + z[2]) / 3
+    expected = [F.cross_entropy(z[i], y) + 0.8 * _kl_live(targets[i], z[i], 3.0) for i in range(3)]
+    expected.append(F.cross_entropy(z[3], y) + 0.8 * _kl_live(leader_target, z[3], 3.0))
+    expected += [0.0 * F.cross_entropy(t_, y) for t_ in targets]
+    torch.testing.assert_close(torch.stack(losses).double(), torch.stack(expected).detach(), rtol=1e-6, atol=1e-6)
+    sum(expected).backward()
+    for (name, after), (_, before) in zip(network.named_parameters(), by_hand.named_parameters()):
+        step = LR * before.grad
+        assert (after - (before - step)).norm().item() <= 1e-5 * step.norm().item() + 1e-12, name
+
+
+def test_okddips_attention_learns_through_its_targets_and_the_leader_reaches_the_auxiliary_branches():
+    x, y = _batch()
+    grads = {}
+    for detach in (False, True):
+        network = Branches(_networks(m=4), teacher="okddip")
+        links = dml.Links([dml.Link(4 + k, 4 + k, weight=0.0) for k in range(3)]
+                          + [dml.Link(4 + k, k, temperature=3.0, detach=detach) for k in range(3)], num_peers=7)
+        with dml.Cohort([network], [torch.optim.SGD(network.parameters(), lr=0.0)], links, device="cpu",
+                        precision="fp32", plain=True) as cohort:
+            cohort.step(x, y)  # lr 0: the gradients stay for us to read
+        grads[detach] = {n: p.grad for n, p in network.named_parameters()}
+    assert grads[False]["teacher.query.weight"].abs().sum() > 0 and grads[False]["teacher.key.weight"].abs().sum() > 0
+    detached = grads[True]["teacher.query.weight"]  # detached, the projections would never learn
+    assert detached is None or not detached.abs().sum()
+    # the leader's link from the auxiliary branches' mean, not detached: its gradient reaches their classifiers
+    network = Branches(_networks(m=4), teacher="okddip")
+    links = dml.Links([dml.Link(4 + k, 4 + k, weight=0.0) for k in range(3)] + [dml.Link(k, k, weight=0.0)
+                      for k in range(3)] + [dml.Link((0, 1, 2), 3, temperature=3.0, detach=False)], num_peers=7)
+    with dml.Cohort([network], [torch.optim.SGD(network.parameters(), lr=0.0)], links, device="cpu",
+                    precision="fp32", plain=True) as cohort:
+        cohort.step(x, y)
+    assert network.branches[0].fc.weight.grad.abs().sum() > 0
+
+
+def test_one_step_of_ffl_equals_a_float64_computation_by_hand():
+    network = Branches(_networks(m=2), teacher="ffl")
+    by_hand = copy.deepcopy(network)
+    x, y = _batch()
+    links = dml.Links([dml.Link(2, k, temperature=3.0, weight=0.6) for k in range(2)]
+                      + [dml.Link((0, 1), 2, temperature=3.0, weight=0.6)], num_peers=3, combine="sum")
+    losses = _step(network, links, x, y)
+
+    branches, head = by_hand.branches, by_hand.teacher
+    z = [b(x) for b in branches]
+    maps = torch.cat([b.blocks(F.relu(b.bn1(b.conv1(x)))) for b in branches], 1)  # (batch, 128, 8, 8)
+
+    def bn(v, layer):  # training-mode batch statistics, biased variance
+        mean, var = v.mean((0, 2, 3), keepdim=True), v.var((0, 2, 3), unbiased=False, keepdim=True)
+        return (v - mean) / torch.sqrt(var + layer.eps) * layer.weight.view(1, -1, 1, 1) + layer.bias.view(1, -1, 1, 1)
+
+    fused = F.relu(bn(F.conv2d(maps, head.depthwise.weight, padding=1, groups=128), head.bn1))
+    fused = F.relu(bn(torch.einsum("oc,bchw->bohw", head.pointwise.weight[:, :, 0, 0], fused), head.bn2))
+    fused = fused.mean((2, 3)) @ head.fc.weight.T + head.fc.bias
+    expected = [F.cross_entropy(z[k], y) + 0.6 * _kl(fused.detach(), z[k], 3.0) for k in range(2)]
+    expected.append(F.cross_entropy(fused, y) + 0.6 * _kl(((z[0] + z[1]) / 2).detach(), fused, 3.0))
+    torch.testing.assert_close(torch.stack(losses).double(), torch.stack(expected).detach(), rtol=1e-6, atol=1e-6)
+    sum(expected).backward()
+    for (name, after), (_, before) in zip(network.named_parameters(), by_hand.named_parameters()):
+        step = LR * before.grad
+        assert (after - (before - step)).norm().item() <= 1e-5 * step.norm().item() + 1e-12, name
+
+
+def test_a_link_that_is_not_detached_reads_its_own_network_or_is_refused():
+    nets = _networks(m=2)
+    other = create_model("resnet20", 10).double()
+    links = dml.Links([dml.Link(2, 0, detach=False)], num_peers=3)
+    with pytest.raises(ValueError, match="not detached: its source must be peers of the target's own multi-branch"):
+        dml.Cohort([Branches(nets), other], [torch.optim.SGD(p, lr=0.1) for p in
+                                              (Branches(_networks(m=2)).parameters(), other.parameters())],
+                   links, device="cpu", precision="fp32")
+    with pytest.raises(ValueError, match="detach applies to a link from another source"):
+        dml.Link(0, 0, detach=False)

@@ -507,3 +507,27 @@ def test_a_search_range_whose_end_makes_a_bad_run_is_refused_before_any_trial(ci
     with pytest.raises(UserError) as caught:
         read_plan(plan, tmp_path / "out")
     assert message in str(caught.value) and "[search]" in str(caught.value), caught.value
+
+
+def test_the_online_kd_table_plan_reads_with_its_step_schedule_and_published_numbers(tmp_path):
+    folder = Path(__file__).resolve().parents[1] / "examples" / "CIFAR100"
+    cwd = os.getcwd()
+    os.chdir(folder)  # its graph paths are relative to its folder, where it is run from
+    try:
+        plan = read_plan(folder / "online-kd-table.toml", tmp_path)
+    finally:
+        os.chdir(cwd)
+    assert len(plan.runs) == 24 and all(run.settings["lr_milestones"] == [150, 225] for run in plan.runs)
+    assert plan.published["okddip"] == 73.25 and plan.published["source"].startswith("PCL")
+
+
+@pytest.mark.parametrize("body, message", [
+    ('[[run]]\nlabel = "a"\n[published]\nb = 70.0\n', "[published]: 'b' is not the label of a [[run]]"),
+    ('[[run]]\nlabel = "a"\n[published]\na = "high"\n', "a = 'high' is not an accuracy in percent"),
+    ('[[run]]\nlabel = "a"\nlr_milestones = ["x"]\n', "lr_milestones must be a list of integers"),
+    ('[[run]]\nlabel = "a"\nlr_milestones = [2]\n', "--lr-milestones must be increasing epochs between 1 and"),
+])
+def test_plan_mistakes_with_published_numbers_and_milestones_are_one_line(cifar_root, tmp_path, body, message):
+    plan = write_plan(tmp_path, cifar_root, body)
+    with pytest.raises(UserError, match=re.escape(message)):
+        read_plan(plan, tmp_path / "out")

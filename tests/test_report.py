@@ -338,3 +338,15 @@ def test_runs_written_before_a_setting_existed_group_with_runs_at_its_default(tm
     (ramped / "config.json").write_text(json.dumps(document))
     groups = seed_groups([read_run(old), read_run(new), read_run(ramped)])
     assert [[run.seed for run in group] for group in groups] == [[1, 2], [3]]
+
+
+def test_published_numbers_stand_beside_the_measured_ones(tmp_path):
+    for seed in (1, 2):
+        write_run(tmp_path, f"one_s{seed}", [[(80.0, 70.0 + seed, 1.0)], [(80.0, 72.0, 1.0)]], seed=seed)
+    write_run(tmp_path, "kdcl_s1", [[(80.0, 60.0, 1.0)], [(80.0, 62.0, 1.0)]], lr=0.05)
+    markdown = report([tmp_path], published={"source": "PCL, Table 2", "one": 73.79})
+    summary = rows(markdown, "## Summary")
+    assert summary["one"][-1] == "73.79" and summary["one"][4] == "71.75 ± 0.35"  # seed averages 71.5, 72
+    assert summary["kdcl_s1"][-1] == "–"  # no published number for it
+    assert "Published: PCL, Table 2." in markdown
+    assert "Published" not in report([tmp_path])

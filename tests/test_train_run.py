@@ -219,3 +219,21 @@ def test_a_short_epochs_progress_bar_shows_its_loss_and_speed(cifar_root, tmp_pa
                  "--models", tiny_net, "--epochs", "1"]) == 0
     shown = terminal.getvalue()
     assert "epoch 1/1" in shown and "loss=" in shown and "img_s=" in shown
+
+
+def test_a_step_schedule_drops_the_rate_after_its_milestones_and_resumes_exactly(cifar_root, tmp_path, capsys):
+    args = ["--models", "resnet20", "--epochs", "3", "--lr-milestones", "1", "2", "--lr-gamma", "0.5"]
+    run_straight = partial(train, tiny=tiny_flags(train=64, test=50))
+    assert run_straight(cifar_root, tmp_path / "straight", *args) == 0
+    assert run_straight(cifar_root, tmp_path / "split", *args, "--stop-after", "1") == 0
+    assert run_straight(cifar_root, tmp_path / "split", *args, "--resume") == 0
+    straight = _metrics(tmp_path / "straight" / "independent_resnet20_s42")
+    assert straight == _metrics(tmp_path / "split" / "independent_resnet20_s42")
+    assert [r["lr"] for r in straight if r["node"] == 0] == pytest.approx([0.1, 0.05, 0.025])
+    for bad, message in ((["--lr-milestones", "3"], "--lr-milestones must be increasing epochs between 1 and --epochs"),
+                         (["--lr-milestones", "2", "1"], "--lr-milestones must be increasing"),
+                         (["--lr-gamma", "0.5"], "--lr-gamma is the factor of a step schedule")):
+        capsys.readouterr()
+        assert run_straight(cifar_root, tmp_path / "bad", "--models", "resnet20", "--epochs", "3", *bad) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err

@@ -71,9 +71,14 @@ class TrainConfig:
     image_size: int | None = setting(group="data", metavar="S",
                                      help="folder datasets: resize every image to SxS (needed when their sizes "
                                           "differ)")
-    epochs: int = setting(200, group="recipe", help="epochs of the cosine schedule")
+    epochs: int = setting(200, group="recipe", help="epochs of the schedule")
     batch_size: int = setting(64, group="recipe", help="images per step (the last partial batch is dropped)")
-    lr: float = setting(0.1, group="recipe", help="initial learning rate (cosine to 0)")
+    lr: float = setting(0.1, group="recipe", help="initial learning rate (cosine to 0, or steps with --lr-milestones)")
+    lr_milestones: list[int] | None = setting(group="recipe", nargs="+", metavar="EPOCH",
+                                              help="a step schedule instead of the cosine: the learning rate is "
+                                                   "multiplied by --lr-gamma after each of these epochs (e.g. 150 225, "
+                                                   "the recipe of ONE, OKDDip and PCL's 300 epochs)")
+    lr_gamma: float = setting(0.1, group="recipe", help="with --lr-milestones: the factor at each milestone")
     wd: float = setting(5e-4, group="recipe", help="weight decay")
     momentum: float = setting(0.9, group="recipe", help="SGD momentum")
     nesterov: bool = setting(True, group="recipe", help="plain momentum instead of Nesterov")
@@ -192,6 +197,15 @@ class TrainConfig:
         if self.threads is not None:
             _positive_int("--threads", self.threads)
         _positive_float("--lr", self.lr)
+        _positive_float("--lr-gamma", self.lr_gamma)
+        if self.lr_milestones is not None:
+            milestones = list(self.lr_milestones)
+            if not milestones or any(isinstance(m, bool) or not isinstance(m, int) for m in milestones) or \
+                    milestones != sorted(set(milestones)) or not 0 < milestones[0] or milestones[-1] >= self.epochs:
+                raise UserError(f"--lr-milestones must be increasing epochs between 1 and --epochs - 1 "
+                                f"({self.epochs - 1}), got {' '.join(map(str, milestones))}")
+        elif self.lr_gamma != 0.1:
+            raise UserError("--lr-gamma is the factor of a step schedule; give its --lr-milestones too")
         _positive_float("--temperature", self.temperature)
         _non_negative_float("--wd", self.wd)
         _non_negative_float("--momentum", self.momentum)

@@ -73,10 +73,13 @@ def build_peer(cfg: TrainConfig, index: int, num_classes: int) -> tuple[torch.nn
 
 
 def _sgd(cfg: TrainConfig, model: torch.nn.Module) -> tuple[torch.optim.Optimizer, object]:
-    """The recipe's optimizer over ``model``'s parameters and its per-epoch cosine schedule."""
+    """The recipe's optimizer over ``model``'s parameters and its per-epoch schedule: cosine to 0, or
+    steps at ``lr_milestones``."""
     # foreach: one multi-tensor update instead of a Python loop over ~100 parameters (a few % on CPU).
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd,
                                 nesterov=cfg.nesterov, foreach=not cfg.plain)
+    if cfg.lr_milestones:
+        return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.lr_milestones), cfg.lr_gamma)
     return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs, eta_min=0.0)
 
 

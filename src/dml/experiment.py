@@ -204,7 +204,8 @@ def write_report(plan: Plan, out_dir: Path) -> Path | None:
     baseline = [out_dir / r.name for r in plan.baseline_runs() if is_finished(r, epochs_saved(out_dir / r.name))]
     if not started:
         return None
-    report(started, baseline=baseline or None, out=out_dir / "report.md", plots=out_dir / "plots")
+    report(started, baseline=baseline or None, out=out_dir / "report.md", plots=out_dir / "plots",
+           published=plan.published)
     return out_dir / "report.md"
 
 

@@ -19,6 +19,10 @@ A plan::
     label = "kd"
     teacher = "{run:teacher}/0_wrn28_2/best.pt"   # placeholders: {run:LABEL}, {out_dir}, {seed}...
 
+    [published]                       # optional: a row's published accuracy (%), printed beside it
+    source = "PCL (Wu & Gong, AAAI 2021), Table 2"
+    kd = 73.1
+
     [search]                          # dml tune: ranges to search
     lr = { low = 0.01, high = 0.2, log = true }
     temperature = { choices = [1.0, 2.0, 4.0] }
@@ -45,7 +49,7 @@ from .errors import UserError
 from .models import folder_name
 from .tomlfile import read_toml, toml_value
 
-PLAN_KEYS = {"defaults", "grid", "run", "search", "baseline"}
+PLAN_KEYS = {"defaults", "grid", "run", "search", "baseline", "published"}
 # Settings a plan does not give: the plan names its runs and places them in its output directory.
 DECIDED_BY_PLAN = {"name", "out_dir", "graph_spec"}
 SETTINGS = {f.name: f for f in fields(TrainConfig) if f.name not in DECIDED_BY_PLAN}
@@ -82,6 +86,7 @@ class Plan:
     baseline: str | None  # a row label
     search: dict  # setting -> {"low", "high", "log"} or {"choices"}
     overrides: dict = field(default_factory=dict)  # --set: setting -> value, in every run
+    published: dict = field(default_factory=dict)  # [published]: row label -> accuracy (%), and its "source"
 
     def baseline_runs(self) -> list[PlannedRun]:
         return [run for run in self.runs if run.label == self.baseline]
@@ -96,7 +101,7 @@ def read_plan(path: str | Path, out_dir: Path, overrides: dict | None = None) ->
     unknown = set(data) - PLAN_KEYS
     if unknown:
         raise UserError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; a plan has [defaults], [grid], "
-                        "[[run]], [search] and baseline")
+                        "[[run]], [search], [published] and baseline")
     defaults = _settings(_table(data, "defaults", where), f"{where} [defaults]")
     grid = _table(data, "grid", where)
     for key, values in grid.items():
@@ -149,7 +154,20 @@ def read_plan(path: str | Path, out_dir: Path, overrides: dict | None = None) ->
                         f"{', '.join(k for k in varying_grid_keys if k != 'seed')}; drop baseline or make those rows")
     search = _search(_table(data, "search", where), where)
     _check_search_ends(runs, search, where)
-    return Plan(path, runs, baseline, search, overrides)
+    return Plan(path, runs, baseline, search, overrides, _published(_table(data, "published", where), labels, where))
+
+
+def _published(table: dict, labels: list, where: str) -> dict:
+    """[published]: each key a row's label with its published accuracy (%), and an optional source text."""
+    for key, value in table.items():
+        if key == "source":
+            if not isinstance(value, str):
+                raise UserError(f"{where} [published]: source is a text naming where the numbers are published")
+        elif key not in labels:
+            raise UserError(f"{where} [published]: {key!r} is not the label of a [[run]]")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
+            raise UserError(f"{where} [published]: {key} = {value!r} is not an accuracy in percent")
+    return dict(table)
 
 
 def _table(data: dict, key: str, where: str) -> dict:
@@ -173,11 +191,14 @@ def _settings(table: dict, where: str) -> dict:
             value = [value]
         if kind is list and value == []:
             raise UserError(f"{where}: {key} must name at least one; leave it out instead")
-        ok = (isinstance(value, list) and all(isinstance(v, str) for v in value)) if kind is list else (
+        item = _list_item_kind(key) if kind is list else None
+        ok = (isinstance(value, list) and all(isinstance(v, item) and not isinstance(v, bool) for v in value)) \
+            if kind is list else (
             isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
             isinstance(value, kind) and (kind is bool or not isinstance(value, bool)))
         if not ok:
-            raise UserError(f"{where}: {key} must be {_kind_name(kind)}, got {value!r}")
+            what = f"a list of {'integers' if item is int else 'strings'}" if kind is list else _kind_name(kind)
+            raise UserError(f"{where}: {key} must be {what}, got {value!r}")
         out[key] = float(value) if kind is float else value
     return out
 
@@ -203,12 +224,20 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def setting_kind(key: str) -> type:
-    """The kind of value the setting ``key`` holds: int, float, bool, str or list (of strings);
+    """The kind of value the setting ``key`` holds: int, float, bool, str or list (of strings or integers);
     optional settings (``X | None``) hold X."""
     hint = typing.get_type_hints(TrainConfig)[key]
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         hint = next(k for k in typing.get_args(hint) if k is not type(None))
     return typing.get_origin(hint) or hint
+
+
+def _list_item_kind(key: str) -> type:
+    """What a list setting holds: strings (models, teacher) or integers (lr_milestones)."""
+    hint = typing.get_type_hints(TrainConfig)[key]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(k for k in typing.get_args(hint) if k is not type(None))
+    return typing.get_args(hint)[0]
 
 
 def setting_value(key: str, value):
@@ -257,8 +286,11 @@ def _fill(settings: dict, out_dir: Path, folders: dict[str, Path], where: str) -
             raise UserError(f"{where}: {text!r} holds a {{run:...}} that is not a label of a [[run]]")
         return filled
 
-    return {k: [fill(v) for v in value] if isinstance(value, list) else fill(value) if isinstance(value, str)
-            else value for k, value in settings.items()}
+    def fill_any(value):
+        return fill(value) if isinstance(value, str) else value
+
+    return {k: [fill_any(v) for v in value] if isinstance(value, list) else fill_any(value)
+            for k, value in settings.items()}
 
 
 def _check_names(runs: list[PlannedRun], where: str) -> None:

@@ -23,9 +23,10 @@ def _file_stem(name: str, taken: set[str]) -> str:
 
 
 def report(run_paths, baseline: str | os.PathLike | list | None = None, out: str | os.PathLike | None = None,
-           plots: str | os.PathLike | None = None) -> str:
+           plots: str | os.PathLike | None = None, published: dict | None = None) -> str:
     """Read the runs, draw the plots (when ``plots`` names a folder) and return the Markdown;
-    with ``out`` it is also written there, with image links relative to it."""
+    with ``out`` it is also written there, with image links relative to it. ``published``: a plan's
+    [published] table (row label -> accuracy, and its "source"), printed beside the measured numbers."""
     runs = [read_run(p) for p in find_runs(run_paths)]
     baseline_runs = None
     if baseline is not None:
@@ -57,7 +58,7 @@ def report(run_paths, baseline: str | os.PathLike | list | None = None, out: str
         comparison_path = folder / f"{_file_stem('comparison', taken)}.png"
         plot_comparison(seed_groups(shown), comparison_path, baseline_runs)
         comparison = link(comparison_path)
-    markdown = build_markdown(runs, baseline_runs, images, comparison)
+    markdown = build_markdown(runs, baseline_runs, images, comparison, published)
     if out is not None:
         try:
             Path(out).write_text(markdown)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import statistics
 
 from ..markdown import escape, table
@@ -175,13 +176,17 @@ def group_section(group: list[Run], baseline: Baseline | None, images: dict[str,
     return "\n".join(lines)
 
 
-def summary_table(groups: list[list[Run]], baseline_group: list[Run] | None, baseline: Baseline | None) -> str:
-    """One line per run or seed group: the averages that compare node counts at a glance."""
+def summary_table(groups: list[list[Run]], baseline_group: list[Run] | None, baseline: Baseline | None,
+                  published: dict | None = None) -> str:
+    """One line per run or seed group: the averages that compare node counts at a glance (and, where a
+    plan gives them, the published numbers beside)."""
     everything = ([baseline_group] if baseline_group else []) + groups
     with_val = any(group[0].has_val for group in everything)
+    published = {k: v for k, v in (published or {}).items() if k != "source"}
     header = ["Run", "Nodes", "Epochs", "Seeds", "Avg Test Accuracy (%)"] + \
         (["Avg Test at Best Val (%)"] if with_val else []) + \
-        ["Avg Best Test Accuracy (%)", "Ensemble Test Accuracy (%)"] + ([IMPROVEMENT] if baseline is not None else [])
+        ["Avg Best Test Accuracy (%)", "Ensemble Test Accuracy (%)"] + ([IMPROVEMENT] if baseline is not None else []) + \
+        (["Published (%)"] if published else [])
     rows = []
     for group in everything:
         avg_test = stat([statistics.fmean(p.test_acc[-1] for p in run.students) for run in group])
@@ -195,13 +200,18 @@ def summary_table(groups: list[list[Run]], baseline_group: list[Run] | None, bas
                 [avg_best.format(), DASH if None in final else stat(final).format()]
         if baseline is not None:
             cells.append(DASH if group is baseline_group else baseline.gain(group, avg_test.values).format(signed=True))
+        if published:
+            label = re.sub(r"_s-?\d+$", "", group[0].name)  # a plan's run is its row's label and its seed
+            cells.append(f"{published[label]:.2f}" if label in published else DASH)
         rows.append(cells)
     return table(header, rows)
 
 
 def build_markdown(runs: list[Run], baseline_runs: list[Run] | None = None,
-                   images: dict[str, str] | None = None, comparison_image: str | None = None) -> str:
-    """The whole report. ``images`` maps a run's path (str) to the link of its plot."""
+                   images: dict[str, str] | None = None, comparison_image: str | None = None,
+                   published: dict | None = None) -> str:
+    """The whole report. ``images`` maps a run's path (str) to the link of its plot; ``published`` a
+    plan's [published] table."""
     images = images or {}
     baseline_group = None
     baseline = None
@@ -213,7 +223,9 @@ def build_markdown(runs: list[Run], baseline_runs: list[Run] | None = None,
     parts = ["# Training report", "",
              "Accuracies in %. Test accuracy is given at the last epoch run and, as Best, at the epoch "
              "where it was highest: publications report either, so both are shown.", "",
-             "## Summary", "", summary_table(groups, baseline_group, baseline), ""]
+             "## Summary", "", summary_table(groups, baseline_group, baseline, published), ""]
+    if published and published.get("source"):
+        parts += [f"Published: {escape(published['source'])}.", ""]
     if comparison_image:
         parts += [f"![Average test accuracy by number of nodes]({comparison_image})", ""]
     if baseline_group:
