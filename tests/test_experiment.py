@@ -469,6 +469,7 @@ def test_the_plans_in_the_readmes_read_as_documented(tmp_path):
                                            for s in (0, 1, 2)]
     assert plan.runs[6].after == ["teacher_s0"] and [r.name for r in plan.baseline_runs()] == ["alone_s0", "alone_s1",
                                                                                                 "alone_s2"]
+    assert plan.published["dml"] == 72.12
     (tmp_path / "small.toml").write_text(blocks["CIFAR100"])
     small = read_plan(tmp_path / "small.toml", tmp_path / "out")
     assert [(r.name, r.peers, r.epochs) for r in small.runs] == [("alone_s0", 1, 4), ("alone_s1", 1, 4),
