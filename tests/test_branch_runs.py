@@ -55,7 +55,7 @@ def test_the_method_graphs_read_as_trunks_of_branches():
 
 
 @pytest.mark.parametrize("method, teachers", [("one", ["3_one"]), ("okddip", ["4_okddip", "5_okddip", "6_okddip"]),
-                                               ("ffl", ["2_ffl"]), ("cl_ilr", [])])
+                                               ("ffl", ["2_ffl"]), ("cl_ilr", []), ("pcl", ["3_pcl"])])
 def test_every_trunk_graph_resumes_exactly_with_one_schedule_step_per_epoch(cifar_root, tmp_path, method, teachers):
     graph = _graph(tmp_path, (GRAPHS / f"{method}.toml").read_text().replace("resnet32", "resnet20"), f"{method}.toml")
     args = ["--graph", str(graph), "--epochs", "3"]
@@ -144,7 +144,8 @@ branches = ["b1", "b2"]
     (TRUNK + 'width = 2\n', [], "trunk 1 has unknown key(s) width"),
     (TRUNK.replace("resnet20", "mlp_for_tests:build"), [], "cannot be split into a trunk and branches"),
     (TRUNK + '[[peer]]\nname = "b1"\nmodel = "resnet20"\n', [], "peer name 'b1' is used twice"),
-    (TRUNK + '[[peer]]\nname = "m"\nema_of = "b1"\n', [], "temporal means of branches are not supported"),
+    (TRUNK + 'teacher = "one"\n[[peer]]\nname = "m"\nema_of = "teacher"\n', [],
+     "peer 'm' is the mean of 'teacher', a learned teacher of a [[trunk]]"),
     (TRUNK + '[[link]]\nsource = "teacher"\ntarget = "b1"\n', [], "unknown source 'teacher'"),
     (TRUNK, ["--update", "sequential"], "branches on a shared trunk train with --update simultaneous"),
     (TRUNK, ["--data-parallel", "2"], "and without --data-parallel"),

@@ -291,3 +291,40 @@ def test_a_link_that_is_not_detached_reads_its_own_network_or_is_refused():
                    links, device="cpu", precision="fp32")
     with pytest.raises(ValueError, match="detach applies to a link from another source"):
         dml.Link(0, 0, detach=False)
+
+
+def test_one_step_of_pcl_on_a_shared_trunk_equals_a_float64_computation_by_hand():
+    """Branches 0-2, the ensemble teacher 3 (linear on the concatenated pooled features), means 4-6 of the
+    branches; branch i learns from the teacher and, 1/2 each, from the other branches' means."""
+    network = Branches(_networks(), teacher="pcl")
+    by_hand = copy.deepcopy(network)
+    x, y = _batch()
+    links = dml.Links([dml.Link(3, i, temperature=3.0) for i in range(3)]
+                      + [dml.Link(4 + j, i, temperature=3.0, weight=0.5) for i in range(3) for j in range(3) if j != i],
+                      num_peers=7, combine="sum", frozen=[4, 5, 6])
+    optimizer = torch.optim.SGD(network.parameters(), lr=LR)
+    with dml.Cohort([network, None, None, None], [optimizer, *(dml.MeanOf(k) for k in range(3))], links,
+                    device="cpu", precision="fp32", plain=True) as cohort:
+        losses = cohort.step(x, y).losses
+        means = [cohort.peers[4 + k].model for k in range(3)]
+
+    branches = by_hand.branches
+    with torch.no_grad():  # the means before the step: the branches as they were, in evaluation mode
+        m = [copy.deepcopy(b).eval()(x) for b in branches]
+    z = [b(x) for b in branches]
+    pooled = torch.cat([b.blocks(F.relu(b.bn1(b.conv1(x)))).mean((2, 3)) for b in branches], 1)
+    fused = pooled @ by_hand.teacher.fc.weight.T + by_hand.teacher.fc.bias
+    expected = [F.cross_entropy(z[i], y) + _kl(fused.detach(), z[i], 3.0)
+                + 0.5 * sum(_kl(m[j], z[i], 3.0) for j in range(3) if j != i) for i in range(3)]
+    expected.append(F.cross_entropy(fused, y))
+    torch.testing.assert_close(torch.stack(losses[:4]).detach().double(), torch.stack(expected).detach(),
+                               rtol=1e-6, atol=1e-6)
+    sum(expected).backward()
+    for (name, after), (_, before) in zip(network.named_parameters(), by_hand.named_parameters()):
+        step = LR * before.grad
+        assert (after - (before - step)).norm().item() <= 1e-5 * step.norm().item() + 1e-12, name
+    # after the first step each mean is its branch (the warm-up's first weight is 1), a standalone network
+    for k in range(3):
+        torch.testing.assert_close(dict(means[k].named_parameters())["blocks.0.conv1.weight"],
+                                   dict(network.branches[k].named_parameters())["blocks.0.conv1.weight"])
+        assert means[k].blocks[0].conv1.weight is not network.branches[k].blocks[0].conv1.weight

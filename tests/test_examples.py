@@ -141,7 +141,7 @@ def test_online_distillation_plan_holds_the_five_methods(monkeypatch, tmp_path):
     assert (EXAMPLES / "online" / "kdcl_resnet20.toml").read_text() == \
         (graphs / "kdcl.toml").read_text().replace("resnet32", "resnet20")
     pcl = tmp_path / "pcl.toml"  # the same graph, its ramp scaled to the plan's 15 epochs
-    pcl.write_text((graphs / "pcl.toml").read_text().replace("resnet32", "resnet20").replace("= 80.0", "= 6.0"))
+    pcl.write_text((graphs / "pcl_style.toml").read_text().replace("resnet32", "resnet20").replace("= 80.0", "= 6.0"))
     assert read_toml(EXAMPLES / "online" / "pcl_resnet20.toml", "graph file") == read_toml(pcl, "graph file")
     assert not (EXAMPLES / "runs" / "never-written").exists()
 

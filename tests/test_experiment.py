@@ -485,7 +485,7 @@ def test_a_ramps_length_and_a_temporal_means_graph_are_searchable(cifar_root, tm
     choices = []
     for decay in ("0.99", "0.999"):
         choices.append(tmp_path / f"pcl_{decay}.toml")
-        choices[-1].write_text((graphs / "pcl.toml").read_text().replace("decay = 0.999", f"decay = {decay}"))
+        choices[-1].write_text((graphs / "pcl_style.toml").read_text().replace("decay = 0.999", f"decay = {decay}"))
     ramp = read_plan(write_plan(tmp_path, cifar_root, 'num_nodes = 2\nkd_ramp = "sigmoid"\n'
                                 "[search]\nkd_ramp_epochs = { low = 0.5, high = 2.0 }\n", name="ramp.toml"),
                      tmp_path / "out")
@@ -518,7 +518,7 @@ def test_the_online_kd_table_plan_reads_with_its_step_schedule_and_published_num
         plan = read_plan(folder / "online-kd-table.toml", tmp_path)
     finally:
         os.chdir(cwd)
-    assert len(plan.runs) == 24 and all(run.settings["lr_milestones"] == [150, 225] for run in plan.runs)
+    assert len(plan.runs) == 27 and all(run.settings["lr_milestones"] == [150, 225] for run in plan.runs)
     assert plan.published["okddip"] == 73.25 and plan.published["source"].startswith("PCL")
 
 

@@ -367,7 +367,7 @@ def test_counting_a_plans_trained_peers_opens_no_checkpoint(teacher, tmp_path, m
 
 
 def test_the_method_graph_files_compute_their_methods():
-    pcl = read_graph(GRAPHS / "pcl.toml")
+    pcl = read_graph(GRAPHS / "pcl_style.toml")
     assert [(p["model"], p.get("ema_of"), p.get("decay")) for p in pcl["peers"]] == [
         ("resnet32", None, None), ("resnet32", None, None), ("resnet32", 0, 0.999), ("resnet32", 1, 0.999)]
     ramped = {"gate": "sigmoid_ramp", "ramp_epochs": 80.0}  # each peer from the ensemble and the other's mean
@@ -441,12 +441,12 @@ def test_online_distillation_links_train_resume_and_are_stored(cifar_root, tmp_p
 
 
 def test_pcl_graph_by_hand():
-    """pcl.toml, peer a (b alike): CE + w(t) (KL(p(mean of a, b) || p(a)) + KL(p(b's mean) || p(a))), the two
+    """pcl_style.toml, peer a (b alike): CE + w(t) (KL(p(mean of a, b) || p(a)) + KL(p(b's mean) || p(a))), the two
     terms summed, w the sigmoid ramp over 80 epochs; float64 logits, T = 1."""
     from dml.links import Progress
     from test_links import _ce, _kl, close
 
-    links = links_of(read_graph(GRAPHS / "pcl.toml"))
+    links = links_of(read_graph(GRAPHS / "pcl_style.toml"))
     g = torch.Generator().manual_seed(3)
     z = [torch.randn(8, 5, generator=g, dtype=torch.float64) * 3.0 for _ in range(4)]  # a, b, a's mean, b's mean
     y = torch.randint(0, 5, (8,), generator=g)
@@ -463,7 +463,7 @@ def test_pcl_graph_by_hand():
 def test_temporal_means_live_with_their_sources_in_other_processes(cifar_root, tmp_path, capsys):
     """PCL's graph over two processes (peers 0 and 2 in one, 1 and 3 in the other: the cohort order is
     not the processes' order) computes what one process computes with the same threads per peer."""
-    path = _graph(tmp_path, (GRAPHS / "pcl.toml").read_text().replace("resnet32", "resnet20"))
+    path = _graph(tmp_path, (GRAPHS / "pcl_style.toml").read_text().replace("resnet32", "resnet20"))
     single, spread = _one_process_and_two(cifar_root, tmp_path, "--graph", str(path))
     name = "graph-graph_resnet20_s42"
     assert _metrics(single / name) == _metrics(spread / name)

@@ -30,6 +30,10 @@ Methods, as their official code computes them:
 - FFL (Kim et al., ICPR 2020): ``teacher="ffl"``, a fusion head (``FusionHead``) on the branches'
   concatenated last feature maps, trained by its own cross-entropy and by the branches' mean logits
   (a link from a group), teaching the branches detached.
+- PCL (Wu & Gong, AAAI 2021): ``teacher="pcl"``, a linear classifier on the branches' concatenated
+  pooled features (``FusionLinear``), the peer ensemble teacher; the peer mean teachers are temporal
+  means of the branches (``dml.MeanOf`` of a branch: the moving average of the trunk and that branch,
+  exactly the branch of a moving average of the whole network).
 - CL-ILR (Song & Chai, NeurIPS 2018): ``trunk_gradient="mean"``, the trunk's gradient is the sum
   over the branches times 1/m (backpropagation rescaling); each branch learns from the mean of the
   other branches' logits (the links' ``OTHERS`` source).
@@ -43,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-TEACHERS = ("one", "okddip", "ffl")
+TEACHERS = ("one", "okddip", "ffl", "pcl")
 TRUNK_GRADIENTS = ("sum", "mean")
 SPLIT_METHODS = ("stages", "trunk_modules", "trunk_channels", "trunk", "tail", "fc")
 
@@ -66,7 +70,7 @@ def check_split(network: nn.Module, shared, teacher, trunk_gradient) -> None:
 
 def teacher_outputs(teacher: str | None, branches: int) -> int:
     """The peers a learned teacher adds: ONE's gated teacher one; OKDDip one target per auxiliary branch."""
-    return {None: 0, "one": 1, "okddip": branches - 1, "ffl": 1}[teacher]
+    return {None: 0, "one": 1, "okddip": branches - 1, "ffl": 1, "pcl": 1}[teacher]
 
 
 def teacher_learns_from_labels(teacher: str) -> bool:
@@ -130,6 +134,18 @@ class FusionHead(nn.Module):
         return [self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))]
 
 
+class FusionLinear(nn.Module):
+    """PCL's peer ensemble teacher (Wu & Gong, AAAI 2021): a linear classifier on the branches' pooled
+    features, concatenated (m C inputs). Its gradient reaches the branches and the trunk."""
+
+    def __init__(self, channels: int, branches: int, classes: int):
+        super().__init__()
+        self.fc = nn.Linear(channels * branches, classes)
+
+    def forward(self, h: torch.Tensor, maps: Sequence[torch.Tensor], logits: Sequence[torch.Tensor]):
+        return [self.fc(torch.cat([F.adaptive_avg_pool2d(m, 1).flatten(1) for m in maps], 1))]
+
+
 class Branches(nn.Module):
     """``networks`` (m >= 2, one architecture) computed as branches of one trunk: the stem and the first
     ``shared`` stages of ``networks[0]``, which every other network then uses in place of its own.
@@ -167,6 +183,8 @@ class Branches(nn.Module):
             self.teacher = PeerAttention(first.fc.in_features).to(first.fc.weight)
         elif teacher == "ffl":
             self.teacher = FusionHead(first.fc.in_features, len(networks), first.fc.out_features).to(first.fc.weight)
+        elif teacher == "pcl":
+            self.teacher = FusionLinear(first.fc.in_features, len(networks), first.fc.out_features).to(first.fc.weight)
 
     @property
     def num_outputs(self) -> int:

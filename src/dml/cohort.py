@@ -328,8 +328,12 @@ def _expand_branches(models: Sequence, optimizers: Sequence, schedulers: Sequenc
         peers_models += model.peer_models() if isinstance(model, Branches) else [model]
         peers_optimizers += [optimizers[k]] * count
         peers_schedulers += [None if schedulers is None else schedulers[k]] * count
-    if groups and any(isinstance(o, MeanOf) for o in optimizers):
-        raise ValueError("temporal means beside a multi-branch network are not supported yet")
+    learned = {i for first, network in groups.items() for i in range(first + len(network.branches),
+                                                                     first + network.num_outputs)}
+    for o in optimizers:
+        if isinstance(o, MeanOf) and o.source in learned:
+            raise ValueError(f"peer {o.source} is a learned teacher of a multi-branch network: a temporal mean follows "
+                             "a branch or a peer")
     return peers_models, peers_optimizers, None if schedulers is None else peers_schedulers, groups
 
 

@@ -42,7 +42,8 @@ A graph file::
     shared = 2                        # stages the trunk holds (default 2: the stem and stages 1-2)
     trunk_gradient = "sum"            # sum (default) or mean: the trunk's gradient times 1/m (CL-ILR)
     teacher = "one"                   # a learned teacher made of the branches (optional): one (ONE's gate),
-                                      # okddip (a target per auxiliary branch) or ffl (FFL's fusion head)
+                                      # okddip (a target per auxiliary branch), ffl (FFL's fusion head) or
+                                      # pcl (PCL's linear classifier on the concatenated pooled features)
     teacher_name = "gate"             # its peer name (default "teacher"; OKDDip's: gate1, gate2, ...)
 
 A link's source may also be "ensemble": the mean of the trainable peers' logits (KDCL), "others": the
@@ -272,9 +273,9 @@ def _resolve_mean(peer: dict, peers: list[dict], index: dict[str, int], where: s
         what = "itself" if of == name else "frozen" if source["checkpoint"] is not None else "a temporal mean"
         raise UserError(f"{where}: peer {name!r} is the mean of {of!r}, which is {what}; a temporal mean follows a "
                         "peer that trains")
-    if "trunk" in source:  # PCL's means of a whole multi-branch network are another design
-        raise UserError(f"{where}: peer {name!r} is the mean of {of!r}, a peer of a [[trunk]]; temporal means of "
-                        "branches are not supported")
+    if source.get("learned_teacher"):
+        raise UserError(f"{where}: peer {name!r} is the mean of {of!r}, a learned teacher of a [[trunk]]; a temporal "
+                        "mean follows a branch or a peer")
     decay = peer["decay"]
     try:
         MeanOf(index[of], decay)
