@@ -14,7 +14,8 @@ from dml.errors import UserError
 
 # A value other than the default for every setting, as flags.
 ARGV = ["train", "--models", "resnet20", "wrn28_2", "--num-nodes", "2", "--dataset", "folder", "--image-size", "24",
-        "--epochs", "7", "--batch-size", "16", "--lr", "0.05", "--wd", "0.001", "--momentum", "0.8", "--no-nesterov",
+        "--epochs", "7", "--batch-size", "16", "--lr", "0.05", "--lr-milestones", "3", "5", "--lr-gamma", "0.2",
+        "--wd", "0.001", "--momentum", "0.8", "--no-nesterov",
         "--temperature", "3", "--kl-weight", "0.5", "--kd-ramp", "linear", "--kd-ramp-epochs", "2.5",
         "--update", "sequential", "--seed", "9", "--device", "cpu",
         "--precision", "fp32", "--plain", "--threads", "3", "--train-samples", "640", "--test-samples", "100", "--val-samples", "300",
@@ -27,7 +28,7 @@ def test_every_setting_has_a_flag_and_reaches_the_config():
     config = config_from_args(build_parser().parse_args(ARGV))
     expected = TrainConfig(
         models=["resnet20", "wrn28_2"], num_nodes=2, dataset="folder", image_size=24, epochs=7, batch_size=16,
-        lr=0.05, wd=0.001, momentum=0.8, nesterov=False, temperature=3.0, kl_weight=0.5, kd_ramp="linear",
+        lr=0.05, lr_milestones=[3, 5], lr_gamma=0.2, wd=0.001, momentum=0.8, nesterov=False, temperature=3.0, kl_weight=0.5, kd_ramp="linear",
         kd_ramp_epochs=2.5, update="sequential",
         seed=9, device="cpu", precision="fp32", plain=True, threads=3, train_samples=640, test_samples=100, val_samples=300, data_dir="d",
         out_dir="o", name="n", skip_checksum=True, download=False, download_url="http://127.0.0.1/x",
