@@ -216,7 +216,7 @@ def _bad_checkpoint(tmp_path):
      "no model or checkpoint of its own"),
     ('[[peer]]\nname = "a"\nmodel = "resnet20"\ndecay = 0.9\n', "decay belongs to a temporal mean"),
     ('[[peer]]\nname = "a"\nmodel = "resnet20"\n[[peer]]\nname = "m"\nema_of = ["a"]\n', "ema_of ['a'] is not a peer"),
-    ('[[peer]]\nname = "a"\nmodel = "resnet20"\n[[link]]\nsource = ["a"]\ntarget = "a"\n', "unknown source ['a']"),
+    ('[[peer]]\nname = "a"\nmodel = "resnet20"\n[[link]]\nsource = 3\ntarget = "a"\n', "unknown source 3"),
     ('[[peer]]\nname = "a"\nmodel = "resnet20"\n[[link]]\nsource = "a"\ntarget = "a"\ngate = "linear_ramp"\n'
      'ramp_epochs = true\n', "ramp_epochs is a number of epochs, not True"),
     ('[[peer]]\nname = "a"\nmodel = "resnet20"\n[[peer]]\nname = "m"\nema_of = "a"\n[[link]]\nsource = "a"\n'
