@@ -69,6 +69,26 @@ def test_custom_cli_example_trains_a_users_network_on_a_folder(tmp_path):
 
 
 @pytest.mark.processes  # runs an example script in its own process
+def test_custom_branches_example_splits_a_users_network(tmp_path):
+    """ONE on mynets.py's SplitCNN as the custom README runs it; a branch's best.pt is a SplitCNN of its own."""
+    env = {**__import__("os").environ, "PYTHONPATH": str(CUSTOM)}
+    subprocess.run([sys.executable, str(CUSTOM / "make_images.py"), "demo_images"], cwd=tmp_path, check=True, env=env)
+    proc = subprocess.run([sys.executable, "-m", "dml", "train", "--dataset", "folder", "--data-dir", "demo_images",
+                           "--graph", str(CUSTOM / "one_branches.toml"), "--epochs", "2", "--batch-size", "16",
+                           "--lr", "0.05", "--out-dir", "runs", "--no-progress"],
+                          cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "runs" / "graph-one_branches_mynets-split_cnn_s42"
+    assert sorted(p.parent.name for p in run.glob("*/best.pt")) == [
+        "0_mynets-split_cnn", "1_mynets-split_cnn", "2_mynets-split_cnn", "3_one"]
+    best = run / "1_mynets-split_cnn" / "best.pt"
+    proc = subprocess.run([sys.executable, "-m", "dml", "evaluate", str(best), "--models", "mynets:split_cnn"],
+                          cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert any(line.startswith(str(best)) and "mynets:split_cnn" in line for line in proc.stdout.splitlines())
+
+
+@pytest.mark.processes  # runs an example script in its own process
 def test_kd_script_refuses_a_missing_teacher(cifar_root, tmp_path):
     proc = subprocess.run([sys.executable, str(EXAMPLES / "kd_train.py"), "--teacher-model", "resnet20",
                            "--student-model", "resnet20", *TINY, "--data-dir", str(cifar_root)],
