@@ -328,3 +328,49 @@ def test_one_step_of_pcl_on_a_shared_trunk_equals_a_float64_computation_by_hand(
         torch.testing.assert_close(dict(means[k].named_parameters())["blocks.0.conv1.weight"],
                                    dict(network.branches[k].named_parameters())["blocks.0.conv1.weight"])
         assert means[k].blocks[0].conv1.weight is not network.branches[k].blocks[0].conv1.weight
+
+
+def test_with_views_each_branch_and_its_mean_see_their_own_augmentation():
+    """PCL's views: branch k computes the trunk and its stage on view k; the mean of branch k reads view k."""
+    network = Branches(_networks(), teacher="pcl", views=True)
+    by_hand = copy.deepcopy(network)
+    _, y = _batch()
+    views = torch.stack([_batch(seed=10 + k)[0] for k in range(3)])  # (3, batch, 3, 32, 32)
+    links = dml.Links([dml.Link(4 + j, i, temperature=2.0) for i in range(3) for j in range(3) if j != i],
+                      num_peers=7, combine="sum", frozen=[4, 5, 6])
+    with dml.Cohort([network, None, None, None], [torch.optim.SGD(network.parameters(), lr=LR),
+                                                   *(dml.MeanOf(k) for k in range(3))], links,
+                    device="cpu", precision="fp32", plain=True) as cohort:
+        out = cohort.step(views, y)
+    branches = by_hand.branches
+    with torch.no_grad():
+        m = [copy.deepcopy(b).eval()(views[k]) for k, b in enumerate(branches)]
+    z = [b(views[k]) for k, b in enumerate(branches)]
+    expected = [F.cross_entropy(z[i], y) + sum(_kl(m[j], z[i], 2.0) for j in range(3) if j != i) for i in range(3)]
+    torch.testing.assert_close(torch.stack(out.losses[:3]).detach().double(), torch.stack(expected).detach(),
+                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.logits[5].double(), m[1], rtol=1e-6, atol=1e-6)  # the mean of branch 1, view 1
+    with pytest.raises(ValueError, match="2 views of the batch for 3 branches"):
+        network(views[:2])
+
+
+def test_views_are_augmentations_of_the_same_images_and_one_view_is_the_plain_batch():
+    from dml.data.augment import Normalise
+    from dml.data.batches import TrainBatches
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.arange(16)
+    normalise = Normalise((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), torch.device("cpu"), channels_last=False)
+
+    def first(views):
+        return next(iter(TrainBatches(images, labels, 8, torch.Generator().manual_seed(1), normalise, views)))
+
+    plain, (stacked, y) = first(1), first(3)
+    assert stacked.shape == (3, 8, 3, 32, 32) and torch.equal(y, plain[1])
+    assert not torch.equal(stacked[0], stacked[1])  # each view its own crop and flip
+    # every view of a sample is a crop of the same image: its pixels' values are the image's
+    for view in stacked:
+        raw = (view * 0.25 + 0.5) * 255.0
+        for k in range(8):
+            assert set(raw[k].round().int().unique().tolist()) <= set(images[y[k]].int().unique().tolist()) | {0}

@@ -157,7 +157,7 @@ class Branches(nn.Module):
     """
 
     def __init__(self, networks: Sequence[nn.Module], shared: int = 2, teacher: str | None = None,
-                 trunk_gradient: str = "sum"):
+                 trunk_gradient: str = "sum", views: bool = False):
         super().__init__()
         networks = list(networks)
         if len(networks) < 2:
@@ -172,6 +172,7 @@ class Branches(nn.Module):
                 network.set_submodule(name, first.get_submodule(name))
         self.branches = nn.ModuleList(networks)  # parameters() lists a shared one once
         self.shared = shared
+        self.views = views  # a view (augmentation) of the batch per branch: the trunk runs on each (PCL)
         self.trunk_gradient = trunk_gradient
         self.teacher_name = teacher
         self.teacher = None
@@ -192,14 +193,22 @@ class Branches(nn.Module):
         return len(self.branches) + teacher_outputs(self.teacher_name, len(self.branches))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        h = self.branches[0].trunk(x, self.shared)  # once for all branches
-        if self.trunk_gradient == "mean" and h.requires_grad:
-            m = len(self.branches)
-            h.register_hook(lambda grad: grad / m)
-        maps = [b.tail(h, self.shared) for b in self.branches]
-        logits = [b.fc(F.adaptive_avg_pool2d(m, 1).flatten(1)) for b, m in zip(self.branches, maps)]
+        """The logits of every branch, then the teacher's outputs. ``x`` is a batch, or with ``views`` a
+        stack of one view of it per branch, (m, batch, ...), each branch's trunk computed on its own."""
+        m = len(self.branches)
+        if self.views and x.dim() == 5:
+            if x.shape[0] != m:
+                raise ValueError(f"{x.shape[0]} views of the batch for {m} branches; give one per branch")
+            trunks = [self.branches[0].trunk(view, self.shared) for view in x.unbind(0)]
+        else:
+            trunks = [self.branches[0].trunk(x, self.shared)] * m  # once for all branches
+        for h in dict.fromkeys(trunks):  # each trunk output once
+            if self.trunk_gradient == "mean" and h.requires_grad:
+                h.register_hook(lambda grad: grad / m)
+        maps = [b.tail(h, self.shared) for b, h in zip(self.branches, trunks)]
+        logits = [b.fc(F.adaptive_avg_pool2d(f, 1).flatten(1)) for b, f in zip(self.branches, maps)]
         if self.teacher is not None:
-            logits += self.teacher(h, maps, logits)
+            logits += self.teacher(trunks[0], maps, logits)
         return logits
 
     def peer_models(self) -> list[nn.Module]:

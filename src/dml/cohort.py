@@ -132,7 +132,8 @@ class Cohort:
         try:
             computing = [i for i in self.exchange.local_indices if i not in members]  # one per unit of work
             self.runtime = runtime or Runtime(self.exchange.select_device(where), precision, plain,
-                                              num_peers=len(computing), side_by_side=update == "simultaneous",
+                                              num_peers=len(computing), side_by_side=update == "simultaneous"
+                                              and not any(network.views for network in groups.values()),
                                               threads=threads)
             for network in groups.values():
                 self.runtime.prepare(network)  # in place, all its parts at once
@@ -200,7 +201,8 @@ class Cohort:
         return Progress(epoch, epochs, min(1.0, self._steps_done / steps_per_epoch) if steps_per_epoch else 0.0)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
-        """Train every local peer on one batch of inputs ``x`` and labels ``y``. It does not wait for the
+        """Train every local peer on one batch of inputs ``x`` and labels ``y`` (``x`` may be views of the batch,
+        stacked (views, batch, ...), where a ``Branches`` has ``views``: see ``Unit``). It does not wait for the
         device, except on the first batch (``check_batch`` reads the labels' range once) and under fp16,
         where the GradScaler reads whether a gradient overflowed once per peer per step."""
         x, y = self.exchange.shard(x), self.exchange.shard(y)  # this replica's rows, where peers have replicas
@@ -223,6 +225,7 @@ class Cohort:
         checked again. PeerOutputError (a ValueError) names the first peer whose output does not fit;
         ValueError for labels.
         """
+        x = x[0] if x.dim() == 5 else x  # views of the batch (one per branch): the first is a batch like any
         probe = self.runtime.to_device(x)[:PROBE_INPUTS]
         n = probe.shape[0]
         local = [(p.index, p.label, self._output_shape(p, probe)) for p in self.peers]
@@ -338,12 +341,18 @@ def _expand_branches(models: Sequence, optimizers: Sequence, schedulers: Sequenc
 
 
 def _units(peers: list[Peer], groups: dict[int, Branches]) -> list[Unit]:
-    """The local peers as units of work: each multi-branch network's peers together, every other peer alone."""
+    """The local peers as units of work: each multi-branch network's peers together, every other peer alone;
+    with the view of the batch each reads (a network with views all, a temporal mean its branch's)."""
+    branch_views = {first + k: k for first, network in groups.items() if network.views
+                    for k in range(len(network.branches))}
     units, k = [], 0
     while k < len(peers):
         network = groups.get(peers[k].index)
         count = network.num_outputs if network is not None else 1
-        units.append(Unit(peers[k:k + count], network))
+        mean_of = peers[k].mean_of
+        view = None if network is not None and network.views else \
+            branch_views.get(mean_of.source, 0) if mean_of is not None else 0
+        units.append(Unit(peers[k:k + count], network, view))
         k += count
     return units
 

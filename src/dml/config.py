@@ -150,6 +150,9 @@ class TrainConfig:
         if self.graph_spec is not None:
             self.models = [peer["model"] for peer in self.graph_spec["peers"]]
             self.num_nodes = len(self.models)
+            if len({t["branches"] for t in self.trunks if t.get("views")}) > 1:
+                raise UserError(f"graph file {self.graph}: trunks with views see one augmentation of the batch per "
+                                "branch: give them the same number of branches")
             if self.trunks and (self.update != "simultaneous" or self.data_parallel > 1):
                 raise UserError(f"graph file {self.graph}: branches on a shared trunk train with --update simultaneous "
                                 "and without --data-parallel")
@@ -306,6 +309,11 @@ class TrainConfig:
         from .graph import homes_of
 
         return homes_of(self.graph_spec)
+
+    @property
+    def views(self) -> int:
+        """Augmentations of each batch: one per branch of a trunk with views (PCL), else 1."""
+        return max([t["branches"] for t in self.trunks if t.get("views")], default=1)
 
     @property
     def trunk_members(self) -> set[int]:

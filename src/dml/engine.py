@@ -90,7 +90,8 @@ def build_branches(cfg: TrainConfig, trunk: dict, num_classes: int) -> tuple[Bra
     networks = [build_peer(cfg, first + k, num_classes)[0] for k in range(count)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, "init", first + count))
-        network = Branches(networks, trunk["shared"], trunk["teacher"], trunk["trunk_gradient"])
+        network = Branches(networks, trunk["shared"], trunk["teacher"], trunk["trunk_gradient"],
+                           trunk.get("views", False))
     return network, *_sgd(cfg, network)
 
 
@@ -114,11 +115,13 @@ def cohort_links(cfg: TrainConfig) -> Links:
 
 def build_runtime(cfg: TrainConfig, exchange, device: torch.device | None = None) -> Runtime:
     """How this process computes (on ``device`` where the caller already chose it); peers side by side
-    only where they are independent within a step."""
+    only where they are independent within a step, and not beside a network with views: side by side
+    with a temporal mean, two fresh runs of PCL's graph differed from the first epoch (in turn, three
+    runs were equal)."""
     device = device or exchange.select_device(resolve_device(cfg.device))
     computing = [i for i in exchange.local_indices if i not in cfg.trunk_members]  # a trunk's peers compute as one
     return Runtime(device, cfg.precision, cfg.plain, num_peers=len(computing),
-                   side_by_side=cfg.update == "simultaneous", threads=cfg.threads)
+                   side_by_side=cfg.update == "simultaneous" and cfg.views == 1, threads=cfg.threads)
 
 
 def build_cohort(cfg: TrainConfig, exchange, runtime: Runtime, num_classes: int) -> Cohort:
@@ -173,7 +176,7 @@ def build_feed(cfg: TrainConfig, runtime: Runtime, data: ImageData) -> Feed:
     generator.manual_seed(derive_seed(cfg.seed, "data"))
     normalise = Normalise(data.mean, data.std, runtime.device, runtime.channels_last)
     return Feed(generator, normalise, TrainBatches(data.train.images, data.train.labels, cfg.batch_size, generator,
-                                                   normalise))
+                                                   normalise, cfg.views))
 
 
 def train(cfg: TrainConfig, resume: bool | str = False, stop_after: int | None = None, exchange=None) -> Path:

@@ -45,6 +45,8 @@ A graph file::
                                       # okddip (a target per auxiliary branch), ffl (FFL's fusion head) or
                                       # pcl (PCL's linear classifier on the concatenated pooled features)
     teacher_name = "gate"             # its peer name (default "teacher"; OKDDip's: gate1, gate2, ...)
+    views = false                     # true: each branch (and its temporal mean) sees its own augmentation
+                                      # of the batch, the trunk computed on each (PCL)
 
 A link's source may also be "ensemble": the mean of the trainable peers' logits (KDCL), "others": the
 mean of the trainable peers' logits but the target's (CL-ILR), or a list of peers: the mean of their
@@ -70,7 +72,7 @@ from .tomlfile import read_toml
 LABELS = "labels"
 RESERVED = (LABELS, *GROUP_SOURCES)  # source names that are no peer
 PEER_KEYS = {"name", "model", "checkpoint", "ema_of", "decay"}
-TRUNK_KEYS = {"model", "branches", "shared", "trunk_gradient", "teacher", "teacher_name"}
+TRUNK_KEYS = {"model", "branches", "shared", "trunk_gradient", "teacher", "teacher_name", "views"}
 LINK_KEYS = {"source", "target", "temperature", "weight", "gate", "ramp_epochs", "standardize", "detach"}
 
 
@@ -184,8 +186,11 @@ def _trunk(entry: dict, t: int, first: int, where: str) -> tuple[dict, list[dict
     if teacher == "okddip" and len(names) < 3:
         raise UserError(f"{where}: {label}: OKDDip needs at least 3 branches (2 or more auxiliary peers, then the "
                         "leader)")
+    views = entry.get("views", False)
+    if not isinstance(views, bool):
+        raise UserError(f"{where}: {label}: views must be true or false, not {views!r}")
     trunk = {"model": model, "first": first, "branches": len(names), "shared": shared, "trunk_gradient": gradient,
-             "teacher": teacher}
+             "teacher": teacher, **({"views": True} if views else {})}
     members = [{"name": n, "model": model, "checkpoint": None, "sha256": None, "trunk": t} for n in names]
     outputs = teacher_outputs(teacher, len(names))
     members += [{"name": teacher_name if outputs == 1 else f"{teacher_name}{k + 1}", "model": teacher,

@@ -28,12 +28,17 @@ from torch import nn
 
 @dataclass
 class Unit:
-    """Peers that compute together: one peer, or the outputs of a multi-branch ``network`` (dml.Branches)."""
+    """Peers that compute together: one peer, or the outputs of a multi-branch ``network`` (dml.Branches).
+    ``view``: where a batch comes as views (one augmentation per branch, stacked), the one this unit
+    reads (a temporal mean of branch k reads view k; other peers view 0), or None: all of them."""
 
     peers: list
     network: nn.Module | None = None
+    view: int | None = 0
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if x.dim() == 5 and self.view is not None:
+            x = x[self.view]
         return self.network(x) if self.network is not None else [self.peers[0].model(x)]
 
 

@@ -17,11 +17,12 @@ class TrainBatches:
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                 generator: torch.Generator, normalise: Normalise):
+                 generator: torch.Generator, normalise: Normalise, views: int = 1):
         self.images, self.labels = images, labels
         self.batch_size = batch_size
         self.generator = generator
         self.normalise = normalise
+        self.views = views  # > 1: each batch as that many augmentations of its images, stacked (views, batch, ...)
 
     def __len__(self) -> int:
         return self.images.shape[0] // self.batch_size
@@ -31,8 +32,12 @@ class TrainBatches:
         order = order.to(self.images.device)
         for step in range(len(self)):
             idx = order[step * self.batch_size:(step + 1) * self.batch_size]
-            images = augment_batch(self.images[idx], self.generator)
-            yield self.normalise(images), self.labels[idx]
+            if self.views == 1:
+                yield self.normalise(augment_batch(self.images[idx], self.generator)), self.labels[idx]
+            else:
+                batch = self.images[idx]
+                yield torch.stack([self.normalise(augment_batch(batch, self.generator)) for _ in range(self.views)]), \
+                    self.labels[idx]
 
 
 def test_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
