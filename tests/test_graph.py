@@ -3,6 +3,7 @@
 
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -160,7 +161,13 @@ def test_gated_links_train_and_are_stored(cifar_root, tmp_path):
     assert {(lk["source"], lk["target"], lk["gate"], lk["weight"]) for lk in spec["links"]} == {
         (0, 0, "correct", 0.5), (1, 0, "linear", 1.0), (2, 0, "correct", 1.0), (0, 1, "cutoff", 1.0),
         (1, 1, "through", 1.0), (2, 2, "through", 1.0)}
-    assert all(r["train_loss"] == r["train_loss"] for r in _metrics(run) if r["node"] != "ensemble")
+    records = [r for r in _metrics(run) if r["node"] != "ensemble"]
+    assert all(math.isfinite(r["train_loss"]) for r in records)
+    kd = {(r["epoch"], r["node"]): r["train_kd"] for r in records}
+    assert kd[1, 1] == kd[2, 1] == 0.0  # b's only link from another peer is cut off
+    assert kd[1, 2] == kd[2, 2] == 0.0  # c learns from the labels alone
+    # a learns from c where c is right, and from b (linear gate) only in the last epoch: 0 in the first
+    assert kd[2, 0] > kd[1, 0] >= 0.0
 
 
 def _bad_checkpoint(tmp_path):

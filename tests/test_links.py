@@ -123,11 +123,17 @@ def test_correct_gate_counts_only_samples_the_source_gets_right():
 def test_gradients_flow_into_the_target_only():
     logits, y = _batch(2)
     z0 = logits[0].clone().requires_grad_()
-    Links.mutual(2).objective(0, z0, [z0.detach(), logits[1]], y).backward()
+    z1 = logits[1].clone().requires_grad_()  # a source with a graph: the link reads it detached all the same
+    Links.mutual(2).objective(0, z0, [z0.detach(), z1], y).backward()
     p0 = _p(logits[0])
     onehot = torch.nn.functional.one_hot(y, C).double()
     # d/dz0 of CE + KL(p1 || p0), averaged over the batch: (p0 - onehot + p0 - p1) / B
     close(z0.grad, (2 * p0 - onehot - _p(logits[1])) / B)
+    assert z1.grad is None
+    # the ensemble and a group too
+    z1 = logits[1].clone().requires_grad_()
+    Links([Link(ENSEMBLE, 0), Link((1,), 0)], 2).objective(0, z0, [z0, z1], y).backward()
+    assert z1.grad is None
 
 
 @pytest.mark.parametrize("links, message", [

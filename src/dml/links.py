@@ -312,6 +312,7 @@ def standardized(logits: torch.Tensor) -> torch.Tensor:
 
 def _gated_kl(link: Link, logits, sources, labels, trainable) -> torch.Tensor:
     source = _source(link, sources, trainable)
+    source = source.detach() if link.detach else source  # the gradient reaches the target only
     teacher, student = (standardized(source), standardized(logits)) if link.standardize else (source, logits)
     if link.gate != "correct":
         return kl_from_peer(teacher, student, link.temperature)

@@ -36,13 +36,13 @@ def mutual_loss(
 
         L_i = CE(z_i, y) + w * mean_{j != i} T^2 * KL( softmax(z_j / T) || softmax(z_i / T) )
 
-    ``logits`` is z_i; ``peer_logits`` holds the other peers' z_j (detached; empty for independent
-    training, which leaves plain cross-entropy). The T^2 factor keeps the KL gradients on the
-    scale of the cross-entropy gradients when T != 1 (Hinton et al., 2015).
+    ``logits`` is z_i; ``peer_logits`` holds the other peers' z_j (read detached: the gradient reaches
+    z_i only; empty for independent training, which leaves plain cross-entropy). The T^2 factor keeps
+    the KL gradients on the scale of the cross-entropy gradients when T != 1 (Hinton et al., 2015).
     """
     loss = F.cross_entropy(logits.float(), labels)
     if peer_logits:
-        kl = sum(kl_from_peer(z_j, logits, temperature) for z_j in peer_logits)
+        kl = sum(kl_from_peer(z_j.detach(), logits, temperature) for z_j in peer_logits)
         loss = loss + kl_weight * temperature**2 * kl / len(peer_logits)
     return loss
 
