@@ -151,7 +151,7 @@ branches = ["b1", "b2"]
      "peer 'm' is the mean of 'teacher', a learned teacher of a [[trunk]]"),
     (TRUNK + '[[link]]\nsource = "teacher"\ntarget = "b1"\n', [], "unknown source 'teacher'"),
     (TRUNK, ["--update", "sequential"], "branches on a shared trunk train with --update simultaneous"),
-    (TRUNK, ["--data-parallel", "2"], "and without --data-parallel"),
+    (TRUNK, ["--data-parallel", "2"], "--data-parallel 2 needs 2 or more processes"),
     (TRUNK, ["--procs", "2"], "--procs must be between 1 and the 1 peers that are not a trunk's later branches"),
 ])
 def test_each_mistake_with_a_trunk_is_one_error_line(cifar_root, tmp_path, capsys, monkeypatch, text, args, message):

@@ -434,3 +434,22 @@ def test_a_temporal_mean_given_its_own_network_starts_from_its_sources_weights()
     other = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, C))
     with pytest.raises(ValueError, match="not built like peer 0"):
         dml.Cohort([nets[0], other], [opt, dml.MeanOf(0)], loss=Links([], 2, frozen=[1]), device="cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_logits_give_the_fp32_objective_of_their_values(dtype):
+    """Under autocast peers return bf16 (or fp16) logits: every term is computed in fp32 from those values and
+    equals the fp32 computation on the same numbers (in bf16 a softmax is off by up to 2^-8)."""
+    logits, y = _batch(4)
+    half = [z.to(dtype) for z in logits]
+    full = [z.float() for z in half]  # the same values, in fp32
+    links = Links([Link(1, 0, temperature=3.0), Link(ENSEMBLE, 0), Link("others", 1, gate="correct"),
+                   Link((0, 2), 1, standardize=True), Link(3, 2, weight=0.5), Link(2, 2, gate="correct")], 4,
+                  frozen=[3])
+    for target in (0, 1, 2):
+        ce_half, kd_half = links.terms(target, half[target].requires_grad_(), half, y)
+        ce_full, kd_full = links.terms(target, full[target], full, y)
+        assert torch.equal(ce_half.float(), ce_full) and torch.equal(kd_half.float(), kd_full), target
+        assert ce_half.dtype == kd_half.dtype == torch.float32
+    got = mutual_loss(half[0], half[1:], y, temperature=2.0)
+    assert torch.equal(got.float(), mutual_loss(full[0], full[1:], y, temperature=2.0)) and got.dtype == torch.float32

@@ -73,7 +73,8 @@ class Cohort:
     A ``Branches`` in ``models`` (with one optimizer over its parameters) is as many consecutive peers as it
     has outputs (its branches, then its teacher): ``loss`` and ``names`` count those peers, and each
     step computes its trunk once, backpropagates the sum of its peers' objectives once and steps its
-    optimizer once (simultaneous update, one process, no data-parallel replicas).
+    optimizer once (simultaneous update; its peers stay in one process; data-parallel replicas average the
+    whole network's gradients and share its BatchNorm statistics).
     ``precision``: "fp32" (default: your models compute and return logits in their own dtype), or the
     fast path "auto" (bf16 autocast on CPU and CUDA, as ``dml train``), "bf16", "fp16" (CUDA).
     ``plain`` keeps PyTorch's defaults (see ``Runtime``). ``threads``: intra-op threads per peer on
@@ -101,10 +102,10 @@ class Cohort:
         if update not in STEPS:
             raise ValueError(f"update {update!r} is not one of: {', '.join(STEPS)}")
         models, optimizers, schedulers, groups = _expand_branches(models, optimizers, schedulers)
-        if groups and (update != "simultaneous" or data_parallel > 1):
-            raise ValueError("branches on a shared trunk step with update='simultaneous' and without data-parallel "
-                             "replicas")
+        if groups and update != "simultaneous":
+            raise ValueError("branches on a shared trunk step with update='simultaneous'")
         self.groups = groups  # the first peer of each multi-branch network -> the network
+        self.views = any(network.views for network in groups.values())  # batches come as views (views, batch, ...)
         means = {i: o for i, o in enumerate(optimizers) if isinstance(o, MeanOf)}
         _check_means(means, optimizers)
         names = list(names) if names is not None else \
@@ -133,10 +134,11 @@ class Cohort:
             computing = [i for i in self.exchange.local_indices if i not in members]  # one per unit of work
             self.runtime = runtime or Runtime(self.exchange.select_device(where), precision, plain,
                                               num_peers=len(computing), side_by_side=update == "simultaneous"
-                                              and not any(network.views for network in groups.values()),
-                                              threads=threads)
-            for network in groups.values():
+                                              and not self.views, threads=threads)
+            for first, network in groups.items():
                 self.runtime.prepare(network)  # in place, all its parts at once
+                if first in self.exchange.peer_data_groups and not local_batchnorm:  # one group for all its peers
+                    synchronise_batchnorm(network, self.exchange.peer_data_groups[first])
             local = self.exchange.local_indices
             built = {i: self._peer(i, names[i], models[i], optimizers[i], None if schedulers is None else schedulers[i])
                      for i in local if i not in means}
@@ -205,7 +207,8 @@ class Cohort:
         stacked (views, batch, ...), where a ``Branches`` has ``views``: see ``Unit``). It does not wait for the
         device, except on the first batch (``check_batch`` reads the labels' range once) and under fp16,
         where the GradScaler reads whether a gradient overflowed once per peer per step."""
-        x, y = self.exchange.shard(x), self.exchange.shard(y)  # this replica's rows, where peers have replicas
+        # this replica's rows, where peers have replicas
+        x, y = self.exchange.shard(x, dim=1 if self.views else 0), self.exchange.shard(y)
         x, y = self.runtime.to_device(x), y.to(self.runtime.device, non_blocking=True)
         if not self._checked:  # the first batch only: it waits for the device once
             self.check_batch(x, y)
@@ -225,7 +228,7 @@ class Cohort:
         checked again. PeerOutputError (a ValueError) names the first peer whose output does not fit;
         ValueError for labels.
         """
-        x = x[0] if x.dim() == 5 else x  # views of the batch (one per branch): the first is a batch like any
+        x = x[0] if self.views and x.dim() == 5 else x  # views of the batch: the first is a batch like any
         probe = self.runtime.to_device(x)[:PROBE_INPUTS]
         n = probe.shape[0]
         local = [(p.index, p.label, self._output_shape(p, probe)) for p in self.peers]
@@ -350,7 +353,7 @@ def _units(peers: list[Peer], groups: dict[int, Branches]) -> list[Unit]:
         network = groups.get(peers[k].index)
         count = network.num_outputs if network is not None else 1
         mean_of = peers[k].mean_of
-        view = None if network is not None and network.views else \
+        view = None if not branch_views or (network is not None and network.views) else \
             branch_views.get(mean_of.source, 0) if mean_of is not None else 0
         units.append(Unit(peers[k:k + count], network, view))
         k += count

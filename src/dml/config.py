@@ -153,9 +153,8 @@ class TrainConfig:
             if len({t["branches"] for t in self.trunks if t.get("views")}) > 1:
                 raise UserError(f"graph file {self.graph}: trunks with views see one augmentation of the batch per "
                                 "branch: give them the same number of branches")
-            if self.trunks and (self.update != "simultaneous" or self.data_parallel > 1):
-                raise UserError(f"graph file {self.graph}: branches on a shared trunk train with --update simultaneous "
-                                "and without --data-parallel")
+            if self.trunks and self.update != "simultaneous":
+                raise UserError(f"graph file {self.graph}: branches on a shared trunk train with --update simultaneous")
         if self.name is None and not self.unresolved:
             self.name = self.default_name()
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from .errors import UserError
 
@@ -98,10 +99,10 @@ class LocalExchange:
         """``obj`` of every process, in rank order."""
         return [obj]
 
-    def shard(self, batch: torch.Tensor) -> torch.Tensor:
+    def shard(self, batch: torch.Tensor, dim: int = 0) -> torch.Tensor:
         return batch
 
-    def average_gradients(self, peer) -> None:
+    def average_gradients(self, model: nn.Module, peer: int) -> None:
         pass
 
     def sum_over_replicas(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -183,18 +184,21 @@ class TorchExchange(LocalExchange):
                     peer_data_groups[peer] = group
         return peer_group, data_group, peer_data_groups
 
-    def shard(self, batch: torch.Tensor) -> torch.Tensor:
-        """This replica's rows of a batch every replica drew whole (equal shards where they divide it)."""
-        n, replicas = batch.shape[0], self.mesh.data_parallel
-        return batch[self.replica * n // replicas:(self.replica + 1) * n // replicas]
+    def shard(self, batch: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """This replica's rows (along ``dim``: 1 for views of a batch) of a batch every replica drew whole
+        (equal shards where they divide it)."""
+        n, replicas = batch.shape[dim], self.mesh.data_parallel
+        start, end = self.replica * n // replicas, (self.replica + 1) * n // replicas
+        return batch.narrow(dim, start, end - start)
 
-    def average_gradients(self, peer) -> None:
-        """The mean of ``peer``'s gradients over its replicas, in place: one all-reduce of one flat buffer."""
+    def average_gradients(self, model: nn.Module, peer: int) -> None:
+        """The mean of the gradients of ``model`` (peer ``peer``'s, or the whole multi-branch network whose first
+        peer it is) over its replicas, in place: one all-reduce of one flat buffer."""
         if self.mesh.data_parallel == 1:
             return
-        grads = [q.grad for q in peer.model.parameters() if q.grad is not None]
+        grads = [q.grad for q in model.parameters() if q.grad is not None]
         flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=self.peer_data_groups[peer.index])
+        dist.all_reduce(flat, group=self.peer_data_groups[peer])
         flat /= self.mesh.data_parallel
         torch._foreach_copy_(grads, [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)])
 

@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .loss import kl_from_peer
+from .loss import at_least_fp32, kl_from_peer
 
 ENSEMBLE = "ensemble"
 OTHERS = "others"
@@ -216,7 +216,7 @@ class Links:
         the ensemble's after them (the mean of the trainable peers' logits, in fp32)."""
         if not self.uses_ensemble:
             return list(all_logits)
-        ensemble = torch.stack([all_logits[i].float() for i in self.trainable]).mean(0)
+        ensemble = torch.stack([at_least_fp32(all_logits[i]) for i in self.trainable]).mean(0)
         return [*all_logits, ensemble]
 
     def objective(self, target: int, logits: torch.Tensor, sources: Sequence[torch.Tensor],
@@ -289,24 +289,24 @@ def _correct_mask(source_logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
 
 def _source(link: Link, sources: Sequence[torch.Tensor], trainable: Sequence[int]) -> torch.Tensor:
     if link.source == OTHERS:
-        return torch.stack([sources[k].float() for k in trainable if k != link.target]).mean(0)
+        return torch.stack([at_least_fp32(sources[k]) for k in trainable if k != link.target]).mean(0)
     if isinstance(link.source, tuple):
-        return torch.stack([sources[k].float() for k in link.source]).mean(0)
+        return torch.stack([at_least_fp32(sources[k]) for k in link.source]).mean(0)
     return sources[len(sources) - 1 if link.source == ENSEMBLE else link.source]
 
 
 def _gated_cross_entropy(link: Link, logits, sources, labels, progress, trainable) -> torch.Tensor:
     if link.gate == "correct":
-        per_sample = F.cross_entropy(logits.float(), labels, reduction="none")
+        per_sample = F.cross_entropy(at_least_fp32(logits), labels, reduction="none")
         return (per_sample * _correct_mask(_source(link, sources, trainable), labels)).mean()
-    ce = F.cross_entropy(logits.float(), labels)
+    ce = F.cross_entropy(at_least_fp32(logits), labels)
     factor = _gate_factor(link, progress)
     return ce if factor == 1.0 else ce * factor
 
 
 def standardized(logits: torch.Tensor) -> torch.Tensor:
-    """Logits z-scored per sample over the classes (fp32): mean 0, standard deviation 1."""
-    z = logits.float()
+    """Logits z-scored per sample over the classes (at least in fp32): mean 0, standard deviation 1."""
+    z = at_least_fp32(logits)
     return (z - z.mean(1, keepdim=True)) / (z.std(1, keepdim=True) + STANDARDIZE_EPS)
 
 

@@ -10,6 +10,11 @@ import torch
 import torch.nn.functional as F
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in fp32 where it is in a narrower type (bf16, fp16 logits); float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def kl_from_peer(peer_logits: torch.Tensor, logits: torch.Tensor, temperature: float = 1.0,
                  per_sample: bool = False) -> torch.Tensor:
     """KL(softmax(peer/T) || softmax(logits/T)), summed over classes and averaged over the batch
@@ -18,8 +23,8 @@ def kl_from_peer(peer_logits: torch.Tensor, logits: torch.Tensor, temperature: f
     The peer's distribution is the target: gradients flow only into ``logits``
     (the caller passes detached peer logits).
     """
-    log_p_peer = F.log_softmax(peer_logits.float() / temperature, dim=1)
-    log_p_self = F.log_softmax(logits.float() / temperature, dim=1)
+    log_p_peer = F.log_softmax(at_least_fp32(peer_logits) / temperature, dim=1)
+    log_p_self = F.log_softmax(at_least_fp32(logits) / temperature, dim=1)
     if per_sample:
         return F.kl_div(log_p_self, log_p_peer, reduction="none", log_target=True).sum(1)
     return F.kl_div(log_p_self, log_p_peer, reduction="batchmean", log_target=True)
@@ -40,7 +45,7 @@ def mutual_loss(
     z_i only; empty for independent training, which leaves plain cross-entropy). The T^2 factor keeps
     the KL gradients on the scale of the cross-entropy gradients when T != 1 (Hinton et al., 2015).
     """
-    loss = F.cross_entropy(logits.float(), labels)
+    loss = F.cross_entropy(at_least_fp32(logits), labels)
     if peer_logits:
         kl = sum(kl_from_peer(z_j.detach(), logits, temperature) for z_j in peer_logits)
         loss = loss + kl_weight * temperature**2 * kl / len(peer_logits)

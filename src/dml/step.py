@@ -25,19 +25,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .loss import at_least_fp32
+
 
 @dataclass
 class Unit:
     """Peers that compute together: one peer, or the outputs of a multi-branch ``network`` (dml.Branches).
     ``view``: where a batch comes as views (one augmentation per branch, stacked), the one this unit
-    reads (a temporal mean of branch k reads view k; other peers view 0), or None: all of them."""
+    reads (a temporal mean of branch k reads view k; other peers view 0); None: the batch as it comes
+    (all the views, for a network with views)."""
 
     peers: list
     network: nn.Module | None = None
-    view: int | None = 0
+    view: int | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        """What its optimizer trains: the multi-branch network, or the one peer's model."""
+        return self.network if self.network is not None else self.peers[0].model
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if x.dim() == 5 and self.view is not None:
+        if self.view is not None:
             x = x[self.view]
         return self.network(x) if self.network is not None else [self.peers[0].model(x)]
 
@@ -57,16 +65,17 @@ def _terms(cohort, peer, logits: torch.Tensor, sources: list[torch.Tensor], y: t
     """``peer``'s objective and its parts: (objective, cross-entropy term, distillation term or None);
     ``live``: the logits, with their graph, of the peers of its unit (for links that are not detached)."""
     if not peer.trains:  # a teacher or a temporal mean: its cross-entropy, for the record
-        ce = F.cross_entropy(logits.float(), y)
+        ce = F.cross_entropy(at_least_fp32(logits), y)
         return ce, ce, None
     ce, kd = cohort.links.terms(peer.index, logits, sources, y, progress, live)
     return (ce if kd is None else ce + kd), ce, kd
 
 
-def _descend(cohort, peer, loss: torch.Tensor, scaler) -> None:
+def _descend(cohort, peer, loss: torch.Tensor, scaler, model: nn.Module) -> None:
+    """``peer``'s step on ``loss``; ``model``: what its optimizer trains (its own, or its multi-branch network)."""
     peer.optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    cohort.exchange.average_gradients(peer)  # over the peer's data-parallel replicas, where it has any
+    cohort.exchange.average_gradients(model, peer.index)  # over its data-parallel replicas, where it has any
     scaler.step(peer.optimizer)
 
 
@@ -84,7 +93,7 @@ def simultaneous_step(cohort, x: torch.Tensor, y: torch.Tensor) -> tuple[list, l
         terms = [_terms(cohort, peer, live[peer.index], sources, y, progress, live) for peer in unit.peers]
         objectives = [objective for peer, (objective, _, _) in zip(unit.peers, terms) if peer.trains]
         if objectives:  # a network's peers: one backward of their sum, one step of its optimizer
-            _descend(cohort, unit.peers[0], functools.reduce(torch.add, objectives), precision.scaler)
+            _descend(cohort, unit.peers[0], functools.reduce(torch.add, objectives), precision.scaler, unit.model)
         return terms
 
     terms = [t for unit_terms in runner.map(update, units) for t in unit_terms]
@@ -109,7 +118,7 @@ def sequential_step(cohort, x: torch.Tensor, y: torch.Tensor) -> tuple[list, lis
             peer, z = local[i]
             terms.append(_terms(cohort, peer, z, cohort.links.sources(current), y, progress))
             if peer.trains:
-                _descend(cohort, peer, terms[-1][0], precision.scaler)
+                _descend(cohort, peer, terms[-1][0], precision.scaler, peer.model)
             if moves:  # later peers learn from this peer's updated predictions
                 with torch.no_grad(), precision.autocast(), _frozen_batchnorm_stats(peer.model):
                     fresh = peer.model(x).detach()

@@ -34,7 +34,7 @@ class _SyncedBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group):
         dims = [0, *range(2, x.dim())]
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # at least fp32 (bf16 input), float64 stays
         local_var, local_mean = torch.var_mean(xf, dims, correction=0)
         mine = torch.cat([local_mean, local_var, xf.new_full((1,), x.numel() / x.shape[1])])
         gathered = mine.new_empty(dist.get_world_size(group) * mine.numel())  # flat: what gloo gathers into
@@ -54,20 +54,20 @@ class _SyncedBatchNorm(torch.autograd.Function):
         x_hat = (xf - mean.view(shape)) * invstd.view(shape)
         ctx.save_for_backward(x_hat, weight, invstd, count)
         ctx.group, ctx.shape = group, shape
-        out = x_hat * weight.float().view(shape) + bias.float().view(shape)
+        out = x_hat * weight.to(xf.dtype).view(shape) + bias.to(xf.dtype).view(shape)
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         x_hat, weight, invstd, count = ctx.saved_tensors
         shape, dims = ctx.shape, [0, *range(2, grad_out.dim())]
-        dy = grad_out.float()
+        dy = grad_out.to(x_hat.dtype)
         local = torch.cat([dy.sum(dims), (dy * x_hat).sum(dims)])  # this replica's sum dy, sum dy * x_hat
         sums = local.clone()
         dist.all_reduce(sums, group=ctx.group)
         channels = shape[1]
         s1, s2 = sums[:channels].view(shape), sums[channels:].view(shape)
-        scale = (weight.float() * invstd).view(shape)
+        scale = (weight.to(x_hat.dtype) * invstd).view(shape)
         dx = scale * (dy - s1 / count - x_hat * s2 / count)
         return (dx.to(grad_out.dtype), local[channels:].to(weight.dtype), local[:channels].to(weight.dtype),
                 None, None, None, None, None)
@@ -103,11 +103,15 @@ class SyncedBatchNorm(nn.modules.batchnorm._BatchNorm):
                                       momentum, self.group)
 
 
-def synchronise_batchnorm(model: nn.Module, group) -> nn.Module:
+def synchronise_batchnorm(model: nn.Module, group, replaced: dict | None = None) -> nn.Module:
     """``model`` with every BatchNorm layer replaced by a SyncedBatchNorm over ``group``, keeping its
-    parameters and running statistics (the same tensors: an optimizer built on them stays valid)."""
+    parameters and running statistics (the same tensors: an optimizer built on them stays valid). A layer
+    that several parents hold (a shared trunk's) becomes one SyncedBatchNorm in all of them."""
+    replaced = {} if replaced is None else replaced  # a layer (hashed by identity) -> its replacement
     for name, child in model.named_children():
-        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, SyncedBatchNorm):
+        if child in replaced:
+            setattr(model, name, replaced[child])
+        elif isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, SyncedBatchNorm):
             synced = SyncedBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
                                      child.track_running_stats, group)
             if child.affine:
@@ -116,7 +120,8 @@ def synchronise_batchnorm(model: nn.Module, group) -> nn.Module:
                 synced.running_mean, synced.running_var = child.running_mean, child.running_var
                 synced.num_batches_tracked = child.num_batches_tracked
             synced.train(child.training)
+            replaced[child] = synced
             setattr(model, name, synced)
         else:
-            synchronise_batchnorm(child, group)
+            synchronise_batchnorm(child, group, replaced)
     return model
