@@ -27,18 +27,19 @@ class Net(nn.Module):
         return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
 
 
-def _batches():
+def _batches(batch=B):
     g = torch.Generator().manual_seed(3)
-    return [(torch.randn(B, 3, 6, 6, generator=g), torch.randint(0, 5, (B,), generator=g)) for _ in range(STEPS)]
+    return [(torch.randn(batch, 3, 6, 6, generator=g), torch.randint(0, 5, (batch,), generator=g))
+            for _ in range(STEPS)]
 
 
-def _train(num_peers, **options):
+def _train(num_peers, batch=B, **options):
     """Losses per step and the final parameters and BatchNorm statistics of the local peers."""
     nets = [Net(seed) for seed in range(num_peers)]
     opts = [torch.optim.SGD(n.parameters(), lr=0.1, momentum=0.9) for n in nets]
     losses = []
     with dml.Cohort(nets, opts, device="cpu", precision="fp32", plain=True, **options) as cohort:
-        for x, y in _batches():
+        for x, y in _batches(batch):
             out = cohort.step(x, y)
             losses.append([loss.item() for loss in out.losses])
         local = [p.index for p in cohort.peers]
@@ -46,8 +47,8 @@ def _train(num_peers, **options):
     return local, losses, states
 
 
-def _replica(num_peers):
-    local, losses, states = _train(num_peers, data_parallel=2)
+def _replica(num_peers, batch=B):
+    local, losses, states = _train(num_peers, batch, data_parallel=2)
     return local, losses, {i: {k: v.numpy() for k, v in st.items()} for i, st in states.items()}
 
 
@@ -75,6 +76,27 @@ def test_replicas_compute_what_one_process_computes(num_peers):
                     worst = max(worst, (value - single_states[peer][key]).abs().max().item())
                 else:
                     assert torch.equal(value, single_states[peer][key]), key
+    print(f"largest difference from one process: {worst:.2e}")
+    assert worst < 1e-5
+
+
+@pytest.mark.processes
+def test_a_batch_the_replicas_do_not_divide_weighs_each_shard_by_its_rows():
+    """A batch of 15 over 2 replicas (7 and 8 rows): the replicas end where one process ends, their losses
+    weighted by their rows giving the whole batch's (equal weights would step on a different mean)."""
+    _, single_losses, single_states = _train(2, 15)
+    got = run_ranks(4, _replica, 2, 15)
+    worst = 0.0
+    for rank, (local, losses, states) in got.items():
+        rows = 7 if rank % 2 == 0 else 8
+        partner = got[rank ^ 1][1]
+        for k, peer in enumerate(local):
+            for step in range(STEPS):
+                whole = (rows * losses[step][k] + (15 - rows) * partner[step][k]) / 15
+                worst = max(worst, abs(whole - single_losses[step][peer]))
+            for key, value in states[peer].items():
+                if value.dtype.kind == "f":
+                    worst = max(worst, (torch.from_numpy(value) - single_states[peer][key]).abs().max().item())
     print(f"largest difference from one process: {worst:.2e}")
     assert worst < 1e-5
 

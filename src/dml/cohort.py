@@ -81,7 +81,10 @@ class Cohort:
     CPU (None: the peer's share of the cores, fewer where other programs keep them busy). Under torchrun
     (WORLD_SIZE > 1) each process keeps its own contiguous share of the peers and the cohort exchanges
     logits between processes; the entries of the peers other processes hold may be None (model and
-    optimizer) where ``loss`` is ``Links``, which names the frozen peers.
+    optimizer) where ``loss`` is ``Links``, which names the frozen peers. ``data_parallel=D`` (under
+    torchrun, D processes per peer group) gives each peer D replicas, each computing a contiguous shard of
+    every batch (BatchNorm statistics over the whole batch unless ``local_batchnorm``); where D does not
+    divide a batch, each shard's objective weighs its rows, so that the step is the whole batch's.
 
     ``runtime`` and ``exchange`` (a ``Runtime`` and an exchange from distributed.py) replace the
     device, precision, plain and threads settings and the process group the cohort would make; ``dml
@@ -118,6 +121,7 @@ class Cohort:
         self.num_peers = len(models)  # in the whole cohort; ``peers`` holds this process's
         self._epoch: tuple[int, int, int | None] | None = None  # (epoch, epochs, steps per epoch): set_epoch
         self._steps_done = 0  # in the current epoch
+        self.replica_weight = 1.0  # of this replica's objective in this step: see TorchExchange.replica_weight
         self._checked = False  # whether check_batch has passed (step runs it on its first batch)
         # what the cohort makes it closes; a runtime or exchange passed in stays the caller's
         self._made = [] if exchange is not None else ["exchange"]
@@ -207,7 +211,8 @@ class Cohort:
         stacked (views, batch, ...), where a ``Branches`` has ``views``: see ``Unit``). It does not wait for the
         device, except on the first batch (``check_batch`` reads the labels' range once) and under fp16,
         where the GradScaler reads whether a gradient overflowed once per peer per step."""
-        # this replica's rows, where peers have replicas
+        # this replica's rows, where peers have replicas (shards of unequal size weigh their rows)
+        self.replica_weight = self.exchange.replica_weight(y.shape[0])
         x, y = self.exchange.shard(x, dim=1 if self.views else 0), self.exchange.shard(y)
         x, y = self.runtime.to_device(x), y.to(self.runtime.device, non_blocking=True)
         if not self._checked:  # the first batch only: it waits for the device once

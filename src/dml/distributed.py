@@ -102,6 +102,9 @@ class LocalExchange:
     def shard(self, batch: torch.Tensor, dim: int = 0) -> torch.Tensor:
         return batch
 
+    def replica_weight(self, rows: int) -> float:
+        return 1.0
+
     def average_gradients(self, model: nn.Module, peer: int) -> None:
         pass
 
@@ -187,9 +190,20 @@ class TorchExchange(LocalExchange):
     def shard(self, batch: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """This replica's rows (along ``dim``: 1 for views of a batch) of a batch every replica drew whole
         (equal shards where they divide it)."""
-        n, replicas = batch.shape[dim], self.mesh.data_parallel
-        start, end = self.replica * n // replicas, (self.replica + 1) * n // replicas
+        start, end = self._rows(batch.shape[dim])
         return batch.narrow(dim, start, end - start)
+
+    def _rows(self, n: int) -> tuple[int, int]:
+        """The first and the past-the-end row of this replica's shard of ``n`` rows."""
+        return self.replica * n // self.mesh.data_parallel, (self.replica + 1) * n // self.mesh.data_parallel
+
+    def replica_weight(self, rows: int) -> float:
+        """What this replica's objective (a mean over its shard of a batch of ``rows``) weighs so that the mean
+        of the replicas' gradients is the whole batch's: its share of the rows times the replicas (1 where
+        they divide the batch). Weighted before backward, so that synchronised BatchNorm layers add up
+        gradients of one scale."""
+        start, end = self._rows(rows)
+        return (end - start) * self.mesh.data_parallel / rows
 
     def average_gradients(self, model: nn.Module, peer: int) -> None:
         """The mean of the gradients of ``model`` (peer ``peer``'s, or the whole multi-branch network whose first

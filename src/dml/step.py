@@ -74,6 +74,8 @@ def _terms(cohort, peer, logits: torch.Tensor, sources: list[torch.Tensor], y: t
 def _descend(cohort, peer, loss: torch.Tensor, scaler, model: nn.Module) -> None:
     """``peer``'s step on ``loss``; ``model``: what its optimizer trains (its own, or its multi-branch network)."""
     peer.optimizer.zero_grad(set_to_none=True)
+    if cohort.replica_weight != 1.0:  # a data-parallel shard of another size than the others
+        loss = loss * cohort.replica_weight
     scaler.scale(loss).backward()
     cohort.exchange.average_gradients(model, peer.index)  # over its data-parallel replicas, where it has any
     scaler.step(peer.optimizer)
