@@ -101,6 +101,42 @@ def test_a_batch_the_replicas_do_not_divide_weighs_each_shard_by_its_rows():
     assert worst < 1e-5
 
 
+def _outputs(rank, steps=3, rows=4):
+    """Made-up step outputs of one peer on replica ``rank``: (loss, ce, kd, logits, labels) per step."""
+    g = torch.Generator().manual_seed(10 + rank)
+    return [(torch.rand((), generator=g) * 3, torch.rand((), generator=g), torch.rand((), generator=g),
+             torch.randn(rows, 5, generator=g), torch.randint(0, 5, (rows,), generator=g)) for _ in range(steps)]
+
+
+def _read_metrics():
+    from dml.cohort import StepOutput
+    from dml.distributed import make_exchange
+    from dml.engine import StepMetrics
+
+    exchange = make_exchange(1, "cpu", None, data_parallel=2)
+    try:
+        metrics = StepMetrics(1, torch.device("cpu"))
+        for loss, ce, kd, logits, labels in _outputs(exchange.replica):
+            metrics.add(StepOutput([loss], [logits], [ce], [kd]), labels)
+        return metrics.read(exchange)
+    finally:
+        exchange.close()
+
+
+@pytest.mark.processes
+def test_an_epochs_train_numbers_are_the_plain_means_over_steps_and_replicas():
+    """What an epoch logs (loss and its terms, accuracy) from two replicas' steps: each the plain mean of every
+    step of both replicas, accuracy over both replicas' rows."""
+    got = run_ranks(2, _read_metrics)
+    both = _outputs(0) + _outputs(1)
+    expected = {"loss": sum(s[0].item() for s in both) / 6, "ce": sum(s[1].item() for s in both) / 6,
+                "kd": sum(s[2].item() for s in both) / 6,
+                "acc": 100 * sum((s[3].argmax(1) == s[4]).sum().item() for s in both) / 24}
+    for rank in (0, 1):
+        for key, value in expected.items():
+            assert got[rank][key] == [pytest.approx(value, rel=1e-12)], (rank, key)
+
+
 def _train_trunk(teacher, data_parallel=1):
     """Losses per step and the final state of a trunk's 2 ResNet-20 branches (ONE's gate; or PCL's fusion with a
     view of the batch per branch, and temporal means of both branches) trained with default DML links."""

@@ -237,3 +237,32 @@ def test_a_step_schedule_drops_the_rate_after_its_milestones_and_resumes_exactly
         assert run_straight(cifar_root, tmp_path / "bad", "--models", "resnet20", "--epochs", "3", *bad) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_logged_train_numbers_are_the_plain_means_of_what_the_steps_computed(cifar_root, tmp_path, monkeypatch,
+                                                                            tiny_net):
+    """An epoch's train_loss, train_ce, train_kd and train_acc in metrics.jsonl, recomputed from every step's
+    outputs (the loss terms each step returned, argmax of its logits against its labels) by plain averages."""
+    import dml.cohort
+
+    seen = []
+    step = dml.cohort.Cohort.step
+
+    def recorded(self, x, y):
+        out = step(self, x, y)
+        seen.append(([t.item() for t in out.losses], [t.item() for t in out.ce], [t.item() for t in out.kd],
+                     [(z.argmax(1) == y).sum().item() for z in out.logits], len(y)))
+        return out
+
+    monkeypatch.setattr(dml.cohort.Cohort, "step", recorded)
+    assert _train(cifar_root, tmp_path / "runs", "--models", tiny_net, "--num-nodes", "2", "--epochs", "2") == 0
+    records = _metrics(next((tmp_path / "runs").glob("dml_n2_*")))
+    steps_per_epoch = len(seen) // 2
+    assert steps_per_epoch == 256 // 32  # every step of both epochs was seen
+    for epoch in (1, 2):
+        steps = seen[(epoch - 1) * steps_per_epoch:epoch * steps_per_epoch]
+        for peer in (0, 1):
+            logged = next(r for r in records if r["epoch"] == epoch and r["node"] == peer)
+            for key, column in (("train_loss", 0), ("train_ce", 1), ("train_kd", 2)):
+                assert logged[key] == pytest.approx(sum(s[column][peer] for s in steps) / len(steps), rel=1e-12)
+            assert logged["train_acc"] == pytest.approx(100 * sum(s[3][peer] for s in steps) / sum(s[4] for s in steps))
