@@ -163,6 +163,15 @@ def test_mistakes_are_value_errors():
         dml.MutualLoss(temperature=0)
     with pytest.raises(ValueError, match="at least one model"):
         dml.Cohort([], [])
+    nets = [TinyNet(), TinyNet(seed=1)]
+    with pytest.raises(TypeError, match="loss must be a dml.MutualLoss or dml.Links, not function"):
+        dml.Cohort(nets, [_sgd(n) for n in nets], loss=lambda *a: 0, device="cpu")
+    with pytest.raises(ValueError, match="the links are for 3 peers; the cohort has 2 models"):
+        dml.Cohort(nets, [_sgd(n) for n in nets], loss=dml.Links.mutual(3), device="cpu")
+    with pytest.raises(ValueError, match="peer 0: the links say it is frozen, but its optimizer is not None"):
+        dml.Cohort(nets, [_sgd(n) for n in nets], loss=dml.Links.mutual(2, frozen=[0]), device="cpu")
+    with pytest.raises(ValueError, match="the links say it is not frozen, but its optimizer is None"):
+        dml.Cohort(nets, [_sgd(nets[0]), None], loss=dml.Links.mutual(2), device="cpu")
 
 
 def test_peers_whose_logits_do_not_fit_are_named_before_any_step():

@@ -137,6 +137,30 @@ def test_an_epochs_train_numbers_are_the_plain_means_over_steps_and_replicas():
             assert got[rank][key] == [pytest.approx(value, rel=1e-12)], (rank, key)
 
 
+def _one_step_local_batchnorm(local):
+    """One step of one Net over 2 replicas: its BatchNorm's type and running mean, and the running mean its
+    own shard's statistics give (momentum 0.1 from 0)."""
+    net = Net(0)
+    x, y = _batches()[0]
+    with dml.Cohort([net], [torch.optim.SGD(net.parameters(), lr=0.1)], device="cpu", precision="fp32", plain=True,
+                    threads=1, data_parallel=2, local_batchnorm=local) as cohort:
+        rows = slice(cohort.exchange.replica * B // 2, (cohort.exchange.replica + 1) * B // 2)
+        with torch.no_grad():
+            own = 0.1 * net.conv(x[rows]).mean((0, 2, 3))
+            whole = 0.1 * net.conv(x).mean((0, 2, 3))
+        cohort.step(x, y)
+        return type(net.bn).__name__, net.bn.running_mean.numpy(), own.numpy(), whole.numpy()
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("local", [True, False])
+def test_local_batchnorm_keeps_each_replicas_statistics_to_its_own_shard(local):
+    for kind, running, own, whole in run_ranks(2, _one_step_local_batchnorm, local).values():
+        assert kind == ("BatchNorm2d" if local else "SyncedBatchNorm")
+        torch.testing.assert_close(torch.from_numpy(running), torch.from_numpy(own if local else whole))
+        assert not torch.allclose(torch.from_numpy(own), torch.from_numpy(whole))  # the two are told apart
+
+
 def _train_trunk(teacher, data_parallel=1):
     """Losses per step and the final state of a trunk's 2 ResNet-20 branches (ONE's gate; or PCL's fusion with a
     view of the batch per branch, and temporal means of both branches) trained with default DML links."""

@@ -167,3 +167,51 @@ def test_a_signal_to_the_launcher_in_the_first_epoch_says_nothing_was_saved(cifa
     assert again.returncode == 0, again.stderr
     assert [(r["epoch"], r["node"]) for r in _metrics(tmp_path / "dml_n2_resnet20_s42")] == [
         (1, 0), (1, 1), (1, "ensemble")]
+
+
+
+def _collective_nobody_joins(timeout, done):
+    """Rank 0 waits in an all_reduce that rank 1 never joins (alive and idle until rank 0 has written ``done``);
+    returns how the wait ended and when."""
+    os.environ["DML_DIST_TIMEOUT"] = str(timeout)
+    exchange = TorchExchange(2, "cpu")
+    if exchange.rank == 1:
+        deadline = time.monotonic() + 150
+        while not os.path.exists(done) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return None
+    start = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(1))
+        outcome = "returned"
+    except Exception as exc:  # torch raises its DistError (gloo: a RuntimeError naming the timeout)
+        outcome = type(exc).__name__
+    waited = time.monotonic() - start
+    Path(done).touch()
+    return outcome, waited
+
+
+@pytest.mark.processes
+def test_dml_dist_timeout_bounds_the_wait_for_a_process_that_never_answers(tmp_path):
+    """A collective no other process joins fails after DML_DIST_TIMEOUT seconds (3 here), not the default 60:
+    what lets the survivors of a lost process stop and the launcher restart them."""
+    got = run_ranks(2, _collective_nobody_joins, 3, str(tmp_path / "done"), timeout=200)
+    outcome, waited = got[0]
+    assert outcome != "returned" and 3 <= waited < 60, got[0]
+
+
+def _max_over_replicas():
+    from dml.distributed import make_exchange
+
+    exchange = make_exchange(1, "cpu", None, data_parallel=2)
+    try:
+        mine = torch.tensor([5, 0, 2]) if exchange.replica == 0 else torch.tensor([1, 7, 2])
+        return exchange.max_over_replicas(mine).tolist()
+    finally:
+        exchange.close()
+
+
+@pytest.mark.processes
+def test_max_over_replicas_is_elementwise_over_a_peers_replicas():
+    """The first step at which a replica diverged, as every replica reads it (0: none)."""
+    assert run_ranks(2, _max_over_replicas) == {0: [5, 7, 2], 1: [5, 7, 2]}

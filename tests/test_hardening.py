@@ -316,3 +316,43 @@ def test_same_command_same_metrics(cifar_root, tmp_path, straight_run):
     strip = lambda path: [json.dumps({k: v for k, v in json.loads(l).items() if k != "seconds"})  # noqa: E731
                           for l in path.read_text().splitlines()]
     assert strip(tmp_path / RUN / "metrics.jsonl") == strip(straight_run / "metrics.jsonl")
+
+
+def test_a_batch_fingerprint_changes_with_any_image_label_or_their_order():
+    from dml.engine import batch_fingerprint
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(6, 3, 4, 4, generator=g), torch.randint(0, 10, (6,), generator=g)
+    y[1] = (y[0] + 1) % 10  # two different labels to swap
+    base = batch_fingerprint(x, y)
+    assert batch_fingerprint(x.clone(), y.clone()) == base
+    swapped = torch.tensor([1, 0, 2, 3, 4, 5])
+    assert batch_fingerprint(x[swapped], y[swapped]) != base  # the same images and labels in another order
+    assert batch_fingerprint(x[swapped], y) != base
+    assert batch_fingerprint(x, y[swapped]) != base
+    changed = x.clone()
+    changed[3, 0, 0, 0] += 0.5
+    assert batch_fingerprint(changed, y) != base
+
+
+def test_a_stop_signal_says_what_was_saved_and_a_second_signal_stops_at_once():
+    from dml.engine import RunStopped, StopSignal
+
+    with StopSignal(saved=3) as stop:
+        stop.check()  # nothing received: goes on
+        os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(RunStopped) as first:
+            stop.check()
+        assert first.value.exit_code == 143
+        assert str(first.value) == ("stopped by SIGTERM in epoch 4; epoch 3 is saved: continue with the same command "
+                                    "and --resume")
+        stop.saving = 4
+        assert "epoch 4 was being saved: continue with the same command and --resume" in str(stop.stopped())
+        with pytest.raises(KeyboardInterrupt):  # the second signal: at once, wherever the run is
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGTERM) is not stop._handle  # the handlers are given back
+    fresh = StopSignal()
+    fresh.received = signal.SIGINT
+    stopped = fresh.stopped()
+    assert stopped.exit_code == 130 and "before any epoch was complete: nothing was saved" in str(stopped)

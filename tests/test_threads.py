@@ -139,3 +139,15 @@ def test_threads_must_be_positive(capsys):
     assert capsys.readouterr().err.strip() == "error: --threads must be a positive integer, got 0"
     assert main(["bench", "--threads", "0"]) == 2
     assert "error: --threads must be a positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("env, fixed", [({}, False), ({"OMP_NUM_THREADS": "2"}, True), ({"OMP_NUM_THREADS": ""}, False),
+                                        ({MEASURE_ENV: "0"}, True), ({MEASURE_ENV: "1"}, False)])
+def test_the_environment_fixes_the_thread_count_with_omp_num_threads_or_measurement_off(monkeypatch, env, fixed):
+    from dml.threads import environment_fixes_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv(MEASURE_ENV, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert environment_fixes_threads() is fixed
