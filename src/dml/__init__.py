@@ -26,11 +26,15 @@ __version__ = "0.1.0"
 # line imports it only for the work itself, not for --help or a mistyped setting (tests/test_cli.py).
 _PUBLIC = {
     "Cohort": "cohort", "StepOutput": "cohort", "MutualLoss": "loss", "mutual_loss": "loss",
-    "Evaluation": "evaluate", "create_model": "models", "Link": "links", "Links": "links",
+    "Evaluation": "accuracy", "create_model": "models", "Link": "links", "Links": "links",
     "load_model": "evaluate", "load_image_folder": "data.folder", "MeanOf": "peer", "ENSEMBLE": "links",
     "Branches": "branches", "OTHERS": "links",
 }
 __all__ = list(_PUBLIC)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
 
 
 def __getattr__(name: str):

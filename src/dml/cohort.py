@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .accuracy import Evaluation, evaluate_models
 from .branches import Branches
 from .distributed import LocalExchange, make_exchange
-from .evaluate import Evaluation, evaluate_models
 from .links import Links, Progress
 from .loss import MutualLoss
 from .peer import MeanOf, Peer
