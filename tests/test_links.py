@@ -453,3 +453,22 @@ def test_half_precision_logits_give_the_fp32_objective_of_their_values(dtype):
         assert ce_half.dtype == kd_half.dtype == torch.float32
     got = mutual_loss(half[0], half[1:], y, temperature=2.0)
     assert torch.equal(got.float(), mutual_loss(full[0], full[1:], y, temperature=2.0)) and got.dtype == torch.float32
+
+
+def test_a_temporal_mean_need_not_be_listed_as_frozen_and_a_link_into_it_is_named():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with dml.Cohort([net, None], [opt, dml.MeanOf(0)], loss=dml.Links([Link(1, 0, temperature=2.0)], 2),
+                    device="cpu") as cohort:
+        assert cohort.links.frozen == {1} and cohort.links.trainable == [0]
+        for _ in range(3):  # a mean copies its source at its first update: from the third step it differs
+            out = cohort.step(torch.randn(8, 4), torch.randint(0, 3, (8,)))
+        assert out.kd[0].item() > 0  # the mean teaches peer 0
+    with pytest.raises(ValueError, match=r"link 0 -> 1 leads into peer 1, a temporal mean \(dml.MeanOf\)"):
+        dml.Cohort([net, None], [opt, dml.MeanOf(0)], loss=dml.Links.mutual(2), device="cpu")
+
+
+def test_a_link_from_the_ensemble_into_the_only_trainable_peer_is_refused():
+    with pytest.raises(ValueError, match="the ensemble is the mean of the trainable peers, here peer 0 alone"):
+        Links([Link(ENSEMBLE, 0)], 2, frozen=[1])

@@ -25,7 +25,7 @@ from torch import nn
 from .accuracy import Evaluation, evaluate_models
 from .branches import Branches
 from .distributed import LocalExchange, make_exchange
-from .links import Links, Progress
+from .links import Link, Links, Progress
 from .loss import MutualLoss
 from .peer import MeanOf, Peer
 from .runtime import Runtime, resolve_device
@@ -113,6 +113,8 @@ class Cohort:
         _check_means(means, optimizers)
         names = list(names) if names is not None else \
             [type(models[means[i].source] if i in means else m).__name__.lower() for i, m in enumerate(models)]
+        if isinstance(loss, Links):
+            loss = _with_means_frozen(loss, means)
         frozen = sorted(loss.frozen) if isinstance(loss, Links) else \
             [i for i, o in enumerate(optimizers) if o is None or i in means]
         self.links = as_links(loss or MutualLoss(), len(models), frozen)  # checked before threads and groups exist
@@ -167,8 +169,6 @@ class Cohort:
 
     def _mean(self, index: int, name: str, model: nn.Module | None, mean_of: MeanOf, built: dict[int, Peer]) -> Peer:
         """Peer ``index``, the temporal mean of a peer of this process: a copy of it unless ``model`` is given."""
-        if index not in self.links.frozen:
-            raise ValueError(f"peer {index} is a mean: the links must list it as frozen (no link may lead into it)")
         source = built[mean_of.source].model
         if model is None:
             model = copy.deepcopy(source)
@@ -374,6 +374,21 @@ def _check_undetached(links: Links, groups: dict[int, Branches]) -> None:
         if link.target not in networks or any(networks.get(k) != networks[link.target] for k in read):
             raise ValueError(f"link {link.source} -> {link.target} is not detached: its source must be peers of the "
                              "target's own multi-branch network (dml.Branches), computed in the same backward")
+
+
+def _with_means_frozen(links: Links, means: dict[int, MeanOf]) -> Links:
+    """``links`` with every temporal mean among the frozen peers (a mean learns from no link: it follows its
+    source), so that a user need not list them; a link other than the default self link into a mean is a
+    ValueError naming it."""
+    missing = sorted(set(means) - links.frozen)
+    if not missing:
+        return links
+    for link in links.links:
+        if link.target in missing and link != Link(link.target, link.target):
+            raise ValueError(f"link {link.source} -> {link.target} leads into peer {link.target}, a temporal mean "
+                             "(dml.MeanOf): a mean follows its source and learns from no link")
+    kept = [link for link in links.links if link.target not in missing]
+    return Links(kept, links.num_peers, links.combine, frozen=sorted(links.frozen | set(missing)))
 
 
 def _check_means(means: dict[int, MeanOf], optimizers: Sequence) -> None:

@@ -177,6 +177,9 @@ class Links:
         if self.uses_ensemble and not self.trainable:
             raise ValueError("a link from the ensemble needs at least one trainable peer: the ensemble is their mean")
         for link in links:
+            if link.source == ENSEMBLE and self.trainable == [link.target]:
+                raise ValueError(f"link {ENSEMBLE} -> {link.target}: the ensemble is the mean of the trainable peers, "
+                                 f"here peer {link.target} alone, which would learn from itself (a term of 0)")
             if link.source == OTHERS and len([k for k in self.trainable if k != link.target]) < 1:
                 raise ValueError(f"link others -> {link.target}: the others are the trainable peers but the target, "
                                  "and there is none")
