@@ -225,7 +225,14 @@ def _bad_checkpoint(tmp_path):
     ('[[peer]]\nname = "a"\nmodel = "resnet20"\n[[peer]]\nname = "m"\nema_of = ["a"]\n', "ema_of ['a'] is not a peer"),
     ('[[peer]]\nname = "a"\nmodel = "resnet20"\n[[link]]\nsource = 3\ntarget = "a"\n', "unknown source 3"),
     ('[[peer]]\nname = "a"\nmodel = "resnet20"\n[[link]]\nsource = "a"\ntarget = "a"\ngate = "linear_ramp"\n'
-     'ramp_epochs = true\n', "ramp_epochs is a number of epochs, not True"),
+     'ramp_epochs = true\n', "ramp_epochs must be a number, not True"),
+    # one rule for every number: a TOML number, never a string
+    ('[[peer]]\nname = "a"\nmodel = "resnet20"\n[[peer]]\nname = "b"\nmodel = "resnet20"\n[[link]]\nsource = "a"\n'
+     'target = "b"\ngate = "linear_ramp"\nramp_epochs = "80"\n', "link a -> b: ramp_epochs must be a number, not '80'"),
+    ('[[peer]]\nname = "a"\nmodel = "resnet20"\n[[peer]]\nname = "b"\nmodel = "resnet20"\n[[link]]\nsource = "a"\n'
+     'target = "b"\ntemperature = "2"\n', "link a -> b: temperature must be a number, not '2'"),
+    ('[[peer]]\nname = "a"\nmodel = "resnet20"\n[[peer]]\nname = "m"\nema_of = "a"\ndecay = "0.99"\n',
+     "peer 'm': decay must be a number, not '0.99'"),
     ('[[peer]]\nname = "a"\nmodel = "resnet20"\n[[peer]]\nname = "m"\nema_of = "a"\n[[link]]\nsource = "a"\n'
      'target = "m"\n', "leads into a frozen peer (a teacher or a temporal mean)"),
     ("[[peer]\n", "not valid TOML"),

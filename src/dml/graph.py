@@ -281,12 +281,12 @@ def _resolve_mean(peer: dict, peers: list[dict], index: dict[str, int], where: s
     if source.get("learned_teacher"):
         raise UserError(f"{where}: peer {name!r} is the mean of {of!r}, a learned teacher of a [[trunk]]; a temporal "
                         "mean follows a branch or a peer")
-    decay = peer["decay"]
+    decay = _number(peer, "decay", MeanOf(0).decay, f"{where}: peer {name!r}")
     try:
         MeanOf(index[of], decay)
     except ValueError as exc:
         raise UserError(f"{where}: peer {name!r}: {exc}") from None
-    peer.update(model=source["model"], ema_of=index[of], decay=float(decay))
+    peer.update(model=source["model"], ema_of=index[of], decay=decay)
 
 
 def _link(entry: dict, index: dict[str, int], frozen: list[int], where: str) -> Link:
@@ -318,14 +318,24 @@ def _link(entry: dict, index: dict[str, int], frozen: list[int], where: str) -> 
         what = "joins two frozen peers (a cycle of frozen peers never learns)" if source in frozen else \
             "leads into a frozen peer (a teacher or a temporal mean), which learns nothing from links"
         raise UserError(f"{where}: {label} {what}; frozen peers can only be sources")
-    ramp_epochs, standardize = entry.get("ramp_epochs"), entry.get("standardize", False)
+    standardize = entry.get("standardize", False)
     if not isinstance(standardize, bool):
         raise UserError(f"{where}: {label}: standardize must be true or false, not {standardize!r}")
-    if isinstance(ramp_epochs, bool):
-        raise UserError(f"{where}: {label}: ramp_epochs is a number of epochs, not {ramp_epochs!r}")
+    numbers = {key: _number(entry, key, default, f"{where}: {label}")
+               for key, default in (("temperature", 1.0), ("weight", 1.0), ("ramp_epochs", None))}
     try:
-        return Link(target if source is None else source, target, float(entry.get("temperature", 1.0)),
-                    float(entry.get("weight", 1.0)), entry.get("gate", "through"),
-                    None if ramp_epochs is None else float(ramp_epochs), standardize, detach)
+        return Link(target if source is None else source, target, numbers["temperature"], numbers["weight"],
+                    entry.get("gate", "through"), numbers["ramp_epochs"], standardize, detach)
     except (TypeError, ValueError) as exc:
         raise UserError(f"{where}: {label}: {exc}") from None
+
+
+def _number(entry: dict, key: str, default: float | None, where: str) -> float | None:
+    """``entry[key]`` as a float: every number a graph file gives is a TOML number (``80`` or ``0.99``, not
+    ``"80"``, not ``true``)."""
+    value = entry.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{where}: {key} must be a number, not {value!r}")
+    return float(value)
