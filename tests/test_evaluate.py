@@ -280,3 +280,26 @@ def test_a_directory_is_called_a_directory_with_the_checkpoints_in_it(tmp_path, 
         assert err.rstrip().endswith("it holds no best.pt or last.pt; pass another best.pt or last.pt of a dml run")
     else:
         assert err.rstrip().endswith("pass a checkpoint file in it: " + " ".join(str(tmp_path / s) for s in suggested))
+
+
+def test_a_runs_temporal_mean_is_marked_and_left_out_of_the_ensemble_as_in_training(cifar10_root, tmp_path, capsys):
+    """`dml evaluate RUN/*/last.pt` of a run with a temporal mean: the mean's row says whose mean it is, and the
+    ensemble is training's (the two peers that train), with training's logged accuracy."""
+    graph = tmp_path / "pcl_like.toml"
+    graph.write_text('[[peer]]\nname = "a"\nmodel = "resnet20"\n[[peer]]\nname = "b"\nmodel = "resnet20"\n'
+                     '[[peer]]\nname = "m"\nema_of = "a"\n')
+    args = ["--dataset", "cifar10", "--data-dir", str(cifar10_root), "--skip-checksum", "--no-download",
+            "--test-samples", "100"]
+    assert main(["train", "--graph", str(graph), "--train-samples", "256", "--batch-size", "32", "--epochs", "1",
+                 "--out-dir", str(tmp_path), "--no-progress", *args]) == 0
+    run = next(tmp_path.glob("graph-*"))
+    logged = {r["node"]: r["test_acc"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    out = tmp_path / "eval.json"
+    paths = [str(run / folder / "last.pt") for folder in ("0_resnet20", "1_resnet20", "2_resnet20")]
+    assert main(["evaluate", *paths, "--json", str(out), *args[2:]]) == 0
+    summary = json.loads(out.read_text())
+    assert [c["model"] for c in summary["checkpoints"]] == ["resnet20", "resnet20", "resnet20 (mean of 0)"]
+    assert [c["top1"] for c in summary["checkpoints"]] == [logged[0], logged[1], logged[2]]
+    assert summary["ensemble"]["model"] == "mean softmax of 2, without the means"
+    assert summary["ensemble"]["top1"] == logged["ensemble"]
+    assert "resnet20 (mean of 0)" in capsys.readouterr().out

@@ -49,6 +49,7 @@ class LoadedCheckpoint:
     image_size: int | None = None  # folder datasets: the size the run resized images to
     config: dict = field(default_factory=dict)  # the run's settings (its data source among them)
     working_dir: str | None = None  # where the run was started: its relative paths are relative to it
+    mean_of: int | None = None  # a temporal mean: the index of the peer it follows
 
 
 @dataclass
@@ -90,7 +91,7 @@ def _build(saved: SavedPeer, device: torch.device, named: str | None) -> LoadedC
     config = saved.config
     return LoadedCheckpoint(path, name, num_classes, saved.dataset, saved.epoch, config.get("seed"),
                       model.to(device).eval(), config.get("precision", "auto"), bool(config.get("plain", False)),
-                      config.get("image_size"), config, working_dir)
+                      config.get("image_size"), config, working_dir, saved.state.get("mean_of"))
 
 
 def _import_advice(working_dir: str | None) -> str:
@@ -122,13 +123,17 @@ def common_dataset(checkpoints: list[LoadedCheckpoint], dataset: str | None) -> 
 
 def accuracies(checkpoints: list[LoadedCheckpoint], images: torch.Tensor, labels: torch.Tensor,
                normalise: Normalise, runtime: Runtime) -> list[Accuracy]:
-    """Top-1/top-5 accuracy (%) of every checkpoint, then of their mean-softmax ensemble."""
+    """Top-1/top-5 accuracy (%) of every checkpoint, then of their mean-softmax ensemble: as in training, of the
+    networks that trained, without the temporal means (unless every checkpoint is one)."""
+    means = [i for i, c in enumerate(checkpoints) if c.mean_of is not None]
+    excluded = means if len(means) < len(checkpoints) else []
     result = evaluate_models([c.model for c in checkpoints], test_batches(images, labels, EVAL_BATCH_SIZE, normalise),
-                             runtime)
-    rows = [Accuracy(str(c.path), c.model_name, c.epoch, result.top1[i], result.top5[i])
-            for i, c in enumerate(checkpoints)]
-    rows.append(Accuracy("ensemble", f"mean softmax of {len(checkpoints)}", None, result.ensemble_top1,
-                         result.ensemble_top5))
+                             runtime, ensemble_excludes=excluded)
+    rows = [Accuracy(str(c.path), c.model_name + ("" if c.mean_of is None else f" (mean of {c.mean_of})"), c.epoch,
+                     result.top1[i], result.top5[i]) for i, c in enumerate(checkpoints)]
+    members = len(checkpoints) - len(excluded)
+    rows.append(Accuracy("ensemble", f"mean softmax of {members}" + (", without the means" if excluded else ""), None,
+                         result.ensemble_top1, result.ensemble_top5))
     return rows
 
 
