@@ -350,3 +350,25 @@ def test_published_numbers_stand_beside_the_measured_ones(tmp_path):
     assert summary["kdcl_s1"][-1] == "–"  # no published number for it
     assert "Published: PCL, Table 2." in markdown
     assert "Published" not in report([tmp_path])
+
+
+def test_headings_name_the_method_a_graph_file_and_a_ramp(tmp_path):
+    """Two methods of 2 peers are not both "a graph of 2 nodes": a graph run's heading names its file, and a
+    ramped KL term says so."""
+    for name, update in (("kdcl_s1", {"graph": "examples/graphs/kdcl.toml", "graph_spec": {"peers": [], "links": []}}),
+                         ("ramped_s1", {"kd_ramp": "sigmoid"})):
+        run = write_run(tmp_path, name, [PEER0, PEER1])
+        document = json.loads((run / "config.json").read_text())
+        document["config"].update(update)
+        (run / "config.json").write_text(json.dumps(document))
+    markdown = report([tmp_path])
+    assert "## Graph file kdcl.toml of 2 nodes: kdcl_s1" in markdown
+    assert "## DML with 2 nodes, KL term on a sigmoid ramp: ramped_s1" in markdown
+
+
+def test_default_run_names_tell_the_ramp_apart():
+    from dml.config import TrainConfig
+
+    plain = TrainConfig(models=["resnet20"], num_nodes=2)
+    ramped = TrainConfig(models=["resnet20"], num_nodes=2, kd_ramp="sigmoid")
+    assert (plain.default_name(), ramped.default_name()) == ("dml_n2_resnet20_s42", "dml_n2_sigmoid_ramp_resnet20_s42")

@@ -63,10 +63,11 @@ def test_resume_ends_exactly_where_an_uninterrupted_run_ends(cifar_root, tmp_pat
             *ramp]
     assert _train(cifar_root, tmp_path / "straight", *args) == 0
     assert _train(cifar_root, tmp_path / "resumed", *args, "--stop-after", "1") == 0
-    resumed = tmp_path / "resumed" / "dml_n2_resnet20_s42"
+    name = "dml_n2_sigmoid_ramp_resnet20_s42" if ramp else "dml_n2_resnet20_s42"  # the method names the run
+    resumed = tmp_path / "resumed" / name
     assert _metrics(resumed)[-1]["epoch"] == 1
     assert _train(cifar_root, tmp_path / "resumed", *args, "--resume") == 0
-    straight = tmp_path / "straight" / "dml_n2_resnet20_s42"
+    straight = tmp_path / "straight" / name
     assert _metrics(resumed) == _metrics(straight)
     for peer in ("0_resnet20", "1_resnet20"):
         a, b = _state(straight, peer), _state(resumed, peer)

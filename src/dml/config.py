@@ -329,8 +329,9 @@ class TrainConfig:
         return self.trained_peers > 1
 
     def default_name(self) -> str:
-        """A name that says what ran, e.g. dml_n2_resnet32_s42, independent_resnet32_s42,
-        kd_resnet32_from_wrn28_2_s42 or graph-mygraph_resnet32-wrn28_2_s42."""
+        """A name that says what ran, e.g. dml_n2_resnet32_s42, dml_n2_sigmoid_ramp_resnet32_s42,
+        independent_resnet32_s42, kd_resnet32_from_wrn28_2_s42 or graph-mygraph_resnet32-wrn28_2_s42."""
+        ramp = [f"{self.kd_ramp}_ramp"] if self.kd_ramp else []  # the method differs: so does the name
         if self.graph_spec is not None:
             frozen = self.frozen
             students = joined_models([m for k, m in enumerate(self.models) if k not in frozen])
@@ -338,9 +339,10 @@ class TrainConfig:
                 kind = f"graph-{folder_name(Path(self.graph).stem)}"
                 networks = [m for k, m in enumerate(self.models) if k not in self.trunk_members]  # a trunk once
                 return "_".join([kind, joined_models(networks), f"s{self.seed}"])
-            return "_".join(["kd", students, "from", joined_models([self.models[k] for k in frozen]), f"s{self.seed}"])
+            return "_".join(["kd", students, "from", joined_models([self.models[k] for k in frozen]), *ramp,
+                             f"s{self.seed}"])
         models = joined_models(self.models)
-        parts = [f"dml_n{self.num_nodes}" if self.is_dml else "independent", models]
+        parts = [f"dml_n{self.num_nodes}" if self.is_dml else "independent", *ramp, models]
         if self.dataset != "cifar100":
             parts.insert(1, self.dataset)
         return "_".join(parts + [f"s{self.seed}"])

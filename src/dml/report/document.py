@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import statistics
+from pathlib import Path
 
 from ..markdown import escape, table
 from .runs import Run
@@ -115,11 +116,13 @@ def _title(group: list[Run], is_baseline: bool = False) -> str:
     elif students < peers:
         kind = f"Knowledge distillation into {plural(students, 'peer')} from {plural(peers - students, 'teacher')}"
     elif group[0].config.get("graph_spec"):
-        means = len(group[0].means)
-        kind = f"Knowledge-transfer graph of {plural(peers, 'node')}" + (
-            f" and {plural(means, 'temporal mean')}" if means else "")
+        means, graph = len(group[0].means), group[0].config.get("graph")
+        named = f"Graph file {Path(graph).name}" if graph else "Knowledge-transfer graph"
+        kind = f"{named} of {plural(peers, 'node')}" + (f" and {plural(means, 'temporal mean')}" if means else "")
     else:
         kind = "Independent training" if peers == 1 else f"DML with {peers} nodes"
+    ramp = group[0].config.get("kd_ramp")
+    kind += f", KL term on a {ramp} ramp" if ramp else ""
     seeds = f" ({len(group)} seeds)" if len(group) > 1 else ""
     return f"{kind}: {escape(group_name(group))}{seeds}"
 
