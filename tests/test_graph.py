@@ -484,3 +484,18 @@ def test_temporal_means_live_with_their_sources_in_other_processes(cifar_root, t
     capsys.readouterr()
     assert _train(cifar_root, tmp_path / "three", "--graph", str(path), "--procs", "3") == 2
     assert capsys.readouterr().err.startswith("error: --procs must be between 1 and the 2 peers that are not temporal")
+
+
+def test_resume_after_editing_a_graph_file_says_which_entry_changed(cifar_root, tmp_path, capsys):
+    text = ('[[peer]]\nname = "a"\nmodel = "resnet20"\n[[peer]]\nname = "b"\nmodel = "resnet20"\n[[link]]\n'
+            'source = "b"\ntarget = "a"\ngate = "sigmoid_ramp"\nramp_epochs = 80\n')
+    path = _graph(tmp_path, text)
+    assert _train(cifar_root, tmp_path / "runs", "--graph", str(path), "--epochs", "2", "--stop-after", "1") == 0
+    path.write_text(text.replace("ramp_epochs = 80", "ramp_epochs = 5"))
+    capsys.readouterr()
+    assert _train(cifar_root, tmp_path / "runs", "--graph", str(path), "--epochs", "2", "--resume") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume with a configuration that differs") and err.count("\n") == 1
+    # the one link that changed (the self links come first), not the whole spec before and after
+    assert "(graph_spec.links[1].ramp_epochs: 80.0 -> 5.0)" in err
+    assert len(err.replace(str(tmp_path / "runs" / "graph-graph_resnet20_s42"), "RUN")) < 200, err

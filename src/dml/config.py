@@ -358,11 +358,24 @@ class TrainConfig:
     def differences(self, other: TrainConfig) -> list[str]:
         """Settings that differ and would change what a resumed run computes."""
         mine, theirs = self.to_dict(), other.to_dict()
-        return [
-            f"{k}: {theirs[k]!r} -> {mine[k]!r}"
-            for k in mine
-            if k not in RESUME_MAY_CHANGE and mine[k] != theirs[k]
-        ]
+        return [change for k in mine if k not in RESUME_MAY_CHANGE for change in _changes(k, theirs[k], mine[k])]
+
+
+def _changes(where: str, old, new, most: int = 5) -> list[str]:
+    """What differs between two settings, down to the entries of nested ones (a graph spec's
+    ``links[3].ramp_epochs: 80.0 -> 5.0``, not both whole specs); at most ``most`` of them, then a count."""
+    if old == new:
+        return []
+    if isinstance(old, dict) and isinstance(new, dict):
+        found = [c for key in [*old, *(k for k in new if k not in old)]
+                 for c in _changes(f"{where}.{key}", old.get(key, "(none)"), new.get(key, "(none)"), most)]
+    elif isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        found = [c for i, (a, b) in enumerate(zip(old, new)) for c in _changes(f"{where}[{i}]", a, b, most)]
+    elif isinstance(old, list) and isinstance(new, list):
+        return [f"{where}: {len(old)} entries -> {len(new)}"]
+    else:
+        return [f"{where}: {old!r} -> {new!r}"]
+    return found if len(found) <= most else found[:most] + [f"{where}: {len(found) - most} more changes"]
 
 
 def field_default(f):
