@@ -294,6 +294,16 @@ def test_a_runs_temporal_mean_is_marked_and_left_out_of_the_ensemble_as_in_train
                  "--out-dir", str(tmp_path), "--no-progress", *args]) == 0
     run = next(tmp_path.glob("graph-*"))
     logged = {r["node"]: r["test_acc"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    # the console and the report show a mean's test accuracy, not its numbers on the training batches
+    console = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 1/1 ")]
+    mean_line = next(line for line in console if "mean of 0" in line)
+    assert "test_acc" in mean_line and "train_loss" not in mean_line and "train_acc" not in mean_line
+    assert all("train_loss" in line for line in console if "mean of" not in line and "ensemble" not in line)
+    from dml.report import report
+
+    mean_row = next(line for line in report([tmp_path]).splitlines() if line.startswith("| 2_resnet20 (mean of 0)"))
+    cells = [c.strip() for c in mean_row.strip("|").split("|")]
+    assert cells[1] == "–" and cells[-1] == "–" and cells[2] == f"{logged[2]:.2f}", cells
     out = tmp_path / "eval.json"
     paths = [str(run / folder / "last.pt") for folder in ("0_resnet20", "1_resnet20", "2_resnet20")]
     assert main(["evaluate", *paths, "--json", str(out), *args[2:]]) == 0

@@ -514,6 +514,8 @@ def _summary_line(record: dict, epochs: int, labels: dict[int, str]) -> str:
     lr = {"teacher": "teacher", "mean": f"mean of {record.get('mean_of')}"}.get(record.get("role"),
                                                                               f"lr {record['lr']:.5f}").ljust(10)
     terms = f" (ce {record['train_ce']:.4f} + kd {record['train_kd']:.4f})" if "train_ce" in record else ""
-    return (f"epoch {record['epoch']}/{epochs} {labels[record['node']]} {lr} "
-            f"train_loss {record['train_loss']:.4f}{terms} train_acc {record['train_acc']:6.2f}% "
+    # a temporal mean does not train: its loss on the training batches (in evaluation mode) says nothing here
+    train = "" if record.get("role") == "mean" else \
+        f"train_loss {record['train_loss']:.4f}{terms} train_acc {record['train_acc']:6.2f}% "
+    return (f"epoch {record['epoch']}/{epochs} {labels[record['node']]} {lr} {train}"
             f"{val}test_acc {record['test_acc']:6.2f}% ({record['seconds']:.1f}s)")

@@ -31,9 +31,11 @@ def results_table(group: list[Run], baseline: Baseline | None = None) -> str:
     header = (VAL_HEADER if with_val else HEADER) + ([IMPROVEMENT] if baseline is not None else [])
     rows = []
 
-    def row(label, train_acc, val_acc, test_acc, at_best_val, best, loss, bold=False, teacher=False):
-        cells = [label, train_acc.format()] + ([val_acc.format(), test_acc.format(), at_best_val.format()]
-                                               if with_val else [test_acc.format()]) + [best.format(), loss.format(3)]
+    def row(label, train_acc, val_acc, test_acc, at_best_val, best, loss, bold=False, teacher=False, mean=False):
+        # a temporal mean does not train: its numbers on the training batches (evaluation mode) are left out
+        cells = [label, DASH if mean else train_acc.format()] + (
+            [val_acc.format(), test_acc.format(), at_best_val.format()] if with_val else [test_acc.format()]) + [
+            best.format(), DASH if mean else loss.format(3)]
         if baseline is not None:
             cells.append(DASH if teacher else baseline.gain(group, test_acc.values).format(signed=True))
         if bold:
@@ -48,7 +50,7 @@ def results_table(group: list[Run], baseline: Baseline | None = None) -> str:
             with_val and stat([h.val_acc[-1] for h in history]), stat([h.test_acc[-1] for h in history]),
             with_val and stat([c[0] for c in chosen], [c[1] for c in chosen]),
             stat([b[0] for b in best], [b[1] for b in best]), stat([h.train_loss[-1] for h in history]),
-            teacher=history[0].teacher)
+            teacher=history[0].teacher, mean=history[0].mean_of is not None)
     if len(group[0].students) > 1:
         def mean_over_peers(value):
             return stat([statistics.fmean(value(p) for p in run.students) for run in group])
@@ -164,7 +166,9 @@ def group_section(group: list[Run], baseline: Baseline | None, images: dict[str,
                  "part of the Average or the Ensemble.")
     if first.means:
         note += (" A row marked (mean of i) is the temporal mean (moving average of the weights) of peer i, not "
-                 "part of the Average or the Ensemble; the model to deploy is often this one: its folder's best.pt.")
+                 "part of the Average or the Ensemble; the model to deploy is often this one: its folder's best.pt. "
+                 "It does not train, so its train columns are empty (metrics.jsonl keeps its cross-entropy and "
+                 "accuracy on the training batches, computed in evaluation mode).")
     if baseline:
         note += (f" Improvement: final test accuracy minus the baseline's ({escape(baseline.name)}: "
                  f"{baseline.accuracy:.2f}% at its last epoch), in percentage points"
