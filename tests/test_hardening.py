@@ -356,3 +356,23 @@ def test_a_stop_signal_says_what_was_saved_and_a_second_signal_stops_at_once():
     fresh.received = signal.SIGINT
     stopped = fresh.stopped()
     assert stopped.exit_code == 130 and "before any epoch was complete: nothing was saved" in str(stopped)
+
+
+def test_a_peer_whose_checkpoint_was_deleted_is_named_not_silently_restarted(cifar_root, tmp_path, capsys):
+    """Deleting a damaged last.pt, as the error line advises, leaves a peer with no checkpoint: past the first
+    epoch that is one error line naming it; with one epoch logged, resuming says it starts over."""
+    assert _train(cifar_root, tmp_path, "--epochs", "3", "--stop-after", "2") == 0
+    (tmp_path / RUN / "1_resnet20" / "last.pt").unlink()
+    capsys.readouterr()
+    assert _train(cifar_root, tmp_path, "--epochs", "3", "--resume") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "1_resnet20 has no checkpoint while the run logged 2 complete epochs; resuming would start over" in err
+    assert {r["epoch"] for r in _metrics(tmp_path / RUN)} == {1, 2}  # nothing lost
+
+    one = tmp_path / "one"
+    assert _train(cifar_root, one, "--epochs", "2", "--stop-after", "1") == 0
+    (one / RUN / "1_resnet20" / "last.pt").unlink()
+    capsys.readouterr()
+    assert _train(cifar_root, one, "--epochs", "2", "--resume") == 0
+    assert "holds no epoch that every peer saved; starting over from epoch 1" in capsys.readouterr().out

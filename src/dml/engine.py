@@ -238,6 +238,8 @@ class Training:
             runtime.use_threads(state.get("threads") or run.recorded_threads() or runtime.threads)
             run.truncate_metrics(state["epoch"])
         else:  # a new run, or one stopped before its first epoch was complete
+            if resume and run.has_checkpoints():  # said, not silent: checkpoints are there but no epoch is whole
+                self.log(f"--resume: {run.path} holds no epoch that every peer saved; starting over from epoch 1")
             run.create(cfg, {**environment_info(runtime), "data": data_summary(self.data)})
             run.truncate_metrics(0)
         run.first_epoch = 1 if state is None else state["epoch"] + 1

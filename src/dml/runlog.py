@@ -366,6 +366,15 @@ class RunDir:
         ``epochs_by_peer`` holds, for every peer of the cohort, the epochs it can restore.
         """
         if not epochs_by_peer or not all(epochs_by_peer.values()):
+            missing = sorted(i for i, epochs in epochs_by_peer.items() if not epochs)
+            logged = self.last_completed_epoch()
+            # metrics.jsonl runs at most one epoch ahead of the checkpoints: past epoch 1, every peer has one, so a
+            # peer without any lost its files (a first epoch's commit cut short leaves logged <= 1)
+            if logged > 1 and len(missing) < len(epochs_by_peer):
+                folders = ", ".join(self.peer_path(i).name for i in missing)
+                raise UserError(f"{self.path}: {folders} has no checkpoint while the run logged {logged} complete "
+                                "epochs; resuming would start over from epoch 1: put back its last.pt, or start over "
+                                "with another --name")
             return 0
         common = set.intersection(*epochs_by_peer.values())
         if not common:
