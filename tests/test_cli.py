@@ -149,3 +149,22 @@ def test_help_and_argument_errors_answer_before_torch_loads(argv):
     done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=120)
     last = done.stdout.strip().splitlines()[-1]
     assert last in ("no torch 0", "no torch 2"), (last, done.stderr[-500:])
+
+
+def test_the_readmes_flag_table_lists_every_train_flag():
+    """The table under Training names every `dml train` flag (argparse's own --help aside)."""
+    import argparse
+    import re
+    from pathlib import Path
+
+    from dml.cli import _train_parser
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    _train_parser(sub)
+    parser = sub.choices["train"]
+    flags = {s for action in parser._actions for s in action.option_strings if s.startswith("--")} - {"--help"}
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = text[text.index("| flag | default | meaning |"):]
+    table = table[:table.index("\n\n")]
+    listed = set(re.findall(r"`(--[a-z-]+)", table))
+    assert sorted(flags - listed) == []

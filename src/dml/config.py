@@ -62,9 +62,9 @@ class TrainConfig:
                                                    "package.module:factory, which a checkpoint never imports by "
                                                    "itself")
     graph: str | None = setting(group="cohort", metavar="FILE",
-                                help="a TOML file of peers (trainable, or frozen from a checkpoint) and links "
-                                     "(source, target, temperature, weight, gate); replaces --models, "
-                                     "--num-nodes and --teacher (see README)")
+                                help="a TOML file of peers (trainable, frozen from a checkpoint, or a temporal "
+                                     "mean: ema_of = PEER), links (source, target, temperature, weight, gate) and "
+                                     "[[trunk]] tables; replaces --models, --num-nodes and --teacher (see README)")
     dataset: str = setting("cifar100", group="data", choices=DATASETS,
                            help="cifar100 / cifar10 (official files), or folder: --data-dir holds train/<class>/ "
                                 "and test/<class>/ with png or jpg images")
