@@ -46,6 +46,8 @@ def setup(project: Path, *extras: str, **env: str) -> list[str]:
     calls = project / ".venv" / "pip-calls"
     before = calls.read_text().splitlines() if calls.exists() else []
     environment = {k: v for k, v in os.environ.items() if not k.startswith("DML_TORCH_")}
+    # a machine with an NVIDIA driver unless a test says otherwise (then PyPI's default torch is the right one)
+    environment["DML_NVIDIA_DRIVER_FILE"] = str(ROOT / "pyproject.toml")
     # PYTHON=false: a venv is never created here (the stand-in is there)
     subprocess.run(["bash", str(project / "scripts" / "setup-venv.sh"), *extras], check=True, capture_output=True,
                    env={**environment, "PYTHON": "false", **env})
@@ -81,6 +83,15 @@ def test_torch_spec_and_index_reach_the_torch_install_only(project):
     assert setup(project, "test", DML_TORCH_SPEC="torch==2.13.0", DML_TORCH_INDEX_URL=index) == [
         f"install -q --index-url {index} torch==2.13.0", "install -q -e .[test]"]
     assert setup(project, "test", DML_TORCH_SPEC="torch==2.13.0", DML_TORCH_INDEX_URL=index) == []
+
+
+def test_without_an_nvidia_driver_torch_comes_from_the_cpu_index_unless_an_index_is_set(project, tmp_path):
+    no_driver = {"DML_NVIDIA_DRIVER_FILE": str(tmp_path / "absent"), "PATH": "/usr/bin:/bin"}  # no nvidia-smi
+    assert setup(project, "test", **no_driver) == [
+        "install -q --index-url https://download.pytorch.org/whl/cpu torch>=2.4", "install -q -e .[test]"]
+    # set, even empty (pip's own configuration, as CI): the user's choice
+    assert setup(project, "test", DML_TORCH_INDEX_URL="", **no_driver) == ["install -q torch>=2.4",
+                                                                            "install -q -e .[test]"]
 
 
 # --- scripts/gpu-check.sh ------------------------------------------------------------------------------
