@@ -20,15 +20,25 @@ Branches on a shared trunk (ONE's gated teacher, CL-ILR's rescaled trunk gradien
 one model of the cohort whose outputs are peers -- see branches.py.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Loaded on first use, so that `import dml` does not import torch until a name is used; the command
 # line imports it only for the work itself, not for --help or a mistyped setting (tests/test_cli.py).
 _PUBLIC = {
-    "Cohort": "cohort", "StepOutput": "cohort", "MutualLoss": "loss", "mutual_loss": "loss",
-    "Evaluation": "accuracy", "create_model": "models", "Link": "links", "Links": "links",
-    "load_model": "evaluate", "load_image_folder": "data.folder", "MeanOf": "peer", "ENSEMBLE": "links",
-    "Branches": "branches", "OTHERS": "links",
+    "Cohort": "cohort",
+    "StepOutput": "cohort",
+    "MutualLoss": "loss",
+    "mutual_loss": "loss",
+    "Evaluation": "accuracy",
+    "create_model": "models",
+    "Link": "links",
+    "Links": "links",
+    "load_model": "evaluate",
+    "load_image_folder": "data.folder",
+    "MeanOf": "peer",
+    "ENSEMBLE": "links",
+    "Branches": "branches",
+    "OTHERS": "links",
 }
 __all__ = list(_PUBLIC)
 

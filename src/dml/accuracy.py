@@ -44,8 +44,13 @@ def _predict(model: torch.nn.Module, x: torch.Tensor, precision) -> torch.Tensor
         return model(x)
 
 
-def evaluate_models(models: list[torch.nn.Module], batches: Iterable, runtime: Runtime,
-                    exchange=None, ensemble_excludes: Iterable[int] = ()) -> Evaluation:
+def evaluate_models(
+    models: list[torch.nn.Module],
+    batches: Iterable,
+    runtime: Runtime,
+    exchange=None,
+    ensemble_excludes: Iterable[int] = (),
+) -> Evaluation:
     """Accuracy of every model on ``batches`` of (inputs, labels), and of the ensemble (mean softmax).
 
     The models run in evaluation mode (through BatchNorm-folded copies where the runtime folds) and
@@ -71,9 +76,14 @@ def evaluate_models(models: list[torch.nn.Module], batches: Iterable, runtime: R
             samples += y.shape[0]
     for m, mode in zip(models, modes):
         m.train(mode)
-    counts = exchange.sum_over_replicas(torch.cat([correct.flatten(), ensemble,
-                                                   torch.tensor([samples], device=correct.device)]))
-    correct, ensemble, samples = counts[:correct.numel()].view_as(correct), counts[correct.numel():-1], int(counts[-1])
+    counts = exchange.sum_over_replicas(
+        torch.cat([correct.flatten(), ensemble, torch.tensor([samples], device=correct.device)])
+    )
+    correct, ensemble, samples = (
+        counts[: correct.numel()].view_as(correct),
+        counts[correct.numel() : -1],
+        int(counts[-1]),
+    )
     if samples == 0:
         raise ValueError("no batches to evaluate on")
     per_peer = [[100.0 * c / samples for c in row] for row in correct.tolist()]  # Python floats: exact percent

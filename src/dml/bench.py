@@ -33,8 +33,8 @@ from .data.augment import CIFAR100_MEAN, CIFAR100_STD
 from .data.dataset import ImageData, ImageSplit
 from .distributed import make_exchange
 from .engine import StepMetrics, build_cohort, build_feed, build_runtime, train_steps
-from .runtime import resolve_device, resolve_precision
 from .models import create_model
+from .runtime import resolve_device, resolve_precision
 
 NUM_CLASSES = 100
 
@@ -74,9 +74,16 @@ def _sync(device: torch.device) -> None:
 def cohort_config(settings: BenchSettings, num_nodes: int | None = None) -> TrainConfig:
     """The ``dml train`` configuration measured: ``num_nodes`` peers of ``settings.models``, or the cohort
     of ``settings.graph``."""
-    common = dict(batch_size=settings.batch_size, device=settings.device, precision=settings.precision,
-                  update=settings.update, seed=settings.seed, progress=False, plain=settings.plain,
-                  threads=settings.threads)
+    common = dict(
+        batch_size=settings.batch_size,
+        device=settings.device,
+        precision=settings.precision,
+        update=settings.update,
+        seed=settings.seed,
+        progress=False,
+        plain=settings.plain,
+        threads=settings.threads,
+    )
     if num_nodes is None:
         return TrainConfig(graph=settings.graph, **common).resolved()
     models = settings.models if len(settings.models) == num_nodes else settings.models[:1] * num_nodes
@@ -99,8 +106,15 @@ def measure_engine(settings: BenchSettings, cfg: TrainConfig, exchange) -> tuple
     try:
         cohort = build_cohort(cfg, exchange, runtime, NUM_CLASSES)
         cohort.set_epoch(1, cfg.epochs, _total_steps(settings))  # where ramp gates stand: the first epoch
-        data = ImageData("cifar100", NUM_CLASSES, [], ImageSplit(images, labels), ImageSplit(images[:1], labels[:1]),
-                         CIFAR100_MEAN, CIFAR100_STD)
+        data = ImageData(
+            "cifar100",
+            NUM_CLASSES,
+            [],
+            ImageSplit(images, labels),
+            ImageSplit(images[:1], labels[:1]),
+            CIFAR100_MEAN,
+            CIFAR100_STD,
+        )
         batch_iter = iter(build_feed(cfg, runtime, data).batches)
         metrics = StepMetrics(len(cohort.peers), device)
         train_steps(cohort, itertools.islice(batch_iter, settings.warmup), metrics)
@@ -152,7 +166,7 @@ class PerImageAugmentDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         img = F.pad(self.images[i].float() / 255.0, (4, 4, 4, 4))
         top, left = torch.randint(0, 9, (2,)).tolist()
-        img = img[:, top:top + 32, left:left + 32]
+        img = img[:, top : top + 32, left : left + 32]
         if torch.rand(()) < 0.5:
             img = img.flip(-1)
         return (img - self.mean) / self.std, self.labels[i]
@@ -164,12 +178,16 @@ def measure_reference(settings: BenchSettings, num_nodes: int) -> float:
     torch.manual_seed(settings.seed)
     models = settings.models if len(settings.models) == num_nodes else settings.models[:1] * num_nodes
     nets = [create_model(name, NUM_CLASSES).to(device) for name in models]
-    optimizers = [torch.optim.SGD(n.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
-                  for n in nets]
+    optimizers = [torch.optim.SGD(n.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True) for n in nets]
     images, labels = synthetic_cifar(settings.batch_size * _total_steps(settings), torch.device("cpu"), settings.seed)
     loader = torch.utils.data.DataLoader(
-        PerImageAugmentDataset(images, labels), batch_size=settings.batch_size, shuffle=True, drop_last=True,
-        num_workers=settings.workers, pin_memory=device.type == "cuda", persistent_workers=settings.workers > 0,
+        PerImageAugmentDataset(images, labels),
+        batch_size=settings.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=settings.workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=settings.workers > 0,
     )
     use_amp = resolve_precision(settings.precision, device, settings.plain) != "fp32"
     window_ends = {settings.warmup + r * settings.steps for r in range(settings.repeats + 1)}
@@ -184,11 +202,14 @@ def measure_reference(settings: BenchSettings, num_nodes: int) -> float:
         x, y = x.to(device), y.to(device)
         with torch.autocast(device.type, enabled=use_amp):
             outputs = [net(x) for net in nets]
-        for i, (net, opt) in enumerate(zip(nets, optimizers)):
+        for i, opt in enumerate(optimizers):
             loss = F.cross_entropy(outputs[i], y)
             if num_nodes > 1:
-                kl = sum(F.kl_div(F.log_softmax(outputs[i], 1), F.softmax(outputs[j].detach(), 1),
-                                  reduction="batchmean") for j in range(num_nodes) if j != i)
+                kl = sum(
+                    F.kl_div(F.log_softmax(outputs[i], 1), F.softmax(outputs[j].detach(), 1), reduction="batchmean")
+                    for j in range(num_nodes)
+                    if j != i
+                )
                 loss = loss + kl / (num_nodes - 1)
             opt.zero_grad()
             loss.backward()
@@ -245,8 +266,11 @@ def run_benchmark(settings: BenchSettings, echo=print) -> list[dict]:
         if settings.reference and exchange.world_size == 1 and not cfg.graph:
             reference_img_s = measure_reference(settings, num_nodes)
         record = {
-            "device": _device_name(device), "precision": precision, "threads": threads,
-            "processes": exchange.world_size, "nodes": num_nodes,
+            "device": _device_name(device),
+            "precision": precision,
+            "threads": threads,
+            "processes": exchange.world_size,
+            "nodes": num_nodes,
             "model": f"graph {Path(cfg.graph).name}" if cfg.graph else "+".join(sorted(set(settings.models))),
             "engine_img_s": round(engine_img_s, 1),
             "reference_img_s": None if reference_img_s is None else round(reference_img_s, 1),
@@ -268,8 +292,19 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({os.cpu_count()} cores)"
 
 
-HEADER = ("device", "precision", "threads", "processes", "model", "nodes", "engine_img_s", "reference_img_s",
-          "speedup", "mfu", "peak_gflops")
+HEADER = (
+    "device",
+    "precision",
+    "threads",
+    "processes",
+    "model",
+    "nodes",
+    "engine_img_s",
+    "reference_img_s",
+    "speedup",
+    "mfu",
+    "peak_gflops",
+)
 
 
 def _row(record: dict) -> str:

@@ -57,11 +57,15 @@ def check_split(network: nn.Module, shared, teacher, trunk_gradient) -> None:
     trunk gradient is not one of the known ones."""
     missing = [name for name in SPLIT_METHODS if not hasattr(network, name)]
     if missing:
-        raise ValueError(f"{type(network).__name__} cannot be split into a trunk and branches: it has no "
-                         f"{', '.join(missing)} (see dml.branches)")
+        raise ValueError(
+            f"{type(network).__name__} cannot be split into a trunk and branches: it has no "
+            f"{', '.join(missing)} (see dml.branches)"
+        )
     if isinstance(shared, bool) or not isinstance(shared, int) or not 1 <= shared < network.stages:
-        raise ValueError(f"shared is the number of stages the trunk holds, 1 to {network.stages - 1} for "
-                         f"{type(network).__name__}, got {shared!r}")
+        raise ValueError(
+            f"shared is the number of stages the trunk holds, 1 to {network.stages - 1} for "
+            f"{type(network).__name__}, got {shared!r}"
+        )
     if teacher is not None and teacher not in TEACHERS:
         raise ValueError(f"teacher {teacher!r} is not one of: {', '.join(TEACHERS)}")
     if trunk_gradient not in TRUNK_GRADIENTS:
@@ -88,7 +92,7 @@ class OneGate(nn.Module):
 
     def forward(self, h: torch.Tensor, maps: Sequence[torch.Tensor], logits: Sequence[torch.Tensor]):
         gate = F.softmax(F.relu(self.bn(self.linear(F.adaptive_avg_pool2d(h, 1).flatten(1)))), dim=1)
-        return [sum(gate[:, k:k + 1] * z for k, z in enumerate(logits))]
+        return [sum(gate[:, k : k + 1] * z for k, z in enumerate(logits))]
 
 
 class PeerAttention(nn.Module):
@@ -156,8 +160,14 @@ class Branches(nn.Module):
     optimizer step per batch. ``trunk_gradient="mean"`` scales the trunk's gradient by 1/m (CL-ILR).
     """
 
-    def __init__(self, networks: Sequence[nn.Module], shared: int = 2, teacher: str | None = None,
-                 trunk_gradient: str = "sum", views: bool = False):
+    def __init__(
+        self,
+        networks: Sequence[nn.Module],
+        shared: int = 2,
+        teacher: str | None = None,
+        trunk_gradient: str = "sum",
+        views: bool = False,
+    ):
         super().__init__()
         networks = list(networks)
         if len(networks) < 2:
@@ -165,8 +175,10 @@ class Branches(nn.Module):
         first = networks[0]
         check_split(first, shared, teacher, trunk_gradient)
         if any(type(n) is not type(first) for n in networks):
-            raise ValueError("the branches of a trunk are networks of one architecture, got "
-                             + ", ".join(sorted({type(n).__name__ for n in networks})))
+            raise ValueError(
+                "the branches of a trunk are networks of one architecture, got "
+                + ", ".join(sorted({type(n).__name__ for n in networks}))
+            )
         for network in networks[1:]:
             for name in first.trunk_modules(shared):
                 network.set_submodule(name, first.get_submodule(name))
@@ -214,8 +226,10 @@ class Branches(nn.Module):
     def peer_models(self) -> list[nn.Module]:
         """What each output is as a peer's model: a branch is its whole network (computing the trunk
         itself where it runs alone); a teacher's output is that output of the whole multi-branch network."""
-        return [*self.branches, *(Teacher(self, len(self.branches) + k) for k in range(self.num_outputs -
-                                                                                      len(self.branches)))]
+        return [
+            *self.branches,
+            *(Teacher(self, len(self.branches) + k) for k in range(self.num_outputs - len(self.branches))),
+        ]
 
 
 class Teacher(nn.Module):

@@ -121,27 +121,31 @@ def read_checkpoint(path: str | Path, purpose: str, map_location="cpu") -> Saved
     version = state.get(FORMAT_KEY, 1)  # files of before the stamp: the layout of format 1
     if version != FORMAT_VERSION or isinstance(version, bool):
         instead = ", or start a new run with another --name" if purpose == RESUME else ""
-        raise UserError(f"checkpoint {path} is in checkpoint format {version!r}, which dml {__version__} does not read "
-                        f"(it reads format {FORMAT_VERSION}); use the version of dml that wrote it{instead}")
+        raise UserError(
+            f"checkpoint {path} is in checkpoint format {version!r}, which dml {__version__} does not read "
+            f"(it reads format {FORMAT_VERSION}); use the version of dml that wrote it{instead}"
+        )
     if "model" not in state:
         raise UserError(f"checkpoint {path} is not a dml checkpoint (no model state in it); {advice}")
     name, num_classes = state.get("model_name"), state.get("num_classes")
     run = state.get("run")
     epoch = state.get("epoch", run.get("epoch") if isinstance(run, dict) else None)  # best.pt, or last.pt's run
     if purpose == EVALUATE and (not isinstance(name, str) or not isinstance(num_classes, int)):
-        raise UserError(f"checkpoint {path} does not name a model and class count; it was not written by "
-                        "dml train")
+        raise UserError(f"checkpoint {path} does not name a model and class count; it was not written by dml train")
     if purpose == TEACHER and not isinstance(name, str):
         raise UserError(f"checkpoint {path} does not name its model; it was not written by dml train")
     if purpose == RESUME:
         epoch = run.get("epoch") if isinstance(run, dict) else None
         if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
-            raise UserError(f"checkpoint {path} records no epoch: it is not a resumable dml checkpoint; "
-                            "start a new run with another --name")
+            raise UserError(
+                f"checkpoint {path} records no epoch: it is not a resumable dml checkpoint; "
+                "start a new run with another --name"
+            )
     config = state.get("config") if isinstance(state.get("config"), dict) else {}
     working_dir = state.get("working_dir") if isinstance(state.get("working_dir"), str) else None
-    return SavedPeer(path, FORMAT_VERSION, name, num_classes, state["model"], epoch, state.get("dataset"), config,
-                     working_dir, state)
+    return SavedPeer(
+        path, FORMAT_VERSION, name, num_classes, state["model"], epoch, state.get("dataset"), config, working_dir, state
+    )
 
 
 def teacher_path(path: str | Path) -> Path:
@@ -150,8 +154,10 @@ def teacher_path(path: str | Path) -> Path:
     if path.is_dir():
         raise UserError(f"teacher checkpoint {path} is a directory, not a checkpoint file; {directory_advice(path)}")
     if not path.is_file():
-        raise UserError(f"teacher checkpoint {path} does not exist; train the teacher first (dml train --models "
-                        "MODEL) and pass its best.pt or last.pt")
+        raise UserError(
+            f"teacher checkpoint {path} does not exist; train the teacher first (dml train --models "
+            "MODEL) and pass its best.pt or last.pt"
+        )
     return path
 
 
@@ -226,8 +232,10 @@ def check_model_named(what: str, recorded: str, named: str | None, naming: str) 
     if named is not None and named != recorded:
         raise UserError(f"{what} holds a {recorded!r}, not the {named!r} named for it; use {naming}")
     if named is None and is_import_path(recorded):
-        raise UserError(f"{what} holds a network of your own, {recorded!r}, and a checkpoint does not import code "
-                        f"by itself: add {naming} to import it")
+        raise UserError(
+            f"{what} holds a network of your own, {recorded!r}, and a checkpoint does not import code "
+            f"by itself: add {naming} to import it"
+        )
 
 
 def check_run_dir(cfg: TrainConfig, resume: bool | str, run: RunDir) -> bool:
@@ -243,8 +251,9 @@ def check_run_dir(cfg: TrainConfig, resume: bool | str, run: RunDir) -> bool:
             return False
     if resume:
         if not (run.path / CONFIG_FILE).exists():
-            raise UserError(f"nothing to resume in {run.path}: it holds no run (no {CONFIG_FILE}); "
-                            "run without --resume")
+            raise UserError(
+                f"nothing to resume in {run.path}: it holds no run (no {CONFIG_FILE}); run without --resume"
+            )
         differences = cfg.differences(run.read_config())
         if differences:
             raise UserError(
@@ -255,9 +264,7 @@ def check_run_dir(cfg: TrainConfig, resume: bool | str, run: RunDir) -> bool:
     if holds_run and not run.holds_no_epoch():
         # A run stopped before its first epoch was complete holds nothing to lose: it starts over
         # (with this configuration, which may differ: "lower --lr and start again").
-        raise UserError(
-            f"{run.path} already holds a run; pass --resume to continue it, or --name for a new run"
-        )
+        raise UserError(f"{run.path} already holds a run; pass --resume to continue it, or --name for a new run")
     return False
 
 
@@ -282,11 +289,13 @@ def _check_not_a_file(run: RunDir) -> None:
     if existing is None or existing.is_dir():
         return
     if existing == run.path:
-        raise UserError(f"{run.path} is a file, not a run directory; pass another --name or --out-dir "
-                        "(nothing was written)")
+        raise UserError(
+            f"{run.path} is a file, not a run directory; pass another --name or --out-dir (nothing was written)"
+        )
     where = "" if existing == out_dir else f" cannot be created: {existing}"
-    raise UserError(f"--out-dir {out_dir}{where} is a file, not a directory; pass a folder as --out-dir "
-                    "(nothing was written)")
+    raise UserError(
+        f"--out-dir {out_dir}{where} is a file, not a directory; pass a folder as --out-dir (nothing was written)"
+    )
 
 
 def restore(run: RunDir, cohort: Cohort) -> dict | None:
@@ -309,15 +318,19 @@ def restore(run: RunDir, cohort: Cohort) -> dict | None:
         path = local_epochs[p.index][epoch]
         saved = read_checkpoint(path, RESUME, map_location=device)
         if saved.model_name != p.model_name:
-            raise UserError(f"checkpoint {path} holds a {saved.model_name!r}, but peer {p.index} is a "
-                            f"{p.model_name!r}; resume with the run's own --models")
+            raise UserError(
+                f"checkpoint {path} holds a {saved.model_name!r}, but peer {p.index} is a "
+                f"{p.model_name!r}; resume with the run's own --models"
+            )
         try:
             p.load_state_dict(saved.state)
             run_state = saved.run
             _check_rng_state(run_state, device)
         except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as exc:
-            raise UserError(f"checkpoint {path} does not fit peer {p.label} ({type(exc).__name__}): it is damaged "
-                            "or from another configuration; start a new run with another --name") from None
+            raise UserError(
+                f"checkpoint {path} does not fit peer {p.label} ({type(exc).__name__}): it is damaged "
+                "or from another configuration; start a new run with another --name"
+            ) from None
         read.append((p, path))
     exchange.barrier()  # every replica has read its peers' files before one renames them
     for p, path in read if writes else ():
@@ -351,16 +364,25 @@ def set_rng_state(generator: torch.Generator, state: dict) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
 
 
-def save_epoch(run: RunDir, epoch: int, cohort: Cohort, records: list[dict], generator: torch.Generator,
-               cfg: TrainConfig, num_classes: int) -> None:
+def save_epoch(
+    run: RunDir,
+    epoch: int,
+    cohort: Cohort,
+    records: list[dict],
+    generator: torch.Generator,
+    cfg: TrainConfig,
+    num_classes: int,
+) -> None:
     """best.pt where a peer improved, then every peer's last.pt committed in two phases; of a peer
     with data-parallel replicas (all alike), one replica writes."""
     peers = cohort.saved  # teachers are never saved
     writes = cohort.exchange.writes_peers
     for p in peers:
         if not all(torch.isfinite(t).all() for t in p.model.state_dict().values() if t.is_floating_point()):
-            raise RunStopped(f"peer {p.label} diverged: its parameters are not finite after epoch {epoch}; "
-                             "the checkpoint of the last complete epoch is kept; lower --lr and start again")
+            raise RunStopped(
+                f"peer {p.label} diverged: its parameters are not finite after epoch {epoch}; "
+                "the checkpoint of the last complete epoch is kept; lower --lr and start again"
+            )
     # threads: the count the next epoch computes with (it orders floating-point sums): a resumed run
     # continues with it, exactly as the run would have
     run_state = {"epoch": epoch, "threads": cohort.runtime.threads, **_rng_state(generator)}
@@ -375,10 +397,19 @@ def save_epoch(run: RunDir, epoch: int, cohort: Cohort, records: list[dict], gen
         if record[selected_on] > p.best_acc:
             p.best_acc, p.best_epoch = record[selected_on], epoch
             if writes:
-                write_checkpoint(run.peer_path(p.index) / BEST, {
-                    "model": p.model.state_dict(), "model_name": p.model_name, "index": p.index, "epoch": epoch,
-                    "selected_on": selected_on, **{k: record[k] for k in ("val_acc", "test_acc") if k in record},
-                    **({"mean_of": p.mean_of.source} if p.mean_of else {}), **meta})
+                write_checkpoint(
+                    run.peer_path(p.index) / BEST,
+                    {
+                        "model": p.model.state_dict(),
+                        "model_name": p.model_name,
+                        "index": p.index,
+                        "epoch": epoch,
+                        "selected_on": selected_on,
+                        **{k: record[k] for k in ("val_acc", "test_acc") if k in record},
+                        **({"mean_of": p.mean_of.source} if p.mean_of else {}),
+                        **meta,
+                    },
+                )
     for p in peers if writes else ():  # phase 1 of the commit: every peer's new state beside its current one
         write_checkpoint(run.peer_path(p.index) / LAST_NEXT, {**p.state_dict(), "run": run_state, **meta})
     cohort.exchange.barrier()

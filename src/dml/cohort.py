@@ -32,7 +32,6 @@ from .runtime import Runtime, resolve_device
 from .step import STEPS, Unit
 from .sync_batchnorm import synchronise_batchnorm
 
-
 PROBE_INPUTS = 2  # inputs the shape check forwards: enough to tell the batch dimension, cheap on any network
 
 
@@ -92,12 +91,24 @@ class Cohort:
     restores torch's settings and leaves the process group, of what the cohort made itself.
     """
 
-    def __init__(self, models: Sequence[nn.Module | None], optimizers: Sequence[torch.optim.Optimizer | None],
-                 loss: MutualLoss | Links | None = None, *, update: str = "simultaneous", precision: str = "fp32",
-                 device: str | torch.device = "auto", schedulers: Sequence | None = None,
-                 names: Sequence[str] | None = None, plain: bool = False, threads: int | None = None,
-                 runtime: Runtime | None = None, exchange: LocalExchange | None = None, data_parallel: int = 1,
-                 local_batchnorm: bool = False):
+    def __init__(
+        self,
+        models: Sequence[nn.Module | None],
+        optimizers: Sequence[torch.optim.Optimizer | None],
+        loss: MutualLoss | Links | None = None,
+        *,
+        update: str = "simultaneous",
+        precision: str = "fp32",
+        device: str | torch.device = "auto",
+        schedulers: Sequence | None = None,
+        names: Sequence[str] | None = None,
+        plain: bool = False,
+        threads: int | None = None,
+        runtime: Runtime | None = None,
+        exchange: LocalExchange | None = None,
+        data_parallel: int = 1,
+        local_batchnorm: bool = False,
+    ):
         if not models:
             raise ValueError("a cohort needs at least one model")
         if len(optimizers) != len(models) or (schedulers is not None and len(schedulers) != len(models)):
@@ -111,12 +122,18 @@ class Cohort:
         self.views = any(network.views for network in groups.values())  # batches come as views (views, batch, ...)
         means = {i: o for i, o in enumerate(optimizers) if isinstance(o, MeanOf)}
         _check_means(means, optimizers)
-        names = list(names) if names is not None else \
-            [type(models[means[i].source] if i in means else m).__name__.lower() for i, m in enumerate(models)]
+        names = (
+            list(names)
+            if names is not None
+            else [type(models[means[i].source] if i in means else m).__name__.lower() for i, m in enumerate(models)]
+        )
         if isinstance(loss, Links):
             loss = _with_means_frozen(loss, means)
-        frozen = sorted(loss.frozen) if isinstance(loss, Links) else \
-            [i for i, o in enumerate(optimizers) if o is None or i in means]
+        frozen = (
+            sorted(loss.frozen)
+            if isinstance(loss, Links)
+            else [i for i, o in enumerate(optimizers) if o is None or i in means]
+        )
         self.links = as_links(loss or MutualLoss(), len(models), frozen)  # checked before threads and groups exist
         _check_undetached(self.links, groups)
         self.update, self._step = update, STEPS[update]
@@ -138,16 +155,24 @@ class Cohort:
         self.runtime = runtime
         try:
             computing = [i for i in self.exchange.local_indices if i not in members]  # one per unit of work
-            self.runtime = runtime or Runtime(self.exchange.select_device(where), precision, plain,
-                                              num_peers=len(computing), side_by_side=update == "simultaneous"
-                                              and not self.views, threads=threads)
+            self.runtime = runtime or Runtime(
+                self.exchange.select_device(where),
+                precision,
+                plain,
+                num_peers=len(computing),
+                side_by_side=update == "simultaneous" and not self.views,
+                threads=threads,
+            )
             for first, network in groups.items():
                 self.runtime.prepare(network)  # in place, all its parts at once
                 if first in self.exchange.peer_data_groups and not local_batchnorm:  # one group for all its peers
                     synchronise_batchnorm(network, self.exchange.peer_data_groups[first])
             local = self.exchange.local_indices
-            built = {i: self._peer(i, names[i], models[i], optimizers[i], None if schedulers is None else schedulers[i])
-                     for i in local if i not in means}
+            built = {
+                i: self._peer(i, names[i], models[i], optimizers[i], None if schedulers is None else schedulers[i])
+                for i in local
+                if i not in means
+            }
             built.update({i: self._mean(i, names[i], models[i], means[i], built) for i in local if i in means})
             self.peers = [built[i] for i in local]
         except BaseException:  # give back the threads, torch's settings and the process group
@@ -159,13 +184,17 @@ class Cohort:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model {index} is a {type(model).__name__}, not a torch.nn.Module")
         if (optimizer is None) != (index in self.links.frozen):
-            raise ValueError(f"peer {index}: the links say it is {'' if index in self.links.frozen else 'not '}frozen, "
-                             f"but its optimizer is {'not ' if optimizer is not None else ''}None")
+            raise ValueError(
+                f"peer {index}: the links say it is {'' if index in self.links.frozen else 'not '}frozen, "
+                f"but its optimizer is {'not ' if optimizer is not None else ''}None"
+            )
         model = self.runtime.prepare(model)
         if optimizer is not None and index in self.exchange.peer_data_groups and not self.local_batchnorm:
             # the statistics of the whole batch, as one process computes them: see sync_batchnorm.py
             model = synchronise_batchnorm(model, self.exchange.peer_data_groups[index])
-        return Peer(index, name, prepare_frozen(self.runtime, model) if optimizer is None else model, optimizer, scheduler)
+        return Peer(
+            index, name, prepare_frozen(self.runtime, model) if optimizer is None else model, optimizer, scheduler
+        )
 
     def _mean(self, index: int, name: str, model: nn.Module | None, mean_of: MeanOf, built: dict[int, Peer]) -> Peer:
         """Peer ``index``, the temporal mean of a peer of this process: a copy of it unless ``model`` is given."""
@@ -177,8 +206,10 @@ class Cohort:
             try:
                 model.load_state_dict(source.state_dict())
             except RuntimeError:
-                raise ValueError(f"peer {index}'s model is not built like peer {mean_of.source}, whose mean it is; "
-                                 "pass None for a copy") from None
+                raise ValueError(
+                    f"peer {index}'s model is not built like peer {mean_of.source}, whose mean it is; "
+                    "pass None for a copy"
+                ) from None
         model.requires_grad_(False).eval()
         return Peer(index, name, model, None, mean_of=mean_of)
 
@@ -219,8 +250,12 @@ class Cohort:
             self.check_batch(x, y)
         terms, logits = self._step(self, x, y)
         self._steps_done += 1
-        return StepOutput([loss for loss, _, _ in terms], logits, [ce for _, ce, _ in terms],
-                          [kd if kd is not None else ce.new_zeros(()) for _, ce, kd in terms])
+        return StepOutput(
+            [loss for loss, _, _ in terms],
+            logits,
+            [ce for _, ce, _ in terms],
+            [kd if kd is not None else ce.new_zeros(()) for _, ce, kd in terms],
+        )
 
     def check_batch(self, x: torch.Tensor, y: torch.Tensor | None = None, num_classes: int | None = None) -> int:
         """Check that every peer maps inputs like ``x`` to logits of shape (batch, classes), with the same
@@ -244,18 +279,26 @@ class Cohort:
             if shape != (n, classes):
                 found = f"logits of shape {shape}" if isinstance(shape, tuple) else f"a {shape}, not a tensor of logits"
                 like = f", as peer {source} returns" if source not in (None, label) else ""
-                raise PeerOutputError(f"peer {label} returns {found} for a batch of {n} inputs; expected logits of "
-                                      f"shape ({n}, {classes if classes is not None else 'classes'}){like}",
-                                      index, found, (n, classes))
+                raise PeerOutputError(
+                    f"peer {label} returns {found} for a batch of {n} inputs; expected logits of "
+                    f"shape ({n}, {classes if classes is not None else 'classes'}){like}",
+                    index,
+                    found,
+                    (n, classes),
+                )
         if y is not None and not y.is_floating_point():  # floating labels are probabilities: the loss checks them
             if tuple(y.shape) != (x.shape[0],):
-                raise ValueError(f"labels of shape {tuple(y.shape)} for a batch of {x.shape[0]} inputs; expected "
-                                 f"({x.shape[0]},): one class index per input")
+                raise ValueError(
+                    f"labels of shape {tuple(y.shape)} for a batch of {x.shape[0]} inputs; expected "
+                    f"({x.shape[0]},): one class index per input"
+                )
             if y.numel():
                 low, high = torch.stack(torch.aminmax(y)).tolist()  # one wait for the device
                 if low < 0 or high >= classes:
-                    raise ValueError(f"labels must be class indices in 0..{classes - 1} (the peers return {classes} "
-                                     f"logits), found labels from {low} to {high}")
+                    raise ValueError(
+                        f"labels must be class indices in 0..{classes - 1} (the peers return {classes} "
+                        f"logits), found labels from {low} to {high}"
+                    )
         self._checked = True
         return classes
 
@@ -264,8 +307,11 @@ class Cohort:
         its BatchNorm statistics and the global RNG as they were."""
         modes = [(module, module.training) for module in peer.model.modules()]
         rng_devices = [self.device] if self.device.type in ("cuda", "mps") else []
-        with torch.random.fork_rng(rng_devices, device_type=self.device.type if rng_devices else "cuda"), \
-                torch.no_grad(), self.runtime.precision.autocast():
+        with (
+            torch.random.fork_rng(rng_devices, device_type=self.device.type if rng_devices else "cuda"),
+            torch.no_grad(),
+            self.runtime.precision.autocast(),
+        ):
             peer.model.eval()  # no running statistics moved, no dropout drawn
             try:
                 out = peer.model(x)
@@ -277,15 +323,23 @@ class Cohort:
     def evaluate(self, batches: Iterable) -> Evaluation:
         """Top-1 / top-5 accuracy (%) of every local peer and of the whole cohort's mean-softmax ensemble (of the
         networks that train: not the teachers, the temporal means or the learned teachers)."""
-        return evaluate_models([p.model for p in self.peers], batches, self.runtime, self.exchange,
-                               ensemble_excludes=[*self.links.frozen, *self.learned_teachers])
+        return evaluate_models(
+            [p.model for p in self.peers],
+            batches,
+            self.runtime,
+            self.exchange,
+            ensemble_excludes=[*self.links.frozen, *self.learned_teachers],
+        )
 
     @property
     def learned_teachers(self) -> list[int]:
         """The peers made of a multi-branch network's branches (ONE's gate): an ensemble themselves, left out of
         the cohort's."""
-        return [i for first, network in self.groups.items()
-                for i in range(first + len(network.branches), first + network.num_outputs)]
+        return [
+            i
+            for first, network in self.groups.items()
+            for i in range(first + len(network.branches), first + network.num_outputs)
+        ]
 
     @property
     def trainable(self) -> list[Peer]:
@@ -332,35 +386,47 @@ def _expand_branches(models: Sequence, optimizers: Sequence, schedulers: Sequenc
         count = 1
         if isinstance(model, Branches):
             if optimizers[k] is None or isinstance(optimizers[k], MeanOf):
-                raise ValueError(f"model {k} is a multi-branch network: it trains, with one optimizer over its "
-                                 "parameters")
+                raise ValueError(
+                    f"model {k} is a multi-branch network: it trains, with one optimizer over its parameters"
+                )
             groups[len(peers_models)] = model
             count = model.num_outputs
         peers_models += model.peer_models() if isinstance(model, Branches) else [model]
         peers_optimizers += [optimizers[k]] * count
         peers_schedulers += [None if schedulers is None else schedulers[k]] * count
-    learned = {i for first, network in groups.items() for i in range(first + len(network.branches),
-                                                                     first + network.num_outputs)}
+    learned = {
+        i
+        for first, network in groups.items()
+        for i in range(first + len(network.branches), first + network.num_outputs)
+    }
     for o in optimizers:
         if isinstance(o, MeanOf) and o.source in learned:
-            raise ValueError(f"peer {o.source} is a learned teacher of a multi-branch network: a temporal mean follows "
-                             "a branch or a peer")
+            raise ValueError(
+                f"peer {o.source} is a learned teacher of a multi-branch network: a temporal mean follows "
+                "a branch or a peer"
+            )
     return peers_models, peers_optimizers, None if schedulers is None else peers_schedulers, groups
 
 
 def _units(peers: list[Peer], groups: dict[int, Branches]) -> list[Unit]:
     """The local peers as units of work: each multi-branch network's peers together, every other peer alone;
     with the view of the batch each reads (a network with views all, a temporal mean its branch's)."""
-    branch_views = {first + k: k for first, network in groups.items() if network.views
-                    for k in range(len(network.branches))}
+    branch_views = {
+        first + k: k for first, network in groups.items() if network.views for k in range(len(network.branches))
+    }
     units, k = [], 0
     while k < len(peers):
         network = groups.get(peers[k].index)
         count = network.num_outputs if network is not None else 1
         mean_of = peers[k].mean_of
-        view = None if not branch_views or (network is not None and network.views) else \
-            branch_views.get(mean_of.source, 0) if mean_of is not None else 0
-        units.append(Unit(peers[k:k + count], network, view))
+        view = (
+            None
+            if not branch_views or (network is not None and network.views)
+            else branch_views.get(mean_of.source, 0)
+            if mean_of is not None
+            else 0
+        )
+        units.append(Unit(peers[k : k + count], network, view))
         k += count
     return units
 
@@ -372,8 +438,10 @@ def _check_undetached(links: Links, groups: dict[int, Branches]) -> None:
     for link in links.undetached:
         read = link.peers or links.trainable
         if link.target not in networks or any(networks.get(k) != networks[link.target] for k in read):
-            raise ValueError(f"link {link.source} -> {link.target} is not detached: its source must be peers of the "
-                             "target's own multi-branch network (dml.Branches), computed in the same backward")
+            raise ValueError(
+                f"link {link.source} -> {link.target} is not detached: its source must be peers of the "
+                "target's own multi-branch network (dml.Branches), computed in the same backward"
+            )
 
 
 def _with_means_frozen(links: Links, means: dict[int, MeanOf]) -> Links:
@@ -385,8 +453,10 @@ def _with_means_frozen(links: Links, means: dict[int, MeanOf]) -> Links:
         return links
     for link in links.links:
         if link.target in missing and link != Link(link.target, link.target):
-            raise ValueError(f"link {link.source} -> {link.target} leads into peer {link.target}, a temporal mean "
-                             "(dml.MeanOf): a mean follows its source and learns from no link")
+            raise ValueError(
+                f"link {link.source} -> {link.target} leads into peer {link.target}, a temporal mean "
+                "(dml.MeanOf): a mean follows its source and learns from no link"
+            )
     kept = [link for link in links.links if link.target not in missing]
     return Links(kept, links.num_peers, links.combine, frozen=sorted(links.frozen | set(missing)))
 
@@ -398,11 +468,14 @@ def _check_means(means: dict[int, MeanOf], optimizers: Sequence) -> None:
         if source == index:
             raise ValueError(f"peer {index} cannot be the mean of itself; name the peer it follows")
         if source >= len(optimizers):
-            raise ValueError(f"peer {index} is the mean of peer {source}, which is not in a cohort of {len(optimizers)}")
+            raise ValueError(
+                f"peer {index} is the mean of peer {source}, which is not in a cohort of {len(optimizers)}"
+            )
         if optimizers[source] is None or isinstance(optimizers[source], MeanOf):
             what = "a mean itself" if isinstance(optimizers[source], MeanOf) else "frozen (or held by another process)"
-            raise ValueError(f"peer {index} is the mean of peer {source}, which is {what}; a mean follows a peer "
-                             "that trains")
+            raise ValueError(
+                f"peer {index} is the mean of peer {source}, which is {what}; a mean follows a peer that trains"
+            )
 
 
 def as_links(loss: MutualLoss | Links, num_peers: int, frozen: list[int]) -> Links:

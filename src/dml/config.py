@@ -25,8 +25,22 @@ KD_RAMPS = ("linear", "sigmoid")  # --kd-ramp R: every KL link's gate is R_ramp 
 # Settings that may change between a run and its ``--resume`` without changing what is computed
 # (config.differences). Graph files and teachers are compared through graph_spec, their contents.
 RESUME_MAY_CHANGE = frozenset(
-    {"device", "data_dir", "out_dir", "name", "download", "download_url", "skip_checksum", "progress",
-     "check_batches", "graph", "teacher", "teacher_model", "threads", "data_parallel"}
+    {
+        "device",
+        "data_dir",
+        "out_dir",
+        "name",
+        "download",
+        "download_url",
+        "skip_checksum",
+        "progress",
+        "check_batches",
+        "graph",
+        "teacher",
+        "teacher_model",
+        "threads",
+        "data_parallel",
+    }
 )
 
 
@@ -46,96 +60,154 @@ def setting(default=None, *, group: str, help: str, factory=None, **argument):
 class TrainConfig:
     """Every setting of ``dml train``; the command line is generated from these fields."""
 
-    models: list[str] = setting(group="cohort", factory=lambda: ["resnet32"], nargs="+", metavar="NAME",
-                                help="one name for every peer, or one per peer: a built-in network "
-                                     f"({', '.join(MODEL_NAMES)}) or package.module:factory (a callable taking "
-                                     "num_classes that returns an nn.Module, imported from the current directory "
-                                     "or PYTHONPATH)")
+    models: list[str] = setting(
+        group="cohort",
+        factory=lambda: ["resnet32"],
+        nargs="+",
+        metavar="NAME",
+        help="one name for every peer, or one per peer: a built-in network "
+        f"({', '.join(MODEL_NAMES)}) or package.module:factory (a callable taking "
+        "num_classes that returns an nn.Module, imported from the current directory "
+        "or PYTHONPATH)",
+    )
     num_nodes: int = setting(1, group="cohort", help="number of peers K (1 = independent)")
-    teacher: list[str] | None = setting(group="cohort", nargs="+", metavar="CHECKPOINT",
-                                        help="knowledge distillation: frozen teacher(s) from a best.pt or last.pt of "
-                                             "an earlier run; every peer of --models learns from them (and from "
-                                             "each other) with --temperature and --kl-weight")
-    teacher_model: list[str] | None = setting(group="cohort", nargs="+", metavar="NAME",
-                                              help="the network each --teacher checkpoint holds (one name for "
-                                                   "all, or one per teacher); needed where it is "
-                                                   "package.module:factory, which a checkpoint never imports by "
-                                                   "itself")
-    graph: str | None = setting(group="cohort", metavar="FILE",
-                                help="a TOML file of peers (trainable, frozen from a checkpoint, or a temporal "
-                                     "mean: ema_of = PEER), links (source, target, temperature, weight, gate) and "
-                                     "[[trunk]] tables; replaces --models, --num-nodes and --teacher (see README)")
-    dataset: str = setting("cifar100", group="data", choices=DATASETS,
-                           help="cifar100 / cifar10 (official files), or folder: --data-dir holds train/<class>/ "
-                                "and test/<class>/ with png or jpg images")
-    image_size: int | None = setting(group="data", metavar="S",
-                                     help="folder datasets: resize every image to SxS (needed when their sizes "
-                                          "differ)")
+    teacher: list[str] | None = setting(
+        group="cohort",
+        nargs="+",
+        metavar="CHECKPOINT",
+        help="knowledge distillation: frozen teacher(s) from a best.pt or last.pt of "
+        "an earlier run; every peer of --models learns from them (and from "
+        "each other) with --temperature and --kl-weight",
+    )
+    teacher_model: list[str] | None = setting(
+        group="cohort",
+        nargs="+",
+        metavar="NAME",
+        help="the network each --teacher checkpoint holds (one name for "
+        "all, or one per teacher); needed where it is "
+        "package.module:factory, which a checkpoint never imports by "
+        "itself",
+    )
+    graph: str | None = setting(
+        group="cohort",
+        metavar="FILE",
+        help="a TOML file of peers (trainable, frozen from a checkpoint, or a temporal "
+        "mean: ema_of = PEER), links (source, target, temperature, weight, gate) and "
+        "[[trunk]] tables; replaces --models, --num-nodes and --teacher (see README)",
+    )
+    dataset: str = setting(
+        "cifar100",
+        group="data",
+        choices=DATASETS,
+        help="cifar100 / cifar10 (official files), or folder: --data-dir holds train/<class>/ "
+        "and test/<class>/ with png or jpg images",
+    )
+    image_size: int | None = setting(
+        group="data", metavar="S", help="folder datasets: resize every image to SxS (needed when their sizes differ)"
+    )
     epochs: int = setting(200, group="recipe", help="epochs of the schedule")
     batch_size: int = setting(64, group="recipe", help="images per step (the last partial batch is dropped)")
     lr: float = setting(0.1, group="recipe", help="initial learning rate (cosine to 0, or steps with --lr-milestones)")
-    lr_milestones: list[int] | None = setting(group="recipe", nargs="+", metavar="EPOCH",
-                                              help="a step schedule instead of the cosine: the learning rate is "
-                                                   "multiplied by --lr-gamma after each of these epochs (e.g. 150 225, "
-                                                   "the recipe of ONE, OKDDip and PCL's 300 epochs)")
+    lr_milestones: list[int] | None = setting(
+        group="recipe",
+        nargs="+",
+        metavar="EPOCH",
+        help="a step schedule instead of the cosine: the learning rate is "
+        "multiplied by --lr-gamma after each of these epochs (e.g. 150 225, "
+        "the recipe of ONE, OKDDip and PCL's 300 epochs)",
+    )
     lr_gamma: float = setting(0.1, group="recipe", help="with --lr-milestones: the factor at each milestone")
     wd: float = setting(5e-4, group="recipe", help="weight decay")
     momentum: float = setting(0.9, group="recipe", help="SGD momentum")
     nesterov: bool = setting(True, group="recipe", help="plain momentum instead of Nesterov")
     temperature: float = setting(1.0, group="cohort", help="softmax temperature T of the KL term")
     kl_weight: float = setting(1.0, group="cohort", help="weight w of the KL term")
-    kd_ramp: str | None = setting(group="cohort", choices=KD_RAMPS,
-                                  help="ramp the KL term's weight up with every step instead of using it at once: "
-                                       "linear (t) or sigmoid (exp(-5 (1 - t)^2), the ramp of ONE, OKDDip and "
-                                       "PCL), t going from 0 to 1 over --kd-ramp-epochs")
-    kd_ramp_epochs: float | None = setting(group="cohort", metavar="E",
-                                           help="epochs the --kd-ramp takes to reach full weight (fractions "
-                                                "allowed; default: the whole run)")
-    update: str = setting("simultaneous", group="cohort", choices=UPDATES,
-                          help="simultaneous: all peers step on one set of predictions; sequential: the paper's "
-                               "Algorithm 1, peers step in turn")
+    kd_ramp: str | None = setting(
+        group="cohort",
+        choices=KD_RAMPS,
+        help="ramp the KL term's weight up with every step instead of using it at once: "
+        "linear (t) or sigmoid (exp(-5 (1 - t)^2), the ramp of ONE, OKDDip and "
+        "PCL), t going from 0 to 1 over --kd-ramp-epochs",
+    )
+    kd_ramp_epochs: float | None = setting(
+        group="cohort",
+        metavar="E",
+        help="epochs the --kd-ramp takes to reach full weight (fractions allowed; default: the whole run)",
+    )
+    update: str = setting(
+        "simultaneous",
+        group="cohort",
+        choices=UPDATES,
+        help="simultaneous: all peers step on one set of predictions; sequential: the paper's "
+        "Algorithm 1, peers step in turn",
+    )
     seed: int = setting(42, group="recipe", help="seed of initial weights, batches and subsets")
     device: str = setting("auto", group="run", choices=DEVICES, help="auto: CUDA, then MPS, then CPU")
-    precision: str = setting("auto", group="run", choices=PRECISIONS,
-                             help="auto: bf16 autocast on CPU, bf16 (or fp16) autocast on CUDA")
-    plain: bool = setting(False, group="run",
-                          help="PyTorch's plain path: fp32 unless --precision says otherwise, contiguous memory, "
-                               "denormals kept, peers on one thread, BatchNorm kept at evaluation (slower; a "
-                               "reference for numerics)")
-    threads: int | None = setting(group="run", metavar="N",
-                                  help="intra-op threads per peer on CPU (default: the peer's share of the cores, or "
-                                       "fewer when other programs keep them busy, measured at start and recorded in "
-                                       "config.json; a resumed run keeps its count)")
-    train_samples: int | None = setting(group="data", metavar="N",
-                                        help="train on a seeded, class-balanced subset of N images (quick runs)")
-    test_samples: int | None = setting(group="data", metavar="N",
-                                       help="evaluate on a seeded, class-balanced subset of N images")
-    val_samples: int | None = setting(group="data", metavar="N",
-                                      help="hold out a seeded, class-balanced validation split of N training images: "
-                                           "metrics gain val_acc and best.pt is chosen on it (not on test accuracy)")
-    data_dir: str = setting("./data", group="data",
-                            help="folder holding cifar-100-python/ (or the .tar.gz archive; downloaded there if "
-                                 "absent), or the image folder of --dataset folder")
+    precision: str = setting(
+        "auto", group="run", choices=PRECISIONS, help="auto: bf16 autocast on CPU, bf16 (or fp16) autocast on CUDA"
+    )
+    plain: bool = setting(
+        False,
+        group="run",
+        help="PyTorch's plain path: fp32 unless --precision says otherwise, contiguous memory, "
+        "denormals kept, peers on one thread, BatchNorm kept at evaluation (slower; a "
+        "reference for numerics)",
+    )
+    threads: int | None = setting(
+        group="run",
+        metavar="N",
+        help="intra-op threads per peer on CPU (default: the peer's share of the cores, or "
+        "fewer when other programs keep them busy, measured at start and recorded in "
+        "config.json; a resumed run keeps its count)",
+    )
+    train_samples: int | None = setting(
+        group="data", metavar="N", help="train on a seeded, class-balanced subset of N images (quick runs)"
+    )
+    test_samples: int | None = setting(
+        group="data", metavar="N", help="evaluate on a seeded, class-balanced subset of N images"
+    )
+    val_samples: int | None = setting(
+        group="data",
+        metavar="N",
+        help="hold out a seeded, class-balanced validation split of N training images: "
+        "metrics gain val_acc and best.pt is chosen on it (not on test accuracy)",
+    )
+    data_dir: str = setting(
+        "./data",
+        group="data",
+        help="folder holding cifar-100-python/ (or the .tar.gz archive; downloaded there if "
+        "absent), or the image folder of --dataset folder",
+    )
     out_dir: str = setting("./runs", group="run", help="parent folder of run directories")
-    name: str | None = setting(group="run", help="run directory name (default says what ran, e.g. "
-                                                 "dml_n2_resnet32_s42)")
-    skip_checksum: bool = setting(False, group="data", help="accept data files whose MD5 differs from the official "
-                                                            "release (structure is still checked)")
+    name: str | None = setting(group="run", help="run directory name (default says what ran, e.g. dml_n2_resnet32_s42)")
+    skip_checksum: bool = setting(
+        False,
+        group="data",
+        help="accept data files whose MD5 differs from the official release (structure is still checked)",
+    )
     download: bool = setting(True, group="data", help="fail at once if the data is missing instead of downloading it")
-    download_url: str | None = setting(group="data", metavar="URL",
-                                       help="archive URL for a mirror (default: the official URL, or "
-                                            "$DML_DOWNLOAD_URL)")
+    download_url: str | None = setting(
+        group="data", metavar="URL", help="archive URL for a mirror (default: the official URL, or $DML_DOWNLOAD_URL)"
+    )
     progress: bool = setting(True, group="run", help="no progress bars")
-    check_batches: bool = setting(False, group="distributed",
-                                  help="compare a fingerprint of every batch across processes and stop on a mismatch")
-    data_parallel: int = setting(1, group="distributed", metavar="D",
-                                 help="replicas per peer (under --procs or torchrun): the processes form peer groups "
-                                      "x D replicas; each replica computes 1/D of every --batch-size batch, their "
-                                      "gradients averaged and BatchNorm statistics shared (the results of one process "
-                                      "up to rounding)")
-    local_batchnorm: bool = setting(False, group="distributed",
-                                    help="with --data-parallel: each replica's BatchNorm uses its own shard's statistics "
-                                         "(faster; a change of the algorithm, not only of the layout)")
+    check_batches: bool = setting(
+        False, group="distributed", help="compare a fingerprint of every batch across processes and stop on a mismatch"
+    )
+    data_parallel: int = setting(
+        1,
+        group="distributed",
+        metavar="D",
+        help="replicas per peer (under --procs or torchrun): the processes form peer groups "
+        "x D replicas; each replica computes 1/D of every --batch-size batch, their "
+        "gradients averaged and BatchNorm statistics shared (the results of one process "
+        "up to rounding)",
+    )
+    local_batchnorm: bool = setting(
+        False,
+        group="distributed",
+        help="with --data-parallel: each replica's BatchNorm uses its own shard's statistics "
+        "(faster; a change of the algorithm, not only of the layout)",
+    )
     # The peers and links of --graph or --teacher, resolved (no flag of its own): config.json stores
     # it and --resume compares it, so a changed file or teacher checkpoint is noticed.
     graph_spec: dict | None = field(default=None, metadata={"group": None})
@@ -151,8 +223,10 @@ class TrainConfig:
             self.models = [peer["model"] for peer in self.graph_spec["peers"]]
             self.num_nodes = len(self.models)
             if len({t["branches"] for t in self.trunks if t.get("views")}) > 1:
-                raise UserError(f"graph file {self.graph}: trunks with views see one augmentation of the batch per "
-                                "branch: give them the same number of branches")
+                raise UserError(
+                    f"graph file {self.graph}: trunks with views see one augmentation of the batch per "
+                    "branch: give them the same number of branches"
+                )
             if self.trunks and self.update != "simultaneous":
                 raise UserError(f"graph file {self.graph}: branches on a shared trunk train with --update simultaneous")
         if self.name is None and not self.unresolved:
@@ -202,10 +276,17 @@ class TrainConfig:
         _positive_float("--lr-gamma", self.lr_gamma)
         if self.lr_milestones is not None:
             milestones = list(self.lr_milestones)
-            if not milestones or any(isinstance(m, bool) or not isinstance(m, int) for m in milestones) or \
-                    milestones != sorted(set(milestones)) or not 0 < milestones[0] or milestones[-1] >= self.epochs:
-                raise UserError(f"--lr-milestones must be increasing epochs between 1 and --epochs - 1 "
-                                f"({self.epochs - 1}), got {' '.join(map(str, milestones))}")
+            if (
+                not milestones
+                or any(isinstance(m, bool) or not isinstance(m, int) for m in milestones)
+                or milestones != sorted(set(milestones))
+                or not 0 < milestones[0]
+                or milestones[-1] >= self.epochs
+            ):
+                raise UserError(
+                    f"--lr-milestones must be increasing epochs between 1 and --epochs - 1 "
+                    f"({self.epochs - 1}), got {' '.join(map(str, milestones))}"
+                )
         elif self.lr_gamma != 0.1:
             raise UserError("--lr-gamma is the factor of a step schedule; give its --lr-milestones too")
         _positive_float("--temperature", self.temperature)
@@ -226,8 +307,11 @@ class TrainConfig:
             _positive_int("--image-size", self.image_size)
             if self.dataset != "folder":
                 raise UserError(f"--image-size applies to --dataset folder; {self.dataset} images are 32x32")
-        for flag, value in (("--train-samples", self.train_samples), ("--test-samples", self.test_samples),
-                            ("--val-samples", self.val_samples)):
+        for flag, value in (
+            ("--train-samples", self.train_samples),
+            ("--test-samples", self.test_samples),
+            ("--val-samples", self.val_samples),
+        ):
             if value is not None:
                 _positive_int(flag, value)
         if self.train_samples is not None and self.train_samples < self.batch_size:
@@ -237,11 +321,15 @@ class TrainConfig:
             )
         _positive_int("--data-parallel", self.data_parallel)
         if self.data_parallel > self.batch_size:
-            raise UserError(f"--data-parallel {self.data_parallel} exceeds --batch-size {self.batch_size}: every replica "
-                            "needs at least one image of each batch")
+            raise UserError(
+                f"--data-parallel {self.data_parallel} exceeds --batch-size {self.batch_size}: every replica "
+                "needs at least one image of each batch"
+            )
         if self.batch_size % self.data_parallel:
-            raise UserError(f"--data-parallel {self.data_parallel} does not divide --batch-size {self.batch_size}: every "
-                            "replica computes an equal share of each batch")
+            raise UserError(
+                f"--data-parallel {self.data_parallel} does not divide --batch-size {self.batch_size}: every "
+                "replica computes an equal share of each batch"
+            )
         if self.local_batchnorm and self.data_parallel == 1:
             raise UserError("--local-batchnorm applies to --data-parallel replicas; pass --data-parallel D too")
         if self.kd_ramp is not None and self.kd_ramp not in KD_RAMPS:
@@ -251,27 +339,42 @@ class TrainConfig:
             if self.kd_ramp is None:
                 raise UserError("--kd-ramp-epochs is the length of a ramp: pass --kd-ramp linear or sigmoid too")
         if self.kd_ramp is not None and self.num_nodes == 1 and not self.teacher and not self.graph:
-            raise UserError("--kd-ramp ramps up the KL term, and a network trained alone has none: pass "
-                            "--num-nodes 2 or more (DML) or --teacher")
+            raise UserError(
+                "--kd-ramp ramps up the KL term, and a network trained alone has none: pass "
+                "--num-nodes 2 or more (DML) or --teacher"
+            )
         if self.kd_ramp is not None and self.graph:
-            raise UserError("--kd-ramp applies to DML and --teacher; in a graph file, give each link its gate "
-                            '(gate = "sigmoid_ramp", ramp_epochs = E)')
+            raise UserError(
+                "--kd-ramp applies to DML and --teacher; in a graph file, give each link its gate "
+                '(gate = "sigmoid_ramp", ramp_epochs = E)'
+            )
         if self.teacher_model and not self.teacher and not self.graph:
             raise UserError("--teacher-model names the networks of --teacher checkpoints; pass --teacher too")
         if self.name is not None and (not self.name or "/" in self.name or self.name in (".", "..")):
             raise UserError(f"--name {self.name!r} must be a plain folder name (no '/')")
-        if self.graph_spec is None and self.graph and (
-                self.teacher or self.teacher_model or self.models != ["resnet32"] or self.num_nodes != 1):
-            raise UserError("--graph gives the peers and links: drop --models, --num-nodes, --teacher and "
-                            "--teacher-model")
+        if (
+            self.graph_spec is None
+            and self.graph
+            and (self.teacher or self.teacher_model or self.models != ["resnet32"] or self.num_nodes != 1)
+        ):
+            raise UserError(
+                "--graph gives the peers and links: drop --models, --num-nodes, --teacher and --teacher-model"
+            )
 
     def _read_graph(self, open_checkpoints: bool) -> dict:
         from .graph import read_graph, teacher_spec
 
         if self.graph:
             return read_graph(self.graph, open_checkpoints)
-        return teacher_spec(self.models, self.teacher, self.temperature, self.kl_weight, self.teacher_model,
-                            open_checkpoints, **self.kd_gate)
+        return teacher_spec(
+            self.models,
+            self.teacher,
+            self.temperature,
+            self.kl_weight,
+            self.teacher_model,
+            open_checkpoints,
+            **self.kd_gate,
+        )
 
     @property
     def kd_gate(self) -> dict:
@@ -339,8 +442,9 @@ class TrainConfig:
                 kind = f"graph-{folder_name(Path(self.graph).stem)}"
                 networks = [m for k, m in enumerate(self.models) if k not in self.trunk_members]  # a trunk once
                 return "_".join([kind, joined_models(networks), f"s{self.seed}"])
-            return "_".join(["kd", students, "from", joined_models([self.models[k] for k in frozen]), *ramp,
-                             f"s{self.seed}"])
+            return "_".join(
+                ["kd", students, "from", joined_models([self.models[k] for k in frozen]), *ramp, f"s{self.seed}"]
+            )
         models = joined_models(self.models)
         parts = [f"dml_n{self.num_nodes}" if self.is_dml else "independent", *ramp, models]
         if self.dataset != "cifar100":
@@ -367,8 +471,11 @@ def _changes(where: str, old, new, most: int = 5) -> list[str]:
     if old == new:
         return []
     if isinstance(old, dict) and isinstance(new, dict):
-        found = [c for key in [*old, *(k for k in new if k not in old)]
-                 for c in _changes(f"{where}.{key}", old.get(key, "(none)"), new.get(key, "(none)"), most)]
+        found = [
+            c
+            for key in [*old, *(k for k in new if k not in old)]
+            for c in _changes(f"{where}.{key}", old.get(key, "(none)"), new.get(key, "(none)"), most)
+        ]
     elif isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
         found = [c for i, (a, b) in enumerate(zip(old, new)) for c in _changes(f"{where}[{i}]", a, b, most)]
     elif isinstance(old, list) and isinstance(new, list):

@@ -35,7 +35,7 @@ def peers_of_rank(num_nodes: int, world_size: int, rank: int, homes: dict[int, i
     placed = [i for i in range(num_nodes) if i not in homes]
     base, extra = divmod(len(placed), world_size)
     start = rank * base + min(rank, extra)
-    mine = set(placed[start:start + base + (rank < extra)])
+    mine = set(placed[start : start + base + (rank < extra)])
     return sorted(mine | {i for i, home in homes.items() if home in mine})
 
 
@@ -51,8 +51,10 @@ class Mesh:
 
     def __post_init__(self):
         if self.data_parallel < 1 or self.world_size % self.data_parallel:
-            raise UserError(f"--data-parallel {self.data_parallel} does not divide the {self.world_size} processes; "
-                            "use a divisor of the process count")
+            raise UserError(
+                f"--data-parallel {self.data_parallel} does not divide the {self.world_size} processes; "
+                "use a divisor of the process count"
+            )
 
     @property
     def peer_groups(self) -> int:
@@ -130,8 +132,7 @@ class TorchExchange(LocalExchange):
     gloo on CPU, nccl with one GPU per process (LOCAL_RANK) on CUDA.
     """
 
-    def __init__(self, num_nodes: int, device_type: str, homes: dict[int, int] | None = None,
-                 data_parallel: int = 1):
+    def __init__(self, num_nodes: int, device_type: str, homes: dict[int, int] | None = None, data_parallel: int = 1):
         self.rank = int(os.environ["RANK"])
         self.world_size = int(os.environ["WORLD_SIZE"])
         self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
@@ -161,8 +162,13 @@ class TorchExchange(LocalExchange):
             # start before would be read as this one's, and gloo would connect to a process that is gone
             restart, _ = launcher_restart()
             store, _, _ = next(dist.rendezvous("env://", self.rank, self.world_size, timeout=timeout))
-            dist.init_process_group(self.backend, store=dist.PrefixStore(f"dml/start{restart}", store),
-                                    rank=self.rank, world_size=self.world_size, timeout=timeout)
+            dist.init_process_group(
+                self.backend,
+                store=dist.PrefixStore(f"dml/start{restart}", store),
+                rank=self.rank,
+                world_size=self.world_size,
+                timeout=timeout,
+            )
         self.peer_group, self.data_group, self.peer_data_groups = self._groups()
 
     def _groups(self):
@@ -250,7 +256,9 @@ class TorchExchange(LocalExchange):
 
     def share_logits(self, owner: int, logits: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
         owner_group = next(g for g, peers in enumerate(self.layout) if owner in peers)
-        buffer = logits.detach().float().contiguous() if logits is not None else torch.empty_like(like, dtype=torch.float32)
+        buffer = (
+            logits.detach().float().contiguous() if logits is not None else torch.empty_like(like, dtype=torch.float32)
+        )
         dist.broadcast(buffer, src=owner_group * self.mesh.data_parallel + self.replica, group=self.peer_group)
         return buffer
 
@@ -287,8 +295,10 @@ def launcher_restart() -> tuple[int, int]:
     """(which restart of its process group this process is, the restarts its launcher allows): torchrun's
     elastic agent sets both (``--max-restarts``); (0, 0) for a first start and outside torchrun."""
     try:
-        return (int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
-                int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")))
+        return (
+            int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+            int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")),
+        )
     except ValueError:  # not set by torchrun
         return 0, 0
 
@@ -297,17 +307,21 @@ def lost_contact(exc: BaseException) -> bool:
     """Whether ``exc`` says that another process of the group has gone (torch's DistError, or gloo's
     transport errors, which torch raises as plain RuntimeErrors)."""
     return isinstance(exc, dist.DistError) or (
-        isinstance(exc, RuntimeError) and "gloo/transport" in str(exc) and "by peer" in str(exc))
+        isinstance(exc, RuntimeError) and "gloo/transport" in str(exc) and "by peer" in str(exc)
+    )
 
 
-def make_exchange(num_nodes: int, device_type: str, homes: dict[int, int] | None = None,
-                  data_parallel: int = 1) -> LocalExchange:
+def make_exchange(
+    num_nodes: int, device_type: str, homes: dict[int, int] | None = None, data_parallel: int = 1
+) -> LocalExchange:
     """A TorchExchange under torchrun (WORLD_SIZE > 1), otherwise the whole cohort locally. ``homes``:
     the peers that must live in another's process (a temporal mean: index -> its source);
     ``data_parallel``: replicas per peer (needs torchrun)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return TorchExchange(num_nodes, device_type, homes, data_parallel)
     if data_parallel > 1:
-        raise UserError(f"--data-parallel {data_parallel} needs {data_parallel} or more processes: start them with "
-                        "--procs or torchrun")
+        raise UserError(
+            f"--data-parallel {data_parallel} needs {data_parallel} or more processes: start them with "
+            "--procs or torchrun"
+        )
     return LocalExchange(num_nodes)

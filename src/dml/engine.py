@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import check_run_dir, restore, save_epoch, set_rng_state, what_is_saved
 from .branches import Branches
+from .checkpoint import check_run_dir, restore, save_epoch, set_rng_state, what_is_saved
 from .cohort import PROBE_INPUTS, Cohort, PeerOutputError, StepOutput
 from .config import TrainConfig
 from .data.augment import Normalise
@@ -33,17 +33,28 @@ from .runtime import Runtime, resolve_device
 
 # --- the run ------------------------------------------------------------------------------------
 def load_data(cfg: TrainConfig, device: torch.device) -> ImageData:
-    data = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size, download=cfg.download,
-                        url=cfg.download_url, skip_checksum=cfg.skip_checksum, progress=cfg.progress)
+    data = load_dataset(
+        cfg.dataset,
+        cfg.data_dir,
+        image_size=cfg.image_size,
+        download=cfg.download,
+        url=cfg.download_url,
+        skip_checksum=cfg.skip_checksum,
+        progress=cfg.progress,
+    )
     if cfg.val_samples is not None:  # held out first, so that --train-samples draws from the rest
         if len(data.train) - cfg.val_samples < max(cfg.batch_size, cfg.train_samples or 0):
-            raise UserError(f"--val-samples {cfg.val_samples} leaves {max(len(data.train) - cfg.val_samples, 0)} of "
-                            f"the {len(data.train)} training images, fewer than --batch-size {cfg.batch_size}"
-                            + (f" or --train-samples {cfg.train_samples}" if cfg.train_samples else "")
-                            + "; hold out fewer")
+            raise UserError(
+                f"--val-samples {cfg.val_samples} leaves {max(len(data.train) - cfg.val_samples, 0)} of "
+                f"the {len(data.train)} training images, fewer than --batch-size {cfg.batch_size}"
+                + (f" or --train-samples {cfg.train_samples}" if cfg.train_samples else "")
+                + "; hold out fewer"
+            )
         data.train, data.val = hold_out(data.train, cfg.val_samples, derive_seed(cfg.seed, "val"), data.num_classes)
     if cfg.train_samples is not None:
-        data.train = balanced_subset(data.train, cfg.train_samples, derive_seed(cfg.seed, "train-subset"), data.num_classes)
+        data.train = balanced_subset(
+            data.train, cfg.train_samples, derive_seed(cfg.seed, "train-subset"), data.num_classes
+        )
     if cfg.test_samples is not None:
         data.test = balanced_subset(data.test, cfg.test_samples, derive_seed(cfg.seed, "test-subset"), data.num_classes)
     for split in (data.train, data.test, data.val):
@@ -55,10 +66,16 @@ def load_data(cfg: TrainConfig, device: torch.device) -> ImageData:
 
 def data_summary(data: ImageData) -> dict:
     """What config.json records of the data: its classes and the normalisation the run used."""
-    return {"dataset": data.dataset, "classes": data.class_names, "train_images": len(data.train),
-            "test_images": len(data.test), "val_images": len(data.val) if data.val is not None else 0,
-            "image_size": list(data.train.images.shape[2:]),
-            "mean": list(data.mean), "std": list(data.std)}
+    return {
+        "dataset": data.dataset,
+        "classes": data.class_names,
+        "train_images": len(data.train),
+        "test_images": len(data.test),
+        "val_images": len(data.val) if data.val is not None else 0,
+        "image_size": list(data.train.images.shape[2:]),
+        "mean": list(data.mean),
+        "std": list(data.std),
+    }
 
 
 def build_peer(cfg: TrainConfig, index: int, num_classes: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:
@@ -76,8 +93,14 @@ def _sgd(cfg: TrainConfig, model: torch.nn.Module) -> tuple[torch.optim.Optimize
     """The recipe's optimizer over ``model``'s parameters and its per-epoch schedule: cosine to 0, or
     steps at ``lr_milestones``."""
     # foreach: one multi-tensor update instead of a Python loop over ~100 parameters (a few % on CPU).
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd,
-                                nesterov=cfg.nesterov, foreach=not cfg.plain)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.wd,
+        nesterov=cfg.nesterov,
+        foreach=not cfg.plain,
+    )
     if cfg.lr_milestones:
         return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.lr_milestones), cfg.lr_gamma)
     return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs, eta_min=0.0)
@@ -90,8 +113,9 @@ def build_branches(cfg: TrainConfig, trunk: dict, num_classes: int) -> tuple[Bra
     networks = [build_peer(cfg, first + k, num_classes)[0] for k in range(count)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, "init", first + count))
-        network = Branches(networks, trunk["shared"], trunk["teacher"], trunk["trunk_gradient"],
-                           trunk.get("views", False))
+        network = Branches(
+            networks, trunk["shared"], trunk["teacher"], trunk["trunk_gradient"], trunk.get("views", False)
+        )
     return network, *_sgd(cfg, network)
 
 
@@ -101,8 +125,10 @@ def build_frozen_peer(cfg: TrainConfig, index: int, num_classes: int) -> tuple[t
     # the spec's model is the one the user named (a graph file's model, --teacher-model) or a built-in
     checkpoint = load_model(spec["checkpoint"], torch.device("cpu"), model=spec["model"])
     if checkpoint.num_classes != num_classes:
-        raise UserError(f"teacher checkpoint {checkpoint.path} has {checkpoint.num_classes} classes, this run's data "
-                        f"{num_classes}; use a teacher trained on the same dataset")
+        raise UserError(
+            f"teacher checkpoint {checkpoint.path} has {checkpoint.num_classes} classes, this run's data "
+            f"{num_classes}; use a teacher trained on the same dataset"
+        )
     return checkpoint.model, None, None
 
 
@@ -120,8 +146,14 @@ def build_runtime(cfg: TrainConfig, exchange, device: torch.device | None = None
     runs were equal)."""
     device = device or exchange.select_device(resolve_device(cfg.device))
     computing = [i for i in exchange.local_indices if i not in cfg.trunk_members]  # a trunk's peers compute as one
-    return Runtime(device, cfg.precision, cfg.plain, num_peers=len(computing),
-                   side_by_side=cfg.update == "simultaneous" and cfg.views == 1, threads=cfg.threads)
+    return Runtime(
+        device,
+        cfg.precision,
+        cfg.plain,
+        num_peers=len(computing),
+        side_by_side=cfg.update == "simultaneous" and cfg.views == 1,
+        threads=cfg.threads,
+    )
 
 
 def build_cohort(cfg: TrainConfig, exchange, runtime: Runtime, num_classes: int) -> Cohort:
@@ -135,10 +167,20 @@ def build_cohort(cfg: TrainConfig, exchange, runtime: Runtime, num_classes: int)
     # a temporal mean is built by the cohort as a copy of its source, which lives in the same process
     parts.update({i: (None, mean_of, None) for i, mean_of in cfg.means.items() if i in local})
     members = {i for i in cfg.trunk_members if homes[i] in local}  # another process's trunk: one None per peer
-    models, optimizers, schedulers = zip(*(parts.get(i, (None, None, None)) for i in range(cfg.num_nodes)
-                                           if i not in members))
-    return Cohort(models, optimizers, cohort_links(cfg), update=cfg.update, schedulers=schedulers, names=cfg.models,
-                  runtime=runtime, exchange=exchange, local_batchnorm=cfg.local_batchnorm)
+    models, optimizers, schedulers = zip(
+        *(parts.get(i, (None, None, None)) for i in range(cfg.num_nodes) if i not in members)
+    )
+    return Cohort(
+        models,
+        optimizers,
+        cohort_links(cfg),
+        update=cfg.update,
+        schedulers=schedulers,
+        names=cfg.models,
+        runtime=runtime,
+        exchange=exchange,
+        local_batchnorm=cfg.local_batchnorm,
+    )
 
 
 def check_outputs(cfg: TrainConfig, cohort: Cohort, feed: Feed, data: ImageData) -> None:
@@ -155,11 +197,16 @@ def check_outputs(cfg: TrainConfig, cohort: Cohort, feed: Feed, data: ImageData)
         else:
             named = f"--models {cfg.models[exc.index]}"
         n, classes = exc.expected
-        advice = ("; its factory must build the network for the num_classes it is called with"
-                  if is_import_path(cfg.models[exc.index]) else "")
-        raise UserError(f"peer {exc.index} ({named}) returns {exc.found} for a batch of {n} images; expected "
-                        f"({n}, {classes}): one logit for each of the {classes} classes of {data.dataset}{advice} "
-                        "(nothing was written)") from None
+        advice = (
+            "; its factory must build the network for the num_classes it is called with"
+            if is_import_path(cfg.models[exc.index])
+            else ""
+        )
+        raise UserError(
+            f"peer {exc.index} ({named}) returns {exc.found} for a batch of {n} images; expected "
+            f"({n}, {classes}): one logit for each of the {classes} classes of {data.dataset}{advice} "
+            "(nothing was written)"
+        ) from None
 
 
 @dataclass
@@ -175,8 +222,11 @@ def build_feed(cfg: TrainConfig, runtime: Runtime, data: ImageData) -> Feed:
     generator = torch.Generator(device=runtime.device)
     generator.manual_seed(derive_seed(cfg.seed, "data"))
     normalise = Normalise(data.mean, data.std, runtime.device, runtime.channels_last)
-    return Feed(generator, normalise, TrainBatches(data.train.images, data.train.labels, cfg.batch_size, generator,
-                                                   normalise, cfg.views))
+    return Feed(
+        generator,
+        normalise,
+        TrainBatches(data.train.images, data.train.labels, cfg.batch_size, generator, normalise, cfg.views),
+    )
 
 
 def train(cfg: TrainConfig, resume: bool | str = False, stop_after: int | None = None, exchange=None) -> Path:
@@ -247,8 +297,10 @@ class Training:
         if restart:
             saved = run.first_epoch - 1
             run.log_restart(saved, restart, max_restarts)
-            self.log(f"restart {restart} of {max_restarts} after a lost process: "
-                     + (f"epoch {saved} is saved, epoch {saved + 1} runs again" if saved else "the run starts over"))
+            self.log(
+                f"restart {restart} of {max_restarts} after a lost process: "
+                + (f"epoch {saved} is saved, epoch {saved + 1} runs again" if saved else "the run starts over")
+            )
         self.cohort.exchange.barrier()
         return run.first_epoch
 
@@ -259,11 +311,15 @@ class Training:
         runner = runtime.runner
         side_by_side = f", {runner.workers} peer threads" if runner.workers > 1 else ""
         if runtime.device.type == "cpu":
-            side_by_side += f", {runner.threads_per_worker} thread{'s' if runner.threads_per_worker > 1 else ''} per peer"
+            side_by_side += (
+                f", {runner.threads_per_worker} thread{'s' if runner.threads_per_worker > 1 else ''} per peer"
+            )
         val_images = f" / {len(data.val)} validation" if data.val is not None else ""
-        return (f"{self.run.path}: {cfg.num_nodes} peer(s) {', '.join(cfg.models)} on {runtime.device} "
-                f"({runtime.precision.name}{side_by_side}), {data.train.images.shape[0]} train / "
-                f"{data.test.images.shape[0]} test{val_images} images, epoch {start_epoch} of {cfg.epochs}")
+        return (
+            f"{self.run.path}: {cfg.num_nodes} peer(s) {', '.join(cfg.models)} on {runtime.device} "
+            f"({runtime.precision.name}{side_by_side}), {data.train.images.shape[0]} train / "
+            f"{data.test.images.shape[0]} test{val_images} images, epoch {start_epoch} of {cfg.epochs}"
+        )
 
     def train(self, resume: bool, stop_after: int | None) -> None:
         """Every epoch from the start (or the resumed one) to the last, or ``stop_after`` of them."""
@@ -300,8 +356,14 @@ class Training:
         lrs = [p.lr for p in peers]
         metrics = StepMetrics(len(peers), cohort.device)
         # disable=None: no bar when stderr is not a terminal (log files stay readable).
-        bar = tqdm(total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}", unit="step", leave=False,
-                   disable=None if cfg.progress and cohort.exchange.is_writer else True, dynamic_ncols=True)
+        bar = tqdm(
+            total=len(batches),
+            desc=f"epoch {epoch}/{cfg.epochs}",
+            unit="step",
+            leave=False,
+            disable=None if cfg.progress and cohort.exchange.is_writer else True,
+            dynamic_ncols=True,
+        )
         # reading the loss syncs with the device: so every 50 steps on long epochs, but about ten times on
         # short ones, which would otherwise end before their first reading
         every = max(1, min(50, len(batches) // 10))
@@ -322,23 +384,42 @@ class Training:
         test, val = self.evaluate()
         seconds = time.perf_counter() - started
         local = [
-            {"epoch": epoch, "node": p.index, "model": p.model_name, "lr": lrs[k], "train_loss": train["loss"][k],
-             **({"train_ce": train["ce"][k], "train_kd": train["kd"][k]} if p.trains else {}),
-             "train_acc": train["acc"][k], **({"val_acc": val.top1[k]} if val else {}), "test_acc": test.top1[k],
-             "seconds": seconds, **_role(p)}
+            {
+                "epoch": epoch,
+                "node": p.index,
+                "model": p.model_name,
+                "lr": lrs[k],
+                "train_loss": train["loss"][k],
+                **({"train_ce": train["ce"][k], "train_kd": train["kd"][k]} if p.trains else {}),
+                "train_acc": train["acc"][k],
+                **({"val_acc": val.top1[k]} if val else {}),
+                "test_acc": test.top1[k],
+                "seconds": seconds,
+                **_role(p),
+            }
             for k, p in enumerate(peers)
         ]
         records = sorted((r for part in cohort.exchange.gather_objects(local) for r in part), key=lambda r: r["node"])
-        records.append({"epoch": epoch, "node": "ensemble", **({"val_acc": val.ensemble_top1} if val else {}),
-                        "test_acc": test.ensemble_top1, "seconds": seconds})
+        records.append(
+            {
+                "epoch": epoch,
+                "node": "ensemble",
+                **({"val_acc": val.ensemble_top1} if val else {}),
+                "test_acc": test.ensemble_top1,
+                "seconds": seconds,
+            }
+        )
         return records
 
     def evaluate(self):
         """The cohort on the test split, and on the validation split where the run holds one (else None)."""
         data, normalise = self.data, self.feed.normalise
         test = self.cohort.evaluate(test_batches(data.test.images, data.test.labels, EVAL_BATCH_SIZE, normalise))
-        val = None if data.val is None else self.cohort.evaluate(
-            test_batches(data.val.images, data.val.labels, EVAL_BATCH_SIZE, normalise))
+        val = (
+            None
+            if data.val is None
+            else self.cohort.evaluate(test_batches(data.val.images, data.val.labels, EVAL_BATCH_SIZE, normalise))
+        )
         return test, val
 
     def save(self, epoch: int, records: list[dict]) -> None:
@@ -368,8 +449,9 @@ class StepMetrics:
 
     def __init__(self, num_peers: int, device: torch.device):
         # rows: objective, cross-entropy term, distillation term
-        self.loss_sum = torch.zeros(3, num_peers, device=device,
-                                    dtype=torch.float32 if device.type == "mps" else torch.float64)
+        self.loss_sum = torch.zeros(
+            3, num_peers, device=device, dtype=torch.float32 if device.type == "mps" else torch.float64
+        )
         self.correct = torch.zeros(num_peers, device=device, dtype=torch.int64)
         # step numbers (1-based) of the first non-finite logits / loss of each peer; 0: none yet
         self.first_broken_logits = torch.zeros(num_peers, device=device, dtype=torch.int64)
@@ -387,7 +469,10 @@ class StepMetrics:
         # Remember where each peer first diverged, without waiting for the device. A peer whose own
         # predictions are broken is the culprit; its peers' losses break through the KL term too.
         broken_logits = torch.stack([~torch.isfinite(z).all() for z in logits])
-        for first, broken in ((self.first_broken_logits, broken_logits), (self.first_broken_loss, ~torch.isfinite(losses))):
+        for first, broken in (
+            (self.first_broken_logits, broken_logits),
+            (self.first_broken_loss, ~torch.isfinite(losses)),
+        ):
             first.masked_fill_((first == 0) & broken, self.steps)
 
     def check_finite(self, peers: list[Peer], where: str, exchange=None) -> None:
@@ -417,15 +502,26 @@ class StepMetrics:
             replicas = exchange.sum_over_replicas(torch.ones(1, device=correct.device, dtype=torch.int64)).item()
             sums, correct = exchange.sum_over_replicas(sums.clone()), exchange.sum_over_replicas(correct.clone())
         loss, ce, kd = ([total / (self.steps * replicas) for total in row] for row in sums.tolist())
-        return {"loss": loss, "ce": ce, "kd": kd,
-                "acc": [100.0 * c / (self.samples * replicas) for c in correct.tolist()]}
+        return {
+            "loss": loss,
+            "ce": ce,
+            "kd": kd,
+            "acc": [100.0 * c / (self.samples * replicas) for c in correct.tolist()],
+        }
 
 
 DIVERGENCE_CHECK_EVERY = 100  # steps between looks at the loss (each look waits for the device)
 
 
-def train_steps(cohort: Cohort, batches, metrics: StepMetrics, on_step=None, where: str = "",
-                stop: StopSignal | None = None, check_batches: bool = False) -> None:
+def train_steps(
+    cohort: Cohort,
+    batches,
+    metrics: StepMetrics,
+    on_step=None,
+    where: str = "",
+    stop: StopSignal | None = None,
+    check_batches: bool = False,
+) -> None:
     """The training loop proper: one cohort step per batch, metrics accumulated on the device.
 
     ``dml train`` and ``dml bench`` both run exactly this. Stops with RunStopped on a non-finite
@@ -487,8 +583,9 @@ class StopSignal:
         elif self.saved:
             message = f"{stopped}; epoch {self.saved} is saved: continue with the same command and --resume"
         else:
-            message = (f"{stopped}, before any epoch was complete: nothing was saved; run the same command again "
-                       "to start over")
+            message = (
+                f"{stopped}, before any epoch was complete: nothing was saved; run the same command again to start over"
+            )
         return RunStopped(message, exit_code=self.EXIT_CODES[signum])
 
 
@@ -503,8 +600,10 @@ def peer_labels(cfg: TrainConfig) -> dict[int, str]:
     for it beside (``0_resnet32 (student)``); the folders keep ``<index>_<model>`` so that runs stay
     readable by earlier versions and by the tools that find checkpoints by folder."""
     names = [peer["name"] for peer in cfg.graph_spec["peers"]] if cfg.graph else [None] * len(cfg.models)
-    labels = {i: peer_dir_name(i, model) + (f" ({name})" if name else "")
-              for i, (model, name) in enumerate(zip(cfg.models, names))}
+    labels = {
+        i: peer_dir_name(i, model) + (f" ({name})" if name else "")
+        for i, (model, name) in enumerate(zip(cfg.models, names))
+    }
     width = max(12, *map(len, labels.values()))  # the columns after it line up
     return {i: label.ljust(width) for i, label in labels.items()}
 
@@ -513,11 +612,17 @@ def _summary_line(record: dict, epochs: int, labels: dict[int, str]) -> str:
     val = f"val_acc {record['val_acc']:6.2f}% " if "val_acc" in record else ""
     if record["node"] == "ensemble":
         return f"epoch {record['epoch']}/{epochs} ensemble     {val}test_acc {record['test_acc']:6.2f}%"
-    lr = {"teacher": "teacher", "mean": f"mean of {record.get('mean_of')}"}.get(record.get("role"),
-                                                                              f"lr {record['lr']:.5f}").ljust(10)
+    lr = {"teacher": "teacher", "mean": f"mean of {record.get('mean_of')}"}.get(
+        record.get("role"), f"lr {record['lr']:.5f}"
+    ).ljust(10)
     terms = f" (ce {record['train_ce']:.4f} + kd {record['train_kd']:.4f})" if "train_ce" in record else ""
     # a temporal mean does not train: its loss on the training batches (in evaluation mode) says nothing here
-    train = "" if record.get("role") == "mean" else \
-        f"train_loss {record['train_loss']:.4f}{terms} train_acc {record['train_acc']:6.2f}% "
-    return (f"epoch {record['epoch']}/{epochs} {labels[record['node']]} {lr} {train}"
-            f"{val}test_acc {record['test_acc']:6.2f}% ({record['seconds']:.1f}s)")
+    train = (
+        ""
+        if record.get("role") == "mean"
+        else f"train_loss {record['train_loss']:.4f}{terms} train_acc {record['train_acc']:6.2f}% "
+    )
+    return (
+        f"epoch {record['epoch']}/{epochs} {labels[record['node']]} {lr} {train}"
+        f"{val}test_acc {record['test_acc']:6.2f}% ({record['seconds']:.1f}s)"
+    )

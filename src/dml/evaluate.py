@@ -8,24 +8,23 @@ the caller names it.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from .accuracy import Evaluation, evaluate_models
+from .accuracy import evaluate_models
 from .branches import TEACHERS
+from .checkpoint import EVALUATE, SavedPeer, check_model_named, read_checkpoint
 from .data.augment import Normalise
 from .data.batches import test_batches
 from .data.dataset import balanced_subset
 from .data.source import load_dataset
 from .errors import UserError
 from .models import ModelImportError, create_model
-from .checkpoint import EVALUATE, SavedPeer, check_model_named, read_checkpoint
 from .peer import derive_seed, names_flag, one_or_each
 from .runtime import Runtime, resolve_device
 
@@ -74,8 +73,10 @@ def _build(saved: SavedPeer, device: torch.device, named: str | None) -> LoadedC
     path, name, num_classes, working_dir = saved.path, saved.model_name, saved.num_classes, saved.working_dir
     check_model_named(f"checkpoint {path}", name, named, f"model={name!r}")
     if name in TEACHERS:
-        raise UserError(f"checkpoint {path} holds the learned teacher ({name}) of a multi-branch network, which "
-                        "computes from its branches; evaluate or distil from a branch's best.pt (a standalone network)")
+        raise UserError(
+            f"checkpoint {path} holds the learned teacher ({name}) of a multi-branch network, which "
+            "computes from its branches; evaluate or distil from a branch's best.pt (a standalone network)"
+        )
     try:
         model = create_model(name, num_classes)
     except ModelImportError as exc:
@@ -86,12 +87,25 @@ def _build(saved: SavedPeer, device: torch.device, named: str | None) -> LoadedC
         model.load_state_dict(saved.weights)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
-        raise UserError(f"checkpoint {path}: the weights do not fit a {name} with {num_classes} classes ({first})") \
-            from None
+        raise UserError(
+            f"checkpoint {path}: the weights do not fit a {name} with {num_classes} classes ({first})"
+        ) from None
     config = saved.config
-    return LoadedCheckpoint(path, name, num_classes, saved.dataset, saved.epoch, config.get("seed"),
-                      model.to(device).eval(), config.get("precision", "auto"), bool(config.get("plain", False)),
-                      config.get("image_size"), config, working_dir, saved.state.get("mean_of"))
+    return LoadedCheckpoint(
+        path,
+        name,
+        num_classes,
+        saved.dataset,
+        saved.epoch,
+        config.get("seed"),
+        model.to(device).eval(),
+        config.get("precision", "auto"),
+        bool(config.get("plain", False)),
+        config.get("image_size"),
+        config,
+        working_dir,
+        saved.state.get("mean_of"),
+    )
 
 
 def _import_advice(working_dir: str | None) -> str:
@@ -116,24 +130,50 @@ def common_dataset(checkpoints: list[LoadedCheckpoint], dataset: str | None) -> 
             raise UserError(f"{checkpoints[0].path} does not record its dataset; pass --dataset")
         dataset = datasets.pop()
     if dataset != "folder" and NUM_CLASSES.get(dataset) != num_classes:
-        raise UserError(f"the checkpoints have {num_classes} classes but {dataset} has {NUM_CLASSES.get(dataset)}; "
-                        "pass the dataset they were trained on")
+        raise UserError(
+            f"the checkpoints have {num_classes} classes but {dataset} has {NUM_CLASSES.get(dataset)}; "
+            "pass the dataset they were trained on"
+        )
     return dataset
 
 
-def accuracies(checkpoints: list[LoadedCheckpoint], images: torch.Tensor, labels: torch.Tensor,
-               normalise: Normalise, runtime: Runtime) -> list[Accuracy]:
+def accuracies(
+    checkpoints: list[LoadedCheckpoint],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    normalise: Normalise,
+    runtime: Runtime,
+) -> list[Accuracy]:
     """Top-1/top-5 accuracy (%) of every checkpoint, then of their mean-softmax ensemble: as in training, of the
     networks that trained, without the temporal means (unless every checkpoint is one)."""
     means = [i for i, c in enumerate(checkpoints) if c.mean_of is not None]
     excluded = means if len(means) < len(checkpoints) else []
-    result = evaluate_models([c.model for c in checkpoints], test_batches(images, labels, EVAL_BATCH_SIZE, normalise),
-                             runtime, ensemble_excludes=excluded)
-    rows = [Accuracy(str(c.path), c.model_name + ("" if c.mean_of is None else f" (mean of {c.mean_of})"), c.epoch,
-                     result.top1[i], result.top5[i]) for i, c in enumerate(checkpoints)]
+    result = evaluate_models(
+        [c.model for c in checkpoints],
+        test_batches(images, labels, EVAL_BATCH_SIZE, normalise),
+        runtime,
+        ensemble_excludes=excluded,
+    )
+    rows = [
+        Accuracy(
+            str(c.path),
+            c.model_name + ("" if c.mean_of is None else f" (mean of {c.mean_of})"),
+            c.epoch,
+            result.top1[i],
+            result.top5[i],
+        )
+        for i, c in enumerate(checkpoints)
+    ]
     members = len(checkpoints) - len(excluded)
-    rows.append(Accuracy("ensemble", f"mean softmax of {members}" + (", without the means" if excluded else ""), None,
-                         result.ensemble_top1, result.ensemble_top5))
+    rows.append(
+        Accuracy(
+            "ensemble",
+            f"mean softmax of {members}" + (", without the means" if excluded else ""),
+            None,
+            result.ensemble_top1,
+            result.ensemble_top5,
+        )
+    )
     return rows
 
 
@@ -157,16 +197,21 @@ class DataSource:
         if "data_dir" in self.given:
             notes.append("--data-dir")
         elif self.relative_to_here:
-            notes.append("the run's --data-dir, taken from the current directory: the checkpoint does not "
-                         "record where the run started")
+            notes.append(
+                "the run's --data-dir, taken from the current directory: the checkpoint does not "
+                "record where the run started"
+            )
         else:
             notes.append("the run's --data-dir")
         if self.dataset != "folder" and self.skip_checksum:
-            notes.append("checksum skipped" + (" (--skip-checksum)" if "skip_checksum" in self.given
-                                               else ", as the run did"))
+            notes.append(
+                "checksum skipped" + (" (--skip-checksum)" if "skip_checksum" in self.given else ", as the run did")
+            )
         if self.image_size is not None:
-            notes.append(f"images resized to {self.image_size}x{self.image_size}"
-                         + (" (--image-size)" if "image_size" in self.given else ", as the run did"))
+            notes.append(
+                f"images resized to {self.image_size}x{self.image_size}"
+                + (" (--image-size)" if "image_size" in self.given else ", as the run did")
+            )
         return f"data: {self.dataset} test split from {self.data_dir} ({'; '.join(notes)})"
 
 
@@ -174,13 +219,22 @@ def _absolute(path: str | os.PathLike, base: str | os.PathLike) -> Path:
     return Path(os.path.normpath(Path(base) / Path(path).expanduser()))
 
 
-def data_source(checkpoints: list[LoadedCheckpoint], dataset: str, data_dir: str | None = None,
-                skip_checksum: bool | None = None, download: bool | None = None, download_url: str | None = None,
-                image_size: int | None = None) -> DataSource:
+def data_source(
+    checkpoints: list[LoadedCheckpoint],
+    dataset: str,
+    data_dir: str | None = None,
+    skip_checksum: bool | None = None,
+    download: bool | None = None,
+    download_url: str | None = None,
+    image_size: int | None = None,
+) -> DataSource:
     """The runs' data source (their --data-dir relative to where each run started, checksum choice,
     image size), each setting overridden where given (not None); the runs must agree on the rest."""
-    given = {k for k, v in (("data_dir", data_dir), ("skip_checksum", skip_checksum), ("image_size", image_size))
-             if v is not None}
+    given = {
+        k
+        for k, v in (("data_dir", data_dir), ("skip_checksum", skip_checksum), ("image_size", image_size))
+        if v is not None
+    }
     if image_size is not None:
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
             raise UserError(f"--image-size must be a positive integer, got {image_size!r}")
@@ -190,8 +244,9 @@ def data_source(checkpoints: list[LoadedCheckpoint], dataset: str, data_dir: str
     def common(values: list, flag: str):
         if len(set(values)) > 1:
             found = "; ".join(f"{c.path}: {v}" for c, v in zip(checkpoints, values))
-            raise UserError(f"the checkpoints' runs differ in {flag} ({found}); pass {flag}, or evaluate them "
-                            "separately")
+            raise UserError(
+                f"the checkpoints' runs differ in {flag} ({found}); pass {flag}, or evaluate them separately"
+            )
         return values[0]
 
     here = Path.cwd()
@@ -232,11 +287,20 @@ def load_checkpoints(paths, device: torch.device, models: list[str] | None = Non
     return [_build(s, device, s.model_name) for s in saved]
 
 
-def evaluate_checkpoints(paths, data_dir: str | None = None, dataset: str | None = None, device: str = "auto",
-                         skip_checksum: bool | None = None, download: bool | None = None,
-                         test_samples: int | None = None, download_url: str | None = None, *,
-                         models: list[str] | None = None, image_size: int | None = None,
-                         log: Callable[[str], None] | None = None) -> dict:
+def evaluate_checkpoints(
+    paths,
+    data_dir: str | None = None,
+    dataset: str | None = None,
+    device: str = "auto",
+    skip_checksum: bool | None = None,
+    download: bool | None = None,
+    test_samples: int | None = None,
+    download_url: str | None = None,
+    *,
+    models: list[str] | None = None,
+    image_size: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
     """Evaluate checkpoint files on their test split; returns a JSON-ready summary.
 
     The data source is the runs' own (see ``data_source``) where an argument is None; ``log`` gets
@@ -250,11 +314,19 @@ def evaluate_checkpoints(paths, data_dir: str | None = None, dataset: str | None
     source = data_source(checkpoints, dataset, data_dir, skip_checksum, download, download_url, image_size)
     if log is not None:
         log(source.describe())
-    data = load_dataset(dataset, str(source.data_dir), image_size=source.image_size, download=source.download,
-                        url=source.download_url, skip_checksum=source.skip_checksum)
+    data = load_dataset(
+        dataset,
+        str(source.data_dir),
+        image_size=source.image_size,
+        download=source.download,
+        url=source.download_url,
+        skip_checksum=source.skip_checksum,
+    )
     if data.num_classes != checkpoints[0].num_classes:
-        raise UserError(f"{source.data_dir} holds {data.num_classes} classes but the checkpoints have "
-                        f"{checkpoints[0].num_classes}; pass the --data-dir they were trained on")
+        raise UserError(
+            f"{source.data_dir} holds {data.num_classes} classes but the checkpoints have "
+            f"{checkpoints[0].num_classes}; pass the --data-dir they were trained on"
+        )
     test = data.test
     if test_samples is not None:
         if test_samples <= 0:
@@ -267,33 +339,64 @@ def evaluate_checkpoints(paths, data_dir: str | None = None, dataset: str | None
     try:
         for c in checkpoints:
             c.model = runtime.prepare(c.model)
-        results = accuracies(checkpoints, test.images.to(dev), test.labels.to(dev), Normalise(mean, std, dev, runtime.channels_last),
-                             runtime)
+        results = accuracies(
+            checkpoints,
+            test.images.to(dev),
+            test.labels.to(dev),
+            Normalise(mean, std, dev, runtime.channels_last),
+            runtime,
+        )
     finally:
         runtime.close()
-    return {"dataset": dataset, "num_classes": data.num_classes, "test_images": len(test), "device": dev.type,
-            "data_dir": str(source.data_dir), "skip_checksum": source.skip_checksum,
-            "checkpoints": [asdict(r) for r in results[:-1]], "ensemble": asdict(results[-1])}
+    return {
+        "dataset": dataset,
+        "num_classes": data.num_classes,
+        "test_images": len(test),
+        "device": dev.type,
+        "data_dir": str(source.data_dir),
+        "skip_checksum": source.skip_checksum,
+        "checkpoints": [asdict(r) for r in results[:-1]],
+        "ensemble": asdict(results[-1]),
+    }
 
 
 def format_table(summary: dict) -> str:
     """An aligned text table: one line per checkpoint, then the ensemble."""
     rows = [("checkpoint", "model", "epoch", "top-1 (%)", "top-5 (%)")]
     for r in summary["checkpoints"] + [summary["ensemble"]]:
-        rows.append((r["name"], r["model"], "" if r["epoch"] is None else str(r["epoch"]),
-                     f"{r['top1']:.2f}", f"{r['top5']:.2f}"))
+        rows.append(
+            (
+                r["name"],
+                r["model"],
+                "" if r["epoch"] is None else str(r["epoch"]),
+                f"{r['top1']:.2f}",
+                f"{r['top5']:.2f}",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-             for row in rows]
+    lines = [
+        "  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        for row in rows
+    ]
     lines.append(f"{summary['test_images']} test images of {summary['dataset']} on {summary['device']}")
     return "\n".join(lines)
 
 
 def evaluate_command(args) -> dict:
     """``dml evaluate``: print the table and, with ``--json``, write the summary."""
-    summary = evaluate_checkpoints(args.checkpoints, args.data_dir, args.dataset, args.device, args.skip_checksum,
-                                   args.download, args.test_samples, args.download_url, models=args.models,
-                                   image_size=args.image_size, log=print)
+    summary = evaluate_checkpoints(
+        args.checkpoints,
+        args.data_dir,
+        args.dataset,
+        args.device,
+        args.skip_checksum,
+        args.download,
+        args.test_samples,
+        args.download_url,
+        models=args.models,
+        image_size=args.image_size,
+        log=print,
+    )
     print(format_table(summary))
     if args.json is not None:
         try:

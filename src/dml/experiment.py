@@ -23,8 +23,21 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .errors import RunStopped, UserError
-from .orchestrate import (LOGS, POLL_SECONDS, check_plan, child_env, claim_out_dir, epochs_logged, epochs_saved,
-                          is_finished, last_line, signals_to, start_run, stopped_by, train_command)
+from .orchestrate import (
+    LOGS,
+    POLL_SECONDS,
+    check_plan,
+    child_env,
+    claim_out_dir,
+    epochs_logged,
+    epochs_saved,
+    is_finished,
+    last_line,
+    signals_to,
+    start_run,
+    stopped_by,
+    train_command,
+)
 from .plan import Plan, PlannedRun, read_plan
 
 
@@ -72,9 +85,16 @@ class Runner:
         self.start_epochs, self.start_peer_epochs = self.trained({})
         self.started = time.monotonic()
         # tqdm's own rate and remaining time would count a 4-peer epoch as one 1-peer epoch: eta() counts peers
-        self.bar = tqdm(total=self.total_epochs, initial=self.start_epochs, unit="epoch", desc="plan",
-                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} epochs [{elapsed}{postfix}]",
-                        disable=None if progress else True, dynamic_ncols=True, leave=False)
+        self.bar = tqdm(
+            total=self.total_epochs,
+            initial=self.start_epochs,
+            unit="epoch",
+            desc="plan",
+            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} epochs [{elapsed}{postfix}]",
+            disable=None if progress else True,
+            dynamic_ncols=True,
+            leave=False,
+        )
         self.stop_signal: int | None = None
 
     def log(self, message: str) -> None:
@@ -118,8 +138,13 @@ class Runner:
         self.running[run.name] = Child(run, process, time.monotonic(), slot, saved or 0)
         if self.stop_signal is not None:  # a signal that came while it started
             process.send_signal(signal.SIGTERM)
-        how = "starts" if saved is None else "starts again (no epoch was saved)" if saved == 0 else \
-            f"resumes after epoch {saved}"
+        how = (
+            "starts"
+            if saved is None
+            else "starts again (no epoch was saved)"
+            if saved == 0
+            else f"resumes after epoch {saved}"
+        )
         self.log(f"[{len(self.done)}/{len(self.plan.runs)} done] {run.name} {how} (log: {log_path})")
 
     def _finish(self, child: Child, code: int) -> None:
@@ -129,8 +154,10 @@ class Runner:
         if code == 0 and is_finished(run, self.saved[run.name]):
             self.done.add(run.name)
             took = _format_duration(time.monotonic() - child.started)
-            self.log(f"[{len(self.done)}/{len(self.plan.runs)} done] {run.name} finished in {took}; "
-                     f"{self.eta(self.trained(self._logged())[1])}")
+            self.log(
+                f"[{len(self.done)}/{len(self.plan.runs)} done] {run.name} finished in {took}; "
+                f"{self.eta(self.trained(self._logged())[1])}"
+            )
         elif self.stop_signal is None:
             self.failed[run.name] = f"exit status {code}: {last_line(self.out_dir / LOGS / f'{run.name}.log')}"
             self.log(f"{run.name} failed ({self.failed[run.name]})")
@@ -178,12 +205,16 @@ class Runner:
                 child = self.running[name]
                 if epoch > child.shown_epoch:
                     child.shown_epoch = epoch
-                    self.log(f"[{len(self.done)}/{len(self.plan.runs)} done] {name} epoch {epoch}/{child.run.epochs}; "
-                             f"{self.eta(peer_epochs)}")
+                    self.log(
+                        f"[{len(self.done)}/{len(self.plan.runs)} done] {name} epoch {epoch}/{child.run.epochs}; "
+                        f"{self.eta(peer_epochs)}"
+                    )
             return
         self.bar.n = epochs
         parts = [f"runs {len(self.done)}/{len(self.plan.runs)} done"]
-        parts += [f"{name} epoch {min(logged[name] + 1, c.run.epochs)}/{c.run.epochs}" for name, c in self.running.items()]
+        parts += [
+            f"{name} epoch {min(logged[name] + 1, c.run.epochs)}/{c.run.epochs}" for name, c in self.running.items()
+        ]
         self.bar.set_postfix_str("; ".join(parts + [self.eta(peer_epochs)]), refresh=True)
 
     def _handle(self, signum, frame) -> None:
@@ -204,8 +235,9 @@ def write_report(plan: Plan, out_dir: Path) -> Path | None:
     baseline = [out_dir / r.name for r in plan.baseline_runs() if is_finished(r, epochs_saved(out_dir / r.name))]
     if not started:
         return None
-    report(started, baseline=baseline or None, out=out_dir / "report.md", plots=out_dir / "plots",
-           published=plan.published)
+    report(
+        started, baseline=baseline or None, out=out_dir / "report.md", plots=out_dir / "plots", published=plan.published
+    )
     return out_dir / "report.md"
 
 
@@ -220,8 +252,14 @@ def dry_run(plan: Plan, out_dir: Path) -> None:
     print(f"{len(plan.runs)} runs, {sum(r.epochs for r in plan.runs)} epochs in all; output in {out_dir}")
 
 
-def experiment(plan_path: str, out_dir: str | None = None, jobs: int = 1, dry: bool = False,
-               progress: bool = True, overrides: dict | None = None) -> int:
+def experiment(
+    plan_path: str,
+    out_dir: str | None = None,
+    jobs: int = 1,
+    dry: bool = False,
+    progress: bool = True,
+    overrides: dict | None = None,
+) -> int:
     """Run the plan, with the settings ``overrides`` (``--set``) in every run (``dry``: list its runs and
     their state); returns the exit status."""
     if jobs < 1:
@@ -235,8 +273,9 @@ def experiment(plan_path: str, out_dir: str | None = None, jobs: int = 1, dry: b
     try:
         runner = Runner(plan, folder, jobs, lock_fd, progress)
         todo = len(plan.runs) - len(runner.done)
-        runner.log(f"{plan.path}: {len(plan.runs)} runs in {folder}, {len(runner.done)} done, {todo} to run, "
-                   f"{jobs} at a time")  # above the bar, which already stands
+        runner.log(
+            f"{plan.path}: {len(plan.runs)} runs in {folder}, {len(runner.done)} done, {todo} to run, {jobs} at a time"
+        )  # above the bar, which already stands
         runner.run()
         try:
             report_path = write_report(plan, folder)
@@ -245,14 +284,19 @@ def experiment(plan_path: str, out_dir: str | None = None, jobs: int = 1, dry: b
         except UserError as exc:  # the runs are done; a report that cannot be made must not hide that
             print(f"warning: no report: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
-        raise RunStopped("interrupted; every run keeps its last complete epoch: run the same command again to "
-                         "finish the plan", exit_code=130) from None
+        raise RunStopped(
+            "interrupted; every run keeps its last complete epoch: run the same command again to finish the plan",
+            exit_code=130,
+        ) from None
     finally:
         os.close(lock_fd)
     if runner.failed:
         for name, why in runner.failed.items():
             print(f"error: run {name} {why} (log: {folder / LOGS / (name + '.log')})", file=sys.stderr)
-        print(f"error: {len(runner.failed)} of {len(plan.runs)} runs did not finish; fix the cause and run the "
-              "same command again", file=sys.stderr)
+        print(
+            f"error: {len(runner.failed)} of {len(plan.runs)} runs did not finish; fix the cause and run the "
+            "same command again",
+            file=sys.stderr,
+        )
         return 1
     return 0

@@ -61,11 +61,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from .branches import check_split, teacher_learns_from_labels, teacher_outputs
+from .checkpoint import TEACHER, check_model_named, file_digest, read_checkpoint, teacher_path
 from .errors import UserError
 from .links import COMBINES, ENSEMBLE, GROUP_SOURCES, OTHERS, Link, Links
 from .models import model_factory
-from .branches import check_split, teacher_learns_from_labels, teacher_outputs
-from .checkpoint import TEACHER, check_model_named, file_digest, read_checkpoint, teacher_path
 from .peer import MeanOf, names_flag, one_or_each
 from .tomlfile import read_toml
 
@@ -85,13 +85,24 @@ def frozen_peer(path: str | Path, name: str, open_checkpoint: bool = True) -> di
     if not open_checkpoint:
         return {"name": name, "model": None, "checkpoint": str(teacher_path(path).resolve()), "sha256": None}
     saved = read_checkpoint(path, TEACHER)
-    return {"name": name, "model": saved.model_name, "checkpoint": str(saved.path.resolve()),
-            "sha256": file_digest(saved.path)}
+    return {
+        "name": name,
+        "model": saved.model_name,
+        "checkpoint": str(saved.path.resolve()),
+        "sha256": file_digest(saved.path),
+    }
 
 
-def teacher_spec(students: Sequence[str], teachers: Sequence[str], temperature: float, weight: float,
-                 teacher_models: Sequence[str] | None = None, open_checkpoints: bool = True,
-                 gate: str = "through", ramp_epochs: float | None = None) -> dict:
+def teacher_spec(
+    students: Sequence[str],
+    teachers: Sequence[str],
+    temperature: float,
+    weight: float,
+    teacher_models: Sequence[str] | None = None,
+    open_checkpoints: bool = True,
+    gate: str = "through",
+    ramp_epochs: float | None = None,
+) -> dict:
     """``--teacher``: the students learn from every teacher (and, two or more, from each other), with
     the given temperature, weight and gate. ``teacher_models`` (``--teacher-model``, one for all or one per
     teacher) names the teachers' networks; a network of the user's own must be named to be imported.
@@ -117,8 +128,9 @@ def read_graph(path: str | Path, open_checkpoints: bool = True) -> dict:
     where = f"graph file {path}"
     unknown = set(data) - {"peer", "link", "combine", "trunk"}
     if unknown:
-        raise UserError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; expected [[peer]], [[trunk]], "
-                        "[[link]], combine")
+        raise UserError(
+            f"{where}: unknown key(s) {', '.join(sorted(unknown))}; expected [[peer]], [[trunk]], [[link]], combine"
+        )
     combine = data.get("combine", "mean")
     if combine not in COMBINES:
         raise UserError(f"{where}: combine {combine!r} is not one of: {', '.join(COMBINES)}")
@@ -127,7 +139,9 @@ def read_graph(path: str | Path, open_checkpoints: bool = True) -> dict:
         trunk, members = _trunk(entry, t, len(peers), where)
         trunks.append(trunk)
         peers += members
-    peers += [_peer(entry, k, where, path.parent, open_checkpoints) for k, entry in enumerate(_tables(data, "peer", where))]
+    peers += [
+        _peer(entry, k, where, path.parent, open_checkpoints) for k, entry in enumerate(_tables(data, "peer", where))
+    ]
     if not peers:
         raise UserError(f"{where} defines no [[peer]]")
     index = {}
@@ -141,8 +155,11 @@ def read_graph(path: str | Path, open_checkpoints: bool = True) -> dict:
     frozen = [k for k, p in enumerate(peers) if p["checkpoint"] is not None or "ema_of" in p]
     links = [_link(entry, index, frozen, where) for entry in _tables(data, "link", where)]
     given = {(link.source, link.target) for link in links}
-    links += [Link(k, k, weight=0.0) for k, p in enumerate(peers)  # OKDDip's targets learn through their links only
-              if p.get("learned_teacher") and not teacher_learns_from_labels(p["model"]) and (k, k) not in given]
+    links += [
+        Link(k, k, weight=0.0)
+        for k, p in enumerate(peers)  # OKDDip's targets learn through their links only
+        if p.get("learned_teacher") and not teacher_learns_from_labels(p["model"]) and (k, k) not in given
+    ]
     try:
         graph = Links(links, len(peers), combine, frozen)
     except ValueError as exc:
@@ -150,8 +167,10 @@ def read_graph(path: str | Path, open_checkpoints: bool = True) -> dict:
     for link in graph.undetached:  # read with their graph: computed in the same backward as the target
         read = [peers[k] for k in link.peers or graph.trainable]
         if "trunk" not in peers[link.target] or any(p.get("trunk") != peers[link.target]["trunk"] for p in read):
-            raise UserError(f"{where}: a link into {peers[link.target]['name']!r} has detach = false: its source must "
-                            "be peers of the target's own [[trunk]]")
+            raise UserError(
+                f"{where}: a link into {peers[link.target]['name']!r} has detach = false: its source must "
+                "be peers of the target's own [[trunk]]"
+            )
     return {"peers": peers, **graph.to_dict(), **({"trunks": trunks} if trunks else {})}
 
 
@@ -161,14 +180,18 @@ def _trunk(entry: dict, t: int, first: int, where: str) -> tuple[dict, list[dict
     label = f"trunk {t + 1}"
     unknown = set(entry) - TRUNK_KEYS
     if unknown:
-        raise UserError(f"{where}: {label} has unknown key(s) {', '.join(sorted(unknown))}; "
-                        f"expected {', '.join(sorted(TRUNK_KEYS))}")
+        raise UserError(
+            f"{where}: {label} has unknown key(s) {', '.join(sorted(unknown))}; "
+            f"expected {', '.join(sorted(TRUNK_KEYS))}"
+        )
     model, names = entry.get("model"), entry.get("branches")
     if not isinstance(model, str):
-        raise UserError(f"{where}: {label} needs a model (the network its branches are), e.g. model = \"resnet32\"")
+        raise UserError(f'{where}: {label} needs a model (the network its branches are), e.g. model = "resnet32"')
     if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) and n for n in names):
-        raise UserError(f"{where}: {label}: branches lists the branches' peer names, at least 2, e.g. "
-                        'branches = ["b1", "b2", "b3"]')
+        raise UserError(
+            f"{where}: {label}: branches lists the branches' peer names, at least 2, e.g. "
+            'branches = ["b1", "b2", "b3"]'
+        )
     try:
         network = model_factory(model)(2)
     except (ValueError, TypeError) as exc:
@@ -180,21 +203,38 @@ def _trunk(entry: dict, t: int, first: int, where: str) -> tuple[dict, list[dict
     except ValueError as exc:
         raise UserError(f"{where}: {label} ({model}): {exc}") from None
     if "teacher_name" in entry and teacher is None:
-        raise UserError(f"{where}: {label}: teacher_name names a learned teacher; add teacher = \"one\"")
+        raise UserError(f'{where}: {label}: teacher_name names a learned teacher; add teacher = "one"')
     if not isinstance(teacher_name, str) or not teacher_name:
         raise UserError(f"{where}: {label}: teacher_name must be a peer name, not {teacher_name!r}")
     if teacher == "okddip" and len(names) < 3:
-        raise UserError(f"{where}: {label}: OKDDip needs at least 3 branches (2 or more auxiliary peers, then the "
-                        "leader)")
+        raise UserError(
+            f"{where}: {label}: OKDDip needs at least 3 branches (2 or more auxiliary peers, then the leader)"
+        )
     views = entry.get("views", False)
     if not isinstance(views, bool):
         raise UserError(f"{where}: {label}: views must be true or false, not {views!r}")
-    trunk = {"model": model, "first": first, "branches": len(names), "shared": shared, "trunk_gradient": gradient,
-             "teacher": teacher, **({"views": True} if views else {})}
+    trunk = {
+        "model": model,
+        "first": first,
+        "branches": len(names),
+        "shared": shared,
+        "trunk_gradient": gradient,
+        "teacher": teacher,
+        **({"views": True} if views else {}),
+    }
     members = [{"name": n, "model": model, "checkpoint": None, "sha256": None, "trunk": t} for n in names]
     outputs = teacher_outputs(teacher, len(names))
-    members += [{"name": teacher_name if outputs == 1 else f"{teacher_name}{k + 1}", "model": teacher,
-                 "checkpoint": None, "sha256": None, "trunk": t, "learned_teacher": True} for k in range(outputs)]
+    members += [
+        {
+            "name": teacher_name if outputs == 1 else f"{teacher_name}{k + 1}",
+            "model": teacher,
+            "checkpoint": None,
+            "sha256": None,
+            "trunk": t,
+            "learned_teacher": True,
+        }
+        for k in range(outputs)
+    ]
     return trunk, members
 
 
@@ -235,22 +275,34 @@ def _tables(data: dict, key: str, where: str) -> list[dict]:
 def _peer(entry: dict, k: int, where: str, base: Path, open_checkpoint: bool) -> dict:
     unknown = set(entry) - PEER_KEYS
     if unknown:
-        raise UserError(f"{where}: peer {k + 1} has unknown key(s) {', '.join(sorted(unknown))}; "
-                        f"expected {', '.join(sorted(PEER_KEYS))}")
+        raise UserError(
+            f"{where}: peer {k + 1} has unknown key(s) {', '.join(sorted(unknown))}; "
+            f"expected {', '.join(sorted(PEER_KEYS))}"
+        )
     name = entry.get("name")
     if not isinstance(name, str) or not name:
         raise UserError(f"{where}: peer {k + 1} needs a name")
     if "ema_of" in entry:
         if "model" in entry or "checkpoint" in entry:
-            raise UserError(f"{where}: peer {name!r} is a temporal mean (ema_of): it has its source's model, and no "
-                            "model or checkpoint of its own")
-        return {"name": name, "model": None, "checkpoint": None, "sha256": None, "ema_of": entry["ema_of"],
-                "decay": entry.get("decay", MeanOf(0).decay)}
+            raise UserError(
+                f"{where}: peer {name!r} is a temporal mean (ema_of): it has its source's model, and no "
+                "model or checkpoint of its own"
+            )
+        return {
+            "name": name,
+            "model": None,
+            "checkpoint": None,
+            "sha256": None,
+            "ema_of": entry["ema_of"],
+            "decay": entry.get("decay", MeanOf(0).decay),
+        }
     if "decay" in entry:
-        raise UserError(f"{where}: peer {name!r}: decay belongs to a temporal mean; add ema_of = \"<peer>\"")
+        raise UserError(f'{where}: peer {name!r}: decay belongs to a temporal mean; add ema_of = "<peer>"')
     if "model" not in entry and "checkpoint" not in entry:
-        raise UserError(f"{where}: peer {name!r} needs a model (trainable), a checkpoint (frozen) or ema_of "
-                        "(a temporal mean of a trainable peer)")
+        raise UserError(
+            f"{where}: peer {name!r} needs a model (trainable), a checkpoint (frozen) or ema_of "
+            "(a temporal mean of a trainable peer)"
+        )
     if "checkpoint" in entry:
         path = Path(str(entry["checkpoint"])).expanduser()
         path = path if path.is_absolute() else base / path
@@ -258,8 +310,12 @@ def _peer(entry: dict, k: int, where: str, base: Path, open_checkpoint: bool) ->
         if not open_checkpoint:
             return peer
         # beside a checkpoint, model names the network it holds: needed to import a network of the user's own
-        check_model_named(f"{where}: peer {name!r}: checkpoint {path}", peer["model"], entry.get("model"),
-                          f'model = "{peer["model"]}" in peer {name!r}')
+        check_model_named(
+            f"{where}: peer {name!r}: checkpoint {path}",
+            peer["model"],
+            entry.get("model"),
+            f'model = "{peer["model"]}" in peer {name!r}',
+        )
         return peer
     try:
         model_factory(entry["model"])
@@ -276,11 +332,14 @@ def _resolve_mean(peer: dict, peers: list[dict], index: dict[str, int], where: s
     source = peers[index[of]]
     if of == name or source["checkpoint"] is not None or "ema_of" in source:
         what = "itself" if of == name else "frozen" if source["checkpoint"] is not None else "a temporal mean"
-        raise UserError(f"{where}: peer {name!r} is the mean of {of!r}, which is {what}; a temporal mean follows a "
-                        "peer that trains")
+        raise UserError(
+            f"{where}: peer {name!r} is the mean of {of!r}, which is {what}; a temporal mean follows a peer that trains"
+        )
     if source.get("learned_teacher"):
-        raise UserError(f"{where}: peer {name!r} is the mean of {of!r}, a learned teacher of a [[trunk]]; a temporal "
-                        "mean follows a branch or a peer")
+        raise UserError(
+            f"{where}: peer {name!r} is the mean of {of!r}, a learned teacher of a [[trunk]]; a temporal "
+            "mean follows a branch or a peer"
+        )
     decay = _number(peer, "decay", MeanOf(0).decay, f"{where}: peer {name!r}")
     try:
         MeanOf(index[of], decay)
@@ -292,22 +351,27 @@ def _resolve_mean(peer: dict, peers: list[dict], index: dict[str, int], where: s
 def _link(entry: dict, index: dict[str, int], frozen: list[int], where: str) -> Link:
     unknown = set(entry) - LINK_KEYS
     if unknown:
-        raise UserError(f"{where}: a link has unknown key(s) {', '.join(sorted(unknown))}; "
-                        f"expected {', '.join(sorted(LINK_KEYS))}")
+        raise UserError(
+            f"{where}: a link has unknown key(s) {', '.join(sorted(unknown))}; expected {', '.join(sorted(LINK_KEYS))}"
+        )
     ends = {}
     for end in ("source", "target"):
         name = entry.get(end)
         if end == "source" and isinstance(name, list) and name:  # a group: the mean of those peers' logits
             unknown = [n for n in name if not isinstance(n, str) or n not in index]
             if unknown:
-                raise UserError(f"{where}: link {name!r} -> {entry.get('target')!r}: unknown source peer(s) "
-                                f"{', '.join(map(repr, unknown))}; the peers are {', '.join(index)}")
+                raise UserError(
+                    f"{where}: link {name!r} -> {entry.get('target')!r}: unknown source peer(s) "
+                    f"{', '.join(map(repr, unknown))}; the peers are {', '.join(index)}"
+                )
             ends[end] = tuple(index[n] for n in name)
             continue
         if not isinstance(name, str) or (name not in index and not (end == "source" and name in RESERVED)):
-            raise UserError(f"{where}: link {entry.get('source')!r} -> {entry.get('target')!r}: unknown {end} "
-                            f"{name!r}; the peers are {', '.join(index)} (and {LABELS!r}, {ENSEMBLE!r}, "
-                            f"{OTHERS!r} or a list of peers as a source)")
+            raise UserError(
+                f"{where}: link {entry.get('source')!r} -> {entry.get('target')!r}: unknown {end} "
+                f"{name!r}; the peers are {', '.join(index)} (and {LABELS!r}, {ENSEMBLE!r}, "
+                f"{OTHERS!r} or a list of peers as a source)"
+            )
         ends[end] = name if name in GROUP_SOURCES else index.get(name)
     source, target = ends["source"], ends["target"]
     label = f"link {entry['source']} -> {entry['target']}"
@@ -315,17 +379,30 @@ def _link(entry: dict, index: dict[str, int], frozen: list[int], where: str) -> 
     if not isinstance(detach, bool):
         raise UserError(f"{where}: {label}: detach must be true or false, not {detach!r}")
     if target in frozen:
-        what = "joins two frozen peers (a cycle of frozen peers never learns)" if source in frozen else \
-            "leads into a frozen peer (a teacher or a temporal mean), which learns nothing from links"
+        what = (
+            "joins two frozen peers (a cycle of frozen peers never learns)"
+            if source in frozen
+            else "leads into a frozen peer (a teacher or a temporal mean), which learns nothing from links"
+        )
         raise UserError(f"{where}: {label} {what}; frozen peers can only be sources")
     standardize = entry.get("standardize", False)
     if not isinstance(standardize, bool):
         raise UserError(f"{where}: {label}: standardize must be true or false, not {standardize!r}")
-    numbers = {key: _number(entry, key, default, f"{where}: {label}")
-               for key, default in (("temperature", 1.0), ("weight", 1.0), ("ramp_epochs", None))}
+    numbers = {
+        key: _number(entry, key, default, f"{where}: {label}")
+        for key, default in (("temperature", 1.0), ("weight", 1.0), ("ramp_epochs", None))
+    }
     try:
-        return Link(target if source is None else source, target, numbers["temperature"], numbers["weight"],
-                    entry.get("gate", "through"), numbers["ramp_epochs"], standardize, detach)
+        return Link(
+            target if source is None else source,
+            target,
+            numbers["temperature"],
+            numbers["weight"],
+            entry.get("gate", "through"),
+            numbers["ramp_epochs"],
+            standardize,
+            detach,
+        )
     except (TypeError, ValueError) as exc:
         raise UserError(f"{where}: {label}: {exc}") from None
 

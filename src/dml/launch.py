@@ -21,8 +21,9 @@ from pathlib import Path
 FAILURES_ENV = "DML_FAILURES_DIR"  # where each start of each process writes the line it failed with
 
 
-def launch_processes(procs: int, train_argv: list[str], after_failure: Callable[[], str] | None = None,
-                     max_restarts: int = 0) -> int:
+def launch_processes(
+    procs: int, train_argv: list[str], after_failure: Callable[[], str] | None = None, max_restarts: int = 0
+) -> int:
     """Run ``python -m dml <train_argv>`` in ``procs`` processes on this machine; 0 on success.
 
     ``after_failure()`` (what is left, looked at once the processes have ended) ends the one-line error
@@ -32,8 +33,18 @@ def launch_processes(procs: int, train_argv: list[str], after_failure: Callable[
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    args = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(procs), "--max-restarts",
-                                         str(max_restarts), "--module", "dml", *train_argv])
+    args = get_args_parser().parse_args(
+        [
+            "--standalone",
+            "--nproc-per-node",
+            str(procs),
+            "--max-restarts",
+            str(max_restarts),
+            "--module",
+            "dml",
+            *train_argv,
+        ]
+    )
     # Each process takes its share of the cores (the engine sets it too; this silences torchrun's
     # warning and covers libraries that read the variable at import). The launcher passes its own
     # environment to the children and also edits it: restore it, so that this process and anything
@@ -69,9 +80,11 @@ def _failure_line(failures: Path, rank: int, procs: int, exit_code: int, max_res
     lines = [_read(failures / f"start{start}.rank{rank}") for start in range(max_restarts + 1)]
     last = lines[-1]
     if max_restarts and last is not None and all(line == last for line in lines):
-        return (f"error: {last.removeprefix('error: ')} (process {rank} of {procs}, the same at all "
-                f"{max_restarts + 1} starts: {_restarts(max_restarts)} used; restarting does not help a failure "
-                "that repeats)")
+        return (
+            f"error: {last.removeprefix('error: ')} (process {rank} of {procs}, the same at all "
+            f"{max_restarts + 1} starts: {_restarts(max_restarts)} used; restarting does not help a failure "
+            "that repeats)"
+        )
     if last is not None and last.startswith("error: "):
         return None
     after = f" after {_restarts(max_restarts)}" if max_restarts else ""

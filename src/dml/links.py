@@ -96,12 +96,16 @@ class Link:
             raise ValueError(f"gate {self.gate!r} is not one of: {', '.join(GATES)}")
         if isinstance(self.source, (list, tuple)):  # a group; config.json gives it back as a list
             object.__setattr__(self, "source", tuple(self.source))
-            if not self.source or len(set(self.source)) != len(self.source) or not all(
-                    isinstance(k, int) and not isinstance(k, bool) for k in self.source):
+            if (
+                not self.source
+                or len(set(self.source)) != len(self.source)
+                or not all(isinstance(k, int) and not isinstance(k, bool) for k in self.source)
+            ):
                 raise ValueError(f"a group source lists distinct peers' indices, not {list(self.source)!r}")
         elif isinstance(self.source, str) and self.source not in GROUP_SOURCES:
-            raise ValueError(f"a link's source is a peer's index, {ENSEMBLE!r}, {OTHERS!r} or a group of peers, not "
-                             f"{self.source!r}")
+            raise ValueError(
+                f"a link's source is a peer's index, {ENSEMBLE!r}, {OTHERS!r} or a group of peers, not {self.source!r}"
+            )
         if not isinstance(self.detach, bool):
             raise ValueError(f"detach must be true or false, not {self.detach!r}")
         if isinstance(self.target, bool) or not isinstance(self.target, int):
@@ -112,13 +116,16 @@ class Link:
             raise ValueError(f"a link's weight must be a non-negative finite number, got {self.weight!r}")
         if self.ramp_epochs is not None:
             if self.gate not in RAMPS:
-                raise ValueError(f"ramp_epochs is the length of a ramp gate ({', '.join(RAMPS)}), not of gate "
-                                 f"{self.gate!r}")
+                raise ValueError(
+                    f"ramp_epochs is the length of a ramp gate ({', '.join(RAMPS)}), not of gate {self.gate!r}"
+                )
             if not (self.ramp_epochs > 0 and math.isfinite(self.ramp_epochs)):
                 raise ValueError(f"ramp_epochs must be a positive number of epochs, got {self.ramp_epochs!r}")
         if self.standardize and self.is_self:
-            raise ValueError("standardize applies to a link between two sets of logits, not to the self link "
-                             "(cross-entropy with the labels)")
+            raise ValueError(
+                "standardize applies to a link between two sets of logits, not to the self link "
+                "(cross-entropy with the labels)"
+            )
         if not self.detach and self.is_self:
             raise ValueError("detach applies to a link from another source, not to the self link")
 
@@ -164,8 +171,7 @@ class Links:
     may not be the target of any link.
     """
 
-    def __init__(self, links: Sequence[Link], num_peers: int, combine: str = "mean",
-                 frozen: Sequence[int] = ()):
+    def __init__(self, links: Sequence[Link], num_peers: int, combine: str = "mean", frozen: Sequence[int] = ()):
         if combine not in COMBINES:
             raise ValueError(f"combine {combine!r} is not one of: {', '.join(COMBINES)}")
         self.num_peers = num_peers
@@ -178,16 +184,22 @@ class Links:
             raise ValueError("a link from the ensemble needs at least one trainable peer: the ensemble is their mean")
         for link in links:
             if link.source == ENSEMBLE and self.trainable == [link.target]:
-                raise ValueError(f"link {ENSEMBLE} -> {link.target}: the ensemble is the mean of the trainable peers, "
-                                 f"here peer {link.target} alone, which would learn from itself (a term of 0)")
+                raise ValueError(
+                    f"link {ENSEMBLE} -> {link.target}: the ensemble is the mean of the trainable peers, "
+                    f"here peer {link.target} alone, which would learn from itself (a term of 0)"
+                )
             if link.source == OTHERS and len([k for k in self.trainable if k != link.target]) < 1:
-                raise ValueError(f"link others -> {link.target}: the others are the trainable peers but the target, "
-                                 "and there is none")
+                raise ValueError(
+                    f"link others -> {link.target}: the others are the trainable peers but the target, "
+                    "and there is none"
+                )
             for end in (*link.peers, link.target):
                 if not 0 <= end < num_peers:
                     raise ValueError(f"link {link.source} -> {link.target}: no peer {end} in a cohort of {num_peers}")
             if link.target in self.frozen:
-                raise ValueError(f"link {link.source} -> {link.target}: peer {link.target} is frozen and learns nothing")
+                raise ValueError(
+                    f"link {link.source} -> {link.target}: peer {link.target} is frozen and learns nothing"
+                )
         pairs = [(link.source, link.target) for link in links]
         self.undetached = [link for link in links if not link.detach]
         for pair in set(pairs):
@@ -197,17 +209,30 @@ class Links:
         self.links = sorted(links + [Link(i, i) for i in selfless], key=_order)
         # decided once, not at every step: each target's self link and its links from other sources
         self._self = {link.target: link for link in self.links if link.is_self}
-        self._from_others = {i: [link for link in self.links if link.target == i and not link.is_self]
-                             for i in range(num_peers)}
+        self._from_others = {
+            i: [link for link in self.links if link.target == i and not link.is_self] for i in range(num_peers)
+        }
         self.needs_progress = any(link.gate == "linear" or link.gate in RAMPS for link in self.links)
         self.needs_steps = any(link.gate in RAMPS for link in self.links)
 
     @classmethod
-    def mutual(cls, num_peers: int, temperature: float = 1.0, weight: float = 1.0, frozen: Sequence[int] = (),
-               gate: str = "through", ramp_epochs: float | None = None) -> Links:
+    def mutual(
+        cls,
+        num_peers: int,
+        temperature: float = 1.0,
+        weight: float = 1.0,
+        frozen: Sequence[int] = (),
+        gate: str = "through",
+        ramp_epochs: float | None = None,
+    ) -> Links:
         """DML: every trainable peer learns from every other peer (frozen ones included)."""
-        links = [Link(j, i, temperature, weight, gate, ramp_epochs) for i in range(num_peers) if i not in frozen
-                 for j in range(num_peers) if j != i]
+        links = [
+            Link(j, i, temperature, weight, gate, ramp_epochs)
+            for i in range(num_peers)
+            if i not in frozen
+            for j in range(num_peers)
+            if j != i
+        ]
         return cls(links, num_peers, frozen=frozen)
 
     def to_dict(self) -> dict:
@@ -222,15 +247,27 @@ class Links:
         ensemble = torch.stack([at_least_fp32(all_logits[i]) for i in self.trainable]).mean(0)
         return [*all_logits, ensemble]
 
-    def objective(self, target: int, logits: torch.Tensor, sources: Sequence[torch.Tensor],
-                  labels: torch.Tensor, progress: Progress | None = None) -> torch.Tensor:
+    def objective(
+        self,
+        target: int,
+        logits: torch.Tensor,
+        sources: Sequence[torch.Tensor],
+        labels: torch.Tensor,
+        progress: Progress | None = None,
+    ) -> torch.Tensor:
         """L_target = CE + KD (see ``terms``)."""
         ce, kd = self.terms(target, logits, sources, labels, progress)
         return ce if kd is None else ce + kd
 
-    def terms(self, target: int, logits: torch.Tensor, sources: Sequence[torch.Tensor], labels: torch.Tensor,
-              progress: Progress | None = None, live: Mapping[int, torch.Tensor] | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def terms(
+        self,
+        target: int,
+        logits: torch.Tensor,
+        sources: Sequence[torch.Tensor],
+        labels: torch.Tensor,
+        progress: Progress | None = None,
+        live: Mapping[int, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The two parts of a trainable ``target``'s objective, each as it enters the sum: its weighted,
         gated cross-entropy and the combined distillation term of its links from other sources (None
         where none is live). ``logits`` carry their graph; ``sources`` are every peer's detached logits
@@ -245,21 +282,32 @@ class Links:
         if progress is not None and not isinstance(progress, Progress):
             raise TypeError(f"progress is a dml.links.Progress (see Cohort.progress), not {type(progress).__name__}")
         if self.needs_progress and progress is None:
-            raise ValueError("linear and ramp gates need the training progress: call cohort.set_epoch(epoch, epochs"
-                             + (", steps_per_epoch)" if self.needs_steps else ")"))
+            raise ValueError(
+                "linear and ramp gates need the training progress: call cohort.set_epoch(epoch, epochs"
+                + (", steps_per_epoch)" if self.needs_steps else ")")
+            )
         own = self._self[target]
         ce = own.weight * _gated_cross_entropy(own, logits, sources, labels, progress, self.trainable)
         incoming = self._from_others[target]
         scales = [link.weight * link.temperature**2 * _gate_factor(link, progress) for link in incoming]
         with_graph = sources
         if any(not link.detach for link in incoming):
-            missing = {k for link in incoming if not link.detach for k in (link.peers or self.trainable)} - set(live or ())
+            missing = {k for link in incoming if not link.detach for k in (link.peers or self.trainable)} - set(
+                live or ()
+            )
             if missing:
-                raise ValueError(f"peer {target}'s links that are not detached read peers {sorted(missing)}, which are "
-                                 "not computed with it: pass their logits with their graph as live")
-            with_graph = self.sources([live.get(k, z) if k in live else z for k, z in enumerate(sources[:self.num_peers])])
-        terms = [(scale, _gated_kl(link, logits, sources if link.detach else with_graph, labels, self.trainable))
-                 for link, scale in zip(incoming, scales) if scale]
+                raise ValueError(
+                    f"peer {target}'s links that are not detached read peers {sorted(missing)}, which are "
+                    "not computed with it: pass their logits with their graph as live"
+                )
+            with_graph = self.sources(
+                [live.get(k, z) if k in live else z for k, z in enumerate(sources[: self.num_peers])]
+            )
+        terms = [
+            (scale, _gated_kl(link, logits, sources if link.detach else with_graph, labels, self.trainable))
+            for link, scale in zip(incoming, scales)
+            if scale
+        ]
         if not terms:
             return ce, None
         # Where every link has the same scale the sum is taken first and scaled once, the way

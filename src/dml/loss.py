@@ -15,8 +15,9 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def kl_from_peer(peer_logits: torch.Tensor, logits: torch.Tensor, temperature: float = 1.0,
-                 per_sample: bool = False) -> torch.Tensor:
+def kl_from_peer(
+    peer_logits: torch.Tensor, logits: torch.Tensor, temperature: float = 1.0, per_sample: bool = False
+) -> torch.Tensor:
     """KL(softmax(peer/T) || softmax(logits/T)), summed over classes and averaged over the batch
     (``per_sample``: one value per sample).
 

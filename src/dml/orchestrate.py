@@ -16,10 +16,10 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from .checkpoint import checkpoint_epoch
 from .config import train_flags
 from .errors import RunStopped, UserError
 from .plan import Plan, PlannedRun, differences
-from .checkpoint import checkpoint_epoch
 from .runlog import CONFIG_FILE, LAST, RunDir, atomic_write_bytes
 
 PLAN_RECORD = "plan.json"
@@ -72,12 +72,15 @@ def claim_out_dir(plan: Plan, out_dir: Path) -> int:
             time.sleep(0.2)
     else:
         os.close(fd)
-        raise UserError(f"another dml experiment is running in {out_dir}; wait for it to end or use another "
-                        "--out-dir")
+        raise UserError(f"another dml experiment is running in {out_dir}; wait for it to end or use another --out-dir")
     try:
         grows = check_plan(plan, out_dir)
-        record = {"plan": str(plan.path.resolve()), "runs": {run.name: run.settings for run in plan.runs},
-                  "search": plan.search, "set": plan.overrides}
+        record = {
+            "plan": str(plan.path.resolve()),
+            "runs": {run.name: run.settings for run in plan.runs},
+            "search": plan.search,
+            "set": plan.overrides,
+        }
         if grows or not (out_dir / PLAN_RECORD).exists():  # the record and copy follow a plan that gained runs
             atomic_write_bytes(out_dir / PLAN_RECORD, lambda f: f.write(json.dumps(record, indent=2).encode() + b"\n"))
             atomic_write_bytes(out_dir / "plan.toml", lambda f: f.write(plan.path.read_bytes()))
@@ -101,14 +104,18 @@ def check_plan(plan: Plan, out_dir: Path) -> bool:
         raise UserError(f"{path} is unreadable ({exc}); it was not written by dml experiment") from None
     # --set is not in the plan file, so nothing else would notice it missing (a data_dir back to the plan's)
     if recorded.get("set", {}) != plan.overrides:
-        raise UserError(f"{out_dir} was started with {set_text(recorded.get('set', {}))}, not "
-                        f"{set_text(plan.overrides)}; continue it with the same --set, or use another --out-dir")
+        raise UserError(
+            f"{out_dir} was started with {set_text(recorded.get('set', {}))}, not "
+            f"{set_text(plan.overrides)}; continue it with the same --set, or use another --out-dir"
+        )
     if recorded.get("search", {}) != plan.search:
         changed.append(f"[search] {recorded.get('search', {})!r} -> {plan.search!r}")
     if changed:
         shown = "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
-        raise UserError(f"the plan differs from the one that started {out_dir} ({shown}); run the original plan "
-                        "there, or this one with another --out-dir")
+        raise UserError(
+            f"the plan differs from the one that started {out_dir} ({shown}); run the original plan "
+            "there, or this one with another --out-dir"
+        )
     return grows
 
 
@@ -123,8 +130,17 @@ def set_text(overrides: dict) -> str:
 def train_command(run: PlannedRun, out_dir: Path, resume: bool) -> list[str]:
     """The ``dml train ...`` command of one planned run."""
     settings = {k: v for k, v in run.settings.items() if k != "progress"}
-    return ["dml", "train", *train_flags(settings), "--out-dir", str(out_dir), "--name", run.name,
-            "--no-progress", *(["--resume"] if resume else [])]
+    return [
+        "dml",
+        "train",
+        *train_flags(settings),
+        "--out-dir",
+        str(out_dir),
+        "--name",
+        run.name,
+        "--no-progress",
+        *(["--resume"] if resume else []),
+    ]
 
 
 def die_with_parent():
@@ -155,9 +171,16 @@ def start_run(run: PlannedRun, out_dir: Path, resume: bool, lock_fd: int, env: d
     with open(out_dir / LOGS / f"{run.name}.log", "ab") as log:
         log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n".encode())
         log.flush()
-        return subprocess.Popen([sys.executable, "-m", *command], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env or child_env(0, 1), start_new_session=True,
-                                preexec_fn=die_with_parent(), pass_fds=(lock_fd,))
+        return subprocess.Popen(
+            [sys.executable, "-m", *command],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env or child_env(0, 1),
+            start_new_session=True,
+            preexec_fn=die_with_parent(),
+            pass_fds=(lock_fd,),
+        )
 
 
 def child_env(slot: int, jobs: int) -> dict:
@@ -195,5 +218,7 @@ def signals_to(handler):
 
 def stopped_by(signum: int, kept: str) -> RunStopped:
     """The error of work stopped by a signal, with the shell's exit status for it (130, 143)."""
-    return RunStopped(f"stopped by {signal.Signals(signum).name}; {kept}: run the same command again to continue",
-                      exit_code=128 + signum)
+    return RunStopped(
+        f"stopped by {signal.Signals(signum).name}; {kept}: run the same command again to continue",
+        exit_code=128 + signum,
+    )

@@ -93,8 +93,9 @@ class Peer:
         self.updates += 1
         weight = max(1.0 / self.updates, 1.0 - self.mean_of.decay)
         mine, theirs = [], []
-        for own, followed in zip([*self.model.parameters(), *self.model.buffers()],
-                                 [*source.model.parameters(), *source.model.buffers()]):
+        for own, followed in zip(
+            [*self.model.parameters(), *self.model.buffers()], [*source.model.parameters(), *source.model.buffers()]
+        ):
             if own.is_floating_point():
                 mine.append(own)
                 theirs.append(followed)
@@ -104,9 +105,16 @@ class Peer:
 
     def state_dict(self) -> dict:
         if self.mean_of is not None:
-            return {"index": self.index, "model_name": self.model_name, "model": self.model.state_dict(),
-                    "mean_of": self.mean_of.source, "decay": self.mean_of.decay, "updates": self.updates,
-                    "best_acc": self.best_acc, "best_epoch": self.best_epoch}
+            return {
+                "index": self.index,
+                "model_name": self.model_name,
+                "model": self.model.state_dict(),
+                "mean_of": self.mean_of.source,
+                "decay": self.mean_of.decay,
+                "updates": self.updates,
+                "best_acc": self.best_acc,
+                "best_epoch": self.best_epoch,
+            }
         return {
             "index": self.index,
             "model_name": self.model_name,
@@ -135,10 +143,13 @@ class Peer:
         updates = state.get("updates", 0)
         if self.mean_of is not None and (type(updates) is not int or updates < 0):
             raise ValueError(f"checkpoint['updates'] should be a step count (an int >= 0), not {updates!r}")
-        if self.mean_of is not None and (state.get("mean_of"), state.get("decay")) != (self.mean_of.source,
-                                                                                      self.mean_of.decay):
-            raise ValueError(f"the state is not that of a mean of peer {self.mean_of.source} with decay "
-                             f"{self.mean_of.decay}")
+        if self.mean_of is not None and (state.get("mean_of"), state.get("decay")) != (
+            self.mean_of.source,
+            self.mean_of.decay,
+        ):
+            raise ValueError(
+                f"the state is not that of a mean of peer {self.mean_of.source} with decay {self.mean_of.decay}"
+            )
         self.model.load_state_dict(state["model"])
         if self.trains:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -193,6 +204,7 @@ def one_or_each(flag: str, named: list[str] | None, count: int, what: str) -> li
         return [None] * count
     if len(named) not in (1, count):
         things = what if count == 1 else f"{what}s"
-        raise UserError(f"{flag} lists {len(named)} names for {count} {things}; give one name (for all of them) "
-                        f"or one per {what}")
+        raise UserError(
+            f"{flag} lists {len(named)} names for {count} {things}; give one name (for all of them) or one per {what}"
+        )
     return list(named) * count if len(named) == 1 else list(named)

@@ -63,9 +63,15 @@ class ThreadedPeers:
         flush_denormal = flushes_denormals()
         self.workers = workers
         self.threads_per_worker = threads_per_worker
-        self._pools = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"dml-peer-{w}",
-                                          initializer=_init_worker, initargs=(threads_per_worker, flush_denormal))
-                       for w in range(workers)]
+        self._pools = [
+            ThreadPoolExecutor(
+                max_workers=1,
+                thread_name_prefix=f"dml-peer-{w}",
+                initializer=_init_worker,
+                initargs=(threads_per_worker, flush_denormal),
+            )
+            for w in range(workers)
+        ]
         for pool in self._pools:
             pool.submit(lambda: None).result()  # start the thread now, so its settings are in place
         torch.set_num_threads(1)
@@ -115,8 +121,9 @@ def flushes_denormals() -> bool:
     return (torch.tensor([1e-39]) * 2.0).item() == 0.0
 
 
-def peer_runner(num_peers: int, device: torch.device, side_by_side: bool = True,
-                threads: int | None = None) -> SerialPeers | ThreadedPeers:
+def peer_runner(
+    num_peers: int, device: torch.device, side_by_side: bool = True, threads: int | None = None
+) -> SerialPeers | ThreadedPeers:
     """Threads for two or more peers side by side on a CPU with two or more threads; the calling
     thread otherwise.
 

@@ -57,8 +57,19 @@ SETTINGS = {f.name: f for f in fields(TrainConfig) if f.name not in DECIDED_BY_P
 # output directory continues). Unlike --resume, a run's teacher or graph path counts: it names what the
 # run learns from (dml train then compares their contents).
 PLAN_MAY_CHANGE = frozenset(
-    {"device", "data_dir", "out_dir", "name", "download", "download_url", "skip_checksum", "progress",
-     "check_batches", "teacher_model", "threads"}
+    {
+        "device",
+        "data_dir",
+        "out_dir",
+        "name",
+        "download",
+        "download_url",
+        "skip_checksum",
+        "progress",
+        "check_batches",
+        "teacher_model",
+        "threads",
+    }
 )
 LABEL = re.compile(r"[A-Za-z0-9._+-]+")
 PLACEHOLDER = re.compile(r"\{((?:run:)?[A-Za-z0-9._+-]+)\}")
@@ -100,8 +111,10 @@ def read_plan(path: str | Path, out_dir: Path, overrides: dict | None = None) ->
     where = f"plan {path}"
     unknown = set(data) - PLAN_KEYS
     if unknown:
-        raise UserError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; a plan has [defaults], [grid], "
-                        "[[run]], [search], [published] and baseline")
+        raise UserError(
+            f"{where}: unknown key(s) {', '.join(sorted(unknown))}; a plan has [defaults], [grid], "
+            "[[run]], [search], [published] and baseline"
+        )
     defaults = _settings(_table(data, "defaults", where), f"{where} [defaults]")
     grid = _table(data, "grid", where)
     for key, values in grid.items():
@@ -114,10 +127,13 @@ def read_plan(path: str | Path, out_dir: Path, overrides: dict | None = None) ->
     labels = [row.get("label") for row in rows]
     for k, label in enumerate(labels):
         if label is not None and (not isinstance(label, str) or not LABEL.fullmatch(label)):
-            raise UserError(f"{where} [[run]] {k + 1}: label must be a name of letters, digits and . _ + -, "
-                            f"got {label!r}")
-    rows = [_settings({k: v for k, v in row.items() if k != "label"}, f"{where} [[run]] {k + 1}")
-            for k, row in enumerate(rows)]
+            raise UserError(
+                f"{where} [[run]] {k + 1}: label must be a name of letters, digits and . _ + -, got {label!r}"
+            )
+    rows = [
+        _settings({k: v for k, v in row.items() if k != "label"}, f"{where} [[run]] {k + 1}")
+        for k, row in enumerate(rows)
+    ]
     overrides = _settings(overrides or {}, "--set")
     defaults.update(overrides)
     for key in overrides:
@@ -129,8 +145,9 @@ def read_plan(path: str | Path, out_dir: Path, overrides: dict | None = None) ->
     def value(settings: dict, key: str):
         return settings.get(key, defaults.get(key, field_default(SETTINGS[key])))
 
-    varying_row_keys = [k for k in dict.fromkeys(k for row in rows for k in row)
-                        if len({repr(value(row, k)) for row in rows}) > 1]
+    varying_row_keys = [
+        k for k in dict.fromkeys(k for row in rows for k in row) if len({repr(value(row, k)) for row in rows}) > 1
+    ]
     varying_grid_keys = [k for k, values in grid.items() if len(values) > 1]
     combinations = list(itertools.product(*grid.values()))
     planned = {}  # (row, combination number) -> (name, settings)
@@ -150,8 +167,10 @@ def read_plan(path: str | Path, out_dir: Path, overrides: dict | None = None) ->
     if baseline is not None and baseline not in labels:
         raise UserError(f"{where}: baseline {baseline!r} is not the label of a [[run]]")
     if baseline is not None and set(varying_grid_keys) - {"seed"}:
-        raise UserError(f"{where}: a baseline compares with one configuration over seeds, but the grid also varies "
-                        f"{', '.join(k for k in varying_grid_keys if k != 'seed')}; drop baseline or make those rows")
+        raise UserError(
+            f"{where}: a baseline compares with one configuration over seeds, but the grid also varies "
+            f"{', '.join(k for k in varying_grid_keys if k != 'seed')}; drop baseline or make those rows"
+        )
     search = _search(_table(data, "search", where), where)
     _check_search_ends(runs, search, where)
     return Plan(path, runs, baseline, search, overrides, _published(_table(data, "published", where), labels, where))
@@ -184,18 +203,25 @@ def _settings(table: dict, where: str) -> dict:
     for key, value in table.items():
         if key not in SETTINGS:
             hint = " (the plan names its runs and places them in --out-dir)" if key in DECIDED_BY_PLAN else ""
-            raise UserError(f"{where}: {key!r} is not a dml train setting{hint}; settings are named as in "
-                            f"config.json: {', '.join(SETTINGS)}")
+            raise UserError(
+                f"{where}: {key!r} is not a dml train setting{hint}; settings are named as in "
+                f"config.json: {', '.join(SETTINGS)}"
+            )
         kind = setting_kind(key)
         if kind is list and isinstance(value, str):
             value = [value]
         if kind is list and value == []:
             raise UserError(f"{where}: {key} must name at least one; leave it out instead")
         item = _list_item_kind(key) if kind is list else None
-        ok = (isinstance(value, list) and all(isinstance(v, item) and not isinstance(v, bool) for v in value)) \
-            if kind is list else (
-            isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
-            isinstance(value, kind) and (kind is bool or not isinstance(value, bool)))
+        ok = (
+            (isinstance(value, list) and all(isinstance(v, item) and not isinstance(v, bool) for v in value))
+            if kind is list
+            else (
+                isinstance(value, (int, float)) and not isinstance(value, bool)
+                if kind is float
+                else isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+            )
+        )
         if not ok:
             what = f"a list of {'integers' if item is int else 'strings'}" if kind is list else _kind_name(kind)
             raise UserError(f"{where}: {key} must be {what}, got {value!r}")
@@ -212,8 +238,10 @@ def parse_overrides(items: list[str]) -> dict:
         key, sep, text = item.partition("=")
         key, text = key.strip(), text.strip()
         if not sep or not key:
-            raise UserError(f"--set takes KEY=VALUE with a dml train setting as named in config.json, e.g. "
-                            f"--set data_dir=/data/cifar; got {item!r}")
+            raise UserError(
+                f"--set takes KEY=VALUE with a dml train setting as named in config.json, e.g. "
+                f"--set data_dir=/data/cifar; got {item!r}"
+            )
         if key in out:
             raise UserError(f"--set {key} is given twice; give it once")
         value = toml_value(text)
@@ -246,8 +274,9 @@ def setting_value(key: str, value):
 
 
 def _kind_name(kind) -> str:
-    return {list: "a list of strings", float: "a number", int: "an integer", bool: "true or false",
-            str: "a string"}[kind]
+    return {list: "a list of strings", float: "a number", int: "an integer", bool: "true or false", str: "a string"}[
+        kind
+    ]
 
 
 def _part(key: str, value) -> str:
@@ -272,15 +301,21 @@ def _part(key: str, value) -> str:
 def _fill(settings: dict, out_dir: Path, folders: dict[str, Path], where: str) -> dict:
     """Placeholders in string settings: {out_dir}, {<setting>} (e.g. {seed}) and {run:<label>}, the
     folder of that row's run with the same grid values."""
-    values = {"out_dir": str(out_dir), **{k: str(v) for k, v in settings.items() if not isinstance(v, list)},
-              **{f"run:{label}": str(folder) for label, folder in folders.items()}}
+    values = {
+        "out_dir": str(out_dir),
+        **{k: str(v) for k, v in settings.items() if not isinstance(v, list)},
+        **{f"run:{label}": str(folder) for label, folder in folders.items()},
+    }
 
     def fill(text: str) -> str:
         def replace(match):
             if match.group(1) not in values:
-                raise UserError(f"{where}: unknown placeholder {{{match.group(1)}}} in {text!r}; use {{out_dir}}, "
-                                "{run:LABEL} or a setting of the run such as {seed}")
+                raise UserError(
+                    f"{where}: unknown placeholder {{{match.group(1)}}} in {text!r}; use {{out_dir}}, "
+                    "{run:LABEL} or a setting of the run such as {seed}"
+                )
             return values[match.group(1)]
+
         filled = PLACEHOLDER.sub(replace, text)
         if "{run:" in filled:
             raise UserError(f"{where}: {text!r} holds a {{run:...}} that is not a label of a [[run]]")
@@ -289,8 +324,9 @@ def _fill(settings: dict, out_dir: Path, folders: dict[str, Path], where: str) -
     def fill_any(value):
         return fill(value) if isinstance(value, str) else value
 
-    return {k: [fill_any(v) for v in value] if isinstance(value, list) else fill_any(value)
-            for k, value in settings.items()}
+    return {
+        k: [fill_any(v) for v in value] if isinstance(value, list) else fill_any(value) for k, value in settings.items()
+    }
 
 
 def _check_names(runs: list[PlannedRun], where: str) -> None:
@@ -330,8 +366,10 @@ def _check_settings(run: PlannedRun, where: str) -> None:
         settings.pop("teacher", None)
     if settings.get("data_parallel", 1) != 1:
         # a plan's runs are single dml train processes, each given its share of the cores or one GPU
-        raise UserError(f"{where}, run {run.name}: data_parallel needs several processes per run, which plans do not "
-                        "start; run it with dml train --procs or torchrun")
+        raise UserError(
+            f"{where}, run {run.name}: data_parallel needs several processes per run, which plans do not "
+            "start; run it with dml train --procs or torchrun"
+        )
     try:
         run.peers = TrainConfig(**settings, name=run.name).count_trained_peers()
     except UserError as exc:
@@ -371,11 +409,15 @@ def _search(table: dict, where: str) -> dict:
         if key not in SETTINGS:
             raise UserError(f"{where} [search]: {key!r} is not a dml train setting")
         if not isinstance(spec, dict) or set(spec) not in SEARCH_KINDS:
-            raise UserError(f"{where} [search]: {key} must be {{ low = ..., high = ... [, log = true] }} or "
-                            "{ choices = [...] }")
+            raise UserError(
+                f"{where} [search]: {key} must be {{ low = ..., high = ... [, log = true] }} or {{ choices = [...] }}"
+            )
         if "choices" in spec:
-            if not isinstance(spec["choices"], list) or not spec["choices"] or \
-                    any(isinstance(v, (list, dict)) for v in spec["choices"]):
+            if (
+                not isinstance(spec["choices"], list)
+                or not spec["choices"]
+                or any(isinstance(v, (list, dict)) for v in spec["choices"])
+            ):
                 raise UserError(f"{where} [search]: {key}.choices must be a non-empty list of single values")
             for value in spec["choices"]:
                 _settings({key: value}, f"{where} [search]")

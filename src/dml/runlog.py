@@ -93,8 +93,8 @@ def environment_info(runtime) -> dict:
 
 
 # the temporary file of an atomic write of one of the run's files (see create_temp_file)
-TORN_WRITE = re.compile(r"\.(%s)\.[0-9a-z_]+\.tmp"
-                        % "|".join(map(re.escape, (CONFIG_FILE, METRICS_FILE, LAST_NEXT, BEST))))
+_RUN_FILES = "|".join(map(re.escape, (CONFIG_FILE, METRICS_FILE, LAST_NEXT, BEST)))
+TORN_WRITE = re.compile(rf"\.({_RUN_FILES})\.[0-9a-z_]+\.tmp")
 
 
 def _is_torn_write(path: Path) -> bool:
@@ -109,7 +109,7 @@ def _events_without_epochs(path: Path) -> bool:
     data = path.read_bytes()
     records, offset = 0, 0
     while offset + 12 <= len(data):  # a record: length (8 bytes), its CRC (4), the data, the data's CRC (4)
-        offset += 12 + int.from_bytes(data[offset:offset + 8], "little") + 4
+        offset += 12 + int.from_bytes(data[offset : offset + 8], "little") + 4
         records += 1
     return records <= 1
 
@@ -197,8 +197,11 @@ class RunDir:
         except UserError:  # a config.json dml train did not write (or none): not a start of its own
             return False
         # the peer folders of the configuration it was started with, which may differ from this one
-        folders = {"ensemble", *(self.peer_path(i).name for i in self.peer_names),
-                   *(peer_dir_name(i, m) for i, m in enumerate(started.models) if i not in started.frozen)}
+        folders = {
+            "ensemble",
+            *(self.peer_path(i).name for i in self.peer_names),
+            *(peer_dir_name(i, m) for i, m in enumerate(started.models) if i not in started.frozen),
+        }
         try:
             for entry in self.path.iterdir():
                 if entry.is_symlink():
@@ -207,9 +210,13 @@ class RunDir:
                     continue
                 if entry.name == METRICS_FILE and entry.is_file() and not entry.read_text().strip():
                     continue
-                if entry.name in folders and entry.is_dir() and all(
-                        not f.is_symlink() and (_is_torn_write(f) or _events_without_epochs(f))
-                        for f in entry.iterdir()):
+                if (
+                    entry.name in folders
+                    and entry.is_dir()
+                    and all(
+                        not f.is_symlink() and (_is_torn_write(f) or _events_without_epochs(f)) for f in entry.iterdir()
+                    )
+                ):
                     continue
                 return False
         except (OSError, UnicodeDecodeError):
@@ -313,8 +320,11 @@ class RunDir:
         for record in records:
             ensemble = record["node"] == ENSEMBLE
             folder = ENSEMBLE if ensemble else peer_dir_name(record["node"], record["model"])
-            keys = ("val_acc", "test_acc") if ensemble else \
-                ("lr", "train_loss", "train_ce", "train_kd", "train_acc", "val_acc", "test_acc")
+            keys = (
+                ("val_acc", "test_acc")
+                if ensemble
+                else ("lr", "train_loss", "train_ce", "train_kd", "train_acc", "val_acc", "test_acc")
+            )
             for key in keys:
                 if key in record:
                     self._scalar(folder, key, record[key], record["epoch"])
@@ -326,8 +336,17 @@ class RunDir:
         and that the run goes on after ``saved_epoch``: the epoch after it runs again. Its ``epoch`` is the
         saved one, so that a later resume from there keeps the record."""
         if self.writer:
-            self._append([{"epoch": saved_epoch, "node": RESTART, "restart": restart, "max_restarts": max_restarts,
-                           "repeats_epoch": saved_epoch + 1}])
+            self._append(
+                [
+                    {
+                        "epoch": saved_epoch,
+                        "node": RESTART,
+                        "restart": restart,
+                        "max_restarts": max_restarts,
+                        "repeats_epoch": saved_epoch + 1,
+                    }
+                ]
+            )
 
     def _append(self, records: list[dict]) -> None:
         """Append ``records`` to metrics.jsonl in one write, on disk before this returns."""
@@ -372,14 +391,15 @@ class RunDir:
             # peer without any lost its files (a first epoch's commit cut short leaves logged <= 1)
             if logged > 1 and len(missing) < len(epochs_by_peer):
                 folders = ", ".join(self.peer_path(i).name for i in missing)
-                raise UserError(f"{self.path}: {folders} has no checkpoint while the run logged {logged} complete "
-                                "epochs; resuming would start over from epoch 1: put back its last.pt, or start over "
-                                "with another --name")
+                raise UserError(
+                    f"{self.path}: {folders} has no checkpoint while the run logged {logged} complete "
+                    "epochs; resuming would start over from epoch 1: put back its last.pt, or start over "
+                    "with another --name"
+                )
             return 0
         common = set.intersection(*epochs_by_peer.values())
         if not common:
             raise UserError(
-                f"{self.path} holds no epoch that every peer has a checkpoint for; "
-                "start a new run with another --name"
+                f"{self.path} holds no epoch that every peer has a checkpoint for; start a new run with another --name"
             )
         return max(common)

@@ -84,8 +84,15 @@ class Runtime:
       other programs keep them busy; see threads.py).
     """
 
-    def __init__(self, device: str | torch.device = "auto", precision: str = "auto", plain: bool = False,
-                 num_peers: int = 1, side_by_side: bool = True, threads: int | None = None):
+    def __init__(
+        self,
+        device: str | torch.device = "auto",
+        precision: str = "auto",
+        plain: bool = False,
+        num_peers: int = 1,
+        side_by_side: bool = True,
+        threads: int | None = None,
+    ):
         self.device = resolve_device(device)
         self.precision = Precision(resolve_precision(precision, self.device, plain), self.device)
         self.plain = plain
@@ -96,8 +103,9 @@ class Runtime:
             torch.set_flush_denormal(True)  # before the runner: its workers copy the setting
         if plain and threads is None:
             threads = torch.get_num_threads()  # PyTorch's own count, not measured
-        self.runner: SerialPeers | ThreadedPeers = peer_runner(num_peers, self.device, side_by_side and not plain,
-                                                               threads)
+        self.runner: SerialPeers | ThreadedPeers = peer_runner(
+            num_peers, self.device, side_by_side and not plain, threads
+        )
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         """A batch of inputs on the device, in the memory format the models use."""

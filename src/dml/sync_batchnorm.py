@@ -69,15 +69,30 @@ class _SyncedBatchNorm(torch.autograd.Function):
         s1, s2 = sums[:channels].view(shape), sums[channels:].view(shape)
         scale = (weight.to(x_hat.dtype) * invstd).view(shape)
         dx = scale * (dy - s1 / count - x_hat * s2 / count)
-        return (dx.to(grad_out.dtype), local[channels:].to(weight.dtype), local[:channels].to(weight.dtype),
-                None, None, None, None, None)
+        return (
+            dx.to(grad_out.dtype),
+            local[channels:].to(weight.dtype),
+            local[:channels].to(weight.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 class SyncedBatchNorm(nn.modules.batchnorm._BatchNorm):
     """A BatchNorm layer (any number of spatial dimensions) whose training statistics span ``group``."""
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, group=None):
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        group=None,
+    ):
         super().__init__(num_features, eps, momentum, affine, track_running_stats)
         self.group = group
 
@@ -99,8 +114,9 @@ class SyncedBatchNorm(nn.modules.batchnorm._BatchNorm):
         if self.track_running_stats:
             self.num_batches_tracked.add_(1)
         momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-        return _SyncedBatchNorm.apply(x, self.weight, self.bias, self.running_mean, self.running_var, self.eps,
-                                      momentum, self.group)
+        return _SyncedBatchNorm.apply(
+            x, self.weight, self.bias, self.running_mean, self.running_var, self.eps, momentum, self.group
+        )
 
 
 def synchronise_batchnorm(model: nn.Module, group, replaced: dict | None = None) -> nn.Module:
@@ -112,8 +128,9 @@ def synchronise_batchnorm(model: nn.Module, group, replaced: dict | None = None)
         if child in replaced:
             setattr(model, name, replaced[child])
         elif isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, SyncedBatchNorm):
-            synced = SyncedBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                     child.track_running_stats, group)
+            synced = SyncedBatchNorm(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats, group
+            )
             if child.affine:
                 synced.weight, synced.bias = child.weight, child.bias
             if child.track_running_stats:

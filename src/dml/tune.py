@@ -23,8 +23,18 @@ from tqdm import tqdm
 from .config import TrainConfig, field_default
 from .errors import RunStopped, UserError
 from .markdown import table
-from .orchestrate import (LOGS, POLL_SECONDS, claim_out_dir, epochs_saved, is_finished, last_line, signals_to,
-                          start_run, stopped_by, train_command)
+from .orchestrate import (
+    LOGS,
+    POLL_SECONDS,
+    claim_out_dir,
+    epochs_saved,
+    is_finished,
+    last_line,
+    signals_to,
+    start_run,
+    stopped_by,
+    train_command,
+)
 from .plan import SETTINGS, Plan, PlannedRun, read_plan, setting_kind, setting_value
 from .runlog import RunDir, trained_peers
 
@@ -37,8 +47,9 @@ def _optuna():
         import optuna
     except ImportError:
         # the package is not on PyPI: name what installs it from here
-        raise UserError("dml tune needs optuna: pip install optuna "
-                        "(or, in the project's checkout, pip install -e '.[tune]')") from None
+        raise UserError(
+            "dml tune needs optuna: pip install optuna (or, in the project's checkout, pip install -e '.[tune]')"
+        ) from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the search prints its own lines
     return optuna
 
@@ -46,17 +57,23 @@ def _optuna():
 def base_run(plan: Plan) -> PlannedRun:
     """The one configuration a search varies; it must hold out a validation split."""
     if len(plan.runs) != 1:
-        raise UserError(f"plan {plan.path}: dml tune searches around one configuration, but the plan has "
-                        f"{len(plan.runs)} runs; leave out [grid] and all but one [[run]]")
+        raise UserError(
+            f"plan {plan.path}: dml tune searches around one configuration, but the plan has "
+            f"{len(plan.runs)} runs; leave out [grid] and all but one [[run]]"
+        )
     if not plan.search:
-        raise UserError(f"plan {plan.path} has no [search] table: give the ranges to search, e.g. "
-                        "lr = { low = 0.01, high = 0.2, log = true }")
+        raise UserError(
+            f"plan {plan.path} has no [search] table: give the ranges to search, e.g. "
+            "lr = { low = 0.01, high = 0.2, log = true }"
+        )
     for key in plan.overrides.keys() & plan.search.keys():
         raise UserError(f"--set {key}: the plan's [search] varies {key}; drop it from --set or from [search]")
     run = plan.runs[0]
     if not run.settings.get("val_samples"):
-        raise UserError(f"plan {plan.path}: dml tune chooses on validation accuracy, never on the test set; set "
-                        "val_samples in [defaults] (e.g. 5000)")
+        raise UserError(
+            f"plan {plan.path}: dml tune chooses on validation accuracy, never on the test set; set "
+            "val_samples in [defaults] (e.g. 5000)"
+        )
     return run
 
 
@@ -81,8 +98,10 @@ def validation_curve(run_dir: Path) -> dict[int, float]:
     except UserError:
         return {}  # not started yet
     peers = trained_peers(run.read_config())  # not the teachers, not the temporal means
-    return {epoch: sum(entry[i].data["val_acc"] for i in peers) / len(peers)
-            for epoch, entry in run.completed_epochs().items()}
+    return {
+        epoch: sum(entry[i].data["val_acc"] for i in peers) / len(peers)
+        for epoch, entry in run.completed_epochs().items()
+    }
 
 
 class Search:
@@ -91,15 +110,26 @@ class Search:
         self.optuna, self.plan, self.out_dir, self.trials, self.lock_fd = optuna, plan, out_dir, trials, lock_fd
         self.base = base_run(plan)
         self.study = optuna.create_study(
-            storage=f"sqlite:///{out_dir / STUDY}", study_name=STUDY_NAME, direction="maximize", load_if_exists=True,
+            storage=f"sqlite:///{out_dir / STUDY}",
+            study_name=STUDY_NAME,
+            direction="maximize",
+            load_if_exists=True,
             # judged from epoch 2 on: a first epoch says little, least of all in DML's slow start
-            pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2))
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2),
+        )
         # The sampler's random state is not stored with the study: seeding it with the plan's seed plus
         # the trials so far keeps a resumed search reproducible without repeating its first trials' values.
         seed = self.base.settings.get("seed", field_default(SETTINGS["seed"]))
         self.study.sampler = optuna.samplers.TPESampler(seed=seed + len(self.study.trials))
-        self.bar = tqdm(total=trials, initial=min(self.finished(), trials), unit="trial", desc="tune",
-                        disable=None if progress else True, dynamic_ncols=True, leave=False)
+        self.bar = tqdm(
+            total=trials,
+            initial=min(self.finished(), trials),
+            unit="trial",
+            desc="tune",
+            disable=None if progress else True,
+            dynamic_ncols=True,
+            leave=False,
+        )
         self.stop_signal: int | None = None
         self.child = None
 
@@ -123,8 +153,9 @@ class Search:
                 while self.finished() < self.trials and self.stop_signal is None:
                     self.run_trial(self.study.ask())
             except KeyboardInterrupt:  # a second signal
-                raise RunStopped("interrupted; the study is saved: run the same command again to continue",
-                                 exit_code=130) from None
+                raise RunStopped(
+                    "interrupted; the study is saved: run the same command again to continue", exit_code=130
+                ) from None
             finally:
                 self.bar.close()
         if self.stop_signal is not None:
@@ -162,8 +193,9 @@ class Search:
             report(curve)
             if curve:
                 best = f", best {self.study.best_value:.2f}%" if self._any_complete() else ""
-                self.bar.set_postfix_str(f"trial {trial.number} epoch {max(curve)}/{run.epochs}, val "
-                                         f"{curve[max(curve)]:.2f}%{best}")
+                self.bar.set_postfix_str(
+                    f"trial {trial.number} epoch {max(curve)}/{run.epochs}, val {curve[max(curve)]:.2f}%{best}"
+                )
             # after its last epoch a trial has nothing left to save by stopping it: it completes
             if not pruned and self.stop_signal is None and curve and max(curve) < run.epochs and trial.should_prune():
                 pruned = True
@@ -176,16 +208,21 @@ class Search:
         if finished and (code == 0 or pruned):  # a stop that came after its last epoch: it completed all the same
             report(curve)
             self.study.tell(trial, max(curve.values()))
-            self.log(f"trial {trial.number}: best val {max(curve.values()):.2f}% "
-                     f"(best trial so far: {self.study.best_trial.number}, {self.study.best_value:.2f}%)")
+            self.log(
+                f"trial {trial.number}: best val {max(curve.values()):.2f}% "
+                f"(best trial so far: {self.study.best_trial.number}, {self.study.best_value:.2f}%)"
+            )
         elif pruned:
             self.study.tell(trial, state=states.PRUNED)
-            self.log(f"trial {trial.number} pruned after epoch {max(curve)} of {run.epochs}: "
-                     f"val {curve[max(curve)]:.2f}%")
+            self.log(
+                f"trial {trial.number} pruned after epoch {max(curve)} of {run.epochs}: val {curve[max(curve)]:.2f}%"
+            )
         else:
             self.study.tell(trial, state=states.FAIL)
-            self.log(f"trial {trial.number} failed (exit status {code}: "
-                     f"{last_line(self.out_dir / LOGS / f'{run.name}.log')})")
+            self.log(
+                f"trial {trial.number} failed (exit status {code}: "
+                f"{last_line(self.out_dir / LOGS / f'{run.name}.log')})"
+            )
         self.bar.update()
 
     def _any_complete(self) -> bool:
@@ -202,27 +239,43 @@ class Search:
         """Markdown: every trial, and the best settings as a dml train command."""
         keys = list(self.plan.search)
         header = ["Trial", "State", *keys, "Epochs", "Best Val Accuracy (%)"]
-        lines = [f"# Search: {self.plan.path}", "",
-                 f"{len(self.study.trials)} trials in `{self.out_dir / STUDY}`, chosen on validation accuracy "
-                 f"({self.base.settings['val_samples']} held-out training images), never on the test set.", ""]
+        lines = [
+            f"# Search: {self.plan.path}",
+            "",
+            f"{len(self.study.trials)} trials in `{self.out_dir / STUDY}`, chosen on validation accuracy "
+            f"({self.base.settings['val_samples']} held-out training images), never on the test set.",
+            "",
+        ]
         rows = []
         for t in self.study.trials:
             curve = t.intermediate_values
             value = f"{t.value:.2f}" if t.value is not None else (f"{max(curve.values()):.2f}" if curve else "–")
-            cells = [str(t.number), t.state.name.lower(), *(_short(t.params.get(k, "–")) for k in keys),
-                     str(max(curve) if curve else 0), value]
+            cells = [
+                str(t.number),
+                t.state.name.lower(),
+                *(_short(t.params.get(k, "–")) for k in keys),
+                str(max(curve) if curve else 0),
+                value,
+            ]
             rows.append(cells)
         lines.append(table(header, rows))
         if self._any_complete():
             best = self.study.best_trial
             best_settings = {k: setting_value(k, v) for k, v in best.params.items()}
-            command = train_command(replace(self.base, settings={**self.base.settings, **best_settings}),
-                                    Path("runs"), resume=False)
+            command = train_command(
+                replace(self.base, settings={**self.base.settings, **best_settings}), Path("runs"), resume=False
+            )
             command[command.index("--name") + 1] = "tuned"
             command.remove("--no-progress")  # trials run without bars; a command for a person keeps them
-            lines += ["", f"Best: trial {best.number}, validation accuracy {best.value:.2f}% "
-                          f"({', '.join(f'{k} = {_short(v)}' for k, v in best.params.items())}). Its settings:",
-                      "", "```bash", shlex.join(command), "```"]
+            lines += [
+                "",
+                f"Best: trial {best.number}, validation accuracy {best.value:.2f}% "
+                f"({', '.join(f'{k} = {_short(v)}' for k, v in best.params.items())}). Its settings:",
+                "",
+                "```bash",
+                shlex.join(command),
+                "```",
+            ]
         return "\n".join(lines) + "\n"
 
 
@@ -230,8 +283,9 @@ def _short(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def tune(plan_path: str, trials: int, out_dir: str | None = None, progress: bool = True,
-         overrides: dict | None = None) -> int:
+def tune(
+    plan_path: str, trials: int, out_dir: str | None = None, progress: bool = True, overrides: dict | None = None
+) -> int:
     """Run the search until the study holds ``trials`` finished trials, with the settings ``overrides``
     (``--set``) in place of the plan's; returns the exit status."""
     if trials < 1:

@@ -16,7 +16,9 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 NORMALISATION = {"cifar100": (CIFAR100_MEAN, CIFAR100_STD), "cifar10": (CIFAR10_MEAN, CIFAR10_STD)}
 
 
-def draw_crop_and_flip(batch: int, pad: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def draw_crop_and_flip(
+    batch: int, pad: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample offsets (dy, dx) uniform over 0..2*pad and flips with p = 0.5."""
     device = generator.device
     offsets = torch.randint(0, 2 * pad + 1, (2, batch), generator=generator, device=device)
@@ -24,7 +26,9 @@ def draw_crop_and_flip(batch: int, pad: int, generator: torch.Generator) -> tupl
     return offsets[0], offsets[1], flips
 
 
-def crop_and_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flips: torch.Tensor, pad: int) -> torch.Tensor:
+def crop_and_flip(
+    images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flips: torch.Tensor, pad: int
+) -> torch.Tensor:
     """Random-crop of zero-padded images, then optional horizontal flip, as one gather.
 
     out[b, c, y, x] = padded[b, c, dy[b] + y, dx[b] + (W-1-x if flips[b] else x)]

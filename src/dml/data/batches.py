@@ -16,8 +16,15 @@ class TrainBatches:
     seed (and its state, which a checkpoint stores to resume mid-run).
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                 generator: torch.Generator, normalise: Normalise, views: int = 1):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        generator: torch.Generator,
+        normalise: Normalise,
+        views: int = 1,
+    ):
         self.images, self.labels = images, labels
         self.batch_size = batch_size
         self.generator = generator
@@ -31,20 +38,23 @@ class TrainBatches:
         order = torch.randperm(self.images.shape[0], generator=self.generator, device=self.generator.device)
         order = order.to(self.images.device)
         for step in range(len(self)):
-            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+            idx = order[step * self.batch_size : (step + 1) * self.batch_size]
             if self.views == 1:
                 yield self.normalise(augment_batch(self.images[idx], self.generator)), self.labels[idx]
             else:
                 batch = self.images[idx]
-                yield torch.stack([self.normalise(augment_batch(batch, self.generator)) for _ in range(self.views)]), \
-                    self.labels[idx]
+                yield (
+                    torch.stack([self.normalise(augment_batch(batch, self.generator)) for _ in range(self.views)]),
+                    self.labels[idx],
+                )
 
 
-def test_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                 normalise: Normalise) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def test_batches(
+    images: torch.Tensor, labels: torch.Tensor, batch_size: int, normalise: Normalise
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Test images in order, normalised only."""
     for start in range(0, images.shape[0], batch_size):
-        yield normalise(images[start:start + batch_size]), labels[start:start + batch_size]
+        yield normalise(images[start : start + batch_size]), labels[start : start + batch_size]
 
 
 test_batches.__test__ = False  # not a pytest test despite its name

@@ -139,8 +139,14 @@ def load_cifar(
             if not skip_checksum:
                 _check_md5(archive, md5_table[spec.archive], spec)
         elif download:
-            download_archive(resolve_url(url, spec.url, spec.archive), archive, title=spec.title, folder=spec.folder,
-                             md5=None if skip_checksum else md5_table[spec.archive], progress=progress)
+            download_archive(
+                resolve_url(url, spec.url, spec.archive),
+                archive,
+                title=spec.title,
+                folder=spec.folder,
+                md5=None if skip_checksum else md5_table[spec.archive],
+                progress=progress,
+            )
         else:
             raise UserError(
                 f"{spec.title} not found under {root}: place the extracted folder {spec.folder}/ "
@@ -243,9 +249,7 @@ def _class_names(meta: Any, path: Path, spec: _Spec) -> list[str]:
     names = _get(meta, spec.names_key, path)
     if not isinstance(names, (list, tuple)) or len(names) != spec.num_classes:
         got = len(names) if isinstance(names, (list, tuple)) else type(names).__name__
-        raise UserError(
-            f"file {path}: {spec.names_key!r} should list {spec.num_classes} class names, got {got}"
-        )
+        raise UserError(f"file {path}: {spec.names_key!r} should list {spec.num_classes} class names, got {got}")
     out = []
     for name in names:
         if isinstance(name, bytes):
@@ -266,10 +270,7 @@ def _read_split(folder: Path, files: tuple[str, ...], expected: int, spec: _Spec
         labels.append(lab)
     total = sum(len(lab) for lab in labels)
     if total != expected:
-        raise UserError(
-            f"{spec.title} files {', '.join(files)} in {folder} hold {total} images, expected "
-            f"{expected}"
-        )
+        raise UserError(f"{spec.title} files {', '.join(files)} in {folder} hold {total} images, expected {expected}")
     data = datas[0] if len(datas) == 1 else np.concatenate(datas)
     if not (data.flags.c_contiguous and data.flags.writeable):
         data = np.array(data, order="C")  # torch.from_numpy wants a writable, dense array
@@ -281,10 +282,8 @@ def _read_split(folder: Path, files: tuple[str, ...], expected: int, spec: _Spec
 def _read_batch(path: Path, spec: _Spec, expected: int | None) -> tuple[np.ndarray, np.ndarray]:
     batch = _unpickle(path)
     data = _get(batch, "data", path)
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
-            or data.shape[1] != _PIXELS:
-        desc = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) \
-            else type(data).__name__
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != _PIXELS:
+        desc = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise UserError(f"file {path}: 'data' should be a uint8 array of shape (N, {_PIXELS}), got {desc}")
     n = data.shape[0]
     if expected is not None and n != expected:
@@ -301,7 +300,6 @@ def _read_batch(path: Path, spec: _Spec, expected: int | None) -> tuple[np.ndarr
         raise UserError(f"file {path} has {n} images but {len(labels)} labels")
     if n and (labels.min() < 0 or labels.max() >= spec.num_classes):
         raise UserError(
-            f"file {path}: labels must lie in 0..{spec.num_classes - 1}, found "
-            f"{labels.min()}..{labels.max()}"
+            f"file {path}: labels must lie in 0..{spec.num_classes - 1}, found {labels.min()}..{labels.max()}"
         )
     return data, labels.astype(np.int64)

@@ -84,9 +84,7 @@ def _fetch(url: str, dest: Path, title: str, folder: str, md5: str | None, progr
     try:
         try:
             request = urllib.request.Request(url, headers={"User-Agent": "dml-cifar-loader"})
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(
-                request, timeout=DOWNLOAD_TIMEOUT_S
-            ) as response:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response:
                 size = response.headers.get("Content-Length")
                 with tqdm(
                     total=int(size) if size and size.isdigit() else None,
@@ -157,15 +155,11 @@ def extract_folder(archive: Path, root: Path, folder: str, *, kind: str, url: st
                         shutil.copyfileobj(source, out, 1 << 20)
             extracted = staging / folder
             if not extracted.is_dir():
-                raise UserError(
-                    f"archive {archive} does not contain the folder {folder}/; it is not a "
-                    f"{kind} ({url})"
-                )
+                raise UserError(f"archive {archive} does not contain the folder {folder}/; it is not a {kind} ({url})")
             os.replace(extracted, root / folder)
         except (tarfile.TarError, EOFError, zlib.error) as e:
             raise UserError(
-                f"archive {archive} is truncated or corrupt ({e}); delete it and download it again "
-                f"from {url}"
+                f"archive {archive} is truncated or corrupt ({e}); delete it and download it again from {url}"
             ) from e
         except OSError as e:
             raise UserError(f"could not extract {archive} into {root}: {e}") from e
@@ -188,4 +182,3 @@ def _safe_member_path(member: tarfile.TarInfo, archive: Path) -> PurePosixPath:
             f"path; refusing to extract it"
         )
     return path
-

@@ -37,17 +37,22 @@ def load_image_folder(root: str | Path, image_size: int | None = None, progress:
     if classes["train"] != classes["test"]:
         only_train = sorted(set(classes["train"]) - set(classes["test"]))
         only_test = sorted(set(classes["test"]) - set(classes["train"]))
-        raise UserError(f"{root}: train/ and test/ hold different classes (only in train: {only_train or 'none'}; "
-                        f"only in test: {only_test or 'none'}); give both splits the same class folders")
+        raise UserError(
+            f"{root}: train/ and test/ hold different classes (only in train: {only_train or 'none'}; "
+            f"only in test: {only_test or 'none'}); give both splits the same class folders"
+        )
     names = classes["train"]
     total = sum(len(v) for split in SPLITS for v in files[split].values())
-    with tqdm(total=total, desc=f"decoding {root.name or root}", unit="img", disable=None if progress else True,
-              leave=False) as bar:
+    with tqdm(
+        total=total, desc=f"decoding {root.name or root}", unit="img", disable=None if progress else True, leave=False
+    ) as bar:
         splits = {split: _decode_split(files[split], names, image_size, bar) for split in SPLITS}
     shapes = {split: tuple(splits[split].images.shape[1:]) for split in SPLITS}
     if shapes["train"] != shapes["test"]:
-        raise UserError(f"{root}: training images are {_size(shapes['train'])} but test images "
-                        f"{_size(shapes['test'])}; pass --image-size to resize both")
+        raise UserError(
+            f"{root}: training images are {_size(shapes['train'])} but test images "
+            f"{_size(shapes['test'])}; pass --image-size to resize both"
+        )
     mean, std = channel_stats(splits["train"].images)
     return ImageData("folder", len(names), names, splits["train"], splits["test"], mean, std)
 
@@ -63,8 +68,9 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
 def _list_split(root: Path, split: str) -> dict[str, list[Path]]:
     folder = root / split
     if not folder.is_dir():
-        raise UserError(f"{folder} is not a folder: an image folder dataset needs {root}/train/<class>/ and "
-                        f"{root}/test/<class>/")
+        raise UserError(
+            f"{folder} is not a folder: an image folder dataset needs {root}/train/<class>/ and {root}/test/<class>/"
+        )
     classes = {}
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith("."):
@@ -95,8 +101,10 @@ def _decode_split(files: dict[str, list[Path]], names: list[str], image_size: in
             if first is None:
                 first = (path, pixels.shape[:2])
             elif pixels.shape[:2] != first[1]:
-                raise UserError(f"{path} is {_size(pixels.shape[:2])} but {first[0]} is {_size(first[1])}; "
-                                "pass --image-size to resize every image to one size")
+                raise UserError(
+                    f"{path} is {_size(pixels.shape[:2])} but {first[0]} is {_size(first[1])}; "
+                    "pass --image-size to resize every image to one size"
+                )
             images.append(pixels)
             labels.append(label)
             bar.update()

@@ -25,6 +25,7 @@ def _cifar_resnet(depth: int) -> Callable[[int], nn.Module]:
         from .cifar_resnet import CifarResNet
 
         return CifarResNet(depth, num_classes)
+
     return build
 
 
@@ -33,6 +34,7 @@ def _wide_resnet(depth: int, width: int) -> Callable[[int], nn.Module]:
         from .wide_resnet import WideResNet
 
         return WideResNet(depth, width, num_classes)
+
     return build
 
 
@@ -61,8 +63,10 @@ def model_factory(name: str) -> Callable[[int], nn.Module]:
     if name in MODELS:
         return MODELS[name]
     if not is_import_path(name):
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}, "
-                         "or package.module:factory for a network of your own")
+        raise ValueError(
+            f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}, "
+            "or package.module:factory for a network of your own"
+        )
     module_name, _, attr = name.partition(":")
     if not module_name or not attr:
         raise ValueError(f"model {name!r}: an import path reads package.module:factory")
@@ -93,9 +97,11 @@ def _check_signature(name: str, factory: Callable) -> None:
     try:
         signature.bind(100)
     except TypeError:
-        raise ValueError(f"model {name!r}: {name.replace(':', '.')}{signature} cannot be called as "
-                         "factory(num_classes) -> nn.Module: a factory takes one argument, the number of classes, "
-                         "and returns the network") from None
+        raise ValueError(
+            f"model {name!r}: {name.replace(':', '.')}{signature} cannot be called as "
+            "factory(num_classes) -> nn.Module: a factory takes one argument, the number of classes, "
+            "and returns the network"
+        ) from None
 
 
 def create_model(name: str, num_classes: int = 100) -> nn.Module:

@@ -39,9 +39,7 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(out_ch)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_ch)
-        self.shortcut = (
-            ZeroPadShortcut(in_ch, out_ch) if stride != 1 or in_ch != out_ch else nn.Identity()
-        )
+        self.shortcut = ZeroPadShortcut(in_ch, out_ch) if stride != 1 or in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -87,11 +85,11 @@ class CifarResNet(nn.Module):
 
     def trunk(self, x: torch.Tensor, shared: int) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
-        return self.blocks[:len(self.blocks) // self.stages * shared](out)
+        return self.blocks[: len(self.blocks) // self.stages * shared](out)
 
     def tail(self, h: torch.Tensor, shared: int) -> torch.Tensor:
         """The feature map after the last stage, from the trunk's output ``h``."""
-        return self.blocks[len(self.blocks) // self.stages * shared:](h)
+        return self.blocks[len(self.blocks) // self.stages * shared :](h)
 
     @torch.no_grad()
     def folded(self) -> CifarResNet:

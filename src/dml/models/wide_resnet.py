@@ -20,11 +20,7 @@ class PreActBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_ch)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
         self.dropout = dropout
-        self.shortcut = (
-            nn.Conv2d(in_ch, out_ch, 1, stride, 0, bias=False)
-            if stride != 1 or in_ch != out_ch
-            else None
-        )
+        self.shortcut = nn.Conv2d(in_ch, out_ch, 1, stride, 0, bias=False) if stride != 1 or in_ch != out_ch else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = F.relu(self.bn1(x))
@@ -75,8 +71,8 @@ class WideResNet(nn.Module):
         return self.blocks[len(self.blocks) // self.stages * shared - 1].conv2.out_channels
 
     def trunk(self, x: torch.Tensor, shared: int) -> torch.Tensor:
-        return self.blocks[:len(self.blocks) // self.stages * shared](self.conv1(x))
+        return self.blocks[: len(self.blocks) // self.stages * shared](self.conv1(x))
 
     def tail(self, h: torch.Tensor, shared: int) -> torch.Tensor:
         """The feature map after the last stage (its final BatchNorm and ReLU), from the trunk's output ``h``."""
-        return F.relu(self.bn(self.blocks[len(self.blocks) // self.stages * shared:](h)))
+        return F.relu(self.bn(self.blocks[len(self.blocks) // self.stages * shared :](h)))

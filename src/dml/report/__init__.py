@@ -18,6 +18,22 @@ from .plots import comparison_figure, plot_comparison, plot_run, run_figure
 from .runs import PeerHistory, Run, find_runs, read_run
 from .stats import Stat, baseline_accuracy, group_name, seed_groups
 
-__all__ = ["PeerHistory", "Run", "Stat", "baseline_accuracy", "build_markdown", "comparison_figure", "find_runs",
-           "group_name", "group_section", "plot_comparison", "plot_run", "read_run", "report", "results_table",
-           "run_figure", "seed_groups", "summary_table"]
+__all__ = [
+    "PeerHistory",
+    "Run",
+    "Stat",
+    "baseline_accuracy",
+    "build_markdown",
+    "comparison_figure",
+    "find_runs",
+    "group_name",
+    "group_section",
+    "plot_comparison",
+    "plot_run",
+    "read_run",
+    "report",
+    "results_table",
+    "run_figure",
+    "seed_groups",
+    "summary_table",
+]

@@ -22,8 +22,13 @@ def _file_stem(name: str, taken: set[str]) -> str:
     return unique
 
 
-def report(run_paths, baseline: str | os.PathLike | list | None = None, out: str | os.PathLike | None = None,
-           plots: str | os.PathLike | None = None, published: dict | None = None) -> str:
+def report(
+    run_paths,
+    baseline: str | os.PathLike | list | None = None,
+    out: str | os.PathLike | None = None,
+    plots: str | os.PathLike | None = None,
+    published: dict | None = None,
+) -> str:
     """Read the runs, draw the plots (when ``plots`` names a folder) and return the Markdown;
     with ``out`` it is also written there, with image links relative to it. ``published``: a plan's
     [published] table (row label -> accuracy, and its "source"), printed beside the measured numbers."""
@@ -32,8 +37,10 @@ def report(run_paths, baseline: str | os.PathLike | list | None = None, out: str
     if baseline is not None:
         baseline_runs = [read_run(p) for p in find_runs(baseline if isinstance(baseline, list) else [baseline])]
         if len(seed_groups(baseline_runs)) > 1:
-            raise UserError(f"--baseline {baseline} holds runs with different settings; name one run, "
-                            "or a folder whose runs differ only in seed")
+            raise UserError(
+                f"--baseline {baseline} holds runs with different settings; name one run, "
+                "or a folder whose runs differ only in seed"
+            )
     images: dict[str, str] = {}
     comparison = None
     if plots is not None:

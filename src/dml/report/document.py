@@ -8,13 +8,20 @@ from pathlib import Path
 
 from ..markdown import escape, table
 from .runs import Run
-from .stats import Baseline, Stat, best_epoch, group_name, seed_groups, stat, without
+from .stats import Baseline, best_epoch, group_name, seed_groups, stat, without
 
 DASH = "–"  # an empty cell: the value does not exist for this row
 
 HEADER = ["Model ID", "Train Accuracy (%)", "Test Accuracy (%)", "Best Test Accuracy (%)", "Train Loss"]
-VAL_HEADER = ["Model ID", "Train Accuracy (%)", "Val Accuracy (%)", "Test Accuracy (%)", "Test at Best Val (%)",
-              "Best Test Accuracy (%)", "Train Loss"]
+VAL_HEADER = [
+    "Model ID",
+    "Train Accuracy (%)",
+    "Val Accuracy (%)",
+    "Test Accuracy (%)",
+    "Test at Best Val (%)",
+    "Best Test Accuracy (%)",
+    "Train Loss",
+]
 IMPROVEMENT = "Improvement vs Baseline (pp)"
 
 
@@ -33,9 +40,11 @@ def results_table(group: list[Run], baseline: Baseline | None = None) -> str:
 
     def row(label, train_acc, val_acc, test_acc, at_best_val, best, loss, bold=False, teacher=False, mean=False):
         # a temporal mean does not train: its numbers on the training batches (evaluation mode) are left out
-        cells = [label, DASH if mean else train_acc.format()] + (
-            [val_acc.format(), test_acc.format(), at_best_val.format()] if with_val else [test_acc.format()]) + [
-            best.format(), DASH if mean else loss.format(3)]
+        cells = (
+            [label, DASH if mean else train_acc.format()]
+            + ([val_acc.format(), test_acc.format(), at_best_val.format()] if with_val else [test_acc.format()])
+            + [best.format(), DASH if mean else loss.format(3)]
+        )
         if baseline is not None:
             cells.append(DASH if teacher else baseline.gain(group, test_acc.values).format(signed=True))
         if bold:
@@ -46,18 +55,32 @@ def results_table(group: list[Run], baseline: Baseline | None = None) -> str:
         history = [run.peers[i] for run in group]
         best = [h.best() for h in history]
         chosen = [h.at_best_val() for h in history] if with_val else []
-        row(escape(history[0].label), stat([h.train_acc[-1] for h in history]),
-            with_val and stat([h.val_acc[-1] for h in history]), stat([h.test_acc[-1] for h in history]),
+        row(
+            escape(history[0].label),
+            stat([h.train_acc[-1] for h in history]),
+            with_val and stat([h.val_acc[-1] for h in history]),
+            stat([h.test_acc[-1] for h in history]),
             with_val and stat([c[0] for c in chosen], [c[1] for c in chosen]),
-            stat([b[0] for b in best], [b[1] for b in best]), stat([h.train_loss[-1] for h in history]),
-            teacher=history[0].teacher, mean=history[0].mean_of is not None)
+            stat([b[0] for b in best], [b[1] for b in best]),
+            stat([h.train_loss[-1] for h in history]),
+            teacher=history[0].teacher,
+            mean=history[0].mean_of is not None,
+        )
     if len(group[0].students) > 1:
+
         def mean_over_peers(value):
             return stat([statistics.fmean(value(p) for p in run.students) for run in group])
 
-        row("Average", mean_over_peers(lambda p: p.train_acc[-1]), with_val and mean_over_peers(lambda p: p.val_acc[-1]),
-            mean_over_peers(lambda p: p.test_acc[-1]), with_val and mean_over_peers(lambda p: p.at_best_val()[0]),
-            mean_over_peers(lambda p: p.best()[0]), mean_over_peers(lambda p: p.train_loss[-1]), bold=True)
+        row(
+            "Average",
+            mean_over_peers(lambda p: p.train_acc[-1]),
+            with_val and mean_over_peers(lambda p: p.val_acc[-1]),
+            mean_over_peers(lambda p: p.test_acc[-1]),
+            with_val and mean_over_peers(lambda p: p.at_best_val()[0]),
+            mean_over_peers(lambda p: p.best()[0]),
+            mean_over_peers(lambda p: p.train_loss[-1]),
+            bold=True,
+        )
         rows.append(_ensemble_row(group, baseline is not None))
     return table(header, rows)
 
@@ -129,8 +152,9 @@ def _title(group: list[Run], is_baseline: bool = False) -> str:
     return f"{kind}: {escape(group_name(group))}{seeds}"
 
 
-def group_section(group: list[Run], baseline: Baseline | None, images: dict[str, str] | None = None,
-                  is_baseline: bool = False) -> str:
+def group_section(
+    group: list[Run], baseline: Baseline | None, images: dict[str, str] | None = None, is_baseline: bool = False
+) -> str:
     """One run's (or seed group's) section: configuration bullets, the table, its legend, plots.
 
     ``baseline`` is what the runs are compared with; ``images`` maps run paths to plots.
@@ -148,31 +172,45 @@ def group_section(group: list[Run], baseline: Baseline | None, images: dict[str,
         + (f", {cfg.get('update', 'simultaneous')} updates" if first.num_peers > 1 else ""),
         f"- Epochs: {epochs_text(first)}",
         f"- Seed{'s' if len(group) > 1 else ''}: {seeds}" + (f" (n = {len(group)})" if len(group) > 1 else ""),
-        "", "**Results**:", "", results_table(group, baseline), "",
+        "",
+        "**Results**:",
+        "",
+        results_table(group, baseline),
+        "",
     ]
-    note = (f"Train Accuracy, Test Accuracy and Train Loss at the last epoch ({first.epochs_done}); "
-            f"Best Test Accuracy is the highest over the {plural(first.epochs_done, 'epoch')} run")
+    note = (
+        f"Train Accuracy, Test Accuracy and Train Loss at the last epoch ({first.epochs_done}); "
+        f"Best Test Accuracy is the highest over the {plural(first.epochs_done, 'epoch')} run"
+    )
     note += " (its epoch in parentheses)." if len(group) == 1 else "."
     if first.has_val:
-        note += (f" Val Accuracy is on the {cfg.get('val_samples')} training images held out for validation; "
-                 "Test at Best Val is the test accuracy at the epoch of highest validation accuracy (the epoch "
-                 "best.pt holds), an unbiased choice, unlike Best Test.")
+        note += (
+            f" Val Accuracy is on the {cfg.get('val_samples')} training images held out for validation; "
+            "Test at Best Val is the test accuracy at the epoch of highest validation accuracy (the epoch "
+            "best.pt holds), an unbiased choice, unlike Best Test."
+        )
     if len(group) > 1:
         note += f" Values are mean ± sample standard deviation over n = {len(group)} seeds."
     if first.num_peers > 1:
         note += " Ensemble: the peers' mean softmax."
     if any(p.learned_teacher for p in first.peers):
-        note += (" A row marked (learned teacher) is made of the branches of a multi-branch network (ONE's gate): not "
-                 "part of the Average or the Ensemble.")
+        note += (
+            " A row marked (learned teacher) is made of the branches of a multi-branch network (ONE's gate): not "
+            "part of the Average or the Ensemble."
+        )
     if first.means:
-        note += (" A row marked (mean of i) is the temporal mean (moving average of the weights) of peer i, not "
-                 "part of the Average or the Ensemble; the model to deploy is often this one: its folder's best.pt. "
-                 "It does not train, so its train columns are empty (metrics.jsonl keeps its cross-entropy and "
-                 "accuracy on the training batches, computed in evaluation mode).")
+        note += (
+            " A row marked (mean of i) is the temporal mean (moving average of the weights) of peer i, not "
+            "part of the Average or the Ensemble; the model to deploy is often this one: its folder's best.pt. "
+            "It does not train, so its train columns are empty (metrics.jsonl keeps its cross-entropy and "
+            "accuracy on the training batches, computed in evaluation mode)."
+        )
     if baseline:
-        note += (f" Improvement: final test accuracy minus the baseline's ({escape(baseline.name)}: "
-                 f"{baseline.accuracy:.2f}% at its last epoch), in percentage points"
-                 + (f", {baseline.paired_note}" if len(group) > 1 else ""))
+        note += (
+            f" Improvement: final test accuracy minus the baseline's ({escape(baseline.name)}: "
+            f"{baseline.accuracy:.2f}% at its last epoch), in percentage points"
+            + (f", {baseline.paired_note}" if len(group) > 1 else "")
+        )
         # An interrupted run is compared with a baseline that may have trained far longer: say so.
         note += f", although this run stopped at epoch {first.epochs_done}." if first.interrupted else "."
     lines += [note, ""]
@@ -183,28 +221,43 @@ def group_section(group: list[Run], baseline: Baseline | None, images: dict[str,
     return "\n".join(lines)
 
 
-def summary_table(groups: list[list[Run]], baseline_group: list[Run] | None, baseline: Baseline | None,
-                  published: dict | None = None) -> str:
+def summary_table(
+    groups: list[list[Run]], baseline_group: list[Run] | None, baseline: Baseline | None, published: dict | None = None
+) -> str:
     """One line per run or seed group: the averages that compare node counts at a glance (and, where a
     plan gives them, the published numbers beside)."""
     everything = ([baseline_group] if baseline_group else []) + groups
     with_val = any(group[0].has_val for group in everything)
     published = {k: v for k, v in (published or {}).items() if k != "source"}
-    header = ["Run", "Nodes", "Epochs", "Seeds", "Avg Test Accuracy (%)"] + \
-        (["Avg Test at Best Val (%)"] if with_val else []) + \
-        ["Avg Best Test Accuracy (%)", "Ensemble Test Accuracy (%)"] + ([IMPROVEMENT] if baseline is not None else []) + \
-        (["Published (%)"] if published else [])
+    header = (
+        ["Run", "Nodes", "Epochs", "Seeds", "Avg Test Accuracy (%)"]
+        + (["Avg Test at Best Val (%)"] if with_val else [])
+        + ["Avg Best Test Accuracy (%)", "Ensemble Test Accuracy (%)"]
+        + ([IMPROVEMENT] if baseline is not None else [])
+        + (["Published (%)"] if published else [])
+    )
     rows = []
     for group in everything:
         avg_test = stat([statistics.fmean(p.test_acc[-1] for p in run.students) for run in group])
-        at_best_val = (stat([statistics.fmean(p.at_best_val()[0] for p in run.students) for run in group]).format()
-                       if group[0].has_val else DASH)
+        at_best_val = (
+            stat([statistics.fmean(p.at_best_val()[0] for p in run.students) for run in group]).format()
+            if group[0].has_val
+            else DASH
+        )
         avg_best = stat([statistics.fmean(p.best()[0] for p in run.students) for run in group])
         final = [run.ensemble.get(run.epochs_done) for run in group]
         name = escape(group_name(group)) + (" (baseline)" if group is baseline_group else "")
-        cells = [name, peers_text(group[0]), epochs_text(group[0]), ", ".join(str(r.seed) for r in group),
-                 avg_test.format()] + ([at_best_val] if with_val else []) + \
-                [avg_best.format(), DASH if None in final else stat(final).format()]
+        cells = (
+            [
+                name,
+                peers_text(group[0]),
+                epochs_text(group[0]),
+                ", ".join(str(r.seed) for r in group),
+                avg_test.format(),
+            ]
+            + ([at_best_val] if with_val else [])
+            + [avg_best.format(), DASH if None in final else stat(final).format()]
+        )
         if baseline is not None:
             cells.append(DASH if group is baseline_group else baseline.gain(group, avg_test.values).format(signed=True))
         if published:
@@ -214,9 +267,13 @@ def summary_table(groups: list[list[Run]], baseline_group: list[Run] | None, bas
     return table(header, rows)
 
 
-def build_markdown(runs: list[Run], baseline_runs: list[Run] | None = None,
-                   images: dict[str, str] | None = None, comparison_image: str | None = None,
-                   published: dict | None = None) -> str:
+def build_markdown(
+    runs: list[Run],
+    baseline_runs: list[Run] | None = None,
+    images: dict[str, str] | None = None,
+    comparison_image: str | None = None,
+    published: dict | None = None,
+) -> str:
     """The whole report. ``images`` maps a run's path (str) to the link of its plot; ``published`` a
     plan's [published] table."""
     images = images or {}
@@ -227,10 +284,17 @@ def build_markdown(runs: list[Run], baseline_runs: list[Run] | None = None,
         baseline = Baseline.of(baseline_group)
         runs = without(runs, baseline_runs)  # the baseline is shown once, in its own section
     groups = seed_groups(runs)
-    parts = ["# Training report", "",
-             "Accuracies in %. Test accuracy is given at the last epoch run and, as Best, at the epoch "
-             "where it was highest: publications report either, so both are shown.", "",
-             "## Summary", "", summary_table(groups, baseline_group, baseline, published), ""]
+    parts = [
+        "# Training report",
+        "",
+        "Accuracies in %. Test accuracy is given at the last epoch run and, as Best, at the epoch "
+        "where it was highest: publications report either, so both are shown.",
+        "",
+        "## Summary",
+        "",
+        summary_table(groups, baseline_group, baseline, published),
+        "",
+    ]
     if published and published.get("source"):
         parts += [f"Published: {escape(published['source'])}.", ""]
     if comparison_image:

@@ -50,8 +50,10 @@ def run_figure(run: Run, baseline: list[Run] | None = None):
     _decorate(loss_ax, "Train loss", "train loss")
     if with_terms:
         _decorate(axes[2], "Train loss terms: cross-entropy (solid) and distillation (dashed)", "term of the loss")
-    fig.suptitle(f"{run.name}: {models_text(run.config['models'])} on {run.config.get('dataset', 'cifar100')}, "
-                 f"epochs {epochs_text(run)}")
+    fig.suptitle(
+        f"{run.name}: {models_text(run.config['models'])} on {run.config.get('dataset', 'cifar100')}, "
+        f"epochs {epochs_text(run)}"
+    )
     return fig
 
 
@@ -68,11 +70,21 @@ def comparison_figure(groups: list[list[Run]], baseline: list[Run] | None = None
     for group in sorted(groups, key=lambda g: (g[0].num_peers, group_name(g))):
         epochs, mean, std = group_band(group, "test_acc")
         label = f"{peers_text(group[0], long=True)}: {group_name(group)}"
-        line, = ax.plot(epochs, mean, label=label + (f" (mean ± std of {len(group)} seeds)" if len(group) > 1 else ""),
-                        **_line_style(len(epochs)))
+        (line,) = ax.plot(
+            epochs,
+            mean,
+            label=label + (f" (mean ± std of {len(group)} seeds)" if len(group) > 1 else ""),
+            **_line_style(len(epochs)),
+        )
         if len(group) > 1:  # the seeds' spread as a band around their mean
-            ax.fill_between(epochs, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
-                            color=line.get_color(), alpha=0.2, linewidth=0)
+            ax.fill_between(
+                epochs,
+                [m - d for m, d in zip(mean, std)],
+                [m + d for m, d in zip(mean, std)],
+                color=line.get_color(),
+                alpha=0.2,
+                linewidth=0,
+            )
     if baseline:
         _plot_baseline(ax, group_curve(baseline, "test_acc"), f"baseline: {group_name(baseline)}")
     _decorate(ax, "Average test accuracy of the peers by number of nodes", "average test accuracy (%)")

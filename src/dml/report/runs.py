@@ -31,8 +31,15 @@ class PeerHistory:
 
     @property
     def label(self) -> str:
-        role = " (teacher)" if self.teacher else f" (mean of {self.mean_of})" if self.mean_of is not None else \
-            " (learned teacher)" if self.learned_teacher else ""
+        role = (
+            " (teacher)"
+            if self.teacher
+            else f" (mean of {self.mean_of})"
+            if self.mean_of is not None
+            else " (learned teacher)"
+            if self.learned_teacher
+            else ""
+        )
         return peer_dir_name(self.index, self.model) + role
 
     def best(self) -> tuple[float, int]:
@@ -127,8 +134,10 @@ def read_run(path: Path) -> Run:
     models = config["models"]
     spec_peers = [peer if isinstance(peer, dict) else {} for peer in (config.get("graph_spec") or {}).get("peers", [])]
     spec_peers += [{}] * (len(models) - len(spec_peers))
-    peers = [PeerHistory(i, name, bool(spec.get("checkpoint")), spec.get("ema_of"),
-                         bool(spec.get("learned_teacher"))) for i, (name, spec) in enumerate(zip(models, spec_peers))]
+    peers = [
+        PeerHistory(i, name, bool(spec.get("checkpoint")), spec.get("ema_of"), bool(spec.get("learned_teacher")))
+        for i, (name, spec) in enumerate(zip(models, spec_peers))
+    ]
     run_dir = RunDir(path, {p.index: p.model for p in peers if not p.teacher}, writer=False)
     records = run_dir.records()
     for record in records:
@@ -151,8 +160,10 @@ def read_run(path: Path) -> Run:
     for epoch, entry in run_dir.completed_epochs(records).items():
         missing = [i for i in range(len(models)) if i not in entry]
         if missing:
-            raise UserError(f"{path / METRICS_FILE} has no record of peer {missing[0]} in epoch {epoch}, which is "
-                            "complete; it was not written by dml train")
+            raise UserError(
+                f"{path / METRICS_FILE} has no record of peer {missing[0]} in epoch {epoch}, which is "
+                "complete; it was not written by dml train"
+            )
         for peer in peers:
             record = entry[peer.index].data
             peer.epochs.append(epoch)
@@ -169,11 +180,15 @@ def read_run(path: Path) -> Run:
         if "val_acc" in record:
             ensemble_val[epoch] = float(record["val_acc"])
     if not peers[0].epochs:
-        raise UserError(f"{path / METRICS_FILE} holds no epoch completed by every peer; report the run after its "
-                        "first epoch")
-    if any(len(p.val_acc) not in (0, len(p.epochs)) for p in peers) or \
-            (peers[0].val_acc and ensemble and len(ensemble_val) != len(ensemble)):
-        raise UserError(f"{path / METRICS_FILE} has val_acc in some epochs only; it was not written by one dml train run")
+        raise UserError(
+            f"{path / METRICS_FILE} holds no epoch completed by every peer; report the run after its first epoch"
+        )
+    if any(len(p.val_acc) not in (0, len(p.epochs)) for p in peers) or (
+        peers[0].val_acc and ensemble and len(ensemble_val) != len(ensemble)
+    ):
+        raise UserError(
+            f"{path / METRICS_FILE} has val_acc in some epochs only; it was not written by one dml train run"
+        )
     return Run(path, config, peers, ensemble, ensemble_val)
 
 
@@ -186,5 +201,6 @@ def _read_config(path: Path) -> dict:
     except FileNotFoundError:
         raise UserError(f"{path} is missing: {path.parent} is not a dml run directory") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{path} is unreadable ({type(exc).__name__}: {exc}); it was not written by dml train") \
-            from None
+        raise UserError(
+            f"{path} is unreadable ({type(exc).__name__}: {exc}); it was not written by dml train"
+        ) from None

@@ -10,12 +10,26 @@ from dataclasses import dataclass, fields
 from ..config import TrainConfig, field_default
 from .runs import Run
 
-
 # Settings of config.json that do not make a run a different experimental condition: runs that differ
 # only in them are seeds of one group (graph files and teachers are compared through graph_spec).
 NOT_AN_EXPERIMENTAL_CONDITION = frozenset(
-    {"seed", "device", "data_dir", "out_dir", "name", "download", "download_url", "skip_checksum", "progress",
-     "check_batches", "graph", "teacher", "teacher_model", "threads", "data_parallel"}
+    {
+        "seed",
+        "device",
+        "data_dir",
+        "out_dir",
+        "name",
+        "download",
+        "download_url",
+        "skip_checksum",
+        "progress",
+        "check_batches",
+        "graph",
+        "teacher",
+        "teacher_model",
+        "threads",
+        "data_parallel",
+    }
 )
 DEFAULTS = {f.name: field_default(f) for f in fields(TrainConfig)}
 

@@ -1,0 +1,15 @@
+"""Lint and format of the package, with the settings in pyproject.toml: a violation fails the suite (and CI)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("command", [["check", "src"], ["format", "--check", "src"]], ids=["lint", "format"])
+def test_ruff_finds_nothing_in_the_package(command):
+    done = subprocess.run([sys.executable, "-m", "ruff", *command], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
