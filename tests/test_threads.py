@@ -54,7 +54,7 @@ def _busy_processes(count: int, seconds: float) -> list[subprocess.Popen]:
 
 @pytest.mark.processes
 @needs_two_cores
-def test_one_peer_beside_busy_processes_computes_with_fewer_threads(monkeypatch):
+def test_a_peer_beside_busy_processes_measures_a_team_size_and_gives_the_threads_back(monkeypatch):
     cores = torch.get_num_threads()
     busy = _busy_processes(2 * (os.cpu_count() or cores), seconds=60)
     try:
