@@ -1,7 +1,9 @@
 """Functions run as the ranks of a torch.distributed job on 127.0.0.1: spawned processes, gloo."""
 
 import os
+import queue
 import socket
+import time
 
 import torch.multiprocessing as mp
 
@@ -18,7 +20,18 @@ def run_ranks(world: int, target, *args, timeout: float = 180) -> dict:
     procs = [ctx.Process(target=_as_rank, args=(rank, world, port, results, target, args)) for rank in range(world)]
     for p in procs:
         p.start()
-    got = dict(results.get(timeout=timeout) for _ in procs)
+    got, deadline = {}, time.monotonic() + timeout
+    while len(got) < world:
+        try:
+            rank, value = results.get(timeout=1)
+            got[rank] = value
+        except queue.Empty:
+            failed = [(rank, p.exitcode) for rank, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if failed or time.monotonic() > deadline:  # a rank that raised: the others would wait for it
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"ranks that failed (rank, exit code): {failed}" if failed else
+                                   f"no answer from every rank within {timeout} s") from None
     for p in procs:
         p.join(timeout=30)
     return got

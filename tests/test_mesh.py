@@ -30,8 +30,6 @@ def test_a_data_parallel_size_that_does_not_divide_the_processes_is_refused(worl
 
 
 def _exchange_on_a_rank():
-    from types import SimpleNamespace
-
     import torch
 
     from dml.distributed import TorchExchange
@@ -46,7 +44,7 @@ def _exchange_on_a_rank():
         model = torch.nn.Linear(2, 1)
         for q in model.parameters():
             q.grad = torch.full_like(q, float(exchange.rank))
-        exchange.average_gradients(SimpleNamespace(index=peer, model=model))
+        exchange.average_gradients(model, peer)
         counts = exchange.sum_over_replicas(torch.tensor([replica + 1]))
         return (peer, replica, [z[0, 0].item() for z in logits], shared[0, 0].item(), objects,
                 [q.grad.flatten()[0].item() for q in model.parameters()], counts.item(),
