@@ -94,7 +94,9 @@ def test_killed_process_stops_the_others_and_the_run_resumes(cifar_root, tmp_pat
     args = ["--models", "resnet20", "--num-nodes", "2", "--epochs", "4", "--train-samples", "1024"]
     cmd = [sys.executable, "-m", "dml", "train", "--data-dir", str(cifar_root), "--out-dir", str(tmp_path), *TINY,
            *args, "--procs", "2", "--max-restarts", "0"]  # 0, the default: a lost process stops the run
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The survivor would wait this long in a collective: ending well before it shows the launcher stopped it.
+    environment = {**os.environ, "DML_DIST_TIMEOUT": "3600"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
     metrics = tmp_path / "dml_n2_resnet20_s42" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
@@ -103,9 +105,7 @@ def test_killed_process_stops_the_others_and_the_run_resumes(cifar_root, tmp_pat
     workers = _children(proc.pid)
     assert len(workers) == 2, workers
     os.kill(workers[-1], signal.SIGKILL)
-    killed_at = time.monotonic()
-    _, stderr = proc.communicate(timeout=90)
-    assert time.monotonic() - killed_at < 60
+    _, stderr = proc.communicate(timeout=600)
     assert proc.returncode != 0
     assert "error: process" in stderr and "--resume" in stderr
     resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)

@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -40,6 +41,27 @@ models = "resnet20"
 def commands(log: Path) -> list[str]:
     """The dml train commands a run's log records, one per start."""
     return [line for line in log.read_text().splitlines() if re.match(r"# \d{4}-\d\d-\d\d ", line)]
+
+
+def processes_running(text: str) -> list[int]:
+    """The live processes whose command line contains ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                found.append(int(entry.name))
+        except OSError:  # it ended while being read
+            continue
+    return found
+
+
+def _most_at_once(out: str, finished: threading.Event) -> int:
+    """The most dml train processes writing under ``out`` that were alive at one time, until ``finished``."""
+    most = 0
+    while not finished.is_set():
+        most = max(most, len(processes_running(f"--out-dir {out} ")))
+        time.sleep(0.05)
+    return most
 
 
 def metrics(run: Path) -> list[dict]:
@@ -363,10 +385,10 @@ def test_a_plan_killed_with_sigkill_finishes_with_every_run_trained_once(cifar_r
         time.sleep(0.2)
     os.kill(process.pid, signal.SIGKILL)  # in the middle of run s2
     process.wait()
-    time.sleep(1)
-    logged = (out / "s2" / "metrics.jsonl").read_text()
-    time.sleep(2)
-    assert (out / "s2" / "metrics.jsonl").read_text() == logged  # its training process died with it
+    deadline = time.monotonic() + 60
+    while processes_running(f"--out-dir {out} --name s2 "):  # its training process dies with it
+        assert time.monotonic() < deadline, "run s2's dml train outlived the killed experiment"
+        time.sleep(0.05)
     assert not (out / "s3").exists()
 
     assert subprocess.run(command, capture_output=True).returncode == 0
@@ -387,13 +409,20 @@ def test_two_jobs_run_side_by_side_sharing_the_cores(cifar_root, tmp_path, monke
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the experiment sets it for its runs
     plan = write_plan(tmp_path, cifar_root, "[grid]\nseed = [1, 2]\n", epochs=6)
     out = tmp_path / "two"
-    assert main(["experiment", str(plan), "--out-dir", str(out), "--jobs", "2", "--no-progress"]) == 0
+    most = []  # the most dml train processes alive at once, watched beside the plan
+    finished = threading.Event()
+    watcher = threading.Thread(target=lambda: most.append(_most_at_once(str(out), finished)))
+    watcher.start()
+    try:
+        assert main(["experiment", str(plan), "--out-dir", str(out), "--jobs", "2", "--no-progress"]) == 0
+    finally:
+        finished.set()
+        watcher.join()
+    assert most == [2]
     for name in ("s1", "s2"):
         assert [r["epoch"] for r in metrics(out / name) if r["node"] == "ensemble"] == [1, 2, 3, 4, 5, 6]
         threads = json.loads((out / name / "config.json").read_text())["threads"]
         assert threads == max(1, (os.cpu_count() or 1) // 2)
-    # s2 had started (written its config) before s1 logged its last epoch
-    assert (out / "s2" / "config.json").stat().st_mtime < (out / "s1" / "metrics.jsonl").stat().st_mtime
 
 
 @pytest.mark.processes
