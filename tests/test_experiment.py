@@ -483,16 +483,16 @@ def test_a_default_written_out_is_not_a_change_but_another_teacher_is(tmp_path):
         "run r: teacher ['a/best.pt'] -> ['b/best.pt']"]
 
 
-def test_the_plans_in_the_readmes_read_as_documented(tmp_path):
+def test_the_plans_in_the_docs_read_as_documented(tmp_path):
     root = Path(__file__).resolve().parents[1]
     blocks = {}
-    for readme in (root / "README.md", root / "examples" / "CIFAR100" / "README.md"):
+    for readme in (root / "docs" / "experiments.md", root / "examples" / "CIFAR100" / "README.md"):
         for block in readme.read_text().split("```toml\n")[1:]:
             block = block.split("```", 1)[0]
             if "[defaults]" in block:
                 blocks[readme.parent.name] = block
-    assert set(blocks) == {root.name, "CIFAR100"}
-    (tmp_path / "main.toml").write_text(blocks[root.name])
+    assert set(blocks) == {"docs", "CIFAR100"}
+    (tmp_path / "main.toml").write_text(blocks["docs"])
     plan = read_plan(tmp_path / "main.toml", tmp_path / "out")
     assert [r.name for r in plan.runs] == [f"{label}_s{s}" for label in ("alone", "dml", "kd", "teacher")
                                            for s in (0, 1, 2)]

@@ -319,7 +319,7 @@ def test_the_example_graph_files_and_the_readme_graph_are_valid(teacher, tmp_pat
     spec = read_graph(_graph(tmp_path, kd.replace("../../runs/independent_wrn28_2_s42/0_wrn28_2/best.pt",
                                                   str(teacher)), "kd.toml"))
     assert [link["temperature"] for link in spec["links"] if link["source"] == 1] == [2.0]
-    readme = (GRAPHS.parents[1] / "README.md").read_text()
+    readme = (GRAPHS.parents[1] / "docs" / "graphs.md").read_text()
     block = readme.split("```toml\n", 1)[1].split("```", 1)[0]
     spec = read_graph(_graph(tmp_path, block.replace("runs/independent_wrn28_2_s42/0_wrn28_2/best.pt", str(teacher))))
     assert [p["name"] for p in spec["peers"]] == ["a", "b", "teacher"]
