@@ -4,8 +4,8 @@ Examples are read from the Markdown itself, never copied. Every ```python block 
 page's order and in one namespace, after the page's hidden setup (an HTML comment `<!-- test setup` holding
 fenced blocks, invisible on the site). A ```bash block right after `<!-- runnable -->` runs line by line in
 bash, in a folder of the page's own with a tiny synthetic CIFAR-100 at ./data; there `dml` is this checkout's
-command, and `dml train` (also under torchrun) gets flags appended that shrink it to one epoch of 60 images (the documented flags
-still reach the parser: a renamed flag fails).
+command, and `dml train` (also under torchrun) gets flags appended that shrink it to one epoch of 60 images
+(the documented flags still reach the parser: a renamed flag fails).
 """
 
 from __future__ import annotations
@@ -114,6 +114,8 @@ def test_the_site_builds_strictly(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     api = (tmp_path / "site" / "api" / "index.html").read_text()
     assert 'id="dml.cohort.Cohort"' in api  # the reference is generated, not an empty page
+    formats = (tmp_path / "site" / "formats" / "index.html").read_text()
+    assert "selected_on" in formats  # the checkpoint schema, from dml.checkpoint's docstring
 
 
 def test_every_relative_link_of_the_readme_resolves():
