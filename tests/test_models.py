@@ -13,8 +13,11 @@ EXPECTED = {
     "resnet110": 1_733_812,
     "wrn28_2": 1_479_220,
     "wrn28_10": pytest.approx(36_500_000, abs=100_000),  # 36.5 M: the published WRN-28-10 size, to three digits
+    "resnet18": 11_227_812,  # the ImageNet networks' standard counts (below) less 900 classes' weights and biases
+    "resnet50": 23_712_932,
 }
-RESNETS = [name for name in MODEL_NAMES if name.startswith("resnet")]
+IMAGENET = ["resnet18", "resnet50"]
+RESNETS = [name for name in MODEL_NAMES if name.startswith("resnet") and name not in IMAGENET]  # CIFAR's
 # All but the 36.5 M-parameter wrn28_10, whose size test_parameter_counts checks.
 SMALL = [name for name in MODEL_NAMES if name != "wrn28_10"]
 
@@ -29,6 +32,26 @@ def test_parameter_counts(name):
 def test_forward_shape(name):
     model = create_model(name, 10)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name, count", [("resnet18", 11_689_512), ("resnet50", 25_557_032)])
+def test_imagenet_resnets_have_the_standard_size_for_1000_classes(name, count):
+    model = create_model(name, 1000)
+    assert count_parameters(model) == count
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)  # any size: the pooling is global
+
+
+@pytest.mark.parametrize("shared", [1, 2, 3])
+def test_an_imagenet_resnet_splits_into_trunk_and_tail_at_every_stage(shared):
+    torch.manual_seed(0)
+    model = create_model("resnet18", 10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    h = model.trunk(x, shared)
+    assert h.shape[1] == model.trunk_channels(shared)
+    split = model.fc(torch.nn.functional.adaptive_avg_pool2d(model.tail(h, shared), 1).flatten(1))
+    torch.testing.assert_close(split, model(x), rtol=0, atol=0)
+    trunk = set(model.trunk_modules(shared))
+    assert {"conv1", "bn1", f"layer{shared}"} <= trunk and f"layer{shared + 1}" not in trunk
 
 
 def test_option_a_shortcut_subsamples_and_zero_pads():

@@ -38,6 +38,15 @@ def _wide_resnet(depth: int, width: int) -> Callable[[int], nn.Module]:
     return build
 
 
+def _imagenet_resnet(name: str) -> Callable[[int], nn.Module]:
+    def build(num_classes: int) -> nn.Module:
+        from . import imagenet_resnet
+
+        return getattr(imagenet_resnet, name)(num_classes)
+
+    return build
+
+
 MODELS: dict[str, Callable[[int], nn.Module]] = {
     "resnet20": _cifar_resnet(20),
     "resnet32": _cifar_resnet(32),
@@ -46,6 +55,8 @@ MODELS: dict[str, Callable[[int], nn.Module]] = {
     "resnet110": _cifar_resnet(110),
     "wrn28_2": _wide_resnet(28, 2),
     "wrn28_10": _wide_resnet(28, 10),
+    "resnet18": _imagenet_resnet("resnet18"),  # ImageNet's: a 7x7 stride-2 stem, for large images
+    "resnet50": _imagenet_resnet("resnet50"),
 }
 MODEL_NAMES = tuple(MODELS)
 
