@@ -13,3 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_ruff_finds_nothing_in_the_package(command):
     done = subprocess.run([sys.executable, "-m", "ruff", *command], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_mypy_finds_no_type_error_in_the_package():
+    """mypy over src/dml with the [tool.mypy] settings of pyproject.toml (run from the root, which it reads)."""
+    done = subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -23,6 +23,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +75,7 @@ def _sync(device: torch.device) -> None:
 def cohort_config(settings: BenchSettings, num_nodes: int | None = None) -> TrainConfig:
     """The ``dml train`` configuration measured: ``num_nodes`` peers of ``settings.models``, or the cohort
     of ``settings.graph``."""
-    common = dict(
+    common: dict[str, Any] = dict(
         batch_size=settings.batch_size,
         device=settings.device,
         precision=settings.precision,
@@ -144,6 +145,7 @@ def step_flops(cohort, batch_size: int, device: torch.device) -> float:
         for unit in cohort.units:
             with torch.set_grad_enabled(unit.peers[0].trains):
                 loss = sum(F.cross_entropy(z, y) for z in unit.forward(x))
+            assert isinstance(loss, torch.Tensor)  # a unit has at least one output
             if loss.requires_grad:
                 loss.backward()
     for p in cohort.trainable:
@@ -216,6 +218,7 @@ def measure_reference(settings: BenchSettings, num_nodes: int) -> float:
             opt.step()
             loss.item()
     _sync(device)
+    assert started is not None  # the first window opened at batch settings.warmup
     seconds = min(seconds, time.perf_counter() - started)
     return settings.steps * settings.batch_size * num_nodes / seconds
 

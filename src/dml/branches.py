@@ -42,6 +42,7 @@ Methods, as their official code computes them:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,21 @@ from torch import nn
 TEACHERS = ("one", "okddip", "ffl", "pcl")
 TRUNK_GRADIENTS = ("sum", "mean")
 SPLIT_METHODS = ("stages", "trunk_modules", "trunk_channels", "trunk", "tail", "fc")
+
+
+class Splittable(Protocol):
+    """What a network that can be split offers (the module's docstring says what each part is)."""
+
+    stages: int
+    fc: nn.Linear
+
+    def trunk_modules(self, shared: int) -> list[str]: ...
+
+    def trunk_channels(self, shared: int) -> int: ...
+
+    def trunk(self, x: torch.Tensor, shared: int) -> torch.Tensor: ...
+
+    def tail(self, h: torch.Tensor, shared: int) -> torch.Tensor: ...
 
 
 def check_split(network: nn.Module, shared, teacher, trunk_gradient) -> None:
@@ -61,9 +77,10 @@ def check_split(network: nn.Module, shared, teacher, trunk_gradient) -> None:
             f"{type(network).__name__} cannot be split into a trunk and branches: it has no "
             f"{', '.join(missing)} (see dml.branches)"
         )
-    if isinstance(shared, bool) or not isinstance(shared, int) or not 1 <= shared < network.stages:
+    split = cast(Splittable, network)  # it has every part
+    if isinstance(shared, bool) or not isinstance(shared, int) or not 1 <= shared < split.stages:
         raise ValueError(
-            f"shared is the number of stages the trunk holds, 1 to {network.stages - 1} for "
+            f"shared is the number of stages the trunk holds, 1 to {split.stages - 1} for "
             f"{type(network).__name__}, got {shared!r}"
         )
     if teacher is not None and teacher not in TEACHERS:
@@ -174,30 +191,32 @@ class Branches(nn.Module):
             raise ValueError(f"branches on a shared trunk need at least 2 networks, got {len(networks)}")
         first = networks[0]
         check_split(first, shared, teacher, trunk_gradient)
+        split = cast(Splittable, first)
         if any(type(n) is not type(first) for n in networks):
             raise ValueError(
                 "the branches of a trunk are networks of one architecture, got "
                 + ", ".join(sorted({type(n).__name__ for n in networks}))
             )
         for network in networks[1:]:
-            for name in first.trunk_modules(shared):
+            for name in split.trunk_modules(shared):
                 network.set_submodule(name, first.get_submodule(name))
         self.branches = nn.ModuleList(networks)  # parameters() lists a shared one once
         self.shared = shared
         self.views = views  # a view (augmentation) of the batch per branch: the trunk runs on each (PCL)
         self.trunk_gradient = trunk_gradient
         self.teacher_name = teacher
-        self.teacher = None
+        self.teacher: nn.Module | None = None
+        fc = split.fc
         if teacher == "one":  # in the branches' dtype and on their device
-            self.teacher = OneGate(first.trunk_channels(shared), len(networks)).to(first.fc.weight)
+            self.teacher = OneGate(split.trunk_channels(shared), len(networks)).to(fc.weight)
         elif teacher == "okddip":
             if len(networks) < 3:
                 raise ValueError("OKDDip's teacher needs at least 3 branches: 2 or more auxiliary peers and the leader")
-            self.teacher = PeerAttention(first.fc.in_features).to(first.fc.weight)
+            self.teacher = PeerAttention(fc.in_features).to(fc.weight)
         elif teacher == "ffl":
-            self.teacher = FusionHead(first.fc.in_features, len(networks), first.fc.out_features).to(first.fc.weight)
+            self.teacher = FusionHead(fc.in_features, len(networks), fc.out_features).to(fc.weight)
         elif teacher == "pcl":
-            self.teacher = FusionLinear(first.fc.in_features, len(networks), first.fc.out_features).to(first.fc.weight)
+            self.teacher = FusionLinear(fc.in_features, len(networks), fc.out_features).to(fc.weight)
 
     @property
     def num_outputs(self) -> int:
@@ -208,17 +227,18 @@ class Branches(nn.Module):
         """The logits of every branch, then the teacher's outputs. ``x`` is a batch, or with ``views`` a
         stack of one view of it per branch, (m, batch, ...), each branch's trunk computed on its own."""
         m = len(self.branches)
+        branches = cast("Sequence[Splittable]", self.branches)
         if self.views and x.dim() == 5:
             if x.shape[0] != m:
                 raise ValueError(f"{x.shape[0]} views of the batch for {m} branches; give one per branch")
-            trunks = [self.branches[0].trunk(view, self.shared) for view in x.unbind(0)]
+            trunks = [branches[0].trunk(view, self.shared) for view in x.unbind(0)]
         else:
-            trunks = [self.branches[0].trunk(x, self.shared)] * m  # once for all branches
+            trunks = [branches[0].trunk(x, self.shared)] * m  # once for all branches
         for h in dict.fromkeys(trunks):  # each trunk output once
             if self.trunk_gradient == "mean" and h.requires_grad:
                 h.register_hook(lambda grad: grad / m)
-        maps = [b.tail(h, self.shared) for b, h in zip(self.branches, trunks)]
-        logits = [b.fc(F.adaptive_avg_pool2d(f, 1).flatten(1)) for b, f in zip(self.branches, maps)]
+        maps = [b.tail(h, self.shared) for b, h in zip(branches, trunks)]
+        logits = [b.fc(F.adaptive_avg_pool2d(f, 1).flatten(1)) for b, f in zip(branches, maps)]
         if self.teacher is not None:
             logits += self.teacher(trunks[0], maps, logits)
         return logits

@@ -141,7 +141,8 @@ def read_checkpoint(path: str | Path, purpose: str, map_location="cpu") -> Saved
                 f"checkpoint {path} records no epoch: it is not a resumable dml checkpoint; "
                 "start a new run with another --name"
             )
-    config = state.get("config") if isinstance(state.get("config"), dict) else {}
+    config = state.get("config")
+    config = config if isinstance(config, dict) else {}
     working_dir = state.get("working_dir") if isinstance(state.get("working_dir"), str) else None
     return SavedPeer(
         path, FORMAT_VERSION, name, num_classes, state["model"], epoch, state.get("dataset"), config, working_dir, state
@@ -189,7 +190,9 @@ def write_checkpoint(path: Path, state: dict) -> None:
 
 def checkpoint_epoch(path: Path) -> int:
     """The epoch a peer's ``last.pt`` was written after."""
-    return read_checkpoint(path, RESUME).epoch
+    epoch = read_checkpoint(path, RESUME).epoch
+    assert epoch is not None  # read to resume: read_checkpoint checked it is an int >= 1
+    return epoch
 
 
 def checkpoint_epochs(run: RunDir, index: int) -> dict[int, Path]:
@@ -303,7 +306,7 @@ def restore(run: RunDir, cohort: Cohort) -> dict | None:
     or None where the cohort never completed an epoch (its staged first epoch is discarded)."""
     peers, exchange, device = cohort.saved, cohort.exchange, cohort.device
     local_epochs = {p.index: checkpoint_epochs(run, p.index) for p in peers}
-    shared = {}
+    shared: dict[int, set[int]] = {}
     for part in exchange.gather_objects({i: set(e) for i, e in local_epochs.items()}):
         shared.update(part)
     epoch = run.resume_point(shared)
@@ -343,7 +346,10 @@ def restore(run: RunDir, cohort: Cohort) -> dict | None:
 
 
 def _rng_state(generator: torch.Generator) -> dict:
-    state = {"data_generator": generator.get_state(), "torch_rng": torch.get_rng_state()}
+    state: dict[str, torch.Tensor | list[torch.Tensor]] = {
+        "data_generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     return state

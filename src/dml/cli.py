@@ -40,7 +40,7 @@ class _Parser(argparse.ArgumentParser):
     def _subcommand(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
         for action in self._actions:
             if isinstance(action, argparse._SubParsersAction):
-                return action.choices.get(getattr(parsed, action.dest, None), self)
+                return action.choices.get(getattr(parsed, action.dest, ""), self)
         return self
 
 

@@ -94,7 +94,7 @@ class Cohort:
     def __init__(
         self,
         models: Sequence[nn.Module | None],
-        optimizers: Sequence[torch.optim.Optimizer | None],
+        optimizers: Sequence[torch.optim.Optimizer | MeanOf | None],
         loss: MutualLoss | Links | None = None,
         *,
         update: str = "simultaneous",
@@ -152,7 +152,6 @@ class Cohort:
         homes = {**members, **{i: members.get(o.source, o.source) for i, o in means.items()}}
         self.exchange = exchange or make_exchange(len(models), where.type, homes, data_parallel)
         self.local_batchnorm = local_batchnorm
-        self.runtime = runtime
         try:
             computing = [i for i in self.exchange.local_indices if i not in members]  # one per unit of work
             self.runtime = runtime or Runtime(
@@ -286,6 +285,7 @@ class Cohort:
                     found,
                     (n, classes),
                 )
+        assert classes is not None  # the cohort has peers, and the first with logits set it (or num_classes did)
         if y is not None and not y.is_floating_point():  # floating labels are probabilities: the loss checks them
             if tuple(y.shape) != (x.shape[0],):
                 raise ValueError(
@@ -365,7 +365,7 @@ class Cohort:
 
     def close(self) -> None:
         """Close the runtime and the exchange where the cohort made them (once)."""
-        if "runtime" in self._made and self.runtime is not None:
+        if "runtime" in self._made and hasattr(self, "runtime"):  # not set where making it failed
             self.runtime.close()
         if "exchange" in self._made:
             self.exchange.close()
@@ -381,7 +381,10 @@ class Cohort:
 def _expand_branches(models: Sequence, optimizers: Sequence, schedulers: Sequence | None):
     """Models, optimizers and schedulers one per peer, with a ``Branches`` as its outputs' peers (each with the
     network's optimizer and schedule); and the first peer of each ``Branches`` -> the network."""
-    peers_models, peers_optimizers, peers_schedulers, groups = [], [], [], {}
+    peers_models: list[nn.Module | None] = []
+    peers_optimizers: list[torch.optim.Optimizer | MeanOf | None] = []
+    peers_schedulers: list = []
+    groups: dict[int, Branches] = {}
     for k, model in enumerate(models):
         count = 1
         if isinstance(model, Branches):

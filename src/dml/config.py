@@ -307,13 +307,13 @@ class TrainConfig:
             _positive_int("--image-size", self.image_size)
             if self.dataset != "folder":
                 raise UserError(f"--image-size applies to --dataset folder; {self.dataset} images are 32x32")
-        for flag, value in (
+        for flag, samples in (
             ("--train-samples", self.train_samples),
             ("--test-samples", self.test_samples),
             ("--val-samples", self.val_samples),
         ):
-            if value is not None:
-                _positive_int(flag, value)
+            if samples is not None:
+                _positive_int(flag, samples)
         if self.train_samples is not None and self.train_samples < self.batch_size:
             raise UserError(
                 f"--train-samples {self.train_samples} is smaller than --batch-size {self.batch_size}: "
@@ -366,6 +366,7 @@ class TrainConfig:
 
         if self.graph:
             return read_graph(self.graph, open_checkpoints)
+        assert self.teacher is not None  # unresolved: --graph or --teacher is given
         return teacher_spec(
             self.models,
             self.teacher,

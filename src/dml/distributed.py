@@ -13,6 +13,7 @@ import datetime
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,8 @@ _all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather
 
 TIMEOUT_ENV = "DML_DIST_TIMEOUT"  # seconds a collective may wait for a lost or stuck process
 DEFAULT_TIMEOUT_S = 60
+
+T = TypeVar("T")
 
 
 def peers_of_rank(num_nodes: int, world_size: int, rank: int, homes: dict[int, int] | None = None) -> list[int]:
@@ -95,9 +98,10 @@ class LocalExchange:
 
     def share_logits(self, owner: int, logits: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
         """Logits of peer ``owner`` as its process computed them (sequential updates)."""
+        assert logits is not None  # this process holds every peer, the owner too
         return logits
 
-    def gather_objects(self, obj: object) -> list[object]:
+    def gather_objects(self, obj: T) -> list[T]:
         """``obj`` of every process, in rank order."""
         return [obj]
 
@@ -248,11 +252,11 @@ class TorchExchange(LocalExchange):
             mine = torch.cat([mine, mine.new_zeros((most - mine.shape[0], *mine.shape[1:]))])
         everyone = mine.new_empty((self.mesh.peer_groups * most, *mine.shape[1:]))
         _all_gather_tensor(everyone, mine.contiguous(), group=self.peer_group)
-        in_order = [None] * self.num_nodes
+        in_order: list[torch.Tensor | None] = [None] * self.num_nodes
         for r, peers in enumerate(self.layout):
             for k, index in enumerate(peers):
                 in_order[index] = everyone[r * most + k]
-        return in_order
+        return cast("list[torch.Tensor]", in_order)  # the layout places every peer
 
     def share_logits(self, owner: int, logits: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
         owner_group = next(g for g, peers in enumerate(self.layout) if owner in peers)
@@ -262,11 +266,11 @@ class TorchExchange(LocalExchange):
         dist.broadcast(buffer, src=owner_group * self.mesh.data_parallel + self.replica, group=self.peer_group)
         return buffer
 
-    def gather_objects(self, obj: object) -> list[object]:
+    def gather_objects(self, obj: T) -> list[T]:
         """``obj`` of every peer group (this replica's), in order."""
         out: list[object] = [None] * self.mesh.peer_groups
         dist.all_gather_object(out, obj, group=self.peer_group)
-        return out
+        return cast("list[T]", out)  # every group sent its own obj
 
     def check_same(self, fingerprint: torch.Tensor, what: str) -> None:
         values = torch.empty(self.world_size, dtype=torch.float64, device=fingerprint.device)

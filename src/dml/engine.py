@@ -8,8 +8,10 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch.optim.lr_scheduler import LRScheduler
 from tqdm import tqdm
 
 from .branches import Branches
@@ -78,7 +80,9 @@ def data_summary(data: ImageData) -> dict:
     }
 
 
-def build_peer(cfg: TrainConfig, index: int, num_classes: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:
+def build_peer(
+    cfg: TrainConfig, index: int, num_classes: int
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, LRScheduler]:
     """Peer ``index`` of the recipe: its model drawn from its own seed, SGD, per-epoch cosine schedule."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, "init", index))
@@ -89,7 +93,7 @@ def build_peer(cfg: TrainConfig, index: int, num_classes: int) -> tuple[torch.nn
     return model, *_sgd(cfg, model)
 
 
-def _sgd(cfg: TrainConfig, model: torch.nn.Module) -> tuple[torch.optim.Optimizer, object]:
+def _sgd(cfg: TrainConfig, model: torch.nn.Module) -> tuple[torch.optim.Optimizer, LRScheduler]:
     """The recipe's optimizer over ``model``'s parameters and its per-epoch schedule: cosine to 0, or
     steps at ``lr_milestones``."""
     # foreach: one multi-tensor update instead of a Python loop over ~100 parameters (a few % on CPU).
@@ -106,7 +110,9 @@ def _sgd(cfg: TrainConfig, model: torch.nn.Module) -> tuple[torch.optim.Optimize
     return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs, eta_min=0.0)
 
 
-def build_branches(cfg: TrainConfig, trunk: dict, num_classes: int) -> tuple[Branches, torch.optim.Optimizer, object]:
+def build_branches(
+    cfg: TrainConfig, trunk: dict, num_classes: int
+) -> tuple[Branches, torch.optim.Optimizer, LRScheduler]:
     """A [[trunk]] of the graph: its branches drawn as the peers they are (each from its own seed, the
     trunk branch 0's), its learned teacher from the teacher peer's seed, one optimizer and schedule."""
     first, count = trunk["first"], trunk["branches"]
@@ -121,6 +127,7 @@ def build_branches(cfg: TrainConfig, trunk: dict, num_classes: int) -> tuple[Bra
 
 def build_frozen_peer(cfg: TrainConfig, index: int, num_classes: int) -> tuple[torch.nn.Module, None, None]:
     """Peer ``index`` as the graph's checkpoint holds it: a teacher, never trained or saved."""
+    assert cfg.graph_spec is not None  # a teacher is a peer of the resolved graph
     spec = cfg.graph_spec["peers"][index]
     # the spec's model is the one the user named (a graph file's model, --teacher-model) or a built-in
     checkpoint = load_model(spec["checkpoint"], torch.device("cpu"), model=spec["model"])
@@ -162,7 +169,9 @@ def build_cohort(cfg: TrainConfig, exchange, runtime: Runtime, num_classes: int)
     build = {i: build_frozen_peer for i in cfg.frozen}
     local, homes = exchange.local_indices, cfg.homes
     # a multi-branch network stands for its peers (the cohort expands it), in the place of its first branch
-    parts = {t["first"]: build_branches(cfg, t, num_classes) for t in cfg.trunks if t["first"] in local}
+    parts: dict[int, tuple] = {
+        t["first"]: build_branches(cfg, t, num_classes) for t in cfg.trunks if t["first"] in local
+    }
     parts.update({i: build.get(i, build_peer)(cfg, i, num_classes) for i in local if i not in homes and i not in parts})
     # a temporal mean is built by the cohort as a copy of its source, which lives in the same process
     parts.update({i: (None, mean_of, None) for i, mean_of in cfg.means.items() if i in local})
@@ -379,6 +388,7 @@ class Training:
         finally:
             bar.close()
         for scheduler in {id(p.scheduler): p.scheduler for p in cohort.trainable}.values():
+            assert scheduler is not None  # build_peer and build_branches give each a schedule
             scheduler.step()  # once each: a multi-branch network's peers share one
         train = metrics.read(cohort.exchange)
         test, val = self.evaluate()
@@ -547,11 +557,11 @@ class StopSignal:
     ``--resume`` continues exactly, or, stopped in its first epoch, nothing (a rerun starts it over).
     """
 
-    EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+    EXIT_CODES: dict[int, int] = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
     def __init__(self, saved: int = 0):
         self.received: int | None = None
-        self._previous = {}
+        self._previous: dict[int, Any] = {}  # signal -> the handler it had
         self.saved = saved  # the last epoch the run directory holds (0: none), for the message
         self.saving: int | None = None  # the epoch being saved, where a second signal may cut its commit
 
@@ -599,7 +609,10 @@ def peer_labels(cfg: TrainConfig) -> dict[int, str]:
     """How the console names each peer: as its folder (``0_mynets-small_cnn``), with a graph file's name
     for it beside (``0_resnet32 (student)``); the folders keep ``<index>_<model>`` so that runs stay
     readable by earlier versions and by the tools that find checkpoints by folder."""
-    names = [peer["name"] for peer in cfg.graph_spec["peers"]] if cfg.graph else [None] * len(cfg.models)
+    names: list[str | None] = [None] * len(cfg.models)
+    if cfg.graph:
+        assert cfg.graph_spec is not None  # resolved: the graph file's peers are read
+        names = [peer["name"] for peer in cfg.graph_spec["peers"]]
     labels = {
         i: peer_dir_name(i, model) + (f" ({name})" if name else "")
         for i, (model, name) in enumerate(zip(cfg.models, names))
@@ -613,7 +626,7 @@ def _summary_line(record: dict, epochs: int, labels: dict[int, str]) -> str:
     if record["node"] == "ensemble":
         return f"epoch {record['epoch']}/{epochs} ensemble     {val}test_acc {record['test_acc']:6.2f}%"
     lr = {"teacher": "teacher", "mean": f"mean of {record.get('mean_of')}"}.get(
-        record.get("role"), f"lr {record['lr']:.5f}"
+        record.get("role", ""), f"lr {record['lr']:.5f}"
     ).ljust(10)
     terms = f" (ce {record['train_ce']:.4f} + kd {record['train_kd']:.4f})" if "train_ce" in record else ""
     # a temporal mean does not train: its loss on the training batches (in evaluation mode) says nothing here

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -71,6 +72,7 @@ def load_model(path: Path, device: torch.device, model: str | None = None) -> Lo
 
 def _build(saved: SavedPeer, device: torch.device, named: str | None) -> LoadedCheckpoint:
     path, name, num_classes, working_dir = saved.path, saved.model_name, saved.num_classes, saved.working_dir
+    assert name is not None and num_classes is not None  # read to evaluate: read_checkpoint checked both
     check_model_named(f"checkpoint {path}", name, named, f"model={name!r}")
     if name in TEACHERS:
         raise UserError(
@@ -281,9 +283,10 @@ def load_checkpoints(paths, device: torch.device, models: list[str] | None = Non
     paths = [Path(p) for p in paths]
     named = one_or_each("--models", models, len(paths), "checkpoint")
     saved = [read_checkpoint(p, EVALUATE) for p in paths]
-    flag = names_flag("--models", [s.model_name for s in saved])  # the exact flag to add, for every checkpoint given
-    for s, given in zip(saved, named):
-        check_model_named(f"checkpoint {s.path}", s.model_name, given, flag)
+    names = [cast(str, s.model_name) for s in saved]  # read to evaluate: each names its model
+    flag = names_flag("--models", names)  # the exact flag to add, for every checkpoint given
+    for s, name, given in zip(saved, names, named):
+        check_model_named(f"checkpoint {s.path}", name, given, flag)
     return [_build(s, device, s.model_name) for s in saved]
 
 

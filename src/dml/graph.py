@@ -60,6 +60,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast, overload
 
 from .branches import check_split, teacher_learns_from_labels, teacher_outputs
 from .checkpoint import TEACHER, check_model_named, file_digest, read_checkpoint, teacher_path
@@ -134,7 +135,8 @@ def read_graph(path: str | Path, open_checkpoints: bool = True) -> dict:
     combine = data.get("combine", "mean")
     if combine not in COMBINES:
         raise UserError(f"{where}: combine {combine!r} is not one of: {', '.join(COMBINES)}")
-    trunks, peers = [], []
+    trunks: list[dict] = []
+    peers: list[dict] = []
     for t, entry in enumerate(_tables(data, "trunk", where)):
         trunk, members = _trunk(entry, t, len(peers), where)
         trunks.append(trunk)
@@ -354,15 +356,15 @@ def _link(entry: dict, index: dict[str, int], frozen: list[int], where: str) -> 
         raise UserError(
             f"{where}: a link has unknown key(s) {', '.join(sorted(unknown))}; expected {', '.join(sorted(LINK_KEYS))}"
         )
-    ends = {}
+    ends: dict[str, int | str | tuple[int, ...] | None] = {}
     for end in ("source", "target"):
         name = entry.get(end)
         if end == "source" and isinstance(name, list) and name:  # a group: the mean of those peers' logits
-            unknown = [n for n in name if not isinstance(n, str) or n not in index]
-            if unknown:
+            strangers = [n for n in name if not isinstance(n, str) or n not in index]
+            if strangers:
                 raise UserError(
                     f"{where}: link {name!r} -> {entry.get('target')!r}: unknown source peer(s) "
-                    f"{', '.join(map(repr, unknown))}; the peers are {', '.join(index)}"
+                    f"{', '.join(map(repr, strangers))}; the peers are {', '.join(index)}"
                 )
             ends[end] = tuple(index[n] for n in name)
             continue
@@ -373,7 +375,7 @@ def _link(entry: dict, index: dict[str, int], frozen: list[int], where: str) -> 
                 f"{OTHERS!r} or a list of peers as a source)"
             )
         ends[end] = name if name in GROUP_SOURCES else index.get(name)
-    source, target = ends["source"], ends["target"]
+    source, target = ends["source"], cast(int, ends["target"])  # a peer's index: no peer has a reserved name
     label = f"link {entry['source']} -> {entry['target']}"
     detach = entry.get("detach", True)
     if not isinstance(detach, bool):
@@ -388,23 +390,30 @@ def _link(entry: dict, index: dict[str, int], frozen: list[int], where: str) -> 
     standardize = entry.get("standardize", False)
     if not isinstance(standardize, bool):
         raise UserError(f"{where}: {label}: standardize must be true or false, not {standardize!r}")
-    numbers = {
-        key: _number(entry, key, default, f"{where}: {label}")
-        for key, default in (("temperature", 1.0), ("weight", 1.0), ("ramp_epochs", None))
-    }
+    temperature = _number(entry, "temperature", 1.0, f"{where}: {label}")
+    weight = _number(entry, "weight", 1.0, f"{where}: {label}")
+    ramp_epochs = _number(entry, "ramp_epochs", None, f"{where}: {label}")
     try:
         return Link(
             target if source is None else source,
             target,
-            numbers["temperature"],
-            numbers["weight"],
+            temperature,
+            weight,
             entry.get("gate", "through"),
-            numbers["ramp_epochs"],
+            ramp_epochs,
             standardize,
             detach,
         )
     except (TypeError, ValueError) as exc:
         raise UserError(f"{where}: {label}: {exc}") from None
+
+
+@overload
+def _number(entry: dict, key: str, default: float, where: str) -> float: ...
+
+
+@overload
+def _number(entry: dict, key: str, default: None, where: str) -> float | None: ...
 
 
 def _number(entry: dict, key: str, default: float | None, where: str) -> float | None:

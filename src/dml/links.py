@@ -47,6 +47,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +83,7 @@ class Link:
     the trainable peers' mean logits). ``ramp_epochs`` is the length of a ramp gate (None: the whole
     run); ``standardize`` z-scores both logits of a link from another source."""
 
-    source: int | str
+    source: int | str | tuple[int, ...]
     target: int
     temperature: float = 1.0
     weight: float = 1.0
@@ -300,6 +301,7 @@ class Links:
                     f"peer {target}'s links that are not detached read peers {sorted(missing)}, which are "
                     "not computed with it: pass their logits with their graph as live"
                 )
+            assert live is not None  # nothing is missing from it
             with_graph = self.sources(
                 [live.get(k, z) if k in live else z for k, z in enumerate(sources[: self.num_peers])]
             )
@@ -316,6 +318,7 @@ class Links:
             total = scales[0] * sum(term for _, term in terms)
         else:
             total = sum(scale * term for scale, term in terms)
+        total = cast(torch.Tensor, total)  # a sum of the terms' tensors: there are some
         return ce, (total / len(incoming) if self.combine == "mean" else total)
 
 
@@ -328,8 +331,10 @@ def _order(link: Link) -> tuple[int, int, tuple[int, ...]]:
 
 def _gate_factor(link: Link, progress: Progress | None) -> float:
     if link.gate in RAMPS:
+        assert progress is not None  # Links.objective asks for it where a linear or ramp gate is
         return ramp_factor(link.gate, progress, link.ramp_epochs)
     if link.gate == "linear":
+        assert progress is not None
         return linear_ramp(progress.epoch, progress.epochs)
     return 0.0 if link.gate == "cutoff" else 1.0
 
@@ -343,7 +348,8 @@ def _source(link: Link, sources: Sequence[torch.Tensor], trainable: Sequence[int
         return torch.stack([at_least_fp32(sources[k]) for k in trainable if k != link.target]).mean(0)
     if isinstance(link.source, tuple):
         return torch.stack([at_least_fp32(sources[k]) for k in link.source]).mean(0)
-    return sources[len(sources) - 1 if link.source == ENSEMBLE else link.source]
+    # a str source here is ENSEMBLE (Link allows no other but OTHERS): the last of the sources
+    return sources[len(sources) - 1 if isinstance(link.source, str) else link.source]
 
 
 def _gated_cross_entropy(link: Link, logits, sources, labels, progress, trainable) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -85,11 +86,12 @@ class Peer:
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"] if self.trains else 0.0
+        return self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else 0.0
 
     @torch.no_grad()
     def follow(self, source: Peer) -> None:
         """A temporal mean's update after a step of its ``source`` (see ``MeanOf``)."""
+        assert self.mean_of is not None  # only a temporal mean follows
         self.updates += 1
         weight = max(1.0 / self.updates, 1.0 - self.mean_of.decay)
         mine, theirs = [], []
@@ -115,6 +117,7 @@ class Peer:
                 "best_acc": self.best_acc,
                 "best_epoch": self.best_epoch,
             }
+        assert self.optimizer is not None  # a frozen peer is never saved
         return {
             "index": self.index,
             "model_name": self.model_name,
@@ -128,7 +131,7 @@ class Peer:
     def _expected_state(self) -> dict:
         """This peer's state without the model, plus the momentum buffers SGD creates at its first step."""
         fresh = self.state_dict()
-        if not self.trains:
+        if self.optimizer is None:  # does not train
             return {k: v for k, v in fresh.items() if k != "model"}
         params = [q for group in self.optimizer.param_groups for q in group["params"]]
         fresh["optimizer"]["state"] = {i: {"momentum_buffer": q.detach()} for i, q in enumerate(params)}
@@ -151,7 +154,7 @@ class Peer:
                 f"the state is not that of a mean of peer {self.mean_of.source} with decay {self.mean_of.decay}"
             )
         self.model.load_state_dict(state["model"])
-        if self.trains:
+        if self.optimizer is not None:  # trains
             self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
@@ -198,7 +201,7 @@ def names_flag(flag: str, names: list[str]) -> str:
     return " ".join([flag, *(unique if len(unique) == 1 else names)])
 
 
-def one_or_each(flag: str, named: list[str] | None, count: int, what: str) -> list[str | None]:
+def one_or_each(flag: str, named: Sequence[str] | None, count: int, what: str) -> list[str | None]:
     """The names a flag gives ``count`` of ``what`` (one for all, or one each); None each where not given."""
     if named is None:
         return [None] * count
@@ -207,4 +210,5 @@ def one_or_each(flag: str, named: list[str] | None, count: int, what: str) -> li
         raise UserError(
             f"{flag} lists {len(named)} names for {count} {things}; give one name (for all of them) or one per {what}"
         )
-    return list(named) * count if len(named) == 1 else list(named)
+    each: list[str | None] = list(named)
+    return each * count if len(named) == 1 else each

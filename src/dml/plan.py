@@ -215,7 +215,7 @@ def _settings(table: dict, where: str) -> dict:
         item = _list_item_kind(key) if kind is list else None
         ok = (
             (isinstance(value, list) and all(isinstance(v, item) and not isinstance(v, bool) for v in value))
-            if kind is list
+            if item is not None  # kind is list
             else (
                 isinstance(value, (int, float)) and not isinstance(value, bool)
                 if kind is float

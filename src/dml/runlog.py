@@ -32,6 +32,8 @@ from .files import create_temp_file
 from .models import folder_name
 
 if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
     from .config import TrainConfig
 
 CONFIG_FILE = "config.json"
@@ -158,7 +160,7 @@ class RunDir:
         self.path = Path(path)
         self.peer_names = peer_names  # index -> model name, for every peer with checkpoints (see saved_peers)
         self.writer = writer
-        self._tensorboard: dict[str, object] = {}
+        self._tensorboard: dict[str, SummaryWriter] = {}
         # TensorBoard hides what an earlier process logged from this epoch on (logged, then lost before
         # its checkpoint): a resumed run shows each epoch once
         self.first_epoch = 1
@@ -166,6 +168,7 @@ class RunDir:
     @classmethod
     def of(cls, cfg: TrainConfig, writer: bool = True) -> RunDir:
         """The run directory of ``cfg`` (``<out_dir>/<name>``), with its trained peers."""
+        assert cfg.name is not None  # resolved: it names its run
         return cls(Path(cfg.out_dir) / cfg.name, saved_peers(cfg), writer)
 
     @classmethod

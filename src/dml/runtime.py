@@ -5,7 +5,9 @@ are restored by ``close``."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -117,13 +119,14 @@ class Runtime:
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         model = model.to(self.device)
         if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+            # the documented to(memory_format=...) form is missing from Module.to's overloads in torch's annotations
+            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         return model
 
     def inference_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """``model`` in evaluation mode, or an evaluation copy with BatchNorm folded where it can be."""
         if self.fold_batchnorm and hasattr(model, "folded"):
-            return model.folded()
+            return cast("Callable[[], torch.nn.Module]", model.folded)()  # hasattr: it has one
         return model.eval()
 
     @property

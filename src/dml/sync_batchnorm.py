@@ -88,7 +88,7 @@ class SyncedBatchNorm(nn.modules.batchnorm._BatchNorm):
         self,
         num_features: int,
         eps: float = 1e-5,
-        momentum: float = 0.1,
+        momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
         group=None,
@@ -112,8 +112,13 @@ class SyncedBatchNorm(nn.modules.batchnorm._BatchNorm):
         if not self.training or self.group is None or not self.affine:
             return super().forward(x)
         if self.track_running_stats:
+            assert self.num_batches_tracked is not None  # a buffer wherever running statistics are tracked
             self.num_batches_tracked.add_(1)
-        momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        if self.momentum is not None:
+            momentum = self.momentum
+        else:  # a cumulative average, over the batches tracked
+            assert self.num_batches_tracked is not None
+            momentum = 1.0 / float(self.num_batches_tracked)
         return _SyncedBatchNorm.apply(
             x, self.weight, self.bias, self.running_mean, self.running_var, self.eps, momentum, self.group
         )

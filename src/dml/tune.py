@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -131,7 +132,7 @@ class Search:
             leave=False,
         )
         self.stop_signal: int | None = None
-        self.child = None
+        self.child: subprocess.Popen | None = None
 
     def finished(self) -> int:
         states = self.optuna.trial.TrialState

@@ -57,4 +57,5 @@ def test_batches(
         yield normalise(images[start : start + batch_size]), labels[start : start + batch_size]
 
 
-test_batches.__test__ = False  # not a pytest test despite its name
+# not a pytest test despite its name (mypy knows no attributes of a function; ruff prefers this to setattr)
+test_batches.__test__ = False  # type: ignore[attr-defined]

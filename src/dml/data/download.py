@@ -100,6 +100,7 @@ def _fetch(url: str, dest: Path, title: str, folder: str, md5: str | None, progr
         except (OSError, http.client.HTTPException, ValueError) as e:
             # OSError covers URLError/HTTPError, refused connections and timeouts;
             # HTTPException a connection cut mid-body; ValueError a malformed URL.
+            reason: object  # what the message says went wrong
             if isinstance(e, urllib.error.HTTPError):
                 reason = f"HTTP {e.code} {e.reason}"
             else:

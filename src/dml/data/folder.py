@@ -119,7 +119,8 @@ def _decode(path: Path, image_size: int | None) -> np.ndarray:
         with Image.open(path) as image:
             image = image.convert("RGB")
             if image_size is not None and image.size != (image_size, image_size):
-                image = image.resize((image_size, image_size), Image.BILINEAR)
+                # set from Image.Resampling at import, out of the type checker's sight (Resampling needs pillow 9.1)
+                image = image.resize((image_size, image_size), Image.BILINEAR)  # type: ignore[attr-defined]
             return np.asarray(image, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise UserError(f"cannot read image {path} ({type(exc).__name__}); replace or remove the file") from None

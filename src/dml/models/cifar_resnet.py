@@ -8,6 +8,7 @@ parameters for 100 classes (a 1x1-convolution shortcut trains measurably differe
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +82,8 @@ class CifarResNet(nn.Module):
         return ["conv1", "bn1", *(f"blocks.{i}" for i in range(per_stage * shared))]
 
     def trunk_channels(self, shared: int) -> int:
-        return self.blocks[len(self.blocks) // self.stages * shared - 1].conv2.out_channels
+        last = cast(BasicBlock, self.blocks[len(self.blocks) // self.stages * shared - 1])  # the trunk's last block
+        return last.conv2.out_channels
 
     def trunk(self, x: torch.Tensor, shared: int) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))

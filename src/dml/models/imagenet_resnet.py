@@ -9,6 +9,8 @@ layout loads. Convolutions start He-normal on their fan-out, BatchNorm at weight
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -94,7 +96,7 @@ class ImageNetResNet(nn.Module):
 
     def trunk_channels(self, shared: int) -> int:
         last = self._stage(shared - 1)[-1]
-        return last.conv3.out_channels if isinstance(last, Bottleneck) else last.conv2.out_channels
+        return last.conv3.out_channels if isinstance(last, Bottleneck) else cast(BasicBlock, last).conv2.out_channels
 
     def trunk(self, x: torch.Tensor, shared: int) -> torch.Tensor:
         out = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)

@@ -5,6 +5,8 @@ Depth 6n+4; stages of 16k/32k/64k channels; a 1x1 convolution shortcut where the
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -68,7 +70,8 @@ class WideResNet(nn.Module):
         return ["conv1", *(f"blocks.{i}" for i in range(per_stage * shared))]
 
     def trunk_channels(self, shared: int) -> int:
-        return self.blocks[len(self.blocks) // self.stages * shared - 1].conv2.out_channels
+        last = cast(PreActBlock, self.blocks[len(self.blocks) // self.stages * shared - 1])  # the trunk's last block
+        return last.conv2.out_channels
 
     def trunk(self, x: torch.Tensor, shared: int) -> torch.Tensor:
         return self.blocks[: len(self.blocks) // self.stages * shared](self.conv1(x))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import statistics
 from pathlib import Path
+from typing import cast
 
 from ..markdown import escape, table
 from .runs import Run
@@ -94,7 +95,7 @@ def _ensemble_row(group: list[Run], with_improvement: bool) -> list[str]:
     else:
         best_epochs = [best_epoch(run.ensemble) for run in group]
         best = stat([run.ensemble[e] for run, e in zip(group, best_epochs)], best_epochs).format()
-        cells = [stat(final).format(), best]
+        cells = [stat(cast("list[float]", final)).format(), best]  # no None: checked above
         if with_val:
             chosen = [best_epoch(run.ensemble_val) for run in group]
             at_best_val = stat([run.ensemble[e] for run, e in zip(group, chosen)], chosen).format()
@@ -256,7 +257,7 @@ def summary_table(
                 avg_test.format(),
             ]
             + ([at_best_val] if with_val else [])
-            + [avg_best.format(), DASH if None in final else stat(final).format()]
+            + [avg_best.format(), DASH if None in final else stat(cast("list[float]", final)).format()]
         )
         if baseline is not None:
             cells.append(DASH if group is baseline_group else baseline.gain(group, avg_test.values).format(signed=True))

@@ -6,6 +6,7 @@ import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from ..errors import UserError
 from ..runlog import CONFIG_FILE, ENSEMBLE, METRICS_FILE, RESTART, RunDir, peer_dir_name
@@ -146,7 +147,7 @@ def read_run(path: Path) -> Run:
                 continue
             if record.node == ENSEMBLE:
                 float(record.data["test_acc"])
-            elif 0 <= record.node < len(models):
+            elif 0 <= cast(int, record.node) < len(models):  # as the file has it: no number fails (TypeError)
                 for key in ("train_loss", "train_acc", "test_acc"):
                     float(record.data[key])
             else:
@@ -165,20 +166,20 @@ def read_run(path: Path) -> Run:
                 "complete; it was not written by dml train"
             )
         for peer in peers:
-            record = entry[peer.index].data
+            data = entry[peer.index].data
             peer.epochs.append(epoch)
-            peer.train_loss.append(float(record["train_loss"]))
-            peer.train_acc.append(float(record["train_acc"]))
-            peer.test_acc.append(float(record["test_acc"]))
-            if "val_acc" in record:
-                peer.val_acc.append(float(record["val_acc"]))
-            if "train_ce" in record and "train_kd" in record:
-                peer.train_ce.append(float(record["train_ce"]))
-                peer.train_kd.append(float(record["train_kd"]))
-        record = entry[ENSEMBLE].data
-        ensemble[epoch] = float(record["test_acc"])
-        if "val_acc" in record:
-            ensemble_val[epoch] = float(record["val_acc"])
+            peer.train_loss.append(float(data["train_loss"]))
+            peer.train_acc.append(float(data["train_acc"]))
+            peer.test_acc.append(float(data["test_acc"]))
+            if "val_acc" in data:
+                peer.val_acc.append(float(data["val_acc"]))
+            if "train_ce" in data and "train_kd" in data:
+                peer.train_ce.append(float(data["train_ce"]))
+                peer.train_kd.append(float(data["train_kd"]))
+        data = entry[ENSEMBLE].data
+        ensemble[epoch] = float(data["test_acc"])
+        if "val_acc" in data:
+            ensemble_val[epoch] = float(data["val_acc"])
     if not peers[0].epochs:
         raise UserError(
             f"{path / METRICS_FILE} holds no epoch completed by every peer; report the run after its first epoch"
