@@ -21,7 +21,8 @@ ARGV = ["train", "--models", "resnet20", "wrn28_2", "--num-nodes", "2", "--datas
         "--precision", "fp32", "--plain", "--threads", "3", "--train-samples", "640", "--test-samples", "100", "--val-samples", "300",
         "--data-dir", "d",
         "--out-dir", "o", "--name", "n", "--skip-checksum", "--no-download", "--download-url", "http://127.0.0.1/x",
-        "--no-progress", "--check-batches", "--data-parallel", "2", "--local-batchnorm"]
+        "--no-progress", "--check-batches", "--data-parallel", "2", "--local-batchnorm", "--data-loader", "stream",
+        "--workers", "2", "--no-augment"]
 
 
 def test_every_setting_has_a_flag_and_reaches_the_config():
@@ -32,7 +33,8 @@ def test_every_setting_has_a_flag_and_reaches_the_config():
         kd_ramp_epochs=2.5, update="sequential",
         seed=9, device="cpu", precision="fp32", plain=True, threads=3, train_samples=640, test_samples=100, val_samples=300, data_dir="d",
         out_dir="o", name="n", skip_checksum=True, download=False, download_url="http://127.0.0.1/x",
-        progress=False, check_batches=True, data_parallel=2, local_batchnorm=True)
+        progress=False, check_batches=True, data_parallel=2, local_batchnorm=True, data_loader="stream", workers=2,
+        augment=False)
     assert config == expected
     defaults = TrainConfig()
     changed = {f.name for f in dataclasses.fields(TrainConfig) if getattr(config, f.name) != getattr(defaults, f.name)}

@@ -417,3 +417,7 @@ def test_the_slurm_example_is_valid_bash_and_starts_torchrun_on_every_node():
     assert "#SBATCH --requeue" in text and "srun" in text and "--rdzv-backend c10d" in text
     assert "--data-parallel" in text and "--max-restarts 3" in text
     assert text.rstrip().endswith("--resume auto")  # one command for the first start, restarts and requeues
+    from dml.models import MODEL_NAMES
+
+    models = text.split("--models ", 1)[1].split()[0]
+    assert models in MODEL_NAMES and "--data-loader stream" in text  # built-in names; each process its own rows

@@ -50,8 +50,10 @@ def evaluate_models(
     runtime: Runtime,
     exchange=None,
     ensemble_excludes: Iterable[int] = (),
+    local_rows: bool = False,
 ) -> Evaluation:
-    """Accuracy of every model on ``batches`` of (inputs, labels), and of the ensemble (mean softmax).
+    """Accuracy of every model on ``batches`` of (inputs, labels), and of the ensemble (mean softmax). Each
+    replica of a peer computes its rows of every batch (``local_rows``: the batches hold only those).
 
     The models run in evaluation mode (through BatchNorm-folded copies where the runtime folds) and
     are left in the mode they were in. With an exchange over processes, the ensemble holds every
@@ -65,7 +67,8 @@ def evaluate_models(
     samples = 0
     with torch.inference_mode():
         for x, y in batches:
-            x, y = exchange.shard(x), exchange.shard(y)  # replicas of a peer share the batches out
+            if not local_rows:
+                x, y = exchange.shard(x), exchange.shard(y)  # replicas of a peer share the batches out
             x, y = runtime.to_device(x), y.to(runtime.device, non_blocking=True)
             logits = runtime.runner.map(functools.partial(_predict, x=x, precision=runtime.precision), inference)
             for k, z in enumerate(logits):

@@ -116,7 +116,7 @@ def measure_engine(settings: BenchSettings, cfg: TrainConfig, exchange) -> tuple
             CIFAR100_MEAN,
             CIFAR100_STD,
         )
-        batch_iter = iter(build_feed(cfg, runtime, data).batches)
+        batch_iter = iter(build_feed(cfg, runtime, data, exchange).batches)
         metrics = StepMetrics(len(cohort.peers), device)
         train_steps(cohort, itertools.islice(batch_iter, settings.warmup), metrics)
         metrics.read()  # waits for the device

@@ -236,14 +236,18 @@ class Cohort:
         epoch, epochs, steps_per_epoch = self._epoch
         return Progress(epoch, epochs, min(1.0, self._steps_done / steps_per_epoch) if steps_per_epoch else 0.0)
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+    def step(self, x: torch.Tensor, y: torch.Tensor, rows: int | None = None) -> StepOutput:
         """Train every local peer on one batch of inputs ``x`` and labels ``y`` (``x`` may be views of the batch,
         stacked (views, batch, ...), where a ``Branches`` has ``views``: see ``Unit``). It does not wait for the
         device, except on the first batch (``check_batch`` reads the labels' range once) and under fp16,
-        where the GradScaler reads whether a gradient overflowed once per peer per step."""
+        where the GradScaler reads whether a gradient overflowed once per peer per step.
+
+        With data-parallel replicas every process passes the whole batch and computes its own rows of it; a
+        feed that loads only those rows passes them with ``rows``, the size of the whole batch."""
         # this replica's rows, where peers have replicas (shards of unequal size weigh their rows)
-        self.replica_weight = self.exchange.replica_weight(y.shape[0])
-        x, y = self.exchange.shard(x, dim=1 if self.views else 0), self.exchange.shard(y)
+        self.replica_weight = self.exchange.replica_weight(y.shape[0] if rows is None else rows)
+        if rows is None:
+            x, y = self.exchange.shard(x, dim=1 if self.views else 0), self.exchange.shard(y)
         x, y = self.runtime.to_device(x), y.to(self.runtime.device, non_blocking=True)
         if not self._checked:  # the first batch only: it waits for the device once
             self.check_batch(x, y)
@@ -320,15 +324,17 @@ class Cohort:
                     module.training = training
         return tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
 
-    def evaluate(self, batches: Iterable) -> Evaluation:
+    def evaluate(self, batches: Iterable, local_rows: bool = False) -> Evaluation:
         """Top-1 / top-5 accuracy (%) of every local peer and of the whole cohort's mean-softmax ensemble (of the
-        networks that train: not the teachers, the temporal means or the learned teachers)."""
+        networks that train: not the teachers, the temporal means or the learned teachers). ``local_rows``: the
+        batches hold only this replica's rows (as ``step``'s ``rows``)."""
         return evaluate_models(
             [p.model for p in self.peers],
             batches,
             self.runtime,
             self.exchange,
             ensemble_excludes=[*self.links.frozen, *self.learned_teachers],
+            local_rows=local_rows,
         )
 
     @property

@@ -8,7 +8,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .choices import DEVICES, PRECISIONS
+from .choices import DEVICES, LOADERS, PRECISIONS
 from .errors import UserError
 from .models import MODEL_NAMES, folder_name, model_factory
 
@@ -40,6 +40,7 @@ RESUME_MAY_CHANGE = frozenset(
         "teacher_model",
         "threads",
         "data_parallel",
+        "workers",
     }
 )
 
@@ -103,8 +104,26 @@ class TrainConfig:
         "and test/<class>/ with png or jpg images",
     )
     image_size: int | None = setting(
-        group="data", metavar="S", help="folder datasets: resize every image to SxS (needed when their sizes differ)"
+        group="data",
+        metavar="S",
+        help="folder datasets: resize every image to SxS (needed when their sizes differ); a streamed folder "
+        "crops to SxS (random-resized crops for training, the centre crop for evaluation)",
     )
+    data_loader: str = setting(
+        "auto",
+        group="data",
+        choices=LOADERS,
+        help="memory: decode a folder once into memory (fastest where it fits); stream: decode it batch by batch "
+        "in --workers processes, each process loading only the rows it computes; auto: stream where the decoded "
+        "images would take more than a quarter of the available memory",
+    )
+    workers: int | None = setting(
+        group="data",
+        metavar="N",
+        help="processes decoding a streamed folder, per training process (default: its cores less one; 0 decodes "
+        "in the training process)",
+    )
+    augment: bool = setting(True, group="data", help="train on the images as they are: no crops, no flips")
     epochs: int = setting(200, group="recipe", help="epochs of the schedule")
     batch_size: int = setting(64, group="recipe", help="images per step (the last partial batch is dropped)")
     lr: float = setting(0.1, group="recipe", help="initial learning rate (cosine to 0, or steps with --lr-milestones)")
@@ -300,9 +319,18 @@ class TrainConfig:
             ("--update", self.update, UPDATES),
             ("--device", self.device, DEVICES),
             ("--precision", self.precision, PRECISIONS),
+            ("--data-loader", self.data_loader, LOADERS),
         ):
             if value not in choices:
                 raise UserError(f"{flag} {value!r} is not one of: {', '.join(choices)}")
+        if self.workers is not None and (
+            isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0
+        ):
+            raise UserError(f"--workers must be 0 or more, got {self.workers}")
+        if self.data_loader == "stream" and self.dataset != "folder":
+            raise UserError(
+                f"--data-loader stream reads image folders; {self.dataset} is read whole (it fits in memory)"
+            )
         if self.image_size is not None:
             _positive_int("--image-size", self.image_size)
             if self.dataset != "folder":

@@ -108,6 +108,9 @@ class LocalExchange:
     def shard(self, batch: torch.Tensor, dim: int = 0) -> torch.Tensor:
         return batch
 
+    def rows(self, n: int) -> tuple[int, int]:
+        return 0, n
+
     def replica_weight(self, rows: int) -> float:
         return 1.0
 
@@ -200,10 +203,10 @@ class TorchExchange(LocalExchange):
     def shard(self, batch: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """This replica's rows (along ``dim``: 1 for views of a batch) of a batch every replica drew whole
         (equal shards where they divide it)."""
-        start, end = self._rows(batch.shape[dim])
+        start, end = self.rows(batch.shape[dim])
         return batch.narrow(dim, start, end - start)
 
-    def _rows(self, n: int) -> tuple[int, int]:
+    def rows(self, n: int) -> tuple[int, int]:
         """The first and the past-the-end row of this replica's shard of ``n`` rows."""
         return self.replica * n // self.mesh.data_parallel, (self.replica + 1) * n // self.mesh.data_parallel
 
@@ -212,7 +215,7 @@ class TorchExchange(LocalExchange):
         of the replicas' gradients is the whole batch's: its share of the rows times the replicas (1 where
         they divide the batch). Weighted before backward, so that synchronised BatchNorm layers add up
         gradients of one scale."""
-        start, end = self._rows(rows)
+        start, end = self.rows(rows)
         return (end - start) * self.mesh.data_parallel / rows
 
     def average_gradients(self, model: nn.Module, peer: int) -> None:

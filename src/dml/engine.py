@@ -6,9 +6,10 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
@@ -20,8 +21,9 @@ from .cohort import PROBE_INPUTS, Cohort, PeerOutputError, StepOutput
 from .config import TrainConfig
 from .data.augment import Normalise
 from .data.batches import TrainBatches, test_batches
-from .data.dataset import ImageData, balanced_subset, hold_out
-from .data.source import load_dataset
+from .data.dataset import ImageData, ImageSplit, Split, balanced_subset, hold_out
+from .data.source import choose_loader, load_dataset
+from .data.stream import FileSplit, StreamedTestBatches, StreamedTrainBatches, default_workers
 from .distributed import launcher_restart, make_exchange
 from .errors import RunStopped, UserError
 from .evaluate import EVAL_BATCH_SIZE, load_model
@@ -34,7 +36,11 @@ from .runtime import Runtime, resolve_device
 
 
 # --- the run ------------------------------------------------------------------------------------
-def load_data(cfg: TrainConfig, device: torch.device) -> ImageData:
+def load_data(cfg: TrainConfig, device: torch.device, recorded_loader: str | None = None) -> ImageData:
+    """The run's data, subsets taken; in memory on ``device``, or streamed (``recorded_loader``: how the run
+    being resumed read it, so that --data-loader auto cannot change its transforms)."""
+    loader, why = choose_loader(cfg.dataset, cfg.data_dir, cfg.image_size, recorded_loader or cfg.data_loader)
+    workers = cfg.workers if cfg.workers is not None else default_workers()
     data = load_dataset(
         cfg.dataset,
         cfg.data_dir,
@@ -43,7 +49,10 @@ def load_data(cfg: TrainConfig, device: torch.device) -> ImageData:
         url=cfg.download_url,
         skip_checksum=cfg.skip_checksum,
         progress=cfg.progress,
+        loader=loader,
+        workers=workers,
     )
+    data.how = f"streamed by {workers} worker(s) per process ({why})" if data.streamed else f"in memory ({why})"
     if cfg.val_samples is not None:  # held out first, so that --train-samples draws from the rest
         if len(data.train) - cfg.val_samples < max(cfg.batch_size, cfg.train_samples or 0):
             raise UserError(
@@ -60,9 +69,8 @@ def load_data(cfg: TrainConfig, device: torch.device) -> ImageData:
     if cfg.test_samples is not None:
         data.test = balanced_subset(data.test, cfg.test_samples, derive_seed(cfg.seed, "test-subset"), data.num_classes)
     for split in (data.train, data.test, data.val):
-        if split is None:
-            continue
-        split.images, split.labels = split.images.to(device), split.labels.to(device)
+        if isinstance(split, ImageSplit):
+            split.images, split.labels = split.images.to(device), split.labels.to(device)
     return data
 
 
@@ -74,7 +82,10 @@ def data_summary(data: ImageData) -> dict:
         "train_images": len(data.train),
         "test_images": len(data.test),
         "val_images": len(data.val) if data.val is not None else 0,
-        "image_size": list(data.train.images.shape[2:]),
+        "image_size": list(data.train.images.shape[2:])
+        if isinstance(data.train, ImageSplit)
+        else [data.image_size] * 2,
+        "loader": "stream" if data.streamed else "memory",
         "mean": list(data.mean),
         "std": list(data.std),
     }
@@ -196,7 +207,7 @@ def check_outputs(cfg: TrainConfig, cohort: Cohort, feed: Feed, data: ImageData)
     """Every peer returns one logit per class of the data for each image: one forward pass of two
     training images that changes nothing (Cohort.check_batch). The data's labels were checked when read."""
     try:
-        cohort.check_batch(feed.normalise(data.train.images[:PROBE_INPUTS]), num_classes=data.num_classes)
+        cohort.check_batch(feed.probe(data), num_classes=data.num_classes)
     except PeerOutputError as exc:
         peer = cfg.graph_spec["peers"][exc.index] if cfg.graph_spec is not None else None
         if peer is not None and peer["checkpoint"] is not None:
@@ -220,22 +231,59 @@ def check_outputs(cfg: TrainConfig, cohort: Cohort, feed: Feed, data: ImageData)
 
 @dataclass
 class Feed:
-    """A run's training batches: shuffled and augmented from one seeded generator (saved with checkpoints)."""
+    """A run's batches: training batches shuffled and augmented from one seeded generator (saved with
+    checkpoints), and evaluation batches of the test and validation splits."""
 
     generator: torch.Generator
     normalise: Normalise
-    batches: TrainBatches
+    batches: TrainBatches | StreamedTrainBatches
+    evaluation: Callable[[Split], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+
+    def probe(self, data: ImageData) -> torch.Tensor:
+        """The first PROBE_INPUTS training images as evaluation sees them (Cohort.check_batch's input)."""
+        if isinstance(data.train, ImageSplit):
+            return self.normalise(data.train.images[:PROBE_INPUTS])
+        first = data.train.take(torch.arange(min(PROBE_INPUTS, len(data.train))))
+        return next(iter(StreamedTestBatches(first, data.image_size or 0, PROBE_INPUTS, self.normalise)))[0]
 
 
-def build_feed(cfg: TrainConfig, runtime: Runtime, data: ImageData) -> Feed:
+def build_feed(cfg: TrainConfig, runtime: Runtime, data: ImageData, exchange) -> Feed:
     generator = torch.Generator(device=runtime.device)
     generator.manual_seed(derive_seed(cfg.seed, "data"))
     normalise = Normalise(data.mean, data.std, runtime.device, runtime.channels_last)
-    return Feed(
+    if isinstance(data.train, ImageSplit):
+        batches = TrainBatches(
+            data.train.images, data.train.labels, cfg.batch_size, generator, normalise, cfg.views, cfg.augment
+        )
+        return Feed(
+            generator,
+            normalise,
+            batches,
+            lambda split: test_batches(cast(ImageSplit, split).images, split.labels, EVAL_BATCH_SIZE, normalise),
+        )
+    # each process decodes only the rows it computes (exchange.rows): its replica's share of every batch
+    workers, size = cfg.workers if cfg.workers is not None else default_workers(), data.image_size or 0
+    streamed = StreamedTrainBatches(
+        data.train,
+        size,
+        cfg.batch_size,
         generator,
         normalise,
-        TrainBatches(data.train.images, data.train.labels, cfg.batch_size, generator, normalise, cfg.views),
+        augment=cfg.augment,
+        views=cfg.views,
+        workers=workers,
+        rows=exchange.rows,
     )
+    loaders: dict[int, StreamedTestBatches] = {}  # one per split, its workers kept between evaluations
+
+    def evaluation(split: Split) -> StreamedTestBatches:
+        if id(split) not in loaders:
+            loaders[id(split)] = StreamedTestBatches(
+                cast(FileSplit, split), size, EVAL_BATCH_SIZE, normalise, workers=workers, rows=exchange.rows
+            )
+        return loaders[id(split)]
+
+    return Feed(generator, normalise, streamed, evaluation)
 
 
 def train(cfg: TrainConfig, resume: bool | str = False, stop_after: int | None = None, exchange=None) -> Path:
@@ -254,12 +302,12 @@ def train(cfg: TrainConfig, resume: bool | str = False, stop_after: int | None =
         device = exchange.select_device(device)
         run = RunDir.of(cfg, writer=exchange.is_writer)
         resume = check_run_dir(cfg, resume, run)  # decided by every process before any of them writes
-        data = load_data(cfg, device)
+        data = load_data(cfg, device, run.recorded_loader() if resume else None)
         exchange.barrier()  # every process has checked the run directory before rank 0 writes to it
         runtime = build_runtime(cfg, exchange, device)
         try:
             cohort = build_cohort(cfg, exchange, runtime, data.num_classes)
-            feed = build_feed(cfg, runtime, data)
+            feed = build_feed(cfg, runtime, data, exchange)
             check_outputs(cfg, cohort, feed, data)  # before anything is written to the run directory
             Training(cfg, run, data, cohort, feed).train(resume, stop_after)
         finally:
@@ -326,8 +374,8 @@ class Training:
         val_images = f" / {len(data.val)} validation" if data.val is not None else ""
         return (
             f"{self.run.path}: {cfg.num_nodes} peer(s) {', '.join(cfg.models)} on {runtime.device} "
-            f"({runtime.precision.name}{side_by_side}), {data.train.images.shape[0]} train / "
-            f"{data.test.images.shape[0]} test{val_images} images, epoch {start_epoch} of {cfg.epochs}"
+            f"({runtime.precision.name}{side_by_side}), {len(data.train)} train / "
+            f"{len(data.test)} test{val_images} images {data.how}, epoch {start_epoch} of {cfg.epochs}"
         )
 
     def train(self, resume: bool, stop_after: int | None) -> None:
@@ -423,13 +471,9 @@ class Training:
 
     def evaluate(self):
         """The cohort on the test split, and on the validation split where the run holds one (else None)."""
-        data, normalise = self.data, self.feed.normalise
-        test = self.cohort.evaluate(test_batches(data.test.images, data.test.labels, EVAL_BATCH_SIZE, normalise))
-        val = (
-            None
-            if data.val is None
-            else self.cohort.evaluate(test_batches(data.val.images, data.val.labels, EVAL_BATCH_SIZE, normalise))
-        )
+        data, batches, local = self.data, self.feed.evaluation, self.data.streamed
+        test = self.cohort.evaluate(batches(data.test), local_rows=local)
+        val = None if data.val is None else self.cohort.evaluate(batches(data.val), local_rows=local)
         return test, val
 
     def save(self, epoch: int, records: list[dict]) -> None:
@@ -537,12 +581,16 @@ def train_steps(
     ``dml train`` and ``dml bench`` both run exactly this. Stops with RunStopped on a non-finite
     loss (checked every DIVERGENCE_CHECK_EVERY steps and at the end) or a requested stop.
     """
+    rows = getattr(batches, "global_batch", None)
     for n, (x, y) in enumerate(batches, start=1):
         if stop is not None:
             stop.check()
         if check_batches:
             cohort.exchange.check_same(batch_fingerprint(x, y), f"the batch of {where}step {n}")
-        metrics.add(cohort.step(x, y), cohort.exchange.shard(y))
+        if rows is None:
+            metrics.add(cohort.step(x, y), cohort.exchange.shard(y))
+        else:  # a feed that loads only this replica's rows of each batch of ``rows``
+            metrics.add(cohort.step(x, y, rows=rows), y)
         if n % DIVERGENCE_CHECK_EVERY == 0:
             metrics.check_finite(cohort.peers, where, cohort.exchange)
         if on_step is not None:

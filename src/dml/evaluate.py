@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import cast
@@ -22,11 +22,13 @@ from .branches import TEACHERS
 from .checkpoint import EVALUATE, SavedPeer, check_model_named, read_checkpoint
 from .data.augment import Normalise
 from .data.batches import test_batches
-from .data.dataset import balanced_subset
-from .data.source import load_dataset
+from .data.dataset import ImageSplit, balanced_subset
+from .data.source import choose_loader, load_dataset
+from .data.stream import StreamedTestBatches, default_workers
 from .errors import UserError
 from .models import ModelImportError, create_model
 from .peer import derive_seed, names_flag, one_or_each
+from .runlog import RunDir
 from .runtime import Runtime, resolve_device
 
 NUM_CLASSES = {"cifar100": 100, "cifar10": 10}
@@ -139,23 +141,12 @@ def common_dataset(checkpoints: list[LoadedCheckpoint], dataset: str | None) -> 
     return dataset
 
 
-def accuracies(
-    checkpoints: list[LoadedCheckpoint],
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    normalise: Normalise,
-    runtime: Runtime,
-) -> list[Accuracy]:
-    """Top-1/top-5 accuracy (%) of every checkpoint, then of their mean-softmax ensemble: as in training, of the
-    networks that trained, without the temporal means (unless every checkpoint is one)."""
+def accuracies(checkpoints: list[LoadedCheckpoint], batches: Iterable, runtime: Runtime) -> list[Accuracy]:
+    """Top-1/top-5 accuracy (%) of every checkpoint on the test ``batches``, then of their mean-softmax ensemble:
+    as in training, of the networks that trained, without the temporal means (unless every checkpoint is one)."""
     means = [i for i, c in enumerate(checkpoints) if c.mean_of is not None]
     excluded = means if len(means) < len(checkpoints) else []
-    result = evaluate_models(
-        [c.model for c in checkpoints],
-        test_batches(images, labels, EVAL_BATCH_SIZE, normalise),
-        runtime,
-        ensemble_excludes=excluded,
-    )
+    result = evaluate_models([c.model for c in checkpoints], batches, runtime, ensemble_excludes=excluded)
     rows = [
         Accuracy(
             str(c.path),
@@ -317,6 +308,10 @@ def evaluate_checkpoints(
     source = data_source(checkpoints, dataset, data_dir, skip_checksum, download, download_url, image_size)
     if log is not None:
         log(source.describe())
+    # how the first checkpoint's run read its data (its run directory says), else what it would choose now
+    recorded = RunDir(checkpoints[0].path.parent.parent, {}, writer=False).recorded_loader()
+    loader = recorded or choose_loader(dataset, str(source.data_dir), source.image_size, "auto")[0]
+    workers = default_workers()
     data = load_dataset(
         dataset,
         str(source.data_dir),
@@ -324,6 +319,8 @@ def evaluate_checkpoints(
         download=source.download,
         url=source.download_url,
         skip_checksum=source.skip_checksum,
+        loader=loader,
+        workers=workers,
     )
     if data.num_classes != checkpoints[0].num_classes:
         raise UserError(
@@ -342,13 +339,12 @@ def evaluate_checkpoints(
     try:
         for c in checkpoints:
             c.model = runtime.prepare(c.model)
-        results = accuracies(
-            checkpoints,
-            test.images.to(dev),
-            test.labels.to(dev),
-            Normalise(mean, std, dev, runtime.channels_last),
-            runtime,
-        )
+        normalise = Normalise(mean, std, dev, runtime.channels_last)
+        if isinstance(test, ImageSplit):
+            batches: Iterable = test_batches(test.images.to(dev), test.labels.to(dev), EVAL_BATCH_SIZE, normalise)
+        else:
+            batches = StreamedTestBatches(test, data.image_size or 0, EVAL_BATCH_SIZE, normalise, workers=workers)
+        results = accuracies(checkpoints, batches, runtime)
     finally:
         runtime.close()
     return {

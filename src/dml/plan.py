@@ -69,6 +69,7 @@ PLAN_MAY_CHANGE = frozenset(
         "check_batches",
         "teacher_model",
         "threads",
+        "workers",
     }
 )
 LABEL = re.compile(r"[A-Za-z0-9._+-]+")

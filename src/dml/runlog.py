@@ -191,6 +191,14 @@ class RunDir:
             return None
         return threads if isinstance(threads, int) and threads >= 1 else None
 
+    def recorded_loader(self) -> str | None:
+        """How the run read its data ("memory" or "stream"; None where config.json does not say)."""
+        try:
+            loader = json.loads((self.path / CONFIG_FILE).read_text())["data"].get("loader")
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):
+            return None
+        return loader if loader in ("memory", "stream") else None
+
     def holds_no_epoch(self) -> bool:
         """Whether the folder holds nothing but what ``dml train`` writes before a first epoch is complete
         (config.json, an empty metrics.jsonl, the peers' and the ensemble's folders with at most TensorBoard

@@ -24,12 +24,14 @@ class TrainBatches:
         generator: torch.Generator,
         normalise: Normalise,
         views: int = 1,
+        augment: bool = True,
     ):
         self.images, self.labels = images, labels
         self.batch_size = batch_size
         self.generator = generator
         self.normalise = normalise
         self.views = views  # > 1: each batch as that many augmentations of its images, stacked (views, batch, ...)
+        self.augment = augment  # False: the images as they are (nothing drawn but the order)
 
     def __len__(self) -> int:
         return self.images.shape[0] // self.batch_size
@@ -39,7 +41,10 @@ class TrainBatches:
         order = order.to(self.images.device)
         for step in range(len(self)):
             idx = order[step * self.batch_size : (step + 1) * self.batch_size]
-            if self.views == 1:
+            if not self.augment:
+                batch = self.normalise(self.images[idx])
+                yield (batch if self.views == 1 else torch.stack([batch] * self.views)), self.labels[idx]
+            elif self.views == 1:
                 yield self.normalise(augment_batch(self.images[idx], self.generator)), self.labels[idx]
             else:
                 batch = self.images[idx]

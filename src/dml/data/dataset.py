@@ -10,10 +10,14 @@ split of it: uint8 image tensors with int64 labels, read once into memory. ``loa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Union
 
 import torch
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from .stream import FileSplit
 
 
 @dataclass
@@ -26,6 +30,12 @@ class ImageSplit:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def take(self, index: torch.Tensor) -> ImageSplit:
+        return ImageSplit(images=self.images[index].contiguous(), labels=self.labels[index])
+
+
+Split = Union[ImageSplit, "FileSplit"]  # in memory, or image files streamed from disk (stream.py)
+
 
 @dataclass
 class ImageData:
@@ -34,14 +44,21 @@ class ImageData:
     dataset: str  # "cifar100", "cifar10" or "folder"
     num_classes: int
     class_names: list[str]
-    train: ImageSplit
-    test: ImageSplit
+    train: Split
+    test: Split
     mean: tuple[float, ...] = ()  # per-channel normalisation of images scaled to [0, 1]
     std: tuple[float, ...] = ()
-    val: ImageSplit | None = None  # held out of the training images (--val-samples)
+    val: Split | None = None  # held out of the training images (--val-samples)
+    image_size: int | None = None  # a streamed folder's: the side its images are cropped to
+    how: str = ""  # how the run reads it, for its first console line ("in memory (...)", "streamed by ...")
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the images stay files on disk, decoded batch by batch (stream.py)."""
+        return not isinstance(self.train, ImageSplit)
 
 
-def balanced_subset(split: ImageSplit, n: int, seed: int, num_classes: int) -> ImageSplit:
+def balanced_subset(split: Split, n: int, seed: int, num_classes: int) -> Split:
     """A seeded, class-balanced subset of ``n`` samples, in the split's original order.
 
     Each class gets ``n // num_classes`` samples; the remainder goes one each to the first
@@ -51,10 +68,10 @@ def balanced_subset(split: ImageSplit, n: int, seed: int, num_classes: int) -> I
     """
     if n == len(split.labels) and n >= 1:
         return split
-    return _take(split, _balanced_indices(split, n, seed, num_classes))
+    return split.take(_balanced_indices(split, n, seed, num_classes))
 
 
-def hold_out(split: ImageSplit, n: int, seed: int, num_classes: int) -> tuple[ImageSplit, ImageSplit]:
+def hold_out(split: Split, n: int, seed: int, num_classes: int) -> tuple[Split, Split]:
     """(the rest, the held-out part): ``n`` samples chosen as :func:`balanced_subset` chooses them,
     and every other sample, each in the split's original order."""
     total = len(split.labels)
@@ -63,14 +80,10 @@ def hold_out(split: ImageSplit, n: int, seed: int, num_classes: int) -> tuple[Im
     held = _balanced_indices(split, n, seed, num_classes)
     keep = torch.ones(total, dtype=torch.bool)
     keep[held] = False
-    return _take(split, keep.nonzero().flatten()), _take(split, held)
+    return split.take(keep.nonzero().flatten()), split.take(held)
 
 
-def _take(split: ImageSplit, index: torch.Tensor) -> ImageSplit:
-    return ImageSplit(images=split.images[index].contiguous(), labels=split.labels[index])
-
-
-def _balanced_indices(split: ImageSplit, n: int, seed: int, num_classes: int) -> torch.Tensor:
+def _balanced_indices(split: Split, n: int, seed: int, num_classes: int) -> torch.Tensor:
     """Sorted indices of the seeded, class-balanced choice of ``n`` samples (see balanced_subset)."""
     total = len(split.labels)
     if not 1 <= n <= total:

@@ -32,16 +32,7 @@ def load_image_folder(root: str | Path, image_size: int | None = None, progress:
     side; ``progress`` shows a progress bar while decoding. A problem with the folder is a ``UserError``.
     """
     root = Path(root).expanduser()
-    files = {split: _list_split(root, split) for split in SPLITS}
-    classes = {split: sorted(files[split]) for split in SPLITS}
-    if classes["train"] != classes["test"]:
-        only_train = sorted(set(classes["train"]) - set(classes["test"]))
-        only_test = sorted(set(classes["test"]) - set(classes["train"]))
-        raise UserError(
-            f"{root}: train/ and test/ hold different classes (only in train: {only_train or 'none'}; "
-            f"only in test: {only_test or 'none'}); give both splits the same class folders"
-        )
-    names = classes["train"]
+    names, files = list_folder(root)
     total = sum(len(v) for split in SPLITS for v in files[split].values())
     with tqdm(
         total=total, desc=f"decoding {root.name or root}", unit="img", disable=None if progress else True, leave=False
@@ -65,11 +56,34 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     return tuple(round(v, 6) for v in mean.tolist()), tuple(round(v, 6) for v in std.tolist())
 
 
+def list_folder(root: Path) -> tuple[list[str], dict[str, dict[str, list[Path]]]]:
+    """The class names (sorted) and, per split ("train", "test"), each class's image files (sorted). The test
+    split is ``root/test``, or ``root/val`` where there is no test folder (ImageNet's layout)."""
+    files = {split: _list_split(root, split) for split in SPLITS}
+    classes = {split: sorted(files[split]) for split in SPLITS}
+    if classes["train"] != classes["test"]:
+        only_train = sorted(set(classes["train"]) - set(classes["test"]))
+        only_test = sorted(set(classes["test"]) - set(classes["train"]))
+        test = _split_folder(root, "test").name
+        raise UserError(
+            f"{root}: train/ and {test}/ hold different classes (only in train: {only_train or 'none'}; "
+            f"only in {test}: {only_test or 'none'}); give both splits the same class folders"
+        )
+    return classes["train"], files
+
+
+def _split_folder(root: Path, split: str) -> Path:
+    if split == "test" and not (root / "test").is_dir() and (root / "val").is_dir():
+        return root / "val"
+    return root / split
+
+
 def _list_split(root: Path, split: str) -> dict[str, list[Path]]:
-    folder = root / split
+    folder = _split_folder(root, split)
     if not folder.is_dir():
         raise UserError(
-            f"{folder} is not a folder: an image folder dataset needs {root}/train/<class>/ and {root}/test/<class>/"
+            f"{folder} is not a folder: an image folder dataset needs {root}/train/<class>/ and "
+            f"{root}/test/<class>/ (or {root}/val/<class>/)"
         )
     classes = {}
     for entry in sorted(folder.iterdir()):
@@ -97,7 +111,7 @@ def _decode_split(files: dict[str, list[Path]], names: list[str], image_size: in
     first: tuple[Path, tuple[int, int]] | None = None
     for label, name in enumerate(names):
         for path in files[name]:
-            pixels = _decode(path, image_size)
+            pixels = decode(path, image_size)
             if first is None:
                 first = (path, pixels.shape[:2])
             elif pixels.shape[:2] != first[1]:
@@ -112,18 +126,27 @@ def _decode_split(files: dict[str, list[Path]], names: list[str], image_size: in
     return ImageSplit(torch.from_numpy(np.ascontiguousarray(array)), torch.tensor(labels, dtype=torch.int64))
 
 
-def _decode(path: Path, image_size: int | None) -> np.ndarray:
+def open_rgb(path: Path):
+    """The image at ``path`` decoded as RGB (grayscale, palette, CMYK and alpha images converted), a PIL image;
+    a file that is not a readable image is a UserError naming it."""
     from PIL import Image, UnidentifiedImageError  # imported here: only folder datasets need Pillow
 
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB")
-            if image_size is not None and image.size != (image_size, image_size):
-                # set from Image.Resampling at import, out of the type checker's sight (Resampling needs pillow 9.1)
-                image = image.resize((image_size, image_size), Image.BILINEAR)  # type: ignore[attr-defined]
-            return np.asarray(image, dtype=np.uint8)
+            return image.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise UserError(f"cannot read image {path} ({type(exc).__name__}); replace or remove the file") from None
+
+
+def decode(path: Path, image_size: int | None) -> np.ndarray:
+    """The image at ``path`` as uint8 (H, W, 3), resized to image_size x image_size where given."""
+    from PIL import Image
+
+    image = open_rgb(path)
+    if image_size is not None and image.size != (image_size, image_size):
+        # set from Image.Resampling at import, out of the type checker's sight (Resampling needs pillow 9.1)
+        image = image.resize((image_size, image_size), Image.BILINEAR)  # type: ignore[attr-defined]
+    return np.asarray(image, dtype=np.uint8)
 
 
 def _size(shape) -> str:
