@@ -149,3 +149,20 @@ def test_bench_user_errors(args, expected, capsys):
     assert main(["bench", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and expected in err and err.count("\n") == 1
+
+
+def test_the_input_pipeline_alone_is_timed_with_and_without_workers(tmp_path, capsys):
+    from test_folder import write_folder
+
+    write_folder(tmp_path / "images", size=40, per_class=(12, 2))
+    assert main(["bench", "--input-pipeline", str(tmp_path / "images"), "--image-size", "24", "--batch-size", "4",
+                 "--steps", "3", "--warmup", "1", "--workers", "2", "--json", str(tmp_path / "p.json")]) == 0
+    rows = json.loads((tmp_path / "p.json").read_text())
+    assert [r["workers"] for r in rows] == [0, 2] and all(r["img_s"] > 0 for r in rows)
+    assert rows[1]["img_s_per_process"] == pytest.approx(rows[1]["img_s"] / 2, abs=0.1)
+    assert capsys.readouterr().out.splitlines()[0].startswith("decoding processes | images/s")
+    assert main(["bench", "--input-pipeline", str(tmp_path / "images"), "--batch-size", "32"]) == 2
+    assert "fewer than --batch-size x (--steps + --warmup)" in capsys.readouterr().err
+    assert main(["bench", "--input-pipeline", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+

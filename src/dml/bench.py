@@ -23,17 +23,18 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import TrainConfig
-from .data.augment import CIFAR100_MEAN, CIFAR100_STD
+from .data.augment import CIFAR100_MEAN, CIFAR100_STD, Normalise
 from .data.dataset import ImageData, ImageSplit
 from .distributed import make_exchange
 from .engine import StepMetrics, build_cohort, build_feed, build_runtime, train_steps
+from .errors import UserError
 from .models import create_model
 from .runtime import resolve_device, resolve_precision
 
@@ -316,3 +317,49 @@ def _row(record: dict) -> str:
 
 def write_json(records: list[dict], path: str) -> None:
     Path(path).write_text(json.dumps(records, indent=2) + "\n")
+
+
+PIPELINE_HEADER = ("decoding processes", "images/s", "images/s per process", "image size", "batch")
+
+
+def measure_input_pipeline(
+    folder: str, image_size: int, batch_size: int, workers: int, steps: int, warmup: int
+) -> dict:
+    """Images per second that a streamed folder's training batches arrive at (decoded, augmented, normalised on
+    the CPU), alone, without a model: what a GPU could be fed. ``workers`` 0 decodes in this process."""
+    from .data.source import load_dataset
+    from .data.stream import FileSplit, StreamedTrainBatches
+
+    data = load_dataset("folder", folder, image_size=image_size, loader="stream", workers=workers)
+    if len(data.train) < batch_size * (steps + warmup):
+        raise UserError(
+            f"{folder} holds {len(data.train)} training images, fewer than --batch-size x (--steps + --warmup) = "
+            f"{batch_size * (steps + warmup)}; lower --steps or --batch-size"
+        )
+    normalise = Normalise(data.mean, data.std, torch.device("cpu"))
+    batches = StreamedTrainBatches(
+        cast(FileSplit, data.train),
+        image_size,
+        batch_size,
+        torch.Generator().manual_seed(0),
+        normalise,
+        workers=workers,
+    )
+    stream = iter(batches)
+    for _ in range(warmup):  # workers started, their first batches in flight
+        next(stream)
+    started = time.perf_counter()
+    for _ in range(steps):
+        next(stream)
+    rate = steps * batch_size / (time.perf_counter() - started)
+    return {
+        "workers": workers,
+        "img_s": round(rate, 1),
+        "img_s_per_process": round(rate / max(1, workers), 1),
+        "image_size": image_size,
+        "batch_size": batch_size,
+    }
+
+
+def pipeline_row(record: dict) -> str:
+    return " | ".join(str(record[k]) for k in ("workers", "img_s", "img_s_per_process", "image_size", "batch_size"))

@@ -396,6 +396,17 @@ def _bench_parser(sub) -> None:
         help="also measure the cohort of this graph file (branches on a shared trunk, say) in one more row; "
         "its throughput counts the branches and peers that train, not a learned teacher",
     )
+    p.add_argument(
+        "--input-pipeline",
+        default=None,
+        metavar="DIR",
+        help="time the input pipeline alone instead: training batches of the image folder DIR streamed as dml "
+        "train --data-loader stream reads it (decoded, augmented, normalised), with 0 and --workers decoding "
+        "processes; images/s against a model's images/s says whether a GPU would wait for data",
+    )
+    p.add_argument(
+        "--image-size", type=int, default=224, metavar="S", help="with --input-pipeline: the crop size, as dml train"
+    )
     p.add_argument("--json", default=None, metavar="PATH", help="also write the records as JSON")
     p.set_defaults(func=_run_bench)
 
@@ -415,6 +426,8 @@ def _run_bench(args: argparse.Namespace) -> int:
             raise UserError(f"{flag} must be a positive integer, got {value}")
     if args.warmup < 0 or args.workers < 0:
         raise UserError("--warmup and --workers must not be negative")
+    if args.input_pipeline is not None:
+        return _bench_input_pipeline(args)
     if not nodes or min(nodes) < 1:
         raise UserError(f"--num-nodes must list cohort sizes of at least 1, got {args.nodes!r}")
     for name in args.models:
@@ -459,6 +472,24 @@ def _run_bench(args: argparse.Namespace) -> int:
         print(" | ".join(HEADER))
     records = run_benchmark(settings)
     if args.json and records:
+        write_json(records, args.json)
+    return 0
+
+
+def _bench_input_pipeline(args: argparse.Namespace) -> int:
+    if args.image_size <= 0:
+        raise UserError(f"--image-size must be a positive integer, got {args.image_size}")
+    from .bench import PIPELINE_HEADER, measure_input_pipeline, pipeline_row, write_json
+
+    print(" | ".join(PIPELINE_HEADER))
+    records = []
+    for workers in sorted({0, args.workers}):
+        record = measure_input_pipeline(
+            args.input_pipeline, args.image_size, args.batch_size, workers, args.steps, args.warmup
+        )
+        print(pipeline_row(record), flush=True)
+        records.append(record)
+    if args.json:
         write_json(records, args.json)
     return 0
 
