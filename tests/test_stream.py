@@ -170,6 +170,28 @@ def test_a_streamed_run_says_so_repeats_itself_and_resumes_exactly(tmp_path, cap
     assert json.loads((tmp_path / "e.json").read_text())["checkpoints"][0]["top1"] == best
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_file_that_is_not_an_image_stops_the_stream_with_its_name(tmp_path, workers):
+    write_folder(tmp_path / "images", size=16, per_class=(4, 2))
+    data = load_dataset("folder", str(tmp_path / "images"), image_size=16, loader="stream")
+    bad = tmp_path / "images" / "train" / "cat" / "9.jpg"
+    bad.write_bytes(b"not a jpeg at all")
+    split = FileSplit([*data.train.files, bad], torch.cat([data.train.labels, torch.tensor([0])]))
+    normalise = Normalise(data.mean, data.std, torch.device("cpu"))
+    with pytest.raises(UserError, match=f"cannot read image {bad} \\(not an image, or damaged\\)"):
+        for _ in StreamedTrainBatches(split, 16, 13, _generator(), normalise, workers=workers):
+            pass
+
+
+def test_a_streamed_run_on_a_damaged_image_is_one_error_line(tmp_path, capsys):
+    write_folder(tmp_path / "images", size=20, per_class=(8, 3))
+    (tmp_path / "images" / "train" / "dog" / "3.png").write_bytes(b"\x89PNG damaged")
+    assert _train(tmp_path / "images", tmp_path / "runs") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot read image ") and "dog/3.png" in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--workers", "-1"], "--workers must be 0 or more, got -1"),
     (["--dataset", "cifar100", "--data-loader", "stream"], "--data-loader stream reads image folders"),

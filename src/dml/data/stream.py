@@ -21,16 +21,19 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 
+from ..errors import UserError
 from .augment import Normalise
 from .folder import decode, open_rgb
 
 STATS_SAMPLE = 1000  # training images the normalisation statistics of a streamed folder are estimated from
 SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # ImageNet's random-resized crop
 EVAL_RESIZE = 8 / 7  # evaluation: short side to size x 8/7 (256 for 224), then the centre crop
+UNREADABLE = -1  # the label a worker gives an image it cannot read, so that the main process names the file
 
 
 @dataclass
@@ -98,7 +101,17 @@ class DecodedImages(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index, seed = item
+        try:
+            return self._decode(*item)
+        except UserError:  # told by the main process, which knows the file (UNREADABLE)
+            shape = (
+                (3, self.size, self.size)
+                if self.views == 1 or self.mode != "train"
+                else (self.views, 3, self.size, self.size)
+            )
+            return torch.zeros(shape, dtype=torch.uint8), torch.tensor(UNREADABLE)
+
+    def _decode(self, index: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         path = self.files[index]
         if self.mode == "plain":
             pixels = decode(path, self.size)
@@ -143,6 +156,20 @@ class _Plan:
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+def _checked(loader: torch.utils.data.DataLoader, plan: _Plan) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The loader's batches; a file that is not a readable image stops the run with one line naming it (training
+    on without it would make the epoch's batches depend on which files fail)."""
+    dataset = cast(DecodedImages, loader.dataset)
+    for step, (x, y) in enumerate(loader):
+        if bool((y == UNREADABLE).any()):
+            index = plan.batches[step][int((y == UNREADABLE).nonzero()[0])][0]
+            raise UserError(
+                f"cannot read image {dataset.files[index]} (not an image, or damaged); replace or remove the file, "
+                "then run the same command again (with --resume once an epoch is saved)"
+            )
+        yield x, y
 
 
 def _loader(dataset: DecodedImages, plan: _Plan, workers: int, pin: bool) -> torch.utils.data.DataLoader:
@@ -198,7 +225,7 @@ class StreamedTrainBatches:
             list(zip(order[s * b + start : s * b + end].tolist(), seeds[s, start:end].tolist())) for s in range(steps)
         ]
         target = self.normalise.scale.device
-        for x, y in self.loader:
+        for x, y in _checked(self.loader, self.plan):
             x = x.to(target, non_blocking=True)
             if self.views > 1:  # (batch, views, ...) from the workers -> (views, batch, ...)
                 yield torch.stack([self.normalise(x[:, v]) for v in range(self.views)]), y.to(target)
@@ -232,7 +259,7 @@ class StreamedTestBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         target = self.normalise.scale.device
-        loaded = iter(self.loader)
+        loaded = _checked(self.loader, self.plan)
         for rows in self.rows_per_batch:
             if rows == 0:
                 empty = torch.zeros(0, 3, self.size, self.size, dtype=torch.uint8, device=target)
@@ -252,5 +279,7 @@ def estimate_stats(split: FileSplit, size: int, workers: int) -> tuple[tuple[flo
     chosen = torch.randperm(n, generator=torch.Generator().manual_seed(0))[: min(n, STATS_SAMPLE)].sort().values
     plan = _Plan()
     plan.batches = [[(int(i), 0) for i in part] for part in chosen.split(100)]
-    images = torch.cat([x for x, _ in _loader(DecodedImages(split, size, "plain"), plan, workers, False)])
+    images = torch.cat(
+        [x for x, _ in _checked(_loader(DecodedImages(split, size, "plain"), plan, workers, False), plan)]
+    )
     return channel_stats(images)
