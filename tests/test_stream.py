@@ -250,3 +250,30 @@ if os.environ.get("RANK") is not None:
     # path is (stream2 equals memory2 above)
     assert got["stream2"][0]["train_loss"] == pytest.approx(got["stream1"][0]["train_loss"], rel=1e-4)
     assert got["stream2"][0]["test_acc"] == got["stream1"][0]["test_acc"]
+
+
+@pytest.mark.processes  # kill -9 of a dml train process
+def test_a_streamed_run_killed_with_sigkill_resumes_bit_exactly(tmp_path):
+    import signal
+    import time
+
+    write_folder(tmp_path / "images", size=20, per_class=(8, 3))
+    command = [sys.executable, "-m", "dml", "train", "--dataset", "folder", "--data-dir", str(tmp_path / "images"),
+               "--image-size", "16", "--models", "resnet20", "--num-nodes", "2", "--epochs", "3", "--batch-size", "6",
+               "--no-progress", "--threads", "1", "--data-loader", "stream", "--workers", "2"]
+    straight = subprocess.run([*command, "--out-dir", str(tmp_path / "straight")], capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr
+    process = subprocess.Popen([*command, "--out-dir", str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "killed" / "dml_n2_folder_resnet20_s42" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and '"epoch": 1, "node": "ensemble"' in metrics.read_text()):
+        assert process.poll() is None and time.monotonic() < deadline, "the run never finished epoch 1"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)  # its workers, children of a killed process, end with it
+    process.wait()
+    resumed = subprocess.run([*command, "--out-dir", str(tmp_path / "killed"), "--resume"], capture_output=True,
+                             text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _records(metrics.parent) == _records(tmp_path / "straight" / "dml_n2_folder_resnet20_s42")
+
