@@ -170,6 +170,16 @@ def test_a_streamed_run_says_so_repeats_itself_and_resumes_exactly(tmp_path, cap
     assert json.loads((tmp_path / "e.json").read_text())["checkpoints"][0]["top1"] == best
 
 
+def test_subsets_and_a_validation_split_of_a_streamed_folder(tmp_path, capsys):
+    write_folder(tmp_path / "images", size=20, per_class=(8, 3))
+    assert _train(tmp_path / "images", tmp_path / "runs", "--train-samples", "12", "--test-samples", "6",
+                  "--val-samples", "6", "--epochs", "1") == 0
+    run = tmp_path / "runs" / "dml_n2_folder_resnet20_s42"
+    data = json.loads((run / "config.json").read_text())["data"]
+    assert (data["train_images"], data["test_images"], data["val_images"]) == (12, 6, 6)
+    assert all("val_acc" in r for r in _records(run))
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_file_that_is_not_an_image_stops_the_stream_with_its_name(tmp_path, workers):
     write_folder(tmp_path / "images", size=16, per_class=(4, 2))
