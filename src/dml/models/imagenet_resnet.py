@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .init import init_conv_or_norm
+
 
 class BasicBlock(nn.Module):
     expansion = 1
@@ -74,11 +76,7 @@ class ImageNetResNet(nn.Module):
             self.add_module(f"layer{i}", nn.Sequential(*stage))
         self.fc = nn.Linear(in_ch, num_classes)
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+            init_conv_or_norm(m)  # the classifier keeps torch's default
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(F.adaptive_avg_pool2d(self.tail(self.trunk(x, 0), 0), 1).flatten(1))

@@ -14,12 +14,18 @@ def init_like_seed(model: nn.Module, he_classifier: bool) -> None:
     ln 100 = 4.6): that is what gives DML cohorts the seed's slow first epoch.
     """
     for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
+        init_conv_or_norm(m)
+        if isinstance(m, nn.Linear):
             if he_classifier:
                 nn.init.kaiming_normal_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def init_conv_or_norm(m: nn.Module) -> None:
+    """A convolution He-normal on its fan-out, a BatchNorm at weight 1 and bias 0; other modules as they are
+    (the rule the CIFAR networks and the ImageNet ResNets share)."""
+    if isinstance(m, nn.Conv2d):
+        nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    elif isinstance(m, nn.BatchNorm2d):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
