@@ -343,7 +343,8 @@ def evaluate_checkpoints(
         if isinstance(test, ImageSplit):
             batches: Iterable = test_batches(test.images.to(dev), test.labels.to(dev), EVAL_BATCH_SIZE, normalise)
         else:
-            batches = StreamedTestBatches(test, data.image_size or 0, EVAL_BATCH_SIZE, normalise, workers=workers)
+            size = checkpoints[0].config.get("batch_size") or 64  # as training evaluated it: memory stays bounded
+            batches = StreamedTestBatches(test, data.image_size or 0, size, normalise, workers=workers)
         results = accuracies(checkpoints, batches, runtime)
     finally:
         runtime.close()
