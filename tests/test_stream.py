@@ -180,6 +180,19 @@ def test_subsets_and_a_validation_split_of_a_streamed_folder(tmp_path, capsys):
     assert all("val_acc" in r for r in _records(run))
 
 
+def test_a_plan_streams_its_runs_as_dml_train_would(tmp_path):
+    from dml.orchestrate import train_command
+    from dml.plan import read_plan
+
+    plan = tmp_path / "plan.toml"
+    plan.write_text('[defaults]\ndataset = "folder"\ndata_dir = "/data/imagenet"\nimage_size = 224\n'
+                    'data_loader = "stream"\nworkers = 3\naugment = false\nval_samples = 100\nmodels = "resnet18"\n')
+    command = train_command(read_plan(plan, tmp_path / "out").runs[0], tmp_path / "out", resume=False)
+    flags = " ".join(command)
+    assert "--data-loader stream" in flags and "--workers 3" in flags and "--no-augment" in flags
+    assert "--models resnet18" in flags
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_file_that_is_not_an_image_stops_the_stream_with_its_name(tmp_path, workers):
     write_folder(tmp_path / "images", size=16, per_class=(4, 2))
