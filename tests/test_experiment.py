@@ -43,23 +43,27 @@ def commands(log: Path) -> list[str]:
     return [line for line in log.read_text().splitlines() if re.match(r"# \d{4}-\d\d-\d\d ", line)]
 
 
-def processes_running(text: str) -> list[int]:
-    """The live processes whose command line contains ``text``."""
+def processes_running(text: str) -> list[str]:
+    """The command lines of the live processes that contain ``text``."""
     found = []
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
-                found.append(int(entry.name))
+            line = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode() if entry.name.isdigit() else ""
         except OSError:  # it ended while being read
             continue
+        if text in line:
+            found.append(line)
     return found
 
 
 def _most_at_once(out: str, finished: threading.Event) -> int:
-    """The most dml train processes writing under ``out`` that were alive at one time, until ``finished``."""
+    """The most runs (dml train commands writing under ``out``, told apart by --name) alive at one time, until
+    ``finished``. By name, not by process: a process that forks shows its command line twice until the child
+    runs another program."""
     most = 0
     while not finished.is_set():
-        most = max(most, len(processes_running(f"--out-dir {out} ")))
+        names = {line.split(" --name ", 1)[1].split()[0] for line in processes_running(f"--out-dir {out} --name ")}
+        most = max(most, len(names))
         time.sleep(0.05)
     return most
 
