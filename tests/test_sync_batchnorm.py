@@ -1,6 +1,8 @@
 """SyncedBatchNorm over gloo: two replicas, each with half of a batch, compute what one BatchNorm computes
 on the whole batch (outputs, input and parameter gradients, running statistics)."""
 
+import copy
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -176,3 +178,24 @@ def test_hard_cases_compute_what_one_batchnorm_computes(replicas, case):
         torch.testing.assert_close(torch.from_numpy(r_mean).double(), mean.double(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(torch.from_numpy(r_var).double(), var.double(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(torch.from_numpy(r_eval).double(), evaluated[rows].double(), **tol)
+
+
+def _untracked_with_cumulative_momentum():
+    """A BatchNorm that keeps no running statistics, with momentum None, trains as torch's does (two replicas
+    of one row each against one BatchNorm on both rows)."""
+    dist.init_process_group("gloo")
+    try:
+        torch.manual_seed(3)
+        reference = nn.Sequential(nn.BatchNorm2d(C, momentum=None, track_running_stats=False))
+        model = synchronise_batchnorm(copy.deepcopy(reference), dist.group.WORLD)
+        x = torch.randn(2, C, H, H, generator=torch.Generator().manual_seed(4))
+        rank = dist.get_rank()
+        return (model(x[rank : rank + 1]) - reference(x)[rank : rank + 1]).abs().max().item()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.processes
+def test_a_batchnorm_without_running_statistics_and_momentum_none_trains():
+    assert max(run_ranks(2, _untracked_with_cumulative_momentum).values()) < 1e-5
+

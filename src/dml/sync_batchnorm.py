@@ -116,9 +116,10 @@ class SyncedBatchNorm(nn.modules.batchnorm._BatchNorm):
             self.num_batches_tracked.add_(1)
         if self.momentum is not None:
             momentum = self.momentum
-        else:  # a cumulative average, over the batches tracked
-            assert self.num_batches_tracked is not None
+        elif self.num_batches_tracked is not None:  # a cumulative average, over the batches tracked
             momentum = 1.0 / float(self.num_batches_tracked)
+        else:  # no running statistics to update (track_running_stats=False)
+            momentum = 0.0
         return _SyncedBatchNorm.apply(
             x, self.weight, self.bias, self.running_mean, self.running_var, self.eps, momentum, self.group
         )
