@@ -166,6 +166,24 @@ def test_online_distillation_plan_holds_the_five_methods(monkeypatch, tmp_path):
     assert not (EXAMPLES / "runs" / "never-written").exists()
 
 
+def test_small_data_plan_holds_every_method_at_one_recipe(monkeypatch, tmp_path):
+    """examples/CIFAR100/small-data.toml as it stands: every method, 3 seeds, 30 epochs on 10,000 images, and its
+    graph files the method examples of examples/graphs with ResNet-20 networks and the 80-epoch ramps scaled to 12."""
+    from dml.plan import read_plan
+
+    monkeypatch.chdir(EXAMPLES)
+    plan = read_plan(EXAMPLES / "small-data.toml", EXAMPLES / "runs" / "never-written")
+    methods = ["independent", "dml", "dml_sigmoid_ramp", "kdcl", "pcl_style", "one", "cl_ilr", "okddip", "ffl", "pcl"]
+    assert [r.name for r in plan.runs] == [f"{m}_resnet20_s{s}" for m in methods for s in (42, 1, 2)]
+    assert {(r.settings["epochs"], r.settings["train_samples"]) for r in plan.runs} == {(30, 10000)}
+    graphs = EXAMPLES.parent / "graphs"
+    for method in methods[3:]:
+        scaled = tmp_path / f"{method}.toml"
+        scaled.write_text((graphs / f"{method}.toml").read_text().replace("resnet32", "resnet20").replace("= 80.0", "= 12.0"))
+        assert read_toml(EXAMPLES / "small-data" / f"{method}_resnet20.toml", "graph file") == read_toml(scaled, "graph file")
+    assert not (EXAMPLES / "runs" / "never-written").exists()
+
+
 def test_example_scripts_pass_an_abbreviated_flag_through_whole():
     # dml train refuses abbreviations (their meaning shifts as flags are added); the script must not take
     # --temp for its own --temperature either, but hand it on for dml train to refuse
