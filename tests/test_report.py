@@ -59,6 +59,12 @@ def rows(markdown, section=None):
     return {r[0]: r[1:] for r in found}
 
 
+def cell(table, row, column):
+    """The cell of ``row`` under the heading ``column`` of a table read by ``rows``."""
+    header = next(cells for cells in table.values() if column in cells)
+    return table[row][header.index(column)]
+
+
 def test_table_has_peer_average_and_ensemble_rows(tmp_path):
     write_run(tmp_path, "dml_n2_resnet32_s1", [PEER0, PEER1], ensemble=[16.0, 41.0, 47.0])
     table = rows(report([tmp_path]), "## DML with 2 nodes")
@@ -84,9 +90,40 @@ def test_improvement_against_baseline_per_peer_and_on_average(tmp_path):
     base = rows(markdown, "## Baseline: independent_resnet32_s1")
     assert base["0_resnet32"] == ["60.00", "38.15", "38.15 (ep 2)", "2.000"] and "Average" not in base
     summary = rows(markdown, "## Summary")
-    assert summary["independent_resnet32_s1 (baseline)"][-1] == "–"
-    assert summary["dml_n2_resnet32_s1"][-1] == "+1.85"
+    assert summary["independent_resnet32_s1 (baseline)"][-2:] == ["–", "–"]
+    assert cell(summary, "dml_n2_resnet32_s1", "Improvement vs Baseline (pp)") == "+1.85"
+    assert cell(summary, "dml_n2_resnet32_s1", "Ensemble Improvement (pp)") == "+6.85"  # 45 - 38.15
+    assert cell(summary, "dml_n2_resnet32_s1", "Avg Train Accuracy (%)") == "31.00"  # (30 + 32) / 2
     assert "independent_resnet32_s1: 38.15%" in markdown
+
+
+def test_the_summary_shows_train_accuracy_and_temporal_means_apart_from_the_peers(tmp_path):
+    mean_run = write_run(tmp_path, "pcl_s1", [PEER0, PEER1, [(0.0, 20.0, 0.0)] * 3])
+    record = json.loads((mean_run / "config.json").read_text())
+    record["config"]["graph_spec"] = {"peers": [{}, {}, {"ema_of": 0, "decay": 0.999}]}
+    (mean_run / "config.json").write_text(json.dumps(record))
+    write_run(tmp_path, "dml_s1", [PEER0, PEER1])
+    summary = rows(report([tmp_path]), "## Summary")
+    assert cell(summary, "pcl_s1", "Temporal Means' Test Accuracy (%)") == "20.00"
+    assert cell(summary, "pcl_s1", "Avg Test Accuracy (%)") == "40.00"  # (35 + 45) / 2: the mean is not a peer
+    assert cell(summary, "pcl_s1", "Avg Train Accuracy (%)") == "31.00"
+    assert cell(summary, "dml_s1", "Temporal Means' Test Accuracy (%)") == "–"
+    assert "Temporal Means" not in report([tmp_path / "dml_s1"])
+
+
+def test_a_baseline_named_by_its_row_is_the_seeds_among_the_runs(tmp_path, capsys):
+    for seed, (base, dml) in zip((1, 2), ((69.0, 70.0), (71.0, 74.0))):
+        write_run(tmp_path, f"independent_s{seed}", [[(1.0, base, 1.0)]], seed=seed, model="resnet20")
+        write_run(tmp_path, f"dml_s{seed}", [[(1.0, dml, 1.0)]] * 2, seed=seed)
+    named = report([tmp_path], baseline="independent")
+    assert named == report([tmp_path], baseline=[tmp_path / "independent_s1", tmp_path / "independent_s2"])
+    assert cell(rows(named, "## Summary"), "dml", "Improvement vs Baseline (pp)") == f"+2.00 ± {math.sqrt(2):.2f}"
+    assert main(["report", str(tmp_path), "--baseline", "independent_s2", "--out", str(tmp_path / "r.md")]) == 0
+    assert "## Baseline: independent_s2" in (tmp_path / "r.md").read_text()
+    capsys.readouterr()
+    assert main(["report", str(tmp_path), "--baseline", "indep"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --baseline indep is neither") and "(dml, independent)" in err and err.count("\n") == 1
 
 
 def test_baseline_with_several_peers_is_compared_by_its_peer_average(tmp_path):
@@ -144,7 +181,8 @@ def test_seed_aggregated_improvement_is_paired_by_seed_where_it_can_be(tmp_path,
         write_run(tmp_path / "base", f"b_s{seed}", [[(1.0, acc, 1.0)]], seed=seed)
     markdown = report([tmp_path / "runs"], baseline=tmp_path / "base")
     assert rows(markdown, "## DML with 2 nodes")["Average"][-1] == gain
-    assert rows(markdown, "## Summary")["n2"][-1] == gain
+    assert cell(rows(markdown, "## Summary"), "n2", "Improvement vs Baseline (pp)") == gain
+    assert cell(rows(markdown, "## Summary"), "n2", "Ensemble Improvement (pp)") == gain  # the ensemble of equal peers
     assert "paired by seed where the baseline ran the same seeds" in markdown
 
 

@@ -257,10 +257,11 @@ def _report_parser(sub) -> None:
     )
     p.add_argument(
         "--baseline",
-        metavar="RUN_DIR",
+        metavar="RUN",
         default=None,
-        help="run (or folder of seeds of one run) to compare with: improvement = final test accuracy "
-        "minus the baseline's peer-average final test accuracy, in percentage points",
+        help="what to compare with: a run directory, a folder of seeds of one run, or the name of a run or "
+        "seed group among RUN_DIR (independent_resnet20 for a plan's row); improvement = final test accuracy "
+        "minus the baseline's peer-average final test accuracy, paired by seed, in percentage points",
     )
     p.add_argument("--out", metavar="FILE", default=None, help="write the Markdown here instead of to stdout")
     p.add_argument(

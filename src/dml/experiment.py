@@ -230,7 +230,8 @@ def write_report(plan: Plan, out_dir: Path) -> Path | None:
     """report.md and plots/ of every run that has completed an epoch (compared with the plan's baseline)."""
     from .report import report
 
-    started = [out_dir / run.name for run in plan.runs if epochs_logged(out_dir / run.name) > 0]
+    # sorted as `dml report OUT_DIR` finds them, so that both print the same tables
+    started = sorted(out_dir / run.name for run in plan.runs if epochs_logged(out_dir / run.name) > 0)
     # finished baseline runs only: an interrupted seed would not be comparable with the others
     baseline = [out_dir / r.name for r in plan.baseline_runs() if is_finished(r, epochs_saved(out_dir / r.name))]
     if not started:

@@ -9,8 +9,8 @@ from pathlib import Path
 from ..errors import UserError
 from .document import build_markdown
 from .plots import plot_comparison, plot_run
-from .runs import find_runs, read_run
-from .stats import seed_groups, without
+from .runs import Run, find_runs, read_run
+from .stats import group_name, seed_groups, without, without_seed
 
 
 def _file_stem(name: str, taken: set[str]) -> str:
@@ -20,6 +20,22 @@ def _file_stem(name: str, taken: set[str]) -> str:
         unique, n = f"{stem}-{n}", n + 1
     taken.add(unique)
     return unique
+
+
+def _baseline_runs(baseline, runs: list[Run]) -> list[Run]:
+    """The runs ``baseline`` names: run directories or folders of them, or else the name of a run or seed group
+    among ``runs`` as the summary names it (``independent_resnet20`` for the seeds of a plan's row)."""
+    paths = baseline if isinstance(baseline, list) else [baseline]
+    if len(paths) == 1 and not Path(paths[0]).exists():
+        named = [run for run in runs if str(paths[0]) in (run.name, without_seed(run.name))]
+        if not named:
+            names = sorted({group_name(group) for group in seed_groups(runs)})
+            raise UserError(
+                f"--baseline {paths[0]} is neither a run directory nor the name of a run among the runs read "
+                f"({', '.join(names)})"
+            )
+        return named
+    return [read_run(p) for p in find_runs(paths)]
 
 
 def report(
@@ -35,7 +51,7 @@ def report(
     runs = [read_run(p) for p in find_runs(run_paths)]
     baseline_runs = None
     if baseline is not None:
-        baseline_runs = [read_run(p) for p in find_runs(baseline if isinstance(baseline, list) else [baseline])]
+        baseline_runs = _baseline_runs(baseline, runs)
         if len(seed_groups(baseline_runs)) > 1:
             raise UserError(
                 f"--baseline {baseline} holds runs with different settings; name one run, "

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import re
 import statistics
 from pathlib import Path
 from typing import cast
 
 from ..markdown import escape, table
 from .runs import Run
-from .stats import Baseline, best_epoch, group_name, seed_groups, stat, without
+from .stats import Baseline, best_epoch, group_name, seed_groups, stat, without, without_seed
 
 DASH = "–"  # an empty cell: the value does not exist for this row
 
@@ -24,6 +23,7 @@ VAL_HEADER = [
     "Train Loss",
 ]
 IMPROVEMENT = "Improvement vs Baseline (pp)"
+ENSEMBLE_IMPROVEMENT = "Ensemble Improvement (pp)"
 
 
 def results_table(group: list[Run], baseline: Baseline | None = None) -> str:
@@ -225,16 +225,21 @@ def group_section(
 def summary_table(
     groups: list[list[Run]], baseline_group: list[Run] | None, baseline: Baseline | None, published: dict | None = None
 ) -> str:
-    """One line per run or seed group: the averages that compare node counts at a glance (and, where a
-    plan gives them, the published numbers beside)."""
+    """One line per run or seed group: the averages that compare methods at a glance -- test accuracy, train
+    accuracy beside it (a regulariser lowers it), the temporal means where a run has them, the ensemble and,
+    against a baseline, the gains of the peers' average and of the ensemble (and, where a plan gives them, the
+    published numbers beside)."""
     everything = ([baseline_group] if baseline_group else []) + groups
     with_val = any(group[0].has_val for group in everything)
+    with_means = any(group[0].means for group in everything)
     published = {k: v for k, v in (published or {}).items() if k != "source"}
     header = (
         ["Run", "Nodes", "Epochs", "Seeds", "Avg Test Accuracy (%)"]
         + (["Avg Test at Best Val (%)"] if with_val else [])
-        + ["Avg Best Test Accuracy (%)", "Ensemble Test Accuracy (%)"]
-        + ([IMPROVEMENT] if baseline is not None else [])
+        + ["Avg Best Test Accuracy (%)", "Avg Train Accuracy (%)"]
+        + (["Temporal Means' Test Accuracy (%)"] if with_means else [])
+        + ["Ensemble Test Accuracy (%)"]
+        + ([IMPROVEMENT, ENSEMBLE_IMPROVEMENT] if baseline is not None else [])
         + (["Published (%)"] if published else [])
     )
     rows = []
@@ -246,6 +251,12 @@ def summary_table(
             else DASH
         )
         avg_best = stat([statistics.fmean(p.best()[0] for p in run.students) for run in group])
+        avg_train = stat([statistics.fmean(p.train_acc[-1] for p in run.students) for run in group])
+        means = (
+            stat([statistics.fmean(p.test_acc[-1] for p in run.means) for run in group]).format()
+            if group[0].means
+            else DASH
+        )
         final = [run.ensemble.get(run.epochs_done) for run in group]
         name = escape(group_name(group)) + (" (baseline)" if group is baseline_group else "")
         cells = (
@@ -257,12 +268,19 @@ def summary_table(
                 avg_test.format(),
             ]
             + ([at_best_val] if with_val else [])
-            + [avg_best.format(), DASH if None in final else stat(cast("list[float]", final)).format()]
+            + [avg_best.format(), avg_train.format()]
+            + ([means] if with_means else [])
+            + [DASH if None in final else stat(cast("list[float]", final)).format()]
         )
         if baseline is not None:
-            cells.append(DASH if group is baseline_group else baseline.gain(group, avg_test.values).format(signed=True))
+            if group is baseline_group:
+                cells += [DASH, DASH]
+            else:
+                cells.append(baseline.gain(group, avg_test.values).format(signed=True))
+                ensemble = DASH if None in final else baseline.gain(group, cast("list[float]", final))
+                cells.append(ensemble if isinstance(ensemble, str) else ensemble.format(signed=True))
         if published:
-            label = re.sub(r"_s-?\d+$", "", group[0].name)  # a plan's run is its row's label and its seed
+            label = without_seed(group[0].name)  # a plan's run is its row's label and its seed
             cells.append(f"{published[label]:.2f}" if label in published else DASH)
         rows.append(cells)
     return table(header, rows)
@@ -296,6 +314,13 @@ def build_markdown(
         summary_table(groups, baseline_group, baseline, published),
         "",
     ]
+    if baseline is not None:
+        parts += [
+            f"Improvements: final test accuracy (the peers' average, or the ensemble's) minus the baseline's, in "
+            f"percentage points, {baseline.paired_note}. Avg Train Accuracy: the peers' accuracy on the augmented "
+            "training batches of the last epoch.",
+            "",
+        ]
     if published and published.get("source"):
         parts += [f"Published: {escape(published['source'])}.", ""]
     if comparison_image:

@@ -49,11 +49,16 @@ def seed_groups(runs: list[Run]) -> list[list[Run]]:
     return list(groups.values())
 
 
+def without_seed(name: str) -> str:
+    """A run's name without its ``_s<seed>`` suffix: a plan's row label, a seed group's name."""
+    return re.sub(r"_s-?\d+$", "", name)
+
+
 def group_name(group: list[Run]) -> str:
     """The common name of a group's runs: their name without the ``_s<seed>`` suffix."""
     if len(group) == 1:
         return group[0].name
-    stripped = {re.sub(r"_s-?\d+$", "", run.name) for run in group}
+    stripped = {without_seed(run.name) for run in group}
     return stripped.pop() if len(stripped) == 1 else ", ".join(run.name for run in group)
 
 
