@@ -201,6 +201,29 @@ def test_the_comparison_draws_a_seed_groups_spread_as_a_band(tmp_path):
     assert min(ys) == pytest.approx(12.0 - math.sqrt(8)) and max(ys) == pytest.approx(33.0 + math.sqrt(18))
 
 
+def test_the_gains_figure_draws_each_groups_paired_gain_its_spread_and_its_seeds(tmp_path):
+    from matplotlib.collections import LineCollection
+    from matplotlib.patches import Rectangle
+
+    from dml.report import find_runs, gains_figure, read_run, seed_groups
+
+    for seed, base, (a, b), ensemble in ((1, 69.0, (70.0, 72.0), 75.0), (2, 71.0, (74.0, 74.0), 76.0)):
+        write_run(tmp_path / "base", f"b_s{seed}", [[(1.0, base, 1.0)]], seed=seed)
+        write_run(tmp_path / "runs", f"n2_s{seed}", [[(1.0, a, 1.0)], [(1.0, b, 1.0)]], ensemble=[ensemble], seed=seed)
+    write_run(tmp_path / "runs", "n1_s1", [[(1.0, 68.0, 1.0)]], seed=1)
+    read = lambda folder: [read_run(p) for p in find_runs([folder])]  # noqa: E731
+    groups = seed_groups(read(tmp_path / "runs"))
+    ax = gains_figure(groups, read(tmp_path / "base")).axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["n2", "n1_s1"]  # bottom up: the first group on top
+    bars = [p for p in ax.patches if isinstance(p, Rectangle)]
+    # n2: peers' average 71 - 69 and 74 - 71 (mean 2.5), ensemble 75 - 69 and 76 - 71 (mean 5.5); n1: 68 - 69
+    assert sorted(round(b.get_width(), 6) for b in bars) == [-1.0, 2.5, 5.5]
+    dots = sorted(round(x, 6) for line in ax.lines if line.get_marker() == "o" for x in line.get_xdata())
+    assert dots == [-1.0, 2.0, 3.0, 5.0, 6.0]
+    whiskers = [seg for c in ax.collections if isinstance(c, LineCollection) for seg in c.get_segments()]
+    assert sorted(round(abs(s[1][0] - s[0][0]) / 2, 6) for s in whiskers) == [round(math.sqrt(0.5), 6)] * 2
+
+
 def test_unfinished_last_line_and_incomplete_epoch_are_ignored(tmp_path):
     run = write_run(tmp_path, "r", [PEER0, PEER1], epochs=10)
     with open(run / "metrics.jsonl", "a") as f:
@@ -232,7 +255,7 @@ def test_plots_are_png_files_linked_from_the_report(tmp_path):
                  "--plots", str(tmp_path / "report" / "plots")])
     assert code == 0
     names = sorted(p.name for p in (tmp_path / "report" / "plots").iterdir())
-    assert names == ["comparison.png", "dml_n2_resnet32_s1.png", "dml_n3_resnet32_s1.png",
+    assert names == ["comparison.png", "dml_n2_resnet32_s1.png", "dml_n3_resnet32_s1.png", "gains.png",
                      "independent_resnet32_s1.png"]
     for name in names:
         path = tmp_path / "report" / "plots" / name

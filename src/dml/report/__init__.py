@@ -14,7 +14,7 @@ Markdown, plots.py draws the figures, command.py is ``dml report`` itself.
 
 from .command import report
 from .document import build_markdown, group_section, results_table, summary_table
-from .plots import comparison_figure, plot_comparison, plot_run, run_figure
+from .plots import comparison_figure, gains_figure, plot_comparison, plot_gains, plot_run, run_figure
 from .runs import PeerHistory, Run, find_runs, read_run
 from .stats import Stat, baseline_accuracy, group_name, seed_groups
 
@@ -26,9 +26,11 @@ __all__ = [
     "build_markdown",
     "comparison_figure",
     "find_runs",
+    "gains_figure",
     "group_name",
     "group_section",
     "plot_comparison",
+    "plot_gains",
     "plot_run",
     "read_run",
     "report",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .document import build_markdown
-from .plots import plot_comparison, plot_run
+from .plots import plot_comparison, plot_gains, plot_run
 from .runs import Run, find_runs, read_run
 from .stats import group_name, seed_groups, without, without_seed
 
@@ -58,7 +58,7 @@ def report(
                 "or a folder whose runs differ only in seed"
             )
     images: dict[str, str] = {}
-    comparison = None
+    figures: dict[str, str] = {}
     if plots is not None:
         folder = Path(plots)
         try:
@@ -80,8 +80,11 @@ def report(
             images[str(run.path)] = link(plot_run(run, target, baseline_runs))
         comparison_path = folder / f"{_file_stem('comparison', taken)}.png"
         plot_comparison(seed_groups(shown), comparison_path, baseline_runs)
-        comparison = link(comparison_path)
-    markdown = build_markdown(runs, baseline_runs, images, comparison, published)
+        figures = {"comparison": link(comparison_path)}
+        if baseline_runs and shown:
+            gains_path = folder / f"{_file_stem('gains', taken)}.png"
+            figures["gains"] = link(plot_gains(seed_groups(shown), baseline_runs, gains_path))
+    markdown = build_markdown(runs, baseline_runs, images, figures, published)
     if out is not None:
         try:
             Path(out).write_text(markdown)

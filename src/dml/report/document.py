@@ -290,11 +290,11 @@ def build_markdown(
     runs: list[Run],
     baseline_runs: list[Run] | None = None,
     images: dict[str, str] | None = None,
-    comparison_image: str | None = None,
+    figures: dict[str, str] | None = None,
     published: dict | None = None,
 ) -> str:
-    """The whole report. ``images`` maps a run's path (str) to the link of its plot; ``published`` a
-    plan's [published] table."""
+    """The whole report. ``images`` maps a run's path (str) to the link of its plot, ``figures`` the
+    figures of all runs ("comparison", "gains") to theirs; ``published`` a plan's [published] table."""
     images = images or {}
     baseline_group = None
     baseline = None
@@ -323,8 +323,11 @@ def build_markdown(
         ]
     if published and published.get("source"):
         parts += [f"Published: {escape(published['source'])}.", ""]
-    if comparison_image:
-        parts += [f"![Average test accuracy by number of nodes]({comparison_image})", ""]
+    figures = figures or {}
+    if "gains" in figures:
+        parts += [f"![Each run's gain over the baseline, per seed]({figures['gains']})", ""]
+    if "comparison" in figures:
+        parts += [f"![Average test accuracy by number of nodes]({figures['comparison']})", ""]
     if baseline_group:
         parts.append(group_section(baseline_group, None, images, is_baseline=True))
     for group in groups:

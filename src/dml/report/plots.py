@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 from .document import epochs_text, models_text, peers_text
 from .runs import Run
-from .stats import group_band, group_curve, group_name
+from .stats import Baseline, final_accuracy, group_band, group_curve, group_name
 
 
 def _figure(width: float, height: float, columns: int = 1):
@@ -88,6 +89,39 @@ def comparison_figure(groups: list[list[Run]], baseline: list[Run] | None = None
     if baseline:
         _plot_baseline(ax, group_curve(baseline, "test_acc"), f"baseline: {group_name(baseline)}")
     _decorate(ax, "Average test accuracy of the peers by number of nodes", "average test accuracy (%)")
+    return fig
+
+
+def plot_gains(groups: list[list[Run]], baseline: list[Run], path: Path) -> Path:
+    """Each run's gain over the baseline at the last epoch: the peers' average and the ensemble."""
+    gains_figure(groups, baseline).savefig(path, dpi=110)
+    return Path(path)
+
+
+def gains_figure(groups: list[list[Run]], baseline: list[Run]):
+    """The figure of :func:`plot_gains`: per run or seed group, a bar at the mean gain of the peers' average
+    (and one of the ensemble's) with a ± std whisker and a dot per seed, paired by seed as in the tables."""
+    reference = Baseline.of(baseline)
+    fig, (ax,) = _figure(8, 2.0 + 0.5 * len(groups))
+    for row, group in enumerate(reversed(groups)):  # top to bottom in the summary's order
+        ensembles = [run.ensemble.get(run.epochs_done) for run in group]
+        shown = [("peers' average", reference.gain(group, [final_accuracy(run) for run in group]), "tab:blue", 0.2)]
+        if None not in ensembles and len(group[0].students) > 1:
+            shown.append(("ensemble", reference.gain(group, cast("list[float]", ensembles)), "tab:orange", -0.2))
+        for label, gain, color, offset in shown:
+            y = row + offset
+            ax.barh(y, gain.mean, height=0.36, color=color, alpha=0.6, label=label)
+            if len(gain.values) > 1:
+                ax.errorbar(gain.mean, y, xerr=gain.std, color="black", capsize=3, linewidth=1)
+            ax.plot(gain.values, [y] * len(gain.values), "o", color="black", markersize=3)
+    ax.axvline(0.0, color="gray", linewidth=1)
+    ax.set_yticks(range(len(groups)), [group_name(group) for group in reversed(groups)])
+    ax.set_xlabel(f"gain over {reference.name} (pp): bar the mean, whisker ± std, dot a seed")
+    ax.set_title("Final test accuracy minus the baseline's, paired by seed")
+    ax.grid(True, axis="x", alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))  # one entry per kind of bar
+    ax.legend(list(unique.values()), list(unique.keys()), fontsize="small")
     return fig
 
 
