@@ -108,7 +108,18 @@ def test_the_summary_shows_train_accuracy_and_temporal_means_apart_from_the_peer
     assert cell(summary, "pcl_s1", "Avg Test Accuracy (%)") == "40.00"  # (35 + 45) / 2: the mean is not a peer
     assert cell(summary, "pcl_s1", "Avg Train Accuracy (%)") == "31.00"
     assert cell(summary, "dml_s1", "Temporal Means' Test Accuracy (%)") == "–"
-    assert "Temporal Means" not in report([tmp_path / "dml_s1"])
+    assert "Temporal Means" not in report([tmp_path / "dml_s1"]) and "Learned Teachers" not in report([tmp_path])
+
+
+def test_the_summary_shows_a_learned_teacher_apart_from_the_peers(tmp_path):
+    one = write_run(tmp_path, "one_s1", [PEER0, PEER1, [(50.0, 48.0, 1.0)] * 3])  # the last: ONE's gate
+    record = json.loads((one / "config.json").read_text())
+    record["config"]["graph_spec"] = {"peers": [{}, {}, {"learned_teacher": True}]}
+    (one / "config.json").write_text(json.dumps(record))
+    summary = rows(report([tmp_path]), "## Summary")
+    assert cell(summary, "one_s1", "Learned Teachers' Test Accuracy (%)") == "48.00"
+    assert cell(summary, "one_s1", "Avg Test Accuracy (%)") == "40.00"
+    assert cell(summary, "one_s1", "Nodes") == "2 students + 1 teacher"
 
 
 def test_a_baseline_named_by_its_row_is_the_seeds_among_the_runs(tmp_path, capsys):

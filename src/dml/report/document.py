@@ -226,18 +226,21 @@ def summary_table(
     groups: list[list[Run]], baseline_group: list[Run] | None, baseline: Baseline | None, published: dict | None = None
 ) -> str:
     """One line per run or seed group: the averages that compare methods at a glance -- test accuracy, train
-    accuracy beside it (a regulariser lowers it), the temporal means where a run has them, the ensemble and,
+    accuracy beside it (a regulariser lowers it), the temporal means and the learned teachers (ONE's gate, a
+    fusion head) where a run has them, the ensemble of the peers and,
     against a baseline, the gains of the peers' average and of the ensemble (and, where a plan gives them, the
     published numbers beside)."""
     everything = ([baseline_group] if baseline_group else []) + groups
     with_val = any(group[0].has_val for group in everything)
     with_means = any(group[0].means for group in everything)
+    with_learned = any(group[0].learned_teachers for group in everything)
     published = {k: v for k, v in (published or {}).items() if k != "source"}
     header = (
         ["Run", "Nodes", "Epochs", "Seeds", "Avg Test Accuracy (%)"]
         + (["Avg Test at Best Val (%)"] if with_val else [])
         + ["Avg Best Test Accuracy (%)", "Avg Train Accuracy (%)"]
         + (["Temporal Means' Test Accuracy (%)"] if with_means else [])
+        + (["Learned Teachers' Test Accuracy (%)"] if with_learned else [])
         + ["Ensemble Test Accuracy (%)"]
         + ([IMPROVEMENT, ENSEMBLE_IMPROVEMENT] if baseline is not None else [])
         + (["Published (%)"] if published else [])
@@ -252,11 +255,7 @@ def summary_table(
         )
         avg_best = stat([statistics.fmean(p.best()[0] for p in run.students) for run in group])
         avg_train = stat([statistics.fmean(p.train_acc[-1] for p in run.students) for run in group])
-        means = (
-            stat([statistics.fmean(p.test_acc[-1] for p in run.means) for run in group]).format()
-            if group[0].means
-            else DASH
-        )
+        means, learned = (_final_test_accuracy(group, outputs) for outputs in ("means", "learned_teachers"))
         final = [run.ensemble.get(run.epochs_done) for run in group]
         name = escape(group_name(group)) + (" (baseline)" if group is baseline_group else "")
         cells = (
@@ -270,6 +269,7 @@ def summary_table(
             + ([at_best_val] if with_val else [])
             + [avg_best.format(), avg_train.format()]
             + ([means] if with_means else [])
+            + ([learned] if with_learned else [])
             + [DASH if None in final else stat(cast("list[float]", final)).format()]
         )
         if baseline is not None:
@@ -284,6 +284,14 @@ def summary_table(
             cells.append(f"{published[label]:.2f}" if label in published else DASH)
         rows.append(cells)
     return table(header, rows)
+
+
+def _final_test_accuracy(group: list[Run], outputs: str) -> str:
+    """The final test accuracy of a group's runs' ``outputs`` ("means", "learned_teachers"), averaged over
+    those of a run, as mean ± std over the seeds; a dash where the runs have none."""
+    if not getattr(group[0], outputs):
+        return DASH
+    return stat([statistics.fmean(p.test_acc[-1] for p in getattr(run, outputs)) for run in group]).format()
 
 
 def build_markdown(

@@ -82,6 +82,10 @@ class Run:
         return [p for p in self.peers if p.mean_of is not None]
 
     @property
+    def learned_teachers(self) -> list[PeerHistory]:
+        return [p for p in self.peers if p.learned_teacher]
+
+    @property
     def seed(self):
         return self.config.get("seed")
 
