@@ -244,13 +244,13 @@ def test_train_flags_give_back_the_settings():
 def test_a_plan_runs_every_run_once_and_reports_them(cifar_root, tmp_path, capsys):
     plan = write_plan(tmp_path, cifar_root, """
 [grid]
-seed = [1, 2]
+seed = [2, 1]
 [[run]]
 label = "alone"
 [[run]]
 label = "dml"
 num_nodes = 2
-""", epochs=2, head='baseline = "alone"')
+""", epochs=2, head='baseline = "alone"')  # seeds not in sorted order: the report sorts the runs
     out = tmp_path / "out"
     assert main(["experiment", str(plan), "--out-dir", str(out), "--no-progress"]) == 0
     names = ["alone_s1", "alone_s2", "dml_s1", "dml_s2"]
@@ -259,12 +259,19 @@ num_nodes = 2
         assert [r["epoch"] for r in records if r["node"] == "ensemble"] == [1, 2]
         assert json.loads((out / name / "config.json").read_text())["config"]["name"] == name
     # the same run by hand gives the same numbers
-    assert main(["train", *train_flags(read_plan(plan, out).runs[2].settings), "--out-dir", str(tmp_path / "hand"),
+    assert main(["train", *train_flags(read_plan(plan, out).runs[3].settings), "--out-dir", str(tmp_path / "hand"),
                  "--no-progress"]) == 0
     assert metrics(tmp_path / "hand" / "dml_n2_resnet20_s1") == metrics(out / "dml_s1")
     report = (out / "report.md").read_text()
     assert "## Baseline: alone (2 seeds)" in report and "## DML with 2 nodes: dml (2 seeds)" in report
-    assert sorted(p.name for p in (out / "plots").iterdir()) == sorted(["comparison.png"] + [f"{n}.png" for n in names])
+    assert sorted(p.name for p in (out / "plots").iterdir()) == sorted(
+        ["comparison.png", "gains.png"] + [f"{n}.png" for n in names])
+    # dml report over the output folder, the baseline named by its row, writes the same summary table
+    from dml.report import report as report_of
+
+    def summary(markdown):
+        return [line for line in markdown.split("## Summary")[1].split("\n## ")[0].splitlines() if line.startswith("|")]
+    assert summary(report_of([out], baseline="alone")) == summary(report)
     capsys.readouterr()
     # again: nothing to train, nothing trained
     assert main(["experiment", str(plan), "--out-dir", str(out), "--no-progress"]) == 0

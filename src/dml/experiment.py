@@ -233,7 +233,7 @@ def write_report(plan: Plan, out_dir: Path) -> Path | None:
     # sorted as `dml report OUT_DIR` finds them, so that both print the same tables
     started = sorted(out_dir / run.name for run in plan.runs if epochs_logged(out_dir / run.name) > 0)
     # finished baseline runs only: an interrupted seed would not be comparable with the others
-    baseline = [out_dir / r.name for r in plan.baseline_runs() if is_finished(r, epochs_saved(out_dir / r.name))]
+    baseline = sorted(out_dir / r.name for r in plan.baseline_runs() if is_finished(r, epochs_saved(out_dir / r.name)))
     if not started:
         return None
     report(
