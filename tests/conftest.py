@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from cifar_fixtures import write_cifar_folder  # pytest puts this folder on sys.path (rootdir conftest)
 
 # Tests compare runs started at different moments (resumed against uninterrupted, one process against

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from cifar_fixtures import write_pickle
 
+from cifar_fixtures import write_pickle
 from dml.cli import main
 
 FOLDER = "cifar-100-python"

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import dml
 import dml.bench
 from dml.bench import PerImageAugmentDataset, matmul_peak_gflops, step_flops
 from dml.cli import main
 from dml.models import create_model
-from torch.utils.flop_counter import FlopCounterMode
 
 GRAPHS = Path(__file__).resolve().parents[1] / "examples" / "graphs"
 KEYS = {"device", "precision", "threads", "processes", "model", "nodes", "engine_img_s", "reference_img_s",

@@ -13,7 +13,8 @@ from dml.cli import main
 from dml.evaluate import load_model
 from dml.graph import read_graph
 from dml.models import create_model
-from tiny_run import metrics as _metrics, tiny_flags, train
+from tiny_run import metrics as _metrics
+from tiny_run import tiny_flags, train
 
 GRAPHS = Path(__file__).resolve().parents[1] / "examples" / "graphs"
 _train = partial(train, tiny=tiny_flags(train=64, test=50))

@@ -10,8 +10,16 @@ import pytest
 import torch
 
 import dml.checkpoint
-from dml.checkpoint import EVALUATE, FORMAT_KEY, FORMAT_VERSION, PURPOSES, RESUME, TEACHER, read_checkpoint, \
-    write_checkpoint
+from dml.checkpoint import (
+    EVALUATE,
+    FORMAT_KEY,
+    FORMAT_VERSION,
+    PURPOSES,
+    RESUME,
+    TEACHER,
+    read_checkpoint,
+    write_checkpoint,
+)
 from dml.cli import main
 from dml.errors import UserError
 from dml.models import create_model

@@ -30,7 +30,6 @@ from cifar_fixtures import (
     write_cifar_folder,
     write_pickle,
 )
-
 from dml.data.cifar import DATASETS, load_cifar
 from dml.data.dataset import ImageSplit, balanced_subset
 from dml.data.download import md5sum

@@ -67,7 +67,7 @@ def test_two_user_models_step_as_deep_mutual_learning_by_hand():
         for x, y in _batches():
             out = cohort.step(x, y)
             logits = [m(x) for m in hand]
-            for i, (m, opt) in enumerate(zip(hand, hand_opts)):
+            for i, opt in enumerate(hand_opts):
                 other = logits[1 - i].detach()
                 expected = F.cross_entropy(logits[i], y) + 0.5 * 4.0 * F.kl_div(
                     F.log_softmax(logits[i] / 2, 1), F.log_softmax(other / 2, 1), reduction="batchmean",

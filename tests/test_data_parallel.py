@@ -326,7 +326,7 @@ def test_two_torchrun_nodes_on_one_machine_run_as_two_machines_would(cifar_root,
 ])
 def test_each_mistake_in_a_data_parallel_layout_is_one_error_line(cifar_root, tmp_path, capsys, args, message):
     from dml.cli import main
-    from tiny_run import train_argv, tiny_flags
+    from tiny_run import tiny_flags, train_argv
 
     argv = train_argv(cifar_root, tmp_path / "runs", "--models", "resnet20", "--num-nodes", "2", *args,
                       tiny=tiny_flags())

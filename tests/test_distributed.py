@@ -14,7 +14,8 @@ import torch.distributed as dist
 
 from dml.distributed import TorchExchange, peers_of_rank
 from ranks import run_ranks  # the tests folder is on sys.path
-from tiny_run import metrics as _metrics, tiny_flags, train_command
+from tiny_run import metrics as _metrics
+from tiny_run import tiny_flags, train_command
 
 pytestmark = pytest.mark.processes  # every test here starts processes (gloo groups, torchrun)
 

@@ -6,16 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from cifar_fixtures import write_cifar_folder
-from test_folder import write_folder
 
+from cifar_fixtures import write_cifar_folder
+from dml.checkpoint import write_checkpoint
 from dml.cli import main
-from dml.peer import derive_seed
 from dml.data.cifar import load_cifar
 from dml.data.dataset import balanced_subset
 from dml.evaluate import evaluate_checkpoints, format_table
 from dml.models import create_model
-from dml.checkpoint import write_checkpoint
+from dml.peer import derive_seed
+from test_folder import write_folder
 
 CIFAR10_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
 CIFAR10_STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)

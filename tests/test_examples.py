@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny_run import tiny_flags  # pytest puts the tests folder on sys.path
+
 from dml.tomlfile import read_toml
+from tiny_run import tiny_flags  # pytest puts the tests folder on sys.path
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "CIFAR100"
 TINY = tiny_flags("--epochs", "1", train=128)

@@ -8,10 +8,10 @@ the damage happens to leave valid content, a normal result: never another except
 from __future__ import annotations
 
 import contextlib
-import math
-import json
 import dataclasses
 import io
+import json
+import math
 import os
 import pickle
 import shutil
@@ -28,16 +28,16 @@ import torch
 
 # hypothesis is not among the `test` extra's requirements: skip this file where it is missing.
 pytest.importorskip("hypothesis")
-from cifar_fixtures import LAYOUTS, write_cifar_folder, write_pickle
-from tiny_run import tiny_flags, train_argv
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from cifar_fixtures import LAYOUTS, write_cifar_folder, write_pickle
 from dml.checkpoint import PURPOSES, checkpoint_epoch, read_checkpoint
 from dml.cli import main
 from dml.data.cifar import load_cifar
 from dml.errors import UserError
+from tiny_run import tiny_flags, train_argv
 
 # Function-scoped fixtures (tmp_path, capsys) are fine here: every example makes its own copy.
 # DML_FUZZ_EXAMPLES=2000 searches longer than the default, which keeps the suite quick.

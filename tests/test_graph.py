@@ -19,7 +19,8 @@ from dml.graph import links_of, read_graph
 from dml.links import ENSEMBLE, Link, Links
 from dml.models import create_model
 from test_checkpoint import _documented_keys  # pytest puts the tests folder on sys.path
-from tiny_run import metrics as _metrics, tiny_flags, train
+from tiny_run import metrics as _metrics
+from tiny_run import tiny_flags, train
 
 TINY = tiny_flags(train=64, test=50)
 KD_RUN = "kd_resnet20_from_resnet20_s42"
@@ -338,7 +339,7 @@ def test_a_config_reads_no_file_until_resolved(tmp_path):
                          (TrainConfig(graph=str(tmp_path / "g.toml")), f"graph file {tmp_path / 'g.toml'} does not exist")):
         assert cfg.unresolved and cfg.graph_spec is None and cfg.name is None
         with pytest.raises(ValueError, match="resolved"):
-            cfg.frozen
+            _ = cfg.frozen
         with pytest.raises(UserError) as exc:
             cfg.resolved()
         assert message in str(exc.value) and "\n" not in str(exc.value)
@@ -436,11 +437,12 @@ def test_online_distillation_links_train_resume_and_are_stored(cifar_root, tmp_p
         assert r["train_loss"] == pytest.approx(r["train_ce"] + r["train_kd"]) and r["train_kd"] > 0
     means = [r for r in _metrics(straight) if r["node"] == 2]
     assert [(r["role"], r["mean_of"]) for r in means] == [("mean", 0)] * 2 and "train_kd" not in means[0]
+    updates = torch.load(straight / "2_resnet20" / "last.pt", weights_only=True)["updates"]
+    assert updates > 0
     for kind in (straight, resumed):  # the mean's checkpoints resume it and evaluate like any peer's
         saved = torch.load(kind / "2_resnet20" / "last.pt", weights_only=True)
         assert (saved["mean_of"], saved["decay"], saved["run"]["epoch"]) == (0, 0.9, 2)
-        updates = saved["updates"] if kind is straight else updates
-        assert saved["updates"] == updates > 0  # the warm-up's step count, resumed with the mean
+        assert saved["updates"] == updates  # the warm-up's step count, resumed with the mean
     best = torch.load(straight / "2_resnet20" / "best.pt", weights_only=True)
     assert best["mean_of"] == 0
     documented = _documented_keys()  # checkpoint.py's schema, a mean's part included

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 import dml.engine
-import dml.step
 import dml.runlog
+import dml.step
 from dml.cli import main
-from tiny_run import metrics as _metrics, tiny_flags, train, train_command  # the tests folder is on sys.path
+from tiny_run import metrics as _metrics  # the tests folder is on sys.path
+from tiny_run import tiny_flags, train, train_command
 
 TINY = tiny_flags("--models", "resnet20", "--num-nodes", "2", train=512)  # 16 batches an epoch
 RUN = "dml_n2_resnet20_s42"
@@ -313,8 +314,8 @@ def test_same_command_same_metrics(cifar_root, tmp_path, straight_run):
     assert again.returncode == 0, again.stderr
     _assert_same_run(tmp_path / RUN, straight_run)
     # Every line but the wall-clock "seconds" is byte-identical.
-    strip = lambda path: [json.dumps({k: v for k, v in json.loads(l).items() if k != "seconds"})  # noqa: E731
-                          for l in path.read_text().splitlines()]
+    strip = lambda path: [json.dumps({k: v for k, v in json.loads(line).items() if k != "seconds"})  # noqa: E731
+                          for line in path.read_text().splitlines()]
     assert strip(tmp_path / RUN / "metrics.jsonl") == strip(straight_run / "metrics.jsonl")
 
 

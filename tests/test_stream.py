@@ -5,13 +5,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_folder import write_folder  # pytest puts the tests folder on sys.path
 
 from dml.cli import main
 from dml.data.augment import Normalise
@@ -27,6 +25,7 @@ from dml.data.stream import (
     random_resized_crop,
 )
 from dml.errors import UserError
+from test_folder import write_folder  # pytest puts the tests folder on sys.path
 
 
 def _generator(seed=3):
@@ -62,7 +61,7 @@ def test_without_augmentation_streamed_batches_equal_the_in_memory_ones(tmp_path
     normalise = Normalise(memory.mean, memory.std, torch.device("cpu"))
     ours = TrainBatches(memory.train.images, memory.train.labels, 5, _generator(), normalise, augment=False)
     theirs = StreamedTrainBatches(streamed.train, 16, 5, _generator(), normalise, augment=False, workers=workers)
-    for epoch in range(2):  # the generator carries on between epochs in both
+    for _epoch in range(2):  # the generator carries on between epochs in both
         pairs = list(zip(ours, theirs, strict=True))
         assert len(pairs) == 4
         for (x, y), (xs, ys) in pairs:

@@ -1,4 +1,4 @@
-"""Lint and format of the package, with the settings in pyproject.toml: a violation fails the suite (and CI)."""
+"""Lint of the package and its tests, format of the package, settings in pyproject.toml: a violation fails CI."""
 
 import subprocess
 import sys
@@ -9,7 +9,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("command", [["check", "src"], ["format", "--check", "src"]], ids=["lint", "format"])
+@pytest.mark.parametrize("command", [["check", "src"], ["format", "--check", "src"], ["check", "tests"]],
+                         ids=["lint", "format", "lint-tests"])
 def test_ruff_finds_nothing_in_the_package(command):
     done = subprocess.run([sys.executable, "-m", "ruff", *command], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr

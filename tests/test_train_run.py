@@ -11,7 +11,8 @@ import torch
 
 from dml.cli import main
 from test_custom_models import NETS  # pytest puts the tests folder on sys.path
-from tiny_run import metrics as _metrics, tiny_flags, train
+from tiny_run import metrics as _metrics
+from tiny_run import tiny_flags, train
 
 TINY = tiny_flags("--precision", "fp32")
 _train = partial(train, tiny=TINY)

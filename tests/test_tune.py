@@ -8,9 +8,9 @@ import sys
 import time
 
 import pytest
-from test_experiment import commands, write_plan
 
 from dml.cli import main
+from test_experiment import commands, write_plan
 
 optuna = pytest.importorskip("optuna", reason="dml tune needs the [tune] extra (optuna)")
 

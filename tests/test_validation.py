@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-from cifar_fixtures import make_cohort
 
+from cifar_fixtures import make_cohort
 from dml.checkpoint import save_epoch
 from dml.config import TrainConfig
 from dml.data.dataset import ImageSplit, hold_out
