@@ -193,3 +193,42 @@ def test_example_scripts_pass_an_abbreviated_flag_through_whole():
     spec.loader.exec_module(module)
     args, rest = module.parse(["--temp", "3"])
     assert (args.temperature, rest) == (2.0, ["--temp", "3"])
+
+
+RECORDS = EXAMPLES / "measured" / "small-data"  # each finished run's config.json and metrics.jsonl, as trained
+
+
+def _summary(markdown: str) -> dict[str, dict[str, str]]:
+    """The first table whose header starts like dml report's summary, as {run: {column: cell}}."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| Run | Nodes | Epochs | Seeds |"))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    header, body = rows[0], rows[2:]
+    return {row[0].removesuffix(" (baseline)"): dict(zip(header, row, strict=True)) for row in body}
+
+
+def test_the_small_data_table_is_what_dml_report_makes_of_the_committed_records(monkeypatch):
+    """examples/CIFAR100/README.md's evidence table, cell for cell, against dml report over the run records
+    committed beside it: a row whose runs were re-trained must say what they measured."""
+    from dml.plan import read_plan
+    from dml.report.command import report
+
+    monkeypatch.chdir(EXAMPLES)  # the plan names its graph files relative to it
+    plan = read_plan(EXAMPLES / "small-data.toml", EXAMPLES / "runs" / "never-written")
+    settings = {run.name: run.settings for run in plan.runs}
+    committed = sorted(p.name for p in RECORDS.iterdir())
+    assert committed and set(committed) <= set(settings), "every folder is a run of small-data.toml"
+    for name in committed:
+        config = json.loads((RECORDS / name / "config.json").read_text())["config"]
+        assert {k: config[k] for k in ("epochs", "seed", "train_samples")} == \
+            {k: settings[name][k] for k in ("epochs", "seed", "train_samples")}
+    measured = _summary(report([RECORDS], baseline="independent_resnet20"))
+    readme = (EXAMPLES / "README.md").read_text()
+    published = _summary(readme[readme.index("### Evidence at convergence"):])
+    assert measured.keys() <= published.keys()
+    for run, cells in measured.items():
+        assert cells == {column: published[run][column] for column in cells}, run
