@@ -212,6 +212,31 @@ def test_the_comparison_draws_a_seed_groups_spread_as_a_band(tmp_path):
     assert min(ys) == pytest.approx(12.0 - math.sqrt(8)) and max(ys) == pytest.approx(33.0 + math.sqrt(18))
 
 
+def test_past_four_runs_the_comparison_gives_each_run_a_panel_against_the_baseline(tmp_path):
+    from dml.report import comparison_figure, find_runs, read_run, seed_groups
+
+    names = ["a", "b", "c", "d", "e"]
+    for i, name in enumerate(names):
+        write_run(tmp_path / "runs", f"{name}_s1", [[(1.0, 10.0 + i, 1.0), (1.0, 20.0 + i, 1.0)]] * 2, lr=0.1 + i / 100)
+    baseline = [read_run(write_run(tmp_path, "alone_s1", [[(1.0, 9.0, 1.0), (1.0, 19.0, 1.0)]]))]
+    runs = [read_run(p) for p in find_runs([tmp_path / "runs"])]
+
+    [shared] = comparison_figure(seed_groups(runs[:4]), baseline).axes  # four still share one axes
+    assert len(shared.get_lines()) == 5
+
+    fig = comparison_figure(seed_groups(runs), baseline)
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in shown] == [f"{n}_s1 (2 nodes)" for n in names]
+    assert len(fig.axes) == 6 and not fig.axes[5].get_visible()  # a grid of 3 columns, its last slot empty
+    for i, ax in enumerate(shown):
+        run_line, base_line = ax.get_lines()
+        assert list(run_line.get_ydata()) == [10.0 + i, 20.0 + i] and list(base_line.get_ydata()) == [9.0, 19.0]
+    # epochs are labelled under each column's lowest panel, the third column's in the first row
+    fig.canvas.draw()
+    labelled = [any(t.get_text() for t in ax.get_xticklabels()) for ax in shown]
+    assert labelled == [False, False, True, True, True]
+
+
 def test_the_gains_figure_draws_each_groups_paired_gain_its_spread_and_its_seeds(tmp_path):
     from matplotlib.collections import LineCollection
     from matplotlib.patches import Rectangle

@@ -10,14 +10,14 @@ from .runs import Run
 from .stats import Baseline, final_accuracy, group_band, group_curve, group_name
 
 
-def _figure(width: float, height: float, columns: int = 1):
-    """A matplotlib figure on the Agg canvas, without pyplot's global state."""
+def _figure(width: float, height: float, columns: int = 1, rows: int = 1, **shared):
+    """A matplotlib figure on the Agg canvas, without pyplot's global state; its axes in reading order."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # imported late: slow, and only plots need it
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
-    return fig, fig.subplots(1, columns, squeeze=False)[0]
+    return fig, list(fig.subplots(rows, columns, squeeze=False, **shared).flat)
 
 
 def plot_run(run: Run, path: Path, baseline: list[Run] | None = None) -> Path:
@@ -58,38 +58,64 @@ def run_figure(run: Run, baseline: list[Run] | None = None):
     return fig
 
 
+# Past this many runs the bands of one shared axes hide each other (five 3-seed groups already cross
+# at every epoch): each run gets a panel of its own, against the baseline, on shared axes.
+MOST_GROUPS_ON_ONE_AXES = 4
+PANEL_COLUMNS = 3
+
+
 def plot_comparison(groups: list[list[Run]], path: Path, baseline: list[Run] | None = None) -> Path:
     """Average test accuracy of the peers against epoch, one line per run (seed groups averaged
-    over their seeds), ordered by node count; the baseline dashed."""
+    over their seeds, their spread a band), ordered by node count; the baseline dashed. More than
+    MOST_GROUPS_ON_ONE_AXES runs: a panel each."""
     comparison_figure(groups, baseline).savefig(path, dpi=110)
     return Path(path)
 
 
 def comparison_figure(groups: list[list[Run]], baseline: list[Run] | None = None):
     """The figure of :func:`plot_comparison`."""
-    fig, (ax,) = _figure(8, 5)
-    for group in sorted(groups, key=lambda g: (g[0].num_peers, group_name(g))):
-        epochs, mean, std = group_band(group, "test_acc")
-        label = f"{peers_text(group[0], long=True)}: {group_name(group)}"
-        (line,) = ax.plot(
-            epochs,
-            mean,
-            label=label + (f" (mean ± std of {len(group)} seeds)" if len(group) > 1 else ""),
-            **_line_style(len(epochs)),
-        )
-        if len(group) > 1:  # the seeds' spread as a band around their mean
-            ax.fill_between(
-                epochs,
-                [m - d for m, d in zip(mean, std)],
-                [m + d for m, d in zip(mean, std)],
-                color=line.get_color(),
-                alpha=0.2,
-                linewidth=0,
-            )
-    if baseline:
-        _plot_baseline(ax, group_curve(baseline, "test_acc"), f"baseline: {group_name(baseline)}")
-    _decorate(ax, "Average test accuracy of the peers by number of nodes", "average test accuracy (%)")
+    ordered = sorted(groups, key=lambda g: (g[0].num_peers, group_name(g)))
+    base_curve = group_curve(baseline, "test_acc") if baseline else None
+    base_label = f"baseline: {group_name(baseline)}" if baseline else ""
+    if len(ordered) <= MOST_GROUPS_ON_ONE_AXES:
+        fig, (ax,) = _figure(8, 5)
+        for group in ordered:
+            _plot_group(ax, group, f"{peers_text(group[0], long=True)}: {group_name(group)}")
+        if base_curve:
+            _plot_baseline(ax, base_curve, base_label)
+        _decorate(ax, "Average test accuracy of the peers by number of nodes", "average test accuracy (%)")
+        return fig
+    rows = -(-len(ordered) // PANEL_COLUMNS)
+    fig, axes = _figure(4.2 * PANEL_COLUMNS, 3.2 * rows, PANEL_COLUMNS, rows, sharex=True, sharey=True)
+    for index, (ax, group) in enumerate(zip(axes, ordered)):
+        _plot_group(ax, group, "peers' average", color=f"C{index % 10}")
+        if base_curve:
+            _plot_baseline(ax, base_curve, base_label)
+        ylabel = "average test accuracy (%)" if index % PANEL_COLUMNS == 0 else ""
+        _decorate(ax, f"{group_name(group)} ({peers_text(group[0], long=True)})", ylabel)
+        lowest_in_column = index + PANEL_COLUMNS >= len(ordered)
+        ax.xaxis.set_tick_params(labelbottom=lowest_in_column)  # sharex labels only the grid's last row
+        ax.set_xlabel("epoch" if lowest_in_column else "")
+    for ax in axes[len(ordered) :]:
+        ax.set_visible(False)  # the grid's last row, where runs do not fill it
+    fig.suptitle("Average test accuracy of the peers, each run against the baseline")
     return fig
+
+
+def _plot_group(ax, group: list[Run], label: str, **style) -> None:
+    """A run's peers' average test accuracy; a seed group's mean with a band of ± one std."""
+    epochs, mean, std = group_band(group, "test_acc")
+    seeds = f" (mean ± std of {len(group)} seeds)" if len(group) > 1 else ""
+    (line,) = ax.plot(epochs, mean, label=label + seeds, **style, **_line_style(len(epochs)))
+    if len(group) > 1:  # the seeds' spread as a band around their mean
+        ax.fill_between(
+            epochs,
+            [m - d for m, d in zip(mean, std)],
+            [m + d for m, d in zip(mean, std)],
+            color=line.get_color(),
+            alpha=0.2,
+            linewidth=0,
+        )
 
 
 def plot_gains(groups: list[list[Run]], baseline: list[Run], path: Path) -> Path:
