@@ -309,8 +309,8 @@ def test_one_step_of_pcl_on_a_shared_trunk_equals_a_float64_computation_by_hand(
         means = [cohort.peers[4 + k].model for k in range(3)]
 
     branches = by_hand.branches
-    with torch.no_grad():  # the means before the step: the branches as they were, in evaluation mode
-        m = [copy.deepcopy(b).eval()(x) for b in branches]
+    with torch.no_grad():  # the means before the step: the branches as they were, with the batch's statistics
+        m = [copy.deepcopy(b).train()(x) for b in branches]
     z = [b(x) for b in branches]
     pooled = torch.cat([b.blocks(F.relu(b.bn1(b.conv1(x)))).mean((2, 3)) for b in branches], 1)
     fused = pooled @ by_hand.teacher.fc.weight.T + by_hand.teacher.fc.bias
@@ -344,7 +344,7 @@ def test_with_views_each_branch_and_its_mean_see_their_own_augmentation():
         out = cohort.step(views, y)
     branches = by_hand.branches
     with torch.no_grad():
-        m = [copy.deepcopy(b).eval()(views[k]) for k, b in enumerate(branches)]
+        m = [copy.deepcopy(b).train()(views[k]) for k, b in enumerate(branches)]  # the batch's statistics
     z = [b(views[k]) for k, b in enumerate(branches)]
     expected = [F.cross_entropy(z[i], y) + sum(_kl(m[j], z[i], 2.0) for j in range(3) if j != i) for i in range(3)]
     torch.testing.assert_close(torch.stack(out.losses[:3]).detach().double(), torch.stack(expected).detach(),

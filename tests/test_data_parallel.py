@@ -208,6 +208,39 @@ def test_a_trunk_over_2_replicas_computes_what_one_process_computes(teacher):
     assert worst < 1e-6
 
 
+def _train_with_means(data_parallel=1):
+    """Losses per step and final states of 2 peers and their temporal means (PCL-style, separate networks,
+    side by side on threads), each peer learning from the other's mean."""
+    nets = [Net(seed) for seed in range(2)] + [None, None]
+    optimizers = [torch.optim.SGD(n.parameters(), lr=0.1, momentum=0.9) for n in nets[:2]]
+    loss = dml.Links([dml.Link(3, 0, temperature=2.0), dml.Link(2, 1, temperature=2.0)], 4, frozen=[2, 3])
+    losses = []
+    with dml.Cohort(nets, optimizers + [dml.MeanOf(0), dml.MeanOf(1)], loss, device="cpu", precision="fp32",
+                    plain=True, threads=1, data_parallel=data_parallel) as cohort:
+        for x, y in _batches():
+            losses.append([loss.item() for loss in cohort.step(x, y).losses])
+        states = {f"{p.index}.{k}": v.clone().numpy() for p in cohort.peers for k, v in p.model.state_dict().items()}
+    return losses, states
+
+
+@pytest.mark.processes
+def test_temporal_means_over_2_replicas_keep_the_statistics_one_process_keeps():
+    """A mean computes in training mode: over replicas its BatchNorm statistics span the whole batch through
+    a group of its own (its source computes beside it, on another thread, with another group)."""
+    single_losses, single_state = _train_with_means()
+    got = run_ranks(2, _train_with_means, 2)
+    for step in range(STEPS):
+        for peer in range(4):
+            mean = (got[0][0][step][peer] + got[1][0][step][peer]) / 2  # each replica's loss is its shard's
+            assert abs(mean - single_losses[step][peer]) < 1e-5, (step, peer)
+    assert single_state.keys() == got[0][1].keys() == got[1][1].keys()
+    for k, v in single_state.items():
+        for r in (0, 1):
+            torch.testing.assert_close(torch.from_numpy(got[r][1][k]), torch.from_numpy(v), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(torch.from_numpy(single_state["2.bn.running_mean"]),
+                              torch.from_numpy(single_state["0.bn.running_mean"]))  # the mean's own
+
+
 BN_NET = """
 import torch
 from torch import nn

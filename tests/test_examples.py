@@ -169,7 +169,8 @@ def test_online_distillation_plan_holds_the_five_methods(monkeypatch, tmp_path):
 
 def test_small_data_plan_holds_every_method_at_one_recipe(monkeypatch, tmp_path):
     """examples/CIFAR100/small-data.toml as it stands: every method, 3 seeds, 30 epochs on 10,000 images, and its
-    graph files the method examples of examples/graphs with ResNet-20 networks and the 80-epoch ramps scaled to 12."""
+    graph files the method examples of examples/graphs with ResNet-20 networks, the 80-epoch ramps scaled to 12
+    and the temporal means' decay of 1,000 steps to 40."""
     from dml.plan import read_plan
 
     monkeypatch.chdir(EXAMPLES)
@@ -180,7 +181,8 @@ def test_small_data_plan_holds_every_method_at_one_recipe(monkeypatch, tmp_path)
     graphs = EXAMPLES.parent / "graphs"
     for method in methods[3:]:
         scaled = tmp_path / f"{method}.toml"
-        scaled.write_text((graphs / f"{method}.toml").read_text().replace("resnet32", "resnet20").replace("= 80.0", "= 12.0"))
+        scaled.write_text((graphs / f"{method}.toml").read_text().replace("resnet32", "resnet20").replace("= 80.0", "= 12.0")
+                          .replace("decay = 0.999", "decay = 0.975"))
         assert read_toml(EXAMPLES / "small-data" / f"{method}_resnet20.toml", "graph file") == read_toml(scaled, "graph file")
     assert not (EXAMPLES / "runs" / "never-written").exists()
 

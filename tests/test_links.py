@@ -343,34 +343,36 @@ def test_a_cohort_moves_its_ramp_with_every_step():
 
 # --- temporal means (MeanOf) ----------------------------------------------------------------------------
 def test_a_temporal_mean_teaches_as_it_was_and_follows_its_source_after_every_step():
-    """The t-th step moves the mean's weights and running statistics by a_t = max(1/t, 1 - decay) toward its
-    source's: with decay 0.9 the plain average for 10 steps (a copy after the first), then 0.1 per step."""
+    """The t-th step moves the mean's weights by a_t = max(1/t, 1 - decay) toward its source's: with decay 0.9
+    the plain average for 10 steps (a copy after the first), then 0.1 per step. It teaches in training mode
+    (the batch's statistics), and its running statistics are its own, moved by that forward pass."""
     nets = [_net(1), _net(2)]
     opts = [torch.optim.SGD(n.parameters(), lr=0.5, momentum=0.9) for n in nets]
     links = Links([Link(2, 0, temperature=2.0), Link(ENSEMBLE, 1)], 3, frozen=[2])
-    expected = {k: v.detach().double().clone() for k, v in nets[0].state_dict().items()}  # a copy at the start
+    expected = {k: v.detach().double().clone() for k, v in nets[0].named_parameters()}  # a copy at the start
     g = torch.Generator().manual_seed(0)
     with dml.Cohort([nets[0], nets[1], None], [opts[0], opts[1], dml.MeanOf(0, decay=0.9)], loss=links,
                     device="cpu", precision="fp32", plain=True) as cohort:
         mean = cohort.peers[2].model
-        assert mean is not nets[0] and not mean.training and not any(q.requires_grad for q in mean.parameters())
+        assert mean is not nets[0] and mean.training and not any(q.requires_grad for q in mean.parameters())
         for t in range(1, 13):
             x, y = torch.randn(16, 3, 2, 2, generator=g), torch.randint(0, C, (16,), generator=g)
+            shadow = copy.deepcopy(mean)
             with torch.no_grad():
-                before = mean(x)
+                before = shadow(x)
             out = cohort.step(x, y)
-            close(out.logits[2], before)  # it teaches as it was before the step, in evaluation mode
+            close(out.logits[2], before)  # it teaches as it was before the step, with the batch's statistics
             z = [zi.detach().double() for zi in out.logits]
             close(out.kd[0], 4.0 * _kl(z[2], z[0], 2.0).mean())
             close(out.kd[1], _kl((z[0] + z[1]) / 2, z[1]).mean())  # the ensemble: peers 0 and 1, not the mean
-            source = nets[0].state_dict()
-            for name, value in mean.state_dict().items():
-                if value.is_floating_point():  # weights and BatchNorm's running statistics alike
-                    a = max(1.0 / t, 0.1)
-                    expected[name] = (1.0 - a) * expected[name] + a * source[name].double()
-                    close(value, expected[name])
-                else:  # BatchNorm's step count: copied
-                    assert torch.equal(value, source[name]), name
+            source = dict(nets[0].named_parameters())
+            for name, value in mean.named_parameters():
+                a = max(1.0 / t, 0.1)
+                expected[name] = (1.0 - a) * expected[name] + a * source[name].double()
+                close(value, expected[name])
+            for (name, own), (_, moved) in zip(mean.named_buffers(), shadow.named_buffers()):
+                assert torch.equal(own, moved), name  # what its own forward pass left, not its source's
+        assert not torch.allclose(mean[2].running_mean, nets[0][2].running_mean)
         states = cohort.state_dict()["peers"]
         assert [(s["index"], s.get("mean_of"), s.get("decay"), s.get("updates")) for s in states] == [
             (0, None, None, None), (1, None, None, None), (2, 0, 0.9, 12)]

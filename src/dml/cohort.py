@@ -30,7 +30,7 @@ from .loss import MutualLoss
 from .peer import MeanOf, Peer
 from .runtime import Runtime, resolve_device
 from .step import STEPS, Unit
-from .sync_batchnorm import synchronise_batchnorm
+from .sync_batchnorm import SyncedBatchNorm, synchronise_batchnorm
 
 PROBE_INPUTS = 2  # inputs the shape check forwards: enough to tell the batch dimension, cheap on any network
 
@@ -209,7 +209,15 @@ class Cohort:
                     f"peer {index}'s model is not built like peer {mean_of.source}, whose mean it is; "
                     "pass None for a copy"
                 ) from None
-        model.requires_grad_(False).eval()
+        # training mode, as Mean Teacher's code: it teaches with the batch's statistics and keeps running
+        # statistics of its own weights (averaged ones fit them badly: see MeanOf)
+        model.requires_grad_(False).train()
+        group = None if self.local_batchnorm else self.exchange.peer_data_groups.get(index)
+        for layer in model.modules():  # a copy of a synchronised source: its own group (none: local statistics)
+            if isinstance(layer, SyncedBatchNorm):
+                layer.group = group
+        if group is not None:  # a network of the user's own: synchronised like a peer's
+            model = synchronise_batchnorm(model, group)
         return Peer(index, name, model, None, mean_of=mean_of)
 
     @property
