@@ -679,7 +679,7 @@ def _summary_line(record: dict, epochs: int, labels: dict[int, str]) -> str:
         record.get("role", ""), f"lr {record['lr']:.5f}"
     ).ljust(10)
     terms = f" (ce {record['train_ce']:.4f} + kd {record['train_kd']:.4f})" if "train_ce" in record else ""
-    # a temporal mean does not train: its loss on the training batches (in evaluation mode) says nothing here
+    # a temporal mean does not train: its loss on the training batches says nothing here
     train = (
         ""
         if record.get("role") == "mean"

@@ -40,7 +40,7 @@ def results_table(group: list[Run], baseline: Baseline | None = None) -> str:
     rows = []
 
     def row(label, train_acc, val_acc, test_acc, at_best_val, best, loss, bold=False, teacher=False, mean=False):
-        # a temporal mean does not train: its numbers on the training batches (evaluation mode) are left out
+        # a temporal mean does not train: its numbers on the training batches are left out
         cells = (
             [label, DASH if mean else train_acc.format()]
             + ([val_acc.format(), test_acc.format(), at_best_val.format()] if with_val else [test_acc.format()])
