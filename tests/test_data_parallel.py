@@ -208,10 +208,11 @@ def test_a_trunk_over_2_replicas_computes_what_one_process_computes(teacher):
     assert worst < 1e-6
 
 
-def _train_with_means(data_parallel=1):
+def _train_with_means(data_parallel=1, own_networks=False):
     """Losses per step and final states of 2 peers and their temporal means (PCL-style, separate networks,
-    side by side on threads), each peer learning from the other's mean."""
-    nets = [Net(seed) for seed in range(2)] + [None, None]
+    side by side on threads), each peer learning from the other's mean; ``own_networks``: the means are
+    given networks of their own (they start from their sources' weights) instead of copies."""
+    nets = [Net(seed) for seed in range(2)] + ([Net(7), Net(8)] if own_networks else [None, None])
     optimizers = [torch.optim.SGD(n.parameters(), lr=0.1, momentum=0.9) for n in nets[:2]]
     loss = dml.Links([dml.Link(3, 0, temperature=2.0), dml.Link(2, 1, temperature=2.0)], 4, frozen=[2, 3])
     losses = []
@@ -224,11 +225,12 @@ def _train_with_means(data_parallel=1):
 
 
 @pytest.mark.processes
-def test_temporal_means_over_2_replicas_keep_the_statistics_one_process_keeps():
+@pytest.mark.parametrize("own_networks", [False, True])
+def test_temporal_means_over_2_replicas_keep_the_statistics_one_process_keeps(own_networks):
     """A mean computes in training mode: over replicas its BatchNorm statistics span the whole batch through
     a group of its own (its source computes beside it, on another thread, with another group)."""
-    single_losses, single_state = _train_with_means()
-    got = run_ranks(2, _train_with_means, 2)
+    single_losses, single_state = _train_with_means(1, own_networks)
+    got = run_ranks(2, _train_with_means, 2, own_networks)
     for step in range(STEPS):
         for peer in range(4):
             mean = (got[0][0][step][peer] + got[1][0][step][peer]) / 2  # each replica's loss is its shard's
