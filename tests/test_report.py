@@ -260,6 +260,30 @@ def test_the_gains_figure_draws_each_groups_paired_gain_its_spread_and_its_seeds
     assert sorted(round(abs(s[1][0] - s[0][0]) / 2, 6) for s in whiskers) == [round(math.sqrt(0.5), 6)] * 2
 
 
+def test_the_gains_figure_adds_the_temporal_means_and_the_learned_teachers_where_a_run_has_them(tmp_path):
+    from matplotlib.patches import Rectangle
+
+    from dml.report import find_runs, gains_figure, read_run, seed_groups
+
+    write_run(tmp_path / "base", "b_s1", [[(1.0, 60.0, 1.0)]], seed=1)
+    # peers 61 and 63, the mean of peer 0 at 66, a learned teacher at 70, the ensemble at 64
+    pcl = write_run(tmp_path / "runs", "pcl_s1", [[(1.0, 61.0, 1.0)], [(1.0, 63.0, 1.0)], [(1.0, 70.0, 1.0)],
+                                                  [(1.0, 66.0, 1.0)]], ensemble=[64.0], seed=1)
+    record = json.loads((pcl / "config.json").read_text())
+    record["config"]["graph_spec"] = {"peers": [{}, {}, {"learned_teacher": True}, {"ema_of": 0, "decay": 0.9}]}
+    (pcl / "config.json").write_text(json.dumps(record))
+    write_run(tmp_path / "runs", "dml_s1", [[(1.0, 59.0, 1.0)], [(1.0, 61.0, 1.0)]], ensemble=[62.0], seed=1)
+    read = lambda folder: [read_run(p) for p in find_runs([folder])]  # noqa: E731
+    ax = gains_figure(seed_groups(read(tmp_path / "runs")), read(tmp_path / "base")).axes[0]
+    bars = sorted((b for b in ax.patches if isinstance(b, Rectangle)), key=lambda b: -b.get_y())  # top down
+    # dml_s1 on top (found first): peers 60 - 60, ensemble 62 - 60; then pcl_s1: peers 62, means, teachers, ensemble
+    assert [round(b.get_width(), 6) for b in bars] == [0.0, 2.0, 2.0, 6.0, 10.0, 4.0]
+    colors = [b.get_facecolor() for b in bars]
+    assert len(set(colors[2:])) == 4 and colors[0] == colors[2] and colors[1] == colors[5]  # a colour per kind
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["peers' average", "temporal means", "learned teachers", "ensemble"]
+
+
 def test_unfinished_last_line_and_incomplete_epoch_are_ignored(tmp_path):
     run = write_run(tmp_path, "r", [PEER0, PEER1], epochs=10)
     with open(run / "metrics.jsonl", "a") as f:

@@ -8,7 +8,7 @@ from typing import cast
 
 from ..markdown import escape, table
 from .runs import Run
-from .stats import Baseline, best_epoch, group_name, seed_groups, stat, without, without_seed
+from .stats import Baseline, best_epoch, final_accuracy, group_name, seed_groups, stat, without, without_seed
 
 DASH = "–"  # an empty cell: the value does not exist for this row
 
@@ -247,7 +247,7 @@ def summary_table(
     )
     rows = []
     for group in everything:
-        avg_test = stat([statistics.fmean(p.test_acc[-1] for p in run.students) for run in group])
+        avg_test = stat([final_accuracy(run) for run in group])
         at_best_val = (
             stat([statistics.fmean(p.at_best_val()[0] for p in run.students) for run in group]).format()
             if group[0].has_val
@@ -291,7 +291,7 @@ def _final_test_accuracy(group: list[Run], outputs: str) -> str:
     those of a run, as mean ± std over the seeds; a dash where the runs have none."""
     if not getattr(group[0], outputs):
         return DASH
-    return stat([statistics.fmean(p.test_acc[-1] for p in getattr(run, outputs)) for run in group]).format()
+    return stat([final_accuracy(run, outputs) for run in group]).format()
 
 
 def build_markdown(

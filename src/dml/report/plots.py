@@ -7,7 +7,7 @@ from typing import cast
 
 from .document import epochs_text, models_text, peers_text
 from .runs import Run
-from .stats import Baseline, final_accuracy, group_band, group_curve, group_name
+from .stats import Baseline, Stat, final_accuracy, group_band, group_curve, group_name
 
 
 def _figure(width: float, height: float, columns: int = 1, rows: int = 1, **shared):
@@ -119,24 +119,33 @@ def _plot_group(ax, group: list[Run], label: str, **style) -> None:
 
 
 def plot_gains(groups: list[list[Run]], baseline: list[Run], path: Path) -> Path:
-    """Each run's gain over the baseline at the last epoch: the peers' average and the ensemble."""
+    """Each run's gain over the baseline at the last epoch: the peers' average, the temporal means' and the
+    learned teachers' where a run has them, and the ensemble."""
     gains_figure(groups, baseline).savefig(path, dpi=110)
     return Path(path)
 
 
+# the outputs a gains figure compares, top to bottom within a row: what a run's record calls them, and colour
+GAIN_BARS = (
+    ("peers' average", "students", "tab:blue"),
+    ("temporal means", "means", "tab:green"),
+    ("learned teachers", "learned_teachers", "tab:purple"),
+)
+
+
 def gains_figure(groups: list[list[Run]], baseline: list[Run]):
-    """The figure of :func:`plot_gains`: per run or seed group, a bar at the mean gain of the peers' average
-    (and one of the ensemble's) with a ± std whisker and a dot per seed, paired by seed as in the tables."""
+    """The figure of :func:`plot_gains`: per run or seed group, a bar at the mean gain of each of its outputs
+    (the peers' average, the temporal means', the learned teachers', the ensemble's) with a ± std whisker
+    and a dot per seed, paired by seed as in the tables. The means and teachers are often what a method
+    deploys (PCL's mean, ONE's gate), so their gain is the one a user weighs."""
     reference = Baseline.of(baseline)
-    fig, (ax,) = _figure(8, 2.0 + 0.5 * len(groups))
-    for row, group in enumerate(reversed(groups)):  # top to bottom in the summary's order
-        ensembles = [run.ensemble.get(run.epochs_done) for run in group]
-        shown = [("peers' average", reference.gain(group, [final_accuracy(run) for run in group]), "tab:blue", 0.2)]
-        if None not in ensembles and len(group[0].students) > 1:
-            shown.append(("ensemble", reference.gain(group, cast("list[float]", ensembles)), "tab:orange", -0.2))
-        for label, gain, color, offset in shown:
-            y = row + offset
-            ax.barh(y, gain.mean, height=0.36, color=color, alpha=0.6, label=label)
+    shown = [_gain_bars(group, reference) for group in reversed(groups)]  # bottom up: the first group on top
+    fig, (ax,) = _figure(8, 1.6 + 0.25 * sum(len(bars) for bars in shown) + 0.15 * len(groups))
+    for row, bars in enumerate(shown):
+        height = 0.8 / len(bars)
+        for k, (label, gain, color) in enumerate(bars):
+            y = row + height * ((len(bars) - 1) / 2 - k)
+            ax.barh(y, gain.mean, height=0.9 * height, color=color, alpha=0.6, label=label)
             if len(gain.values) > 1:
                 ax.errorbar(gain.mean, y, xerr=gain.std, color="black", capsize=3, linewidth=1)
             ax.plot(gain.values, [y] * len(gain.values), "o", color="black", markersize=3)
@@ -149,6 +158,19 @@ def gains_figure(groups: list[list[Run]], baseline: list[Run]):
     unique = dict(zip(labels, handles))  # one entry per kind of bar
     ax.legend(list(unique.values()), list(unique.keys()), fontsize="small")
     return fig
+
+
+def _gain_bars(group: list[Run], reference: Baseline) -> list[tuple[str, Stat, str]]:
+    """A group's bars: (label, gain, colour) for each kind of output its runs have."""
+    bars = []
+    for label, outputs, color in GAIN_BARS:
+        if getattr(group[0], outputs):
+            finals = [final_accuracy(run, outputs) for run in group]
+            bars.append((label, reference.gain(group, finals), color))
+    ensembles = [run.ensemble.get(run.epochs_done) for run in group]
+    if None not in ensembles and len(group[0].students) > 1:
+        bars.append(("ensemble", reference.gain(group, cast("list[float]", ensembles)), "tab:orange"))
+    return bars
 
 
 def _plot_baseline(ax, curve: tuple[list[int], list[float]], label: str) -> None:

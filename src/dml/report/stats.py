@@ -67,9 +67,10 @@ def baseline_accuracy(group: list[Run]) -> float:
     return statistics.fmean(final_accuracy(run) for run in group)
 
 
-def final_accuracy(run: Run) -> float:
-    """A run's final test accuracy, averaged over its trained peers."""
-    return statistics.fmean(p.test_acc[-1] for p in run.students)
+def final_accuracy(run: Run, outputs: str = "students") -> float:
+    """A run's final test accuracy, averaged over its trained peers (or over its ``outputs`` of another
+    kind: "means", "learned_teachers")."""
+    return statistics.fmean(p.test_acc[-1] for p in getattr(run, outputs))
 
 
 @dataclass(frozen=True)
