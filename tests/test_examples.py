@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -231,6 +232,8 @@ def test_the_small_data_table_is_what_dml_report_makes_of_the_committed_records(
     measured = _summary(report([RECORDS], baseline="independent_resnet20"))
     readme = (EXAMPLES / "README.md").read_text()
     published = _summary(readme[readme.index("### Evidence at convergence"):])
-    assert measured.keys() <= published.keys()
+    assert measured.keys() == published.keys()
     for run, cells in measured.items():
         assert cells == {column: published[run][column] for column in cells}, run
+    kept = re.search(r"Kept(?: so far)?: (\d+) of the (\d+) runs", readme)
+    assert kept and (int(kept[1]), int(kept[2])) == (len(committed), len(plan.runs)), "the text counts the records"
