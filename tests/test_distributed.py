@@ -1,11 +1,13 @@
 """Peers spread over processes with torch.distributed (gloo on CPU), against single-process runs."""
 
+import gc
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -216,3 +218,18 @@ def _max_over_replicas():
 def test_max_over_replicas_is_elementwise_over_a_peers_replicas():
     """The first step at which a replica diverged, as every replica reads it (0: none)."""
     assert run_ranks(2, _max_over_replicas) == {0: [5, 7, 2], 1: [5, 7, 2]}
+
+
+def _group_left_at_close():
+    exchange = TorchExchange(2, "cpu")
+    group = weakref.ref(dist.group.WORLD)
+    torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)  # what a run builds after joining
+    exchange.close()
+    gc.collect()
+    return group() is None
+
+
+def test_closing_the_exchange_frees_the_process_group_while_both_processes_are_there():
+    """A group that outlives close() is torn down as the interpreter ends, where gloo's threads can abort
+    a process that had finished (exit code -6 after the work was done)."""
+    assert run_ranks(2, _group_left_at_close) == {0: True, 1: True}

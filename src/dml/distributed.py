@@ -165,6 +165,7 @@ class TorchExchange(LocalExchange):
             # Share the machine's cores between this machine's processes instead of oversubscribing.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.local_world_size))
         if not dist.is_initialized():
+            _import_dynamo_first()
             # torchrun's agent keeps one store for every start of its group (--max-restarts): keys of the
             # start before would be read as this one's, and gloo would connect to a process that is gone
             restart, _ = launcher_restart()
@@ -296,6 +297,15 @@ class TorchExchange(LocalExchange):
             except RuntimeError:  # another process is gone (see lost_contact)
                 pass  # another process is gone already: nothing left to wait for
             dist.destroy_process_group()
+
+
+def _import_dynamo_first() -> None:
+    """Import torch._dynamo before the process group exists. Imported later (a run's first optimizer
+    does it), it takes 10 references to the group that destroy_process_group leaves (torch 2.13): the
+    group then lives until the interpreter ends, and gloo's threads torn down there can abort a process
+    that had finished its work (SIGABRT, exit code -6). The import costs nothing a run would not pay:
+    about 1 s, at the first optimizer otherwise."""
+    import torch._dynamo  # noqa: F401
 
 
 def launcher_restart() -> tuple[int, int]:
