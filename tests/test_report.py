@@ -237,6 +237,20 @@ def test_past_four_runs_the_comparison_gives_each_run_a_panel_against_the_baseli
     assert labelled == [False, False, True, True, True]
 
 
+def test_no_run_of_a_many_panel_comparison_takes_the_baselines_grey(tmp_path):
+    from matplotlib.colors import to_rgb
+
+    from dml.report import comparison_figure, find_runs, read_run, seed_groups
+
+    for i in range(9):  # the eighth run took matplotlib's eighth colour, its grey
+        write_run(tmp_path / "runs", f"r{i}_s1", [[(1.0, 10.0 + i, 1.0), (1.0, 20.0 + i, 1.0)]] * 2, lr=0.1 + i / 100)
+    baseline = [read_run(write_run(tmp_path, "alone_s1", [[(1.0, 9.0, 1.0), (1.0, 19.0, 1.0)]]))]
+    fig = comparison_figure(seed_groups([read_run(p) for p in find_runs([tmp_path / "runs"])]), baseline)
+    colours = [tuple(round(c, 2) for c in to_rgb(ax.get_lines()[0].get_color())) for ax in fig.axes[:9]]
+    base = tuple(round(c, 2) for c in to_rgb(fig.axes[0].get_lines()[1].get_color()))
+    assert base not in colours and len(set(colours)) == 9
+
+
 def test_the_gains_figure_draws_each_groups_paired_gain_its_spread_and_its_seeds(tmp_path):
     from matplotlib.collections import LineCollection
     from matplotlib.patches import Rectangle

@@ -72,6 +72,11 @@ def plot_comparison(groups: list[list[Run]], path: Path, baseline: list[Run] | N
     return Path(path)
 
 
+# a run's colour in its panel: matplotlib's cycle less its grey (C7), which is the baseline's
+RUN_COLOURS = tuple(f"C{i}" for i in range(10) if i != 7)
+BASELINE_COLOUR = "gray"
+
+
 def comparison_figure(groups: list[list[Run]], baseline: list[Run] | None = None):
     """The figure of :func:`plot_comparison`."""
     ordered = sorted(groups, key=lambda g: (g[0].num_peers, group_name(g)))
@@ -88,7 +93,7 @@ def comparison_figure(groups: list[list[Run]], baseline: list[Run] | None = None
     rows = -(-len(ordered) // PANEL_COLUMNS)
     fig, axes = _figure(4.2 * PANEL_COLUMNS, 3.2 * rows, PANEL_COLUMNS, rows, sharex=True, sharey=True)
     for index, (ax, group) in enumerate(zip(axes, ordered)):
-        _plot_group(ax, group, "peers' average", color=f"C{index % 10}")
+        _plot_group(ax, group, "peers' average", color=RUN_COLOURS[index % len(RUN_COLOURS)])
         if base_curve:
             _plot_baseline(ax, base_curve, base_label)
         ylabel = "average test accuracy (%)" if index % PANEL_COLUMNS == 0 else ""
@@ -178,7 +183,7 @@ def _plot_baseline(ax, curve: tuple[list[int], list[float]], label: str) -> None
     draws nothing, and the legend would name a line that is not there."""
     epochs, values = curve
     if epochs:  # no epoch in common between the baseline's seeds: nothing to draw, nothing to name
-        ax.plot(epochs, values, "--", color="gray", label=label, **_line_style(len(epochs)))
+        ax.plot(epochs, values, "--", color=BASELINE_COLOUR, label=label, **_line_style(len(epochs)))
 
 
 def _line_style(points: int) -> dict:
